@@ -1,0 +1,151 @@
+"""The public Python API, in vLLM's shape: LLM(...).generate(prompts, SamplingParams(...))."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from specgrove.config import SpeculativeConfig
+from specgrove.drafting.draft_model import DraftModelProposer
+from specgrove.drafting.prompt_lookup import PromptLookupProposer
+from specgrove.engine.engine import SpecEngine
+from specgrove.engine.metrics import SpecMetrics
+from specgrove.errors import IncompatibleModelsError
+from specgrove.models import defaults
+from specgrove.models.loader import LoadedModel, load_model
+from specgrove.sampling import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    metrics: SpecMetrics = field(default_factory=SpecMetrics)
+    finished: bool = True
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+
+def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
+    """A draft must share the target's vocabulary: same size and, where both have tokenizers, same tokens."""
+    if target.vocab_size != draft.vocab_size:
+        raise IncompatibleModelsError(
+            f"the draft's vocabulary ({draft.vocab_size} tokens, {draft.name}) differs from the target's "
+            f"({target.vocab_size} tokens, {target.name}); speculative decoding needs a draft with the same tokenizer. "
+            f"Use a draft from the target's model family, or method='prompt_lookup'."
+        )
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+            raise IncompatibleModelsError(
+                f"the draft's tokenizer ({draft.name}) maps tokens differently from the target's ({target.name}); "
+                f"speculative decoding needs identical vocabularies."
+            )
+
+
+class LLM:
+    """A target model with an optional speculative method.
+
+    LLM(target="qwen2.5-coder-1.5b-instruct", draft="qwen2.5-coder-0.5b-instruct",
+        speculative={"method": "draft_model", "num_speculative_tokens": 4})
+    `target` / `draft`: a built-in name, a Hugging Face directory, or a .gguf file.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike = defaults.DEFAULT_TARGET,
+        draft: str | os.PathLike | None = None,
+        speculative: dict | SpeculativeConfig | None = None,
+        dtype: str | torch.dtype = "bfloat16",
+        draft_dtype: str | torch.dtype | None = None,
+        device: str | None = "cpu",
+        max_model_len: int = 4096,
+        target_sha256: str | None = None,
+        draft_sha256: str | None = None,
+        num_threads: int | None = None,
+    ):
+        self.speculative = SpeculativeConfig.from_any(speculative)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        if self.speculative.method == "draft_model" and draft is None:
+            if str(target) != defaults.DEFAULT_TARGET:
+                raise ValueError("method 'draft_model' needs a draft model: pass draft=<name, directory or .gguf>")
+            draft = defaults.DEFAULT_DRAFT
+        self.target = load_model(target, dtype=dtype, device=device, expected_sha256=target_sha256)
+        self.draft: LoadedModel | None = None
+        proposer = None
+        if self.speculative.method == "draft_model":
+            self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256)
+            check_compatible(self.target, self.draft)
+            proposer = DraftModelProposer(self.draft, max_model_len)
+        elif self.speculative.method == "prompt_lookup":
+            proposer = PromptLookupProposer(self.speculative.prompt_lookup_min, self.speculative.prompt_lookup_max)
+        self.engine = SpecEngine(self.target, proposer, self.speculative.num_speculative_tokens if proposer else 0,
+                                 max_model_len)
+
+    @property
+    def tokenizer(self):
+        return self.target.tokenizer
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this target model has no tokenizer; pass prompts as lists of token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=False) or self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        return [int(t) for t in prompt]
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this target model has no chat template; pass a plain prompt instead")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for one prompt or a list of prompts (strings or lists of token ids)."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int))
+        prompt_list = [prompts] if single else list(prompts)
+        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompt_list)
+        if len(params_list) != len(prompt_list):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        outputs = []
+        iterator = zip(prompt_list, params_list)
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, total=len(prompt_list), desc="generate")
+        for prompt, params in iterator:
+            outputs.append(self._run(prompt if isinstance(prompt, str) else None, self.encode(prompt), params))
+        return outputs
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """Generate the assistant's reply to one conversation (list of {'role', 'content'} dicts)."""
+        return self._run(None, self.apply_chat_template(messages), sampling_params or SamplingParams())
+
+    def _run(self, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
+        seq = self.engine.generate(self.engine.new_sequence(prompt_ids, params))
+        return RequestOutput(
+            request_id=seq.request_id, prompt=prompt, prompt_token_ids=seq.prompt_ids,
+            outputs=[CompletionOutput(0, seq.text, list(seq.output_ids), seq.finish_reason, seq.stop_reason)],
+            metrics=seq.metrics,
+        )

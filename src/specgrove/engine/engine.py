@@ -1,0 +1,170 @@
+"""The speculative decoding loop, one path for every method:
+
+    proposer -> TokenTree -> one target forward over root + tree -> verifier -> KV commit -> metrics
+
+A plain decoding step is the same step with an empty tree (k = 0).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import torch
+
+from specgrove.drafting.base import Proposer
+from specgrove.engine.sequence import Sequence
+from specgrove.models.loader import LoadedModel
+from specgrove.sampling import Sampler, SamplingParams, process_logits
+from specgrove.trees.tree import TokenTree
+from specgrove.verify.speculative import verify_tree, verify_tree_greedy
+
+PREFILL_CHUNK = 512
+
+
+def eos_token_ids(loaded: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (loaded.hf_config, getattr(loaded.model, "generation_config", None), loaded.tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class SpecEngine:
+    def __init__(self, target: LoadedModel, proposer: Proposer | None = None, num_speculative_tokens: int = 0,
+                 max_model_len: int = 4096):
+        if num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
+        self.target = target
+        self.model = target.model
+        self.tokenizer = target.tokenizer
+        self.proposer = proposer
+        self.num_speculative_tokens = num_speculative_tokens if proposer is not None else 0
+        self.max_model_len = max_model_len
+        self.eos_ids = eos_token_ids(target)
+        self._sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
+
+    # ---- request lifecycle -------------------------------------------------------------------
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     sampler=None) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.model.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.model.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this target model has none; use stop_token_ids")
+        needed = len(prompt_ids) + params.max_tokens + self.num_speculative_tokens + 1
+        if needed > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) + speculation "
+                f"({self.num_speculative_tokens + 1}) exceeds max_model_len={self.max_model_len}; shorten the "
+                f"prompt, lower max_tokens, or raise max_model_len"
+            )
+        return Sequence(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            sampler=sampler if sampler is not None else Sampler(params.seed),
+        )
+
+    def prefill(self, seq: Sequence) -> None:
+        """Put every prompt token but the last into the target cache; the last is the first step's root."""
+        start = time.perf_counter()
+        seq.target_cache = self.model.new_cache(1, len(seq.prompt_ids) + seq.params.max_tokens + self.num_speculative_tokens + 1)
+        context = seq.prompt_ids[:-1]
+        for begin in range(0, len(context), PREFILL_CHUNK):
+            chunk = context[begin : begin + PREFILL_CHUNK]
+            self.model.forward(torch.tensor([chunk]), torch.arange(begin, begin + len(chunk))[None], seq.target_cache,
+                               logits_at=None)
+            seq.target_cache.commit(0)
+            seq.metrics.prefill_forwards += 1
+        self._sync()
+        seq.metrics.prefill_time_s += time.perf_counter() - start
+
+    def step(self, seq: Sequence) -> list[int]:
+        """One speculative step; returns the tokens it appended to the output."""
+        metrics = seq.metrics
+        num_draft = min(self.num_speculative_tokens, seq.remaining - 1)
+        t0 = time.perf_counter()
+        tree = self.proposer.propose(seq, num_draft) if (self.proposer is not None and num_draft > 0) else TokenTree()
+        self._sync()
+        t1 = time.perf_counter()
+
+        cache = seq.target_cache
+        root_position = cache.lengths[0]
+        ids = torch.tensor([[seq.token_ids[-1]] + tree.tokens])
+        positions = (root_position + torch.tensor(tree.position_offsets()))[None]
+        mask = None if tree.is_chain() else tree.attention_mask()[None]
+        logits = self.model.forward(ids, positions, cache, tree_mask=mask)[0]
+        self._sync()
+        t2 = time.perf_counter()
+
+        if seq.params.greedy:
+            result = verify_tree_greedy(tree, logits.argmax(-1).tolist())
+        else:
+            result = verify_tree(tree, process_logits(logits, seq.params), seq.sampler)
+        cache.commit(0, [0] + [node + 1 for node in result.accepted_nodes])
+        t3 = time.perf_counter()
+
+        metrics.draft_time_s += t1 - t0
+        metrics.target_time_s += t2 - t1
+        metrics.verify_time_s += t3 - t2
+        metrics.record_step(max(tree.depths(), default=0), len(tree), result.num_accepted)
+        new_tokens = [tree.tokens[node] for node in result.accepted_nodes] + [result.next_token]
+        return self._append(seq, new_tokens)
+
+    def _append(self, seq: Sequence, new_tokens: list[int]) -> list[int]:
+        """Append tokens one by one, stopping at the first EOS / stop token / stop string / length limit."""
+        params = seq.params
+        appended = []
+        for token in new_tokens:
+            seq.output_ids.append(token)
+            appended.append(token)
+            if not params.ignore_eos and token in self.eos_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif params.stop and self._hit_stop_string(seq):
+                pass  # finish fields set by _hit_stop_string
+            elif len(seq.output_ids) >= params.max_tokens:
+                seq.finish_reason = "length"
+            if seq.finished:
+                break
+        return appended
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        longest = max(len(s) for s in seq.params.stop)
+        window_start = max(0, len(seq.text) - longest + 1)  # seq.text holds the text checked so far
+        best = None
+        for stop in seq.params.stop:
+            index = text.find(stop, window_start)
+            if index >= 0 and (best is None or index < best[0]):
+                best = (index, stop)
+        seq.text = text
+        if best is None:
+            return False
+        index, stop = best
+        seq.text = text[: index + (len(stop) if seq.params.include_stop_str_in_output else 0)]
+        seq.finish_reason, seq.stop_reason = "stop", stop
+        return True
+
+    def finish(self, seq: Sequence) -> None:
+        if self.proposer is not None:
+            self.proposer.release(seq)
+        seq.target_cache = None
+        if not (seq.params.stop and seq.stop_reason in seq.params.stop) and self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        seq.metrics.generated_tokens = len(seq.output_ids)
+
+    def generate(self, seq: Sequence) -> Sequence:
+        start = time.perf_counter()
+        self.prefill(seq)
+        while not seq.finished:
+            self.step(seq)
+        self.finish(seq)
+        seq.metrics.total_time_s = time.perf_counter() - start
+        return seq

@@ -1,0 +1,37 @@
+"""The state of one request while it is generated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specgrove.engine.metrics import SpecMetrics
+from specgrove.sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: object  # specgrove.sampling.Sampler or a test's enumerating sampler
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    text: str = ""
+    metrics: SpecMetrics = field(default_factory=SpecMetrics)
+    # Private per-proposer state (e.g. the draft model's KV cache), keyed by the proposer.
+    proposer_state: dict = field(default_factory=dict)
+    target_cache: object | None = None
+    cache_row: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)

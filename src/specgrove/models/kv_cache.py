@@ -1,0 +1,84 @@
+"""A preallocated KV cache that takes token trees.
+
+Layout: keys and values of all layers in one tensor each, [layers, batch, kv_heads, max_len, head_dim],
+allocated once (as gpt-fast does), so committing a tree path is one gather over all layers.
+
+Each sequence b has a committed length `lengths[b]`. A forward over T new tokens writes their keys and
+values into slots lengths[b] .. lengths[b] + T - 1 without committing them; afterwards `commit(b, keep)`
+keeps any subset of those new slots (e.g. the accepted path of a token tree), moving them to be
+contiguous after the committed prefix, and drops the rest. Slots past `lengths[b]` are never attended
+to unless a forward writes them again, so nothing needs clearing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        # Host-side committed lengths: the engine's bookkeeping never waits on the device for them.
+        self.lengths: list[int] = [0] * batch_size
+        self.pending: list[int] = [0] * batch_size  # new (uncommitted) slots written by the last forward
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def check_room(self, num_new: int, rows: Sequence[int] | None = None) -> None:
+        rows = range(self.batch_size) if rows is None else rows
+        for b in rows:
+            if self.lengths[b] + num_new > self.max_len:
+                raise ValueError(
+                    f"sequence {b} needs {self.lengths[b] + num_new} cache slots but the cache holds {self.max_len}; "
+                    f"raise max_model_len or shorten the prompt / max_new_tokens"
+                )
+
+    def commit(self, row: int, keep: Sequence[int] | torch.Tensor | None = None) -> None:
+        """Keep the new slots `keep` (indices relative to the first new slot, increasing) of sequence `row`.
+
+        None keeps every slot the last forward wrote. A prefix 0..n-1 needs no copy.
+        """
+        start = self.lengths[row]
+        if keep is None:
+            n = self.pending[row]
+        else:
+            keep_list = keep.tolist() if isinstance(keep, torch.Tensor) else list(keep)
+            n = len(keep_list)
+            if keep_list != list(range(n)):
+                if any(b <= a for a, b in zip(keep_list, keep_list[1:])) or (n and keep_list[0] < 0):
+                    raise ValueError(f"kept positions must be increasing and non-negative, got {keep_list}")
+                index = torch.tensor(keep_list, device=self.k.device) + start
+                # Advanced indexing copies first, so the overlapping move is safe.
+                self.k[:, row, :, start : start + n] = self.k[:, row, :, index]
+                self.v[:, row, :, start : start + n] = self.v[:, row, :, index]
+        self.lengths[row] = start + n
+        self.pending[row] = 0
+
+    def truncate(self, row: int, length: int) -> None:
+        """Forget everything of sequence `row` past `length` committed tokens."""
+        if length > self.lengths[row]:
+            raise ValueError(f"cannot truncate sequence {row} of length {self.lengths[row]} up to {length}")
+        self.lengths[row] = length
+        self.pending[row] = 0
+
+    def reset(self, row: int) -> None:
+        self.truncate(row, 0)

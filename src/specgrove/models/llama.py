@@ -1,0 +1,303 @@
+"""A forward pass for the Llama family (Llama, Qwen2, Mistral, SmolLM) that takes token trees.
+
+`forward(input_ids, positions, cache, tree_mask)` appends T new tokens per sequence to a KVCache.
+Each new token has its own position id and sees (a) every committed token of its sequence and
+(b) the new tokens its row of `tree_mask` allows (its ancestors in a token tree; a chain is the
+causal mask). Rows of a batch may have different committed lengths and different numbers of new
+tokens (the rest is padding). Logits match transformers' implementation of the same weights.
+
+Weights are kept as plain tensors; q/k/v and gate/up projections are fused at load time so a layer
+is four matrix multiplies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from specgrove.models.kv_cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class LlamaConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "LlamaConfig":
+        model_type = hf_config.model_type
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model type {model_type!r} is not in the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)})")
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"activation {hf_config.hidden_act!r} is not supported by the fast runtime (silu only)")
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        sliding = None
+        if model_type == "mistral" or getattr(hf_config, "use_sliding_window", False):
+            sliding = getattr(hf_config, "sliding_window", None)
+        return cls(
+            model_type=model_type,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            # Qwen2 has biases on q/k/v by architecture; Llama/Mistral carry a flag.
+            attention_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            sliding_window=sliding,
+        )
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def rope_inverse_frequencies(hf_config) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies and attention scaling, computed by transformers' own rope functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    if rope_type == "dynamic":
+        raise ValueError("dynamic NTK RoPE changes with the sequence length and is not supported by the fast runtime")
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config)
+
+
+class LlamaModel:
+    """The fast runtime model. Not an nn.Module: a plain holder of tensors and one forward function."""
+
+    supports_trees = True
+
+    def __init__(self, config: LlamaConfig, hf_config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device):
+        self.config = config
+        self.hf_config = hf_config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.vocab_size = config.vocab_size
+
+        def take(name: str) -> torch.Tensor:
+            return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return take(name) if name in weights else None
+
+        def fuse(*names: str) -> torch.Tensor:
+            return torch.cat([weights.pop(n).to(dtype) for n in names], dim=0).to(self.device).contiguous()
+
+        def fuse_optional(*names: str) -> torch.Tensor | None:
+            if not all(n in weights for n in names):
+                return None
+            return fuse(*names)
+
+        self.embed = take("model.embed_tokens.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(
+                LayerWeights(
+                    input_norm=take(p + "input_layernorm.weight"),
+                    qkv=fuse(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+                    qkv_bias=fuse_optional(p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"),
+                    o=take(p + "self_attn.o_proj.weight"),
+                    o_bias=maybe(p + "self_attn.o_proj.bias"),
+                    post_norm=take(p + "post_attention_layernorm.weight"),
+                    gate_up=fuse(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    gate_up_bias=fuse_optional(p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"),
+                    down=take(p + "mlp.down_proj.weight"),
+                    down_bias=maybe(p + "mlp.down_proj.bias"),
+                )
+            )
+        self.norm = take("model.norm.weight")
+        if "lm_head.weight" in weights and not config.tie_word_embeddings:
+            self.lm_head = take("lm_head.weight")
+        else:
+            weights.pop("lm_head.weight", None)
+            self.lm_head = self.embed
+        inv_freq, self.attention_scaling = rope_inverse_frequencies(hf_config)
+        self.inv_freq = inv_freq.to(self.device, torch.float32)
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (every matrix once; the embedding row gather is ~free)."""
+        total = self.norm.numel() * self.norm.element_size() + self.lm_head.numel() * self.lm_head.element_size()
+        for layer in self.layers:
+            for t in vars(layer).values():
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+    def num_parameters(self) -> int:
+        n = self.embed.numel() + self.norm.numel() + (0 if self.lm_head is self.embed else self.lm_head.numel())
+        for layer in self.layers:
+            n += sum(t.numel() for t in vars(layer).values() if t is not None)
+        return n
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c = self.config
+        if self.config.sliding_window is not None and max_len > self.config.sliding_window:
+            raise ValueError(
+                f"this model attends within a sliding window of {self.config.sliding_window} tokens; the fast runtime "
+                f"supports contexts up to the window only (asked for {max_len})"
+            )
+        return KVCache(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, max_len, self.dtype, self.device)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # As transformers: normalise in fp32, scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(self.dtype)
+        sin = (emb.sin() * self.attention_scaling).to(self.dtype)
+        return cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, D]
+
+    @staticmethod
+    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def build_attention_mask(
+        self, cache: KVCache, rows: list[int], num_tokens: int, tree_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int]:
+        """Boolean mask [B, 1, T, S] over keys 0..S-1 of each row's cache, S = max(len) + T."""
+        lengths = torch.tensor([cache.lengths[r] for r in rows], device=self.device)
+        span = int(max(cache.lengths[r] for r in rows)) + num_tokens
+        keys = torch.arange(span, device=self.device)
+        rel = keys[None, :] - lengths[:, None]  # [B, S] key offset from the first new slot
+        committed = rel < 0
+        is_new = (rel >= 0) & (rel < num_tokens)
+        if tree_mask is None:
+            tree_mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=self.device).tril()
+            tree_mask = tree_mask.expand(len(rows), -1, -1)
+        else:
+            # Every token sees itself (also padding rows, which keeps their softmax finite).
+            tree_mask = tree_mask.to(self.device, torch.bool) | torch.eye(num_tokens, dtype=torch.bool, device=self.device)
+        gathered = torch.gather(
+            tree_mask, 2, rel.clamp(0, num_tokens - 1)[:, None, :].expand(-1, num_tokens, -1)
+        )  # [B, T, S]: tree_mask[b, i, rel[b, s]]
+        mask = committed[:, None, :] | (is_new[:, None, :] & gathered)
+        return mask[:, None], span
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        tree_mask: torch.Tensor | None = None,
+        rows: list[int] | None = None,
+        logits_at: torch.Tensor | str | None = "all",
+        num_new: list[int] | None = None,
+    ) -> torch.Tensor | None:
+        """Run T new tokens per row through the model, writing their KV (uncommitted) into `cache`.
+
+        input_ids, positions: [B, T]. tree_mask: [B, T, T] bool (row i may attend to new token j), None =
+        causal. rows: which cache rows the B inputs belong to (default 0..B-1). num_new: valid tokens per
+        row (the rest is padding), default T. logits_at: "all" -> [B, T, V]; "last" -> the last valid
+        token per row, [B, 1, V]; a LongTensor [B, M] of token indices -> [B, M, V]; None -> no logits.
+        Logits are returned in fp32.
+        """
+        c = self.config
+        input_ids = input_ids.to(self.device)
+        positions = positions.to(self.device)
+        batch, num_tokens = input_ids.shape
+        rows = list(range(batch)) if rows is None else list(rows)
+        cache.check_room(num_tokens, rows)
+        mask, span = self.build_attention_mask(cache, rows, num_tokens, tree_mask)
+        groups = c.num_heads // c.num_kv_heads
+        # GQA without repeating K/V: fold the query heads of a group into the query axis.
+        mask = mask.unsqueeze(2).expand(batch, 1, groups, num_tokens, span).reshape(batch, 1, groups * num_tokens, span)
+
+        all_rows = rows == list(range(cache.batch_size))
+        row_index = torch.tensor(rows, device=self.device)
+        slots = torch.tensor([cache.lengths[r] for r in rows], device=self.device)[:, None] + torch.arange(
+            num_tokens, device=self.device
+        )
+        write_rows = row_index[:, None].expand(batch, num_tokens)
+
+        cos, sin = self._rope(positions)
+        q_size = c.num_heads * c.head_dim
+        kv_size = c.num_kv_heads * c.head_dim
+        h = F.embedding(input_ids, self.embed)
+        for li, layer in enumerate(self.layers):
+            x = self._rms_norm(h, layer.input_norm)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+            q = self._apply_rope(q.view(batch, num_tokens, c.num_heads, c.head_dim), cos, sin)
+            k = self._apply_rope(k.view(batch, num_tokens, c.num_kv_heads, c.head_dim), cos, sin)
+            v = v.view(batch, num_tokens, c.num_kv_heads, c.head_dim)
+            # Write the new keys/values into their slots ([B, S, H, D] views of the cache).
+            cache.k[li].permute(0, 2, 1, 3)[write_rows, slots] = k
+            cache.v[li].permute(0, 2, 1, 3)[write_rows, slots] = v
+            if all_rows:
+                keys, values = cache.k[li, :, :, :span], cache.v[li, :, :, :span]
+            else:
+                keys, values = cache.k[li, row_index, :, :span], cache.v[li, row_index, :, :span]
+            qg = q.view(batch, num_tokens, c.num_kv_heads, groups, c.head_dim).permute(0, 2, 3, 1, 4)
+            qg = qg.reshape(batch, c.num_kv_heads, groups * num_tokens, c.head_dim)
+            attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+            attn = attn.view(batch, c.num_kv_heads, groups, num_tokens, c.head_dim).permute(0, 3, 1, 2, 4)
+            h = h + F.linear(attn.reshape(batch, num_tokens, q_size), layer.o, layer.o_bias)
+            x = self._rms_norm(h, layer.post_norm)
+            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+
+        for b, r in enumerate(rows):
+            cache.pending[r] = num_tokens if num_new is None else num_new[b]
+        if logits_at is None:
+            return None
+        if isinstance(logits_at, str):
+            if logits_at == "all":
+                pass
+            elif logits_at == "last":
+                counts = [num_tokens] * batch if num_new is None else num_new
+                last = torch.tensor([n - 1 for n in counts], device=self.device)
+                h = h[torch.arange(batch, device=self.device), last][:, None]
+            else:
+                raise ValueError(f"logits_at must be 'all', 'last', None or an index tensor, got {logits_at!r}")
+        else:
+            index = logits_at.to(self.device)
+            h = torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
+        h = self._rms_norm(h, self.norm)
+        return F.linear(h, self.lm_head).float()

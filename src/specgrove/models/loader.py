@@ -1,0 +1,156 @@
+"""Load a model by built-in name, from a local Hugging Face directory, or from a GGUF file.
+
+Llama-family models (Llama, Qwen2, Mistral, SmolLM) get the fast tree-capable runtime; other
+transformers causal LMs run chain mode through the transformers fallback. Weights are read from
+safetensors only (nothing loads pickles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from specgrove.errors import ModelNotFoundError, SpecgroveError
+from specgrove.models import defaults
+from specgrove.models.hf_fallback import HFCausalLM
+from specgrove.models.llama import SUPPORTED_MODEL_TYPES, LlamaConfig, LlamaModel
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecgroveError("device 'cuda' was asked for but no CUDA device is available; use device='cpu'")
+    return device
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: LlamaModel | HFCausalLM
+    tokenizer: object | None
+    hf_config: object
+    dtype: torch.dtype
+    device: torch.device
+    load_seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def is_fast(self) -> bool:
+        return isinstance(self.model, LlamaModel)
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return defaults.cache_root() / "models" / f"{gguf_path.stem}-{key}"
+
+
+def resolve_model_dir(spec: str | os.PathLike, expected_sha256: str | None = None) -> Path:
+    """Turn a model spec (built-in name, HF directory, GGUF file) into a local HF directory."""
+    text = str(spec)
+    if defaults.resolve_builtin(text) is not None:
+        return defaults.ensure_builtin(text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model {text!r} not found: it is neither an existing path nor a built-in name "
+            f"({', '.join(defaults.BUILTIN_MODELS)}). Pass a Hugging Face model directory, a .gguf file, "
+            f"or a built-in name (`specgrove models list`)."
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"{path} is a file but not a .gguf; pass a GGUF file or a model directory")
+        if expected_sha256:
+            defaults.verify_sha256(path, expected_sha256)
+        out = _gguf_cache_dir(path)
+        if not (out / defaults.MARKER).exists():
+            digest = defaults.sha256_file(path)
+            defaults.convert_gguf_to_hf(path, out, {"gguf": str(path.resolve()), "gguf_sha256": digest})
+        return out
+    if expected_sha256:
+        raise SpecgroveError("a checksum can only be checked for a GGUF file, not for a directory")
+    if not (path / "config.json").exists():
+        raise ModelNotFoundError(f"{path} has no config.json; a model directory needs config.json and *.safetensors")
+    return path
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        found = [p.name for p in directory.iterdir()]
+        raise ModelNotFoundError(
+            f"{directory} holds no *.safetensors weights (found: {', '.join(found) or 'nothing'}). specgrove never "
+            f"loads pickled weights; convert them with transformers' save_pretrained(safe_serialization=True)."
+        )
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((directory / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+    if not has_tokenizer:
+        return None
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def load_model(
+    spec: str | os.PathLike,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device | None = "cpu",
+    expected_sha256: str | None = None,
+    force_fallback: bool = False,
+) -> LoadedModel:
+    from transformers import AutoConfig
+
+    t0 = time.perf_counter()
+    torch_dtype = parse_dtype(dtype)
+    torch_device = resolve_device(device)
+    directory = resolve_model_dir(spec, expected_sha256)
+    hf_config = AutoConfig.from_pretrained(str(directory))
+    if hf_config.model_type in SUPPORTED_MODEL_TYPES and not force_fallback:
+        model = LlamaModel(LlamaConfig.from_hf(hf_config), hf_config, read_safetensors(directory), torch_dtype, torch_device)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype, use_safetensors=True)
+        model = HFCausalLM(hf_model.to(torch_device), torch_dtype, torch_device)
+    tokenizer = load_tokenizer(directory)
+    info = {}
+    marker = directory / defaults.MARKER
+    if marker.exists():
+        info = json.loads(marker.read_text())
+    return LoadedModel(
+        name=str(spec), path=directory, model=model, tokenizer=tokenizer, hf_config=hf_config,
+        dtype=torch_dtype, device=torch_device, load_seconds=time.perf_counter() - t0, info=info,
+    )
