@@ -23,7 +23,7 @@ def tiny_config(model_type: str = "qwen2", vocab_size: int = 8, seed: int = 0, *
 
 
 def make_tiny_model(directory: str | Path, model_type: str = "qwen2", vocab_size: int = 8, seed: int = 0,
-                    init_scale: float = 1.0, **overrides) -> Path:
+                    init_scale: float = 1.0, with_tokenizer: bool = False, **overrides) -> Path:
     """Create and save a random model; `init_scale` widens the logits so distributions are not near-uniform."""
     from transformers import AutoModelForCausalLM
 
@@ -37,4 +37,21 @@ def make_tiny_model(directory: str | Path, model_type: str = "qwen2", vocab_size
             p.normal_(0.0, 0.2 * init_scale)
     directory = Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
+    if with_tokenizer:
+        save_tiny_tokenizer(directory, vocab_size)
     return directory
+
+
+def save_tiny_tokenizer(directory: str | Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer whose tokens are the single letters a, b, c, ... (no merges), saved in
+    HF layout, so text and token ids map one to one ("abc" <-> [0, 1, 2])."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    if vocab_size > len(letters):
+        raise ValueError("the tiny tokenizer has at most 26 tokens")
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(letters[:vocab_size])}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(directory))

@@ -32,8 +32,9 @@ class HFChainCache:
             raise ValueError(f"sequence needs {self.lengths[0] + num_new} positions but max_model_len is {self.max_len}")
 
     def _crop(self, length: int) -> None:
-        if self.dynamic.get_seq_length() > length:
-            self.dynamic.crop(length)
+        excess = self.dynamic.get_seq_length() - length
+        if excess > 0:
+            self.dynamic.crop(-excess)  # transformers 5.x: a negative count of tokens to drop
 
     def commit(self, row: int, keep: Sequence[int] | torch.Tensor | None = None) -> None:
         start = self.lengths[0]

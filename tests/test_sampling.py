@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from specgrove.errors import UnsupportedError
+from specgrove.sampling import SamplingParams, process_logits
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+
+
+def test_greedy_is_one_hot_argmax():
+    p = process_logits(LOGITS, SamplingParams(temperature=0))
+    assert p.tolist() == [[0, 0, 0, 0, 0, 1.0]]
+
+
+def test_temperature_softmax():
+    p = process_logits(LOGITS, SamplingParams(temperature=0.5))
+    assert torch.allclose(p, torch.softmax(LOGITS / 0.5, -1))
+
+
+def test_top_k_top_p_min_p():
+    p = process_logits(LOGITS, SamplingParams(top_k=2))
+    assert (p > 0).sum() == 2 and p[0, 5] > p[0, 0] > 0
+    full = torch.softmax(LOGITS, -1)[0]  # sorted: 5 (.6), 0 (.22), 1 (.08), ...
+    p = process_logits(LOGITS, SamplingParams(top_p=0.7))
+    assert (p > 0).nonzero()[:, 1].tolist() == [0, 5]  # .6 < .7, so the next token is needed
+    assert torch.allclose(p[0, [0, 5]], full[[0, 5]] / full[[0, 5]].sum())
+    p = process_logits(LOGITS, SamplingParams(min_p=0.3))
+    assert (p > 0).nonzero()[:, 1].tolist() == [0, 5]
+    assert torch.allclose(p.sum(-1), torch.ones(1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+def test_bad_values_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_parameters_that_cannot_be_honoured_raise():
+    with pytest.raises(UnsupportedError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1.2)
+    with pytest.raises(UnsupportedError):
+        SamplingParams(n=2)
+
+
+def test_max_new_tokens_alias():
+    assert SamplingParams(max_new_tokens=9).max_tokens == 9
+    assert SamplingParams(stop="x").stop == ["x"]
