@@ -9,6 +9,8 @@ from specgrove.testing import make_tiny_model
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY_VOCAB = 8
+# Run the suite's tiny-model tests on another device, e.g. SPECGROVE_TEST_DEVICE=cuda on a GPU machine.
+DEVICE = os.environ.get("SPECGROVE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +26,9 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_target(tiny_dirs):
-    return load_model(tiny_dirs["target"], dtype="float32")
+    return load_model(tiny_dirs["target"], dtype="float32", device=DEVICE)
 
 
 @pytest.fixture(scope="session")
 def tiny_draft(tiny_dirs):
-    return load_model(tiny_dirs["draft"], dtype="float32")
+    return load_model(tiny_dirs["draft"], dtype="float32", device=DEVICE)

@@ -8,6 +8,7 @@ from specgrove.errors import UnsupportedError
 from specgrove.models.loader import load_model
 from specgrove.testing import make_tiny_model
 from specgrove.trees.tree import TokenTree
+from conftest import DEVICE
 
 TOL = 1e-4
 
@@ -15,7 +16,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module", params=["qwen2", "llama", "mistral"])
 def pair(request, tmp_path_factory):
     d = make_tiny_model(tmp_path_factory.mktemp(request.param), request.param, vocab_size=50, seed=5)
-    ours = load_model(d, dtype="float32")
+    ours = load_model(d, dtype="float32", device=DEVICE)
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     return ours, ref
 
@@ -30,13 +31,13 @@ def test_full_and_incremental_forward_match_transformers(pair):
     ids = torch.randint(0, 50, (17,), generator=torch.Generator().manual_seed(0)).tolist()
     expected = reference_logits(ref, ids)
     cache = ours.model.new_cache(1, 64)
-    out = ours.model.forward(torch.tensor([ids]), torch.arange(17)[None], cache)[0]
+    out = ours.model.forward(torch.tensor([ids]), torch.arange(17)[None], cache).cpu()[0]
     assert (out - expected).abs().max() < TOL
     cache = ours.model.new_cache(1, 64)
     ours.model.forward(torch.tensor([ids[:10]]), torch.arange(10)[None], cache, logits_at=None)
     cache.commit(0)
     for i in range(10, 17):  # one token at a time
-        step = ours.model.forward(torch.tensor([[ids[i]]]), torch.tensor([[i]]), cache)[0, 0]
+        step = ours.model.forward(torch.tensor([[ids[i]]]), torch.tensor([[i]]), cache).cpu()[0, 0]
         cache.commit(0)
         assert (step - expected[i]).abs().max() < TOL
 
@@ -59,7 +60,7 @@ def test_tree_mask_logits_equal_each_paths_sequential_logits(pair):
     cache.commit(0)
     positions = 5 + torch.tensor(tree.position_offsets())
     out = ours.model.forward(torch.tensor([[prefix[-1]] + tree.tokens]), positions[None], cache,
-                             tree_mask=tree.attention_mask()[None])[0]
+                             tree_mask=tree.attention_mask()[None]).cpu()[0]
     assert (out[0] - reference_logits(ref, prefix)[-1]).abs().max() < TOL
     for node in range(len(tree)):
         path = [tree.tokens[n] for n in tree.path_to(node)]
@@ -81,7 +82,7 @@ def test_keeping_a_tree_path_then_continuing(pair):
     assert cache.lengths[0] == 4 + len(kept)
     sequence = prefix + [tree.tokens[n] for n in kept]
     nxt = 33
-    out = ours.model.forward(torch.tensor([[nxt]]), torch.tensor([[len(sequence)]]), cache)[0, 0]
+    out = ours.model.forward(torch.tensor([[nxt]]), torch.tensor([[len(sequence)]]), cache).cpu()[0, 0]
     assert (out - reference_logits(ref, sequence + [nxt])[-1]).abs().max() < TOL
 
 
@@ -97,7 +98,7 @@ def test_batch_rows_with_different_lengths_and_padding(pair):
     new[0] += [20, 21]
     ids = torch.tensor([new[0], new[1] + [0, 0]])
     positions = torch.tensor([[6, 7, 8], [2, 3, 4]])
-    out = ours.model.forward(ids, positions, cache, num_new=[3, 1])
+    out = ours.model.forward(ids, positions, cache, num_new=[3, 1]).cpu()
     cache.commit(0)
     cache.commit(1)
     assert cache.lengths == [9, 3]
@@ -105,17 +106,17 @@ def test_batch_rows_with_different_lengths_and_padding(pair):
     ref1 = reference_logits(ref, prompts[1])
     assert (out[0] - ref0[-3:]).abs().max() < TOL
     assert (out[1, 0] - ref1[-1]).abs().max() < TOL
-    last = ours.model.forward(ids, positions, ours.model.new_cache(2, 64), logits_at="last", num_new=[3, 1])
+    last = ours.model.forward(ids, positions, ours.model.new_cache(2, 64), logits_at="last", num_new=[3, 1]).cpu()
     assert last.shape == (2, 1, 50)
 
 
 def test_bf16_is_close_to_fp32(tmp_path):
     d = make_tiny_model(tmp_path, "qwen2", vocab_size=50, seed=5)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
-    a = load_model(d, dtype="float32").model
-    b = load_model(d, dtype="bfloat16").model
-    la = a.forward(ids, torch.arange(5)[None], a.new_cache(1, 8))
-    lb = b.forward(ids, torch.arange(5)[None], b.new_cache(1, 8))
+    a = load_model(d, dtype="float32", device=DEVICE).model
+    b = load_model(d, dtype="bfloat16", device=DEVICE).model
+    la = a.forward(ids, torch.arange(5)[None], a.new_cache(1, 8)).cpu()
+    lb = b.forward(ids, torch.arange(5)[None], b.new_cache(1, 8)).cpu()
     assert lb.dtype == torch.float32
     assert (la - lb).abs().max() < 0.1 * la.abs().max()
 

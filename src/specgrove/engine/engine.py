@@ -67,7 +67,7 @@ class SpecEngine:
             request_id=request_id or uuid.uuid4().hex,
             prompt_ids=list(prompt_ids),
             params=params,
-            sampler=sampler if sampler is not None else Sampler(params.seed),
+            sampler=sampler if sampler is not None else Sampler(params.seed, self.target.device),
         )
 
     def prefill(self, seq: Sequence) -> None:

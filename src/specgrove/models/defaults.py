@@ -244,3 +244,11 @@ def verify_builtin(name: str) -> str:
         raise ModelNotFoundError(f"{model.name} is not fetched yet; run `specgrove models fetch {model.name}`")
     verify_sha256(path, model.gguf_sha256)
     return model.gguf_sha256
+
+
+def ensure_defaults() -> list[Path]:
+    """Fetch, verify and convert the default target and draft (what the README's set-up commands run)."""
+    paths = [ensure_builtin(DEFAULT_TARGET), ensure_builtin(DEFAULT_DRAFT)]
+    for path in paths:
+        print(f"[specgrove] ready: {path}", file=sys.stderr)
+    return paths
