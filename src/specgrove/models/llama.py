@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from specgrove.models.kv_cache import KVCache
+from specgrove.models.linear import Linear, packing_available
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -73,15 +74,11 @@ class LlamaConfig:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Linear
+    down: Linear
 
 
 def rope_inverse_frequencies(hf_config) -> tuple[torch.Tensor, float]:
@@ -104,12 +101,17 @@ class LlamaModel:
 
     supports_trees = True
 
-    def __init__(self, config: LlamaConfig, hf_config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device):
+    def __init__(self, config: LlamaConfig, hf_config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device,
+                 pack_weights: bool | None = None):
         self.config = config
         self.hf_config = hf_config
         self.dtype = dtype
         self.device = torch.device(device)
         self.vocab_size = config.vocab_size
+        available = packing_available(self.device, dtype)
+        if pack_weights and not available:
+            raise ValueError("weight prepacking needs a CPU with oneDNN and bfloat16 weights")
+        self.packed = available if pack_weights is None else pack_weights
 
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
@@ -125,47 +127,51 @@ class LlamaModel:
                 return None
             return fuse(*names)
 
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+            return Linear(weight, bias, self.packed)
+
         self.embed = take("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
+            attn, mlp = p + "self_attn.", p + "mlp."
             self.layers.append(
                 LayerWeights(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=fuse(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
-                    qkv_bias=fuse_optional(p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"),
-                    o=take(p + "self_attn.o_proj.weight"),
-                    o_bias=maybe(p + "self_attn.o_proj.bias"),
+                    qkv=linear(fuse(attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+                               fuse_optional(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")),
+                    o=linear(take(attn + "o_proj.weight"), maybe(attn + "o_proj.bias")),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=fuse(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                    gate_up_bias=fuse_optional(p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"),
-                    down=take(p + "mlp.down_proj.weight"),
-                    down_bias=maybe(p + "mlp.down_proj.bias"),
+                    gate_up=linear(fuse(mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+                                   fuse_optional(mlp + "gate_proj.bias", mlp + "up_proj.bias")),
+                    down=linear(take(mlp + "down_proj.weight"), maybe(mlp + "down_proj.bias")),
                 )
             )
         self.norm = take("model.norm.weight")
         if "lm_head.weight" in weights and not config.tie_word_embeddings:
-            self.lm_head = take("lm_head.weight")
+            head = take("lm_head.weight")
         else:
             weights.pop("lm_head.weight", None)
-            self.lm_head = self.embed
+            head = self.embed
+        self.lm_head = linear(head, None)
         inv_freq, self.attention_scaling = rope_inverse_frequencies(hf_config)
         self.inv_freq = inv_freq.to(self.device, torch.float32)
 
     # ---- sizes -------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads (every matrix once; the embedding row gather is ~free)."""
-        total = self.norm.numel() * self.norm.element_size() + self.lm_head.numel() * self.lm_head.element_size()
+        total = self.norm.numel() * self.norm.element_size() + self.lm_head.nbytes
         for layer in self.layers:
-            for t in vars(layer).values():
-                if t is not None:
-                    total += t.numel() * t.element_size()
+            total += layer.qkv.nbytes + layer.o.nbytes + layer.gate_up.nbytes + layer.down.nbytes
+            total += (layer.input_norm.numel() + layer.post_norm.numel()) * layer.input_norm.element_size()
         return total
 
     def num_parameters(self) -> int:
-        n = self.embed.numel() + self.norm.numel() + (0 if self.lm_head is self.embed else self.lm_head.numel())
+        tied = self.config.tie_word_embeddings or self.lm_head.weight is self.embed
+        n = self.embed.numel() + self.norm.numel() + (0 if tied else self.lm_head.numel)
         for layer in self.layers:
-            n += sum(t.numel() for t in vars(layer).values() if t is not None)
+            n += layer.qkv.numel + layer.o.numel + layer.gate_up.numel + layer.down.numel
+            n += layer.input_norm.numel() + layer.post_norm.numel()
         return n
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -262,7 +268,7 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)
         for li, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer.input_norm)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
             q = self._apply_rope(q.view(batch, num_tokens, c.num_heads, c.head_dim), cos, sin)
             k = self._apply_rope(k.view(batch, num_tokens, c.num_kv_heads, c.head_dim), cos, sin)
@@ -278,10 +284,10 @@ class LlamaModel:
             qg = qg.reshape(batch, c.num_kv_heads, groups * num_tokens, c.head_dim)
             attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
             attn = attn.view(batch, c.num_kv_heads, groups, num_tokens, c.head_dim).permute(0, 3, 1, 2, 4)
-            h = h + F.linear(attn.reshape(batch, num_tokens, q_size), layer.o, layer.o_bias)
+            h = h + layer.o(attn.reshape(batch, num_tokens, q_size))
             x = self._rms_norm(h, layer.post_norm)
-            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
 
         for b, r in enumerate(rows):
             cache.pending[r] = num_tokens if num_new is None else num_new[b]
@@ -300,4 +306,4 @@ class LlamaModel:
             index = logits_at.to(self.device)
             h = torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
         h = self._rms_norm(h, self.norm)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
