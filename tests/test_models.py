@@ -77,3 +77,12 @@ def test_bad_speculative_config(tiny_dirs, spec, message):
 def test_draft_model_without_draft_on_a_custom_target(tiny_dirs):
     with pytest.raises(ValueError, match="needs a draft"):
         LLM(target=tiny_dirs["target"], dtype="float32", speculative={"method": "draft_model"})
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme_commands = [line for line in (root / "README.md").read_text().splitlines() if line.startswith("bash scripts/")]
+    assert len(readme_commands) >= 2
+    assert readme_commands[1] in (root / ".ci" / "run").read_text().splitlines()
