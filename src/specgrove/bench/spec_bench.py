@@ -1,0 +1,503 @@
+"""Spec-Bench runner: several decoding methods over the same prompts, with the models loaded once.
+
+Methods
+  plain             the engine with no proposer (k = 0): the baseline of the engine methods
+  draft_model       the engine, a draft model proposing a chain of k tokens
+  prompt_lookup     the engine, prompt lookup proposing up to k tokens
+  hf_plain          transformers' generate() on the same weights: the baseline of the hf_* methods
+  hf_assisted       transformers' assisted generation with the same draft, a fixed k
+  hf_prompt_lookup  transformers' prompt lookup decoding, k tokens
+
+Figures (Spec-Bench's protocol, batch size 1): tokens/s = sum of generated tokens / sum of wall time
+(prefill included) over the prompts; speedup = tokens/s over the baseline's; tau and the acceptance
+rate come from the merged SpecMetrics (see specgrove.engine.metrics); at temperature 0 every output
+is also compared token for token with its baseline's, which a lossless method must match.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from specgrove.engine.metrics import SpecMetrics
+from specgrove.errors import SpecgroveError
+from specgrove.models import defaults
+
+ENGINE_METHODS = ("plain", "draft_model", "prompt_lookup")
+HF_METHODS = ("hf_plain", "hf_assisted", "hf_prompt_lookup")
+DEFAULT_METHODS = ENGINE_METHODS + HF_METHODS
+BASELINE = {"plain": "plain", "draft_model": "plain", "prompt_lookup": "plain",
+            "hf_plain": "hf_plain", "hf_assisted": "hf_plain", "hf_prompt_lookup": "hf_plain"}
+NEEDS_DRAFT = ("draft_model", "hf_assisted")
+
+SPEC_BENCH_ENV = "SPECGROVE_SPEC_BENCH"
+SPEC_BENCH_RELATIVE = Path("shared/data/spec_bench/question.jsonl")
+WARMUP_MAX_NEW_TOKENS = 32  # a warm-up only has to touch every code path once
+
+
+@dataclass
+class BenchPrompt:
+    question_id: int | str
+    category: str
+    token_ids: list[int]
+    text: str | None = None
+
+
+@dataclass
+class MethodRun:
+    """What one method produced on each prompt (in prompt order)."""
+
+    outputs: list[list[int]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    metrics: list[SpecMetrics | None] = field(default_factory=list)
+
+
+# ---- prompts ---------------------------------------------------------------------------------------
+def find_spec_bench(path: str | os.PathLike | None = None) -> Path:
+    """The Spec-Bench question file: `path`, else $SPECGROVE_SPEC_BENCH, else the first
+    shared/data/spec_bench/question.jsonl found walking up from the current directory or this package."""
+    explicit = path if path is not None else os.environ.get(SPEC_BENCH_ENV)
+    if explicit:
+        found = Path(explicit).expanduser()
+        if not found.is_file():
+            source = "--data" if path is not None else f"${SPEC_BENCH_ENV}"
+            raise SpecgroveError(f"Spec-Bench question file {found} ({source}) does not exist; pass the path of question.jsonl")
+        return found
+    starts = [Path.cwd().resolve(), Path(__file__).resolve().parent]
+    for start in starts:
+        for directory in (start, *start.parents):
+            candidate = directory / SPEC_BENCH_RELATIVE
+            if candidate.is_file():
+                return candidate
+    raise SpecgroveError(
+        f"could not find {SPEC_BENCH_RELATIVE} in any parent of {starts[0]} or {starts[1]}; pass --data PATH "
+        f"or set {SPEC_BENCH_ENV} to Spec-Bench's question.jsonl"
+    )
+
+
+def load_questions(path: str | os.PathLike, limit: int | None = 20, categories: Sequence[str] | None = None) -> list[dict]:
+    """Read question.jsonl and choose `limit` questions of mixed categories: round-robin over the
+    categories in file order (so 20 prompts cover all 13), each category's questions in file order."""
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SpecgroveError(f"{path}:{line_no} is not JSON ({e})") from None
+            if not (isinstance(q, dict) and isinstance(q.get("category"), str) and isinstance(q.get("turns"), list)
+                    and q["turns"] and isinstance(q["turns"][0], str)):
+                raise SpecgroveError(f'{path}:{line_no} is not a Spec-Bench question; expected '
+                                     f'{{"question_id", "category", "turns": ["...", ...]}}')
+            questions.append(q)
+    by_category: dict[str, list[dict]] = {}
+    for q in questions:
+        by_category.setdefault(q["category"], []).append(q)
+    if categories:
+        unknown = [c for c in categories if c not in by_category]
+        if unknown:
+            raise ValueError(f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                             f"{path} has: {', '.join(by_category)}")
+        by_category = {c: by_category[c] for c in by_category if c in categories}
+    total = sum(len(v) for v in by_category.values())
+    limit = total if limit is None else min(limit, total)
+    chosen: list[dict] = []
+    round_index = 0
+    while len(chosen) < limit:
+        for qs in by_category.values():
+            if round_index < len(qs) and len(chosen) < limit:
+                chosen.append(qs[round_index])
+        round_index += 1
+    return chosen
+
+
+def encode_questions(questions: list[dict], tokenizer) -> list[BenchPrompt]:
+    """First turn of each question through the target's chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("Spec-Bench prompts go through the target's chat template, and this target has none; "
+                         "pass prompts as token ids instead")
+    prompts = []
+    for q in questions:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True,
+                                             tokenize=False)
+        prompts.append(BenchPrompt(q.get("question_id", len(prompts)), q["category"],
+                                   tokenizer.encode(text, add_special_tokens=False), q["turns"][0]))
+    return prompts
+
+
+def _as_prompts(prompts: Sequence[BenchPrompt | Sequence[int]]) -> list[BenchPrompt]:
+    out = []
+    for i, p in enumerate(prompts):
+        out.append(p if isinstance(p, BenchPrompt) else BenchPrompt(i, "custom", [int(t) for t in p]))
+    if not out:
+        raise ValueError("no prompts to run")
+    return out
+
+
+def _ordered_methods(methods: Sequence[str]) -> list[str]:
+    methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
+    unknown = [m for m in methods if m not in DEFAULT_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS)}")
+    if not methods:
+        raise ValueError(f"no methods given; use some of {', '.join(DEFAULT_METHODS)}")
+    # Speedups are relative to a baseline, so a method's baseline always runs too.
+    for m in list(methods):
+        if BASELINE[m] not in methods:
+            methods.append(BASELINE[m])
+    return [m for m in DEFAULT_METHODS if m in methods]
+
+
+# ---- running ---------------------------------------------------------------------------------------
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def _run_engine_method(engine, prompts: list[BenchPrompt], params, warmup_params, warmup: int, progress: bool,
+                       desc: str) -> MethodRun:
+    sync = torch.cuda.synchronize if engine.target.device.type == "cuda" else (lambda: None)
+    for i in range(warmup):
+        engine.generate(engine.new_sequence(prompts[i % len(prompts)].token_ids, warmup_params))
+    run = MethodRun()
+    tokens, seconds = 0, 0.0
+    with _progress(len(prompts), desc, progress) as bar:
+        for p in prompts:
+            sync()
+            t0 = time.perf_counter()
+            seq = engine.generate(engine.new_sequence(p.token_ids, params))
+            sync()
+            dt = time.perf_counter() - t0
+            run.outputs.append(list(seq.output_ids))
+            run.seconds.append(dt)
+            run.metrics.append(seq.metrics)
+            tokens += len(seq.output_ids)
+            seconds += dt
+            bar.set_postfix(tok_s=f"{tokens / seconds:.2f}", tau=f"{seq.metrics.mean_accept_length:.2f}")
+            bar.update()
+    return run
+
+
+def _run_hf_method(peer, method: str, prompts: list[BenchPrompt], warmup: int, progress: bool, desc: str,
+                   **gen_kwargs) -> MethodRun:
+    warm_kwargs = {**gen_kwargs, "max_new_tokens": min(gen_kwargs["max_new_tokens"], WARMUP_MAX_NEW_TOKENS)}
+    for i in range(warmup):
+        peer.generate(prompts[i % len(prompts)].token_ids, method, **warm_kwargs)
+    run = MethodRun()
+    tokens, seconds = 0, 0.0
+    with _progress(len(prompts), desc, progress) as bar:
+        for p in prompts:
+            ids, dt = peer.generate(p.token_ids, method, **gen_kwargs)
+            run.outputs.append(ids)
+            run.seconds.append(dt)
+            run.metrics.append(None)
+            tokens += len(ids)
+            seconds += dt
+            bar.set_postfix(tok_s=f"{tokens / seconds:.2f}")
+            bar.update()
+    return run
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+def _merge(metrics: list[SpecMetrics | None]) -> SpecMetrics | None:
+    if not metrics or any(m is None for m in metrics):
+        return None
+    merged = SpecMetrics()
+    for m in metrics:
+        merged = merged.merge(m)
+    return merged
+
+
+def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: MethodRun | None, greedy: bool,
+             is_hf: bool = False, plain: MethodRun | None = None) -> dict:
+    tokens = sum(len(run.outputs[i]) for i in idx)
+    seconds = sum(run.seconds[i] for i in idx)
+    tps = tokens / seconds if seconds > 0 else 0.0
+
+    def speed_ratio(base: MethodRun | None):
+        if base is None:
+            return None
+        b_tokens = sum(len(base.outputs[i]) for i in idx)
+        b_seconds = sum(base.seconds[i] for i in idx)
+        b_tps = b_tokens / b_seconds if b_seconds > 0 else 0.0
+        return tps / b_tps if b_tps > 0 else None
+
+    def identical(base: MethodRun | None):
+        if base is None or not greedy:
+            return None, None
+        count = sum(run.outputs[i] == base.outputs[i] for i in idx)
+        return count == len(idx), count
+
+    merged = _merge([run.metrics[i] for i in idx])
+    same, same_count = identical(baseline)
+    out = {
+        "tokens_per_s": tps,
+        "speedup": speed_ratio(baseline),
+        "mean_accept_length": merged.mean_accept_length if (merged is not None and is_speculative) else None,
+        "acceptance_rate": merged.acceptance_rate if (merged is not None and is_speculative) else None,
+        "identical_to_baseline": same,
+        "identical_count": same_count,
+        "num_prompts": len(idx),
+        "generated_tokens": tokens,
+        "time_s": seconds,
+    }
+    if merged is not None:
+        out["target_forwards"] = merged.target_forwards
+        out["per_position_acceptance"] = merged.per_position_acceptance if is_speculative else []
+        out["draft_time_s"] = merged.draft_time_s
+        out["target_time_s"] = merged.target_time_s
+    if is_hf:  # transformers methods: also against the engine's plain decoding
+        out["speedup_vs_plain"] = speed_ratio(plain)
+        out["identical_to_plain"], out["identical_to_plain_count"] = identical(plain)
+    return out
+
+
+def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bool) -> dict:
+    categories = list(dict.fromkeys(p.category for p in prompts))
+    all_idx = list(range(len(prompts)))
+    result = {}
+    for method, run in runs.items():
+        baseline = runs.get(BASELINE[method])
+        speculative = method not in ("plain", "hf_plain")
+
+        def figures(idx: list[int]) -> dict:
+            return _figures(run, idx, speculative, baseline, greedy, method in HF_METHODS, runs.get("plain"))
+
+        entry = {"baseline": BASELINE[method], **figures(all_idx)}
+        entry["per_category"] = {c: figures([i for i, p in enumerate(prompts) if p.category == c]) for c in categories}
+        entry["per_prompt"] = [
+            {"question_id": p.question_id, "category": p.category, "generated_tokens": len(run.outputs[i]),
+             "time_s": run.seconds[i],
+             "identical_to_baseline": (run.outputs[i] == baseline.outputs[i]) if (greedy and baseline) else None}
+            for i, p in enumerate(prompts)
+        ]
+        result[method] = entry
+    return result
+
+
+# ---- the runner ------------------------------------------------------------------------------------
+def run_bench(
+    target: str | os.PathLike = defaults.DEFAULT_TARGET,
+    draft: str | os.PathLike | None = None,
+    *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    prompts: Sequence[BenchPrompt | Sequence[int]] | None = None,
+    data: str | os.PathLike | None = None,
+    limit: int | None = 20,
+    categories: Sequence[str] | None = None,
+    num_speculative_tokens: int = 4,
+    prompt_lookup_min: int = 1,
+    prompt_lookup_max: int = 3,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | None = "cpu",
+    warmup: int = 1,
+    measure_bandwidth: bool = True,
+    bandwidth_num_floats: int | None = None,
+    progress: bool = True,
+    log=None,
+) -> dict:
+    """Run every method in `methods` over the prompts and return the figures (see the module docstring).
+
+    `prompts`: token-id prompts (BenchPrompt, or plain lists of ids, category "custom") instead of
+    Spec-Bench questions; then `data`, `limit` and `categories` are unused and no tokenizer is needed.
+    The target (and the draft, when a method needs one) are loaded once and shared by the engine methods;
+    the hf_* methods load transformers models from the same converted directories afterwards.
+    """
+    from specgrove.api import check_compatible
+    from specgrove.bench.bandwidth import DEFAULT_NUM_FLOATS, measure_memory_bandwidth
+    from specgrove.bench.hf_peer import HFPeer
+    from specgrove.drafting.draft_model import DraftModelProposer
+    from specgrove.drafting.prompt_lookup import PromptLookupProposer
+    from specgrove.engine.engine import SpecEngine, eos_token_ids
+    from specgrove.models.loader import load_model
+    from specgrove.sampling import SamplingParams
+
+    say = log or (lambda msg: print(f"[specgrove] {msg}", file=sys.stderr, flush=True))
+    started = time.perf_counter()
+
+    # Validate everything cheap before loading anything.
+    methods = _ordered_methods(methods)
+    if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
+        raise ValueError(f"num_speculative_tokens (k) must be an integer >= 1 for the benchmark, got {num_speculative_tokens!r}")
+    if not (1 <= prompt_lookup_min <= prompt_lookup_max):
+        raise ValueError(f"prompt lookup needs 1 <= min <= max, got {prompt_lookup_min}, {prompt_lookup_max}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    params = SamplingParams(temperature=temperature, top_p=1.0, top_k=0, min_p=0.0, seed=seed, max_tokens=max_new_tokens)
+    warmup_params = SamplingParams(temperature=temperature, seed=seed, max_tokens=min(max_new_tokens, WARMUP_MAX_NEW_TOKENS))
+    questions = None
+    data_path = None
+    if prompts is None:
+        data_path = find_spec_bench(data)
+        questions = load_questions(data_path, limit, categories)
+    needs_draft = any(m in NEEDS_DRAFT for m in methods)
+    if needs_draft and draft is None:
+        if str(target) != defaults.DEFAULT_TARGET:
+            raise ValueError(f"methods {', '.join(m for m in methods if m in NEEDS_DRAFT)} need a draft model: pass --draft")
+        draft = defaults.DEFAULT_DRAFT
+
+    machine = {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "platform": platform.platform(), "memory_bandwidth_gbs": None}
+    if measure_bandwidth:
+        bw = measure_memory_bandwidth(bandwidth_num_floats or DEFAULT_NUM_FLOATS, device=device or "cpu")
+        machine.update(bw.to_dict())
+        say(f"memory bandwidth (copy, read + write): {bw.memory_bandwidth_gbs:.1f} GB/s")
+
+    target_model = load_model(target, dtype=dtype, device=device)
+    say(f"loaded target {target_model.name} ({target_model.dtype}) in {target_model.load_seconds:.1f} s")
+    draft_model = None
+    if needs_draft:
+        draft_model = load_model(draft, dtype=dtype, device=device)
+        check_compatible(target_model, draft_model)
+        say(f"loaded draft {draft_model.name} in {draft_model.load_seconds:.1f} s")
+
+    bench_prompts = encode_questions(questions, target_model.tokenizer) if prompts is None else _as_prompts(prompts)
+    k = num_speculative_tokens
+    max_model_len = max(len(p.token_ids) for p in bench_prompts) + max_new_tokens + k + 8
+    weight_bytes = target_model.model.weight_bytes()
+    target_dir, draft_dir = target_model.path, draft_model.path if draft_model is not None else None
+    eos_ids = sorted(eos_token_ids(target_model))
+    say(f"{len(bench_prompts)} prompts ({len(set(p.category for p in bench_prompts))} categories), "
+        f"methods: {', '.join(methods)}; k={k}, max_new_tokens={max_new_tokens}, temperature={temperature}")
+
+    runs: dict[str, MethodRun] = {}
+    engine = proposer = None
+    for method in [m for m in methods if m in ENGINE_METHODS]:
+        proposer = None
+        if method == "draft_model":
+            proposer = DraftModelProposer(draft_model, max_model_len)
+        elif method == "prompt_lookup":
+            proposer = PromptLookupProposer(prompt_lookup_min, prompt_lookup_max)
+        engine = SpecEngine(target_model, proposer, k if proposer is not None else 0, max_model_len)
+        runs[method] = _run_engine_method(engine, bench_prompts, params, warmup_params, warmup, progress, method)
+
+    hf_methods = [m for m in methods if m in HF_METHODS]
+    if hf_methods:
+        # Free the engine's copies before transformers loads its own: one set of weights in memory at a time.
+        engine = proposer = target_model = draft_model = None
+        gc.collect()
+        peer = HFPeer(target_dir, draft_dir if "hf_assisted" in hf_methods else None, dtype, device or "cpu", eos_ids)
+        try:
+            for method in hf_methods:
+                runs[method] = _run_hf_method(peer, method, bench_prompts, warmup, progress, method,
+                                              max_new_tokens=max_new_tokens, num_speculative_tokens=k,
+                                              temperature=temperature, seed=seed, prompt_lookup_max=prompt_lookup_max)
+        finally:
+            peer.close()
+
+    greedy = params.greedy
+    method_figures = summarize(runs, bench_prompts, greedy)
+    baseline_bandwidth = None
+    plain = _merge(runs["plain"].metrics) if "plain" in runs else None
+    if plain is not None and plain.target_time_s > 0:
+        baseline_bandwidth = weight_bytes * plain.target_forwards / plain.target_time_s / 1e9
+
+    import transformers
+
+    from specgrove.version import __version__
+
+    return {
+        "config": {
+            "target": str(target), "draft": str(draft) if draft is not None else None, "methods": methods,
+            "num_speculative_tokens": k, "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max,
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "dtype": str(dtype),
+            "device": str(device), "warmup": warmup, "warmup_max_new_tokens": min(max_new_tokens, WARMUP_MAX_NEW_TOKENS),
+            "data": str(data_path) if data_path else None, "num_prompts": len(bench_prompts),
+            "categories": list(dict.fromkeys(p.category for p in bench_prompts)),
+            "question_ids": [p.question_id for p in bench_prompts],
+            "prompt_tokens": [len(p.token_ids) for p in bench_prompts],
+            "target_weight_bytes": weight_bytes,
+            "versions": {"specgrove": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "wall_time_s": time.perf_counter() - started,
+        },
+        "machine": machine,
+        "baseline_weight_bandwidth_gbs": baseline_bandwidth,
+        "methods": method_figures,
+    }
+
+
+# ---- report ----------------------------------------------------------------------------------------
+def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _identical(entry: dict, key: str = "identical_to_baseline", count_key: str = "identical_count") -> str:
+    if entry.get(key) is None:
+        return "—"
+    return f"{'yes' if entry[key] else 'NO'} {entry[count_key]}/{entry['num_prompts']}"
+
+
+def print_report(result: dict, console=None) -> None:
+    """The method table, the per-category table, and the bandwidth line."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console(width=None if sys.stdout.isatty() else 160)
+    config, methods = result["config"], result["methods"]
+    console.print(
+        f"Spec-Bench: {config['num_prompts']} prompts, target {config['target']}"
+        f"{', draft ' + config['draft'] if config.get('draft') else ''}, {config['dtype']} on {config['device']}, "
+        f"k={config['num_speculative_tokens']}, max_new_tokens={config['max_new_tokens']}, "
+        f"temperature={config['temperature']}, warmup={config['warmup']}"
+    )
+    table = Table()
+    for name in ("method", "tokens/s", "speedup", "vs plain", "tau", "accept", "identical", "identical vs plain"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    for method, e in methods.items():
+        hf = "speedup_vs_plain" in e
+        table.add_row(
+            method, _fmt(e["tokens_per_s"]), _fmt(e["speedup"], ".2f", "x") + f" ({e['baseline']})",
+            _fmt(e["speedup_vs_plain"], ".2f", "x") if hf else _fmt(e["speedup"], ".2f", "x"),
+            _fmt(e["mean_accept_length"]), _fmt(e["acceptance_rate"], ".1%"), _identical(e),
+            _identical(e, "identical_to_plain", "identical_to_plain_count") if hf else _identical(e),
+        )
+    console.print(table)
+
+    categories = config["categories"]
+    per_cat = Table(title="per category: tokens/s, speedup over the method's baseline, tau", title_justify="left")
+    per_cat.add_column("category")
+    per_cat.add_column("n", justify="right")
+    for method in methods:
+        per_cat.add_column(method, justify="right")
+    for c in categories:
+        first = next(iter(methods.values()))["per_category"][c]
+        cells = []
+        for e in methods.values():
+            f = e["per_category"][c]
+            cell = f"{f['tokens_per_s']:.2f} {_fmt(f['speedup'], '.2f', 'x')}"
+            if f["mean_accept_length"] is not None:
+                cell += f" τ{f['mean_accept_length']:.2f}"
+            if f["identical_to_baseline"] is False:
+                cell += " ≠"
+            cells.append(cell)
+        per_cat.add_row(c, str(first["num_prompts"]), *cells)
+    console.print(per_cat)
+
+    machine = result["machine"]
+    bw, achieved = machine.get("memory_bandwidth_gbs"), result.get("baseline_weight_bandwidth_gbs")
+    line = f"memory bandwidth (copy): {_fmt(bw, '.1f', ' GB/s')}; plain decoding reads the target's weights at {_fmt(achieved, '.1f', ' GB/s')}"
+    if bw and achieved:
+        line += f" ({achieved / bw:.0%} of the copy bandwidth)"
+    console.print(line)
+    if any(f["identical_to_baseline"] is False for e in methods.values() for f in e["per_category"].values()):
+        console.print("≠: in this category at least one output differs from the baseline's")
+    console.print(f"wall time {config['wall_time_s']:.0f} s")

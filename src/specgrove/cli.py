@@ -1,0 +1,256 @@
+"""The `specgrove` command: generate | bench | models.
+
+  specgrove generate [--prompt TEXT | --chat MESSAGE | --prompt-ids 1,2,3] [--method draft_model|prompt_lookup|none] ...
+  specgrove bench [--limit 20] [--methods plain,draft_model,...] [--json PATH] ...
+  specgrove models list | fetch [NAMES...] | verify [NAMES...]
+
+Bad input (an invalid sampling setting, a missing model, ...) exits with status 2 and one line
+`error: ...` on stderr; `models verify` exits 1 when a file fails its check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXAMPLE_CHAT = "Write a Python function that checks whether a number is prime."
+EXIT_BAD_INPUT = 2
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("give at least one token id")
+    return ids
+
+
+def _name_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from specgrove.bench.spec_bench import DEFAULT_METHODS
+    from specgrove.models import defaults
+
+    parser = argparse.ArgumentParser(prog="specgrove", description="Lossless speculative decoding engine.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,models}")
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", default=defaults.DEFAULT_TARGET,
+                       help=f"built-in name, HF directory or .gguf file (default: {defaults.DEFAULT_TARGET})")
+        p.add_argument("--draft", default=None,
+                       help=f"draft model (default with the default target: {defaults.DEFAULT_DRAFT})")
+        p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+        p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+        p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    g = sub.add_parser("generate", help="generate one completion and print the speculation statistics")
+    source = g.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="a raw text prompt (no chat template)")
+    source.add_argument("--chat", help="a user message, sent through the target's chat template")
+    source.add_argument("--prompt-ids", type=_int_list, help="the prompt as token ids, e.g. 1,2,3 (models without a tokenizer)")
+    model_options(g)
+    g.add_argument("--method", choices=("draft_model", "prompt_lookup", "none"), default="draft_model")
+    g.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
+    g.add_argument("--prompt-lookup-min", type=int, default=1)
+    g.add_argument("--prompt-lookup-max", type=int, default=3)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--max-model-len", type=int, default=4096)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text and statistics")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="run Spec-Bench prompts through several methods and compare them")
+    b.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: $SPECGROVE_SPEC_BENCH, else "
+                                                "shared/data/spec_bench/question.jsonl in a parent directory)")
+    b.add_argument("--limit", type=int, default=20, help="number of prompts, mixed categories round-robin (default 20)")
+    b.add_argument("--categories", type=_name_list, default=None, help="comma list of categories to keep")
+    b.add_argument("--methods", type=_name_list, default=list(DEFAULT_METHODS),
+                   help=f"comma list (default {','.join(DEFAULT_METHODS)})")
+    model_options(b)
+    b.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
+    b.add_argument("--prompt-lookup-min", type=int, default=1)
+    b.add_argument("--prompt-lookup-max", type=int, default=3)
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--seed", type=int, default=None)
+    b.add_argument("--warmup", type=int, default=1, help="warm-up prompts per method, excluded from figures (default 1)")
+    b.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement")
+    b.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full results as JSON")
+    b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("models", help="list, fetch or verify the built-in models")
+    msub = m.add_subparsers(dest="models_command", required=True, metavar="{list,fetch,verify}")
+    msub.add_parser("list", help="the built-in models and their cache state").set_defaults(func=cmd_models_list)
+    f = msub.add_parser("fetch", help="download, verify and convert (default: the default target and draft)")
+    f.add_argument("names", nargs="*")
+    f.set_defaults(func=cmd_models_fetch)
+    v = msub.add_parser("verify", help="re-hash cached GGUF files against their pins")
+    v.add_argument("names", nargs="*")
+    v.set_defaults(func=cmd_models_verify)
+    return parser
+
+
+# ---- generate --------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specgrove.api import LLM
+    from specgrove.config import SpeculativeConfig
+    from specgrove.models import defaults
+    from specgrove.models.loader import resolve_model_dir
+    from specgrove.sampling import SamplingParams
+
+    # Validate the request before loading any model, so bad input fails in milliseconds.
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop)
+    spec = SpeculativeConfig.from_any({
+        "method": None if args.method == "none" else args.method,
+        "num_speculative_tokens": args.num_speculative_tokens,
+        "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max,
+    })
+    # A missing target is the more basic mistake: report it before the draft-model requirement.
+    resolve_model_dir(args.target)
+    if spec.method == "draft_model" and args.draft is None and args.target != defaults.DEFAULT_TARGET:
+        raise ValueError(f"--method draft_model needs --draft when the target is not the default "
+                         f"({defaults.DEFAULT_TARGET}); or use --method prompt_lookup or --method none")
+    llm = LLM(target=args.target, draft=args.draft, speculative=spec, dtype=args.dtype, device=args.device,
+              max_model_len=args.max_model_len, num_threads=args.num_threads)
+    if args.prompt_ids is not None:
+        out = llm.generate(args.prompt_ids, params)[0]
+    elif args.prompt is not None:
+        out = llm.generate(args.prompt, params)[0]
+    else:
+        out = llm.chat([{"role": "user", "content": args.chat if args.chat is not None else EXAMPLE_CHAT}], params)
+    k = llm.engine.num_speculative_tokens
+    method = spec.method or "none"
+    completion = out.outputs[0]
+    if args.json:
+        print(json.dumps({
+            "text": completion.text, "token_ids": completion.token_ids, "finish_reason": completion.finish_reason,
+            "prompt_tokens": len(out.prompt_token_ids), "metrics": out.metrics.to_dict(), "method": method, "k": k,
+        }))
+        return 0
+    print(completion.text)
+    print(format_stats(out.metrics, method, k, completion.finish_reason))
+    return 0
+
+
+def format_stats(metrics, method: str, k: int, finish_reason: str | None) -> str:
+    per_position = " ".join(f"{a:.2f}" for a in metrics.per_position_acceptance) or "—"
+    speculative = method != "none" and k > 0
+    lines = [
+        "",
+        f"--- {method}" + (f", k={k}" if speculative else ""),
+        f"tokens generated      {metrics.generated_tokens} (finish: {finish_reason})",
+        f"tokens/s              {metrics.tokens_per_s:.2f} ({metrics.total_time_s:.2f} s, prefill {metrics.prefill_time_s:.2f} s)",
+        f"target forwards       {metrics.target_forwards}",
+    ]
+    if speculative:
+        lines += [
+            f"mean accept length τ  {metrics.mean_accept_length:.2f}",
+            f"acceptance rate       {metrics.acceptance_rate:.1%}",
+            f"per-position accept   {per_position}",
+        ]
+    lines.append(f"time                  draft {metrics.draft_time_s:.2f} s, target {metrics.target_time_s:.2f} s, "
+                 f"verify {metrics.verify_time_s:.2f} s")
+    return "\n".join(lines)
+
+
+# ---- bench -----------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from specgrove.bench.spec_bench import print_report, run_bench
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    result = run_bench(
+        args.target, args.draft, methods=args.methods, data=args.data, limit=args.limit, categories=args.categories,
+        num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
+        prompt_lookup_max=args.prompt_lookup_max, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        seed=args.seed, dtype=args.dtype, device=args.device, warmup=args.warmup,
+        measure_bandwidth=not args.no_bandwidth,
+    )
+    print_report(result)
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+# ---- models ----------------------------------------------------------------------------------------
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from specgrove.models import defaults
+
+    table = Table(title=f"built-in models (cache: {defaults.cache_root()})", title_justify="left")
+    for name in ("name", "description", "fetched", "converted", "path"):
+        table.add_column(name)
+    for name, model in defaults.BUILTIN_MODELS.items():
+        fetched = (defaults.cache_root() / "gguf" / model.gguf_filename()).exists()
+        converted = defaults.is_converted(name)
+        table.add_row(name, model.description, "yes" if fetched else "no", "yes" if converted else "no",
+                      str(defaults.converted_dir(name)))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    return 0
+
+
+def _names(names: list[str]) -> list[str]:
+    from specgrove.models import defaults
+
+    return names or [defaults.DEFAULT_TARGET, defaults.DEFAULT_DRAFT]
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from specgrove.models import defaults
+
+    for name in _names(args.names):
+        print(f"{name}: ready at {defaults.ensure_builtin(name)}")
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    from specgrove.errors import SpecgroveError
+    from specgrove.models import defaults
+
+    failed = 0
+    for name in _names(args.names):
+        try:
+            digest = defaults.verify_builtin(name)
+            print(f"{name}: OK (sha256 {digest})")
+        except SpecgroveError as e:
+            failed += 1
+            print(f"{name}: FAILED: {e}")
+    return 1 if failed else 0
+
+
+# ---- entry point -----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    from specgrove.errors import SpecgroveError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, SpecgroveError) as e:
+        message = " ".join(str(e).split())  # one line
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
