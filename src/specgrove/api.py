@@ -16,6 +16,7 @@ from specgrove.errors import IncompatibleModelsError
 from specgrove.models import defaults
 from specgrove.models.loader import LoadedModel, load_model
 from specgrove.sampling import SamplingParams
+from specgrove.trees.shape import TreeShape
 
 
 @dataclass
@@ -85,21 +86,33 @@ class LLM:
         self.speculative = SpeculativeConfig.from_any(speculative)
         if num_threads:
             torch.set_num_threads(num_threads)
-        if self.speculative.method == "draft_model" and draft is None:
+        uses_draft = self.speculative.method in ("draft_model", "tree")
+        if uses_draft and draft is None:
             if str(target) != defaults.DEFAULT_TARGET:
-                raise ValueError("method 'draft_model' needs a draft model: pass draft=<name, directory or .gguf>")
+                raise ValueError(f"method {self.speculative.method!r} needs a draft model: pass draft=<name, directory or .gguf>")
             draft = defaults.DEFAULT_DRAFT
         self.target = load_model(target, dtype=dtype, device=device, expected_sha256=target_sha256)
         self.draft: LoadedModel | None = None
         proposer = None
-        if self.speculative.method == "draft_model":
+        if uses_draft:
             self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256)
             check_compatible(self.target, self.draft)
-            proposer = DraftModelProposer(self.draft, max_model_len)
+            shape = None
+            if self.speculative.method == "tree":
+                shape = self._tree_shape()
+                self.speculative.num_speculative_tokens = len(shape)
+            proposer = DraftModelProposer(self.draft, max_model_len, shape, self.speculative.tree_sampling)
         elif self.speculative.method == "prompt_lookup":
             proposer = PromptLookupProposer(self.speculative.prompt_lookup_min, self.speculative.prompt_lookup_max)
         self.engine = SpecEngine(self.target, proposer, self.speculative.num_speculative_tokens if proposer else 0,
                                  max_model_len)
+
+    def _tree_shape(self) -> TreeShape:
+        if self.speculative.tree == "auto":
+            from specgrove.trees.tuning import auto_tree
+
+            return auto_tree(self.target, self.draft)
+        return TreeShape.parse(self.speculative.tree)
 
     @property
     def tokenizer(self):

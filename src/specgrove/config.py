@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-METHODS = ("draft_model", "prompt_lookup")
+METHODS = ("draft_model", "prompt_lookup", "tree")
+TREE_SAMPLING = ("without_replacement", "iid")
 
 
 @dataclass
@@ -13,6 +14,11 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
+    # method "tree": the shape ("chain:5", "kary:2x3", "widths:4,2,1", a tree .json from `specgrove tune`,
+    # or "auto": the tuned tree for this target/draft/temperature, tuned on first use) and how siblings
+    # are drawn ("without_replacement" as Sequoia, or "iid" as SpecInfer).
+    tree: str | None = None
+    tree_sampling: str = "without_replacement"
 
     @classmethod
     def from_any(cls, value) -> "SpeculativeConfig":
@@ -32,6 +38,16 @@ class SpeculativeConfig:
         return config
 
     def validate(self) -> None:
+        if self.method == "tree":
+            if not self.tree:
+                raise ValueError("speculative method 'tree' needs a tree: 'chain:5', 'kary:2x3', 'widths:4,2,1', "
+                                 "a tree .json written by `specgrove tune`, or 'auto'")
+            if self.tree != "auto":
+                from specgrove.trees.shape import TreeShape
+
+                self.num_speculative_tokens = len(TreeShape.parse(self.tree))
+        if self.tree_sampling not in TREE_SAMPLING:
+            raise ValueError(f"tree_sampling {self.tree_sampling!r} is unknown; use one of {', '.join(TREE_SAMPLING)}")
         if self.method not in (None, "none", *METHODS):
             raise ValueError(f"speculative method {self.method!r} is unknown; use one of {', '.join(METHODS)} or None")
         if self.method == "none":

@@ -112,7 +112,7 @@ class SpecEngine:
         metrics.draft_time_s += t1 - t0
         metrics.target_time_s += t2 - t1
         metrics.verify_time_s += t3 - t2
-        metrics.record_step(max(tree.depths(), default=0), len(tree), result.num_accepted)
+        metrics.record_step(max(tree.depths(), default=0), len(tree), result.num_accepted, result.decisions)
         new_tokens = [tree.tokens[node] for node in result.accepted_nodes] + [result.next_token]
         return self._append(seq, new_tokens)
 

@@ -6,6 +6,8 @@
   mean_accept_length    tau = mean over steps of (accepted + 1): the bonus/correction token counts
   acceptance_rate       sum(accepted) / sum(proposed)
   per_position_acceptance[i]  accepted at depth i+1 / steps that proposed a token at depth i+1
+  rank_acceptance[r]    Sequoia's online acceptance vector: verified tree nodes whose child of rank r
+                        (r-th drawn sibling) was the accepted one / verified nodes that had an r-th child
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class SpecMetrics:
     accepted_per_step: list[int] = field(default_factory=list)
     position_proposed: list[int] = field(default_factory=list)
     position_accepted: list[int] = field(default_factory=list)
+    rank_trials: list[int] = field(default_factory=list)
+    rank_accepted: list[int] = field(default_factory=list)
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
     verify_time_s: float = 0.0
@@ -28,8 +32,18 @@ class SpecMetrics:
     total_time_s: float = 0.0
     generated_tokens: int = 0
 
-    def record_step(self, depth_proposed: int, num_proposed: int, num_accepted: int) -> None:
-        """One step: a tree of `num_proposed` nodes reaching depth `depth_proposed`, `num_accepted` accepted."""
+    def record_step(self, depth_proposed: int, num_proposed: int, num_accepted: int,
+                    decisions: list[tuple[int, int]] = ()) -> None:
+        """One step: a tree of `num_proposed` nodes reaching depth `depth_proposed`, `num_accepted` accepted;
+        `decisions`: (children, accepted rank or -1) at each verified node (VerifyResult.decisions)."""
+        for num_children, rank in decisions:
+            while len(self.rank_trials) < num_children:
+                self.rank_trials.append(0)
+                self.rank_accepted.append(0)
+            for r in range(num_children):
+                self.rank_trials[r] += 1
+            if rank >= 0:
+                self.rank_accepted[rank] += 1
         self.target_forwards += 1
         self.proposed_per_step.append(num_proposed)
         self.accepted_per_step.append(num_accepted)
@@ -56,6 +70,10 @@ class SpecMetrics:
         return [a / p if p else 0.0 for a, p in zip(self.position_accepted, self.position_proposed)]
 
     @property
+    def rank_acceptance(self) -> list[float]:
+        return [a / t if t else 0.0 for a, t in zip(self.rank_accepted, self.rank_trials)]
+
+    @property
     def decode_time_s(self) -> float:
         return self.total_time_s - self.prefill_time_s
 
@@ -74,6 +92,9 @@ class SpecMetrics:
         pad = lambda xs: xs + [0] * (n - len(xs))  # noqa: E731
         out.position_proposed = [a + b for a, b in zip(pad(self.position_proposed), pad(other.position_proposed))]
         out.position_accepted = [a + b for a, b in zip(pad(self.position_accepted), pad(other.position_accepted))]
+        n = max(len(self.rank_trials), len(other.rank_trials))
+        out.rank_trials = [a + b for a, b in zip(pad(self.rank_trials), pad(other.rank_trials))]
+        out.rank_accepted = [a + b for a, b in zip(pad(self.rank_accepted), pad(other.rank_accepted))]
         return out
 
     def to_dict(self) -> dict:
@@ -85,6 +106,7 @@ class SpecMetrics:
             "mean_accept_length": self.mean_accept_length,
             "acceptance_rate": self.acceptance_rate,
             "per_position_acceptance": self.per_position_acceptance,
+            "rank_acceptance": self.rank_acceptance,
             "draft_time_s": self.draft_time_s,
             "target_time_s": self.target_time_s,
             "verify_time_s": self.verify_time_s,

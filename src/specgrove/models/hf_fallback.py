@@ -83,23 +83,28 @@ class HFCausalLM:
         return HFChainCache(max_len)
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, cache: HFChainCache, tree_mask=None, rows=None, logits_at="all", num_new=None):
+    def forward(self, input_ids, positions, cache: HFChainCache, tree_mask=None, rows=None, logits_at="all", num_new=None,
+                extend: bool = False):
         batch, num_tokens = input_ids.shape
         if batch != 1 or (rows is not None and list(rows) != [0]):
             raise UnsupportedError("the transformers fallback runs one sequence at a time (batch size 1)")
+        prior = cache.pending[0] if extend else 0
         if tree_mask is not None:
-            causal = torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()
-            if not torch.equal(tree_mask[0].cpu().bool() | torch.eye(num_tokens, dtype=torch.bool), causal):
+            # Only a chain can run here: each new token sees every uncommitted slot before it.
+            region = prior + num_tokens
+            causal = torch.ones(region, region, dtype=torch.bool).tril()[prior:]
+            own = torch.arange(region)[None, :] == (prior + torch.arange(num_tokens))[:, None]
+            if not torch.equal(tree_mask[0].cpu().bool() | own, causal):
                 raise UnsupportedError("token trees need a Llama-family model; the transformers fallback runs chains only")
-        cache.check_room(num_tokens)
-        cache._crop(cache.lengths[0])  # drop uncommitted positions of an earlier forward
+        cache.check_room(prior + num_tokens)
+        cache._crop(cache.lengths[0] + prior)  # drop uncommitted positions not extended
         out = self.model(
             input_ids=input_ids.to(self.device),
             position_ids=positions.to(self.device),
             past_key_values=cache.dynamic,
             use_cache=True,
         )
-        cache.pending[0] = num_tokens
+        cache.pending[0] = prior + num_tokens
         if logits_at is None:
             return None
         logits = out.logits

@@ -204,25 +204,35 @@ class LlamaModel:
         return x * cos + rotated * sin
 
     def build_attention_mask(
-        self, cache: KVCache, rows: list[int], num_tokens: int, tree_mask: torch.Tensor | None
+        self, cache: KVCache, rows: list[int], num_tokens: int, tree_mask: torch.Tensor | None, prior: int = 0
     ) -> tuple[torch.Tensor, int]:
-        """Boolean mask [B, 1, T, S] over keys 0..S-1 of each row's cache, S = max(len) + T."""
+        """Boolean mask [B, 1, T, S] over keys 0..S-1 of each row's cache, S = max(len) + prior + T.
+
+        Keys before a row's committed length are visible to every new token. The `prior` uncommitted
+        slots written by earlier forwards (a tree being extended level by level) and the T new slots form
+        the tree region; `tree_mask` [B, T, prior + T] says which of them each new token sees."""
         lengths = torch.tensor([cache.lengths[r] for r in rows], device=self.device)
-        span = int(max(cache.lengths[r] for r in rows)) + num_tokens
+        region = prior + num_tokens
+        span = int(max(cache.lengths[r] for r in rows)) + region
         keys = torch.arange(span, device=self.device)
-        rel = keys[None, :] - lengths[:, None]  # [B, S] key offset from the first new slot
+        rel = keys[None, :] - lengths[:, None]  # [B, S] key offset from the first uncommitted slot
         committed = rel < 0
-        is_new = (rel >= 0) & (rel < num_tokens)
+        in_region = (rel >= 0) & (rel < region)
         if tree_mask is None:
+            if prior:
+                raise ValueError("extending uncommitted slots needs a tree_mask over them")
             tree_mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=self.device).tril()
             tree_mask = tree_mask.expand(len(rows), -1, -1)
         else:
+            if tuple(tree_mask.shape[-2:]) != (num_tokens, region):
+                raise ValueError(f"tree_mask must be [B, {num_tokens}, {region}], got {tuple(tree_mask.shape)}")
             # Every token sees itself (also padding rows, which keeps their softmax finite).
-            tree_mask = tree_mask.to(self.device, torch.bool) | torch.eye(num_tokens, dtype=torch.bool, device=self.device)
+            own = torch.arange(region, device=self.device)[None, :] == (prior + torch.arange(num_tokens, device=self.device))[:, None]
+            tree_mask = tree_mask.to(self.device, torch.bool) | own
         gathered = torch.gather(
-            tree_mask, 2, rel.clamp(0, num_tokens - 1)[:, None, :].expand(-1, num_tokens, -1)
+            tree_mask, 2, rel.clamp(0, region - 1)[:, None, :].expand(-1, num_tokens, -1)
         )  # [B, T, S]: tree_mask[b, i, rel[b, s]]
-        mask = committed[:, None, :] | (is_new[:, None, :] & gathered)
+        mask = committed[:, None, :] | (in_region[:, None, :] & gathered)
         return mask[:, None], span
 
     @torch.inference_mode()
@@ -235,6 +245,7 @@ class LlamaModel:
         rows: list[int] | None = None,
         logits_at: torch.Tensor | str | None = "all",
         num_new: list[int] | None = None,
+        extend: bool = False,
     ) -> torch.Tensor | None:
         """Run T new tokens per row through the model, writing their KV (uncommitted) into `cache`.
 
@@ -243,21 +254,28 @@ class LlamaModel:
         row (the rest is padding), default T. logits_at: "all" -> [B, T, V]; "last" -> the last valid
         token per row, [B, 1, V]; a LongTensor [B, M] of token indices -> [B, M, V]; None -> no logits.
         Logits are returned in fp32.
+
+        extend: keep the uncommitted slots of the previous forward(s) and write after them (a draft tree
+        grown one level per forward); tree_mask is then [B, T, prior + T] over old and new uncommitted
+        slots, and a later `commit` picks among all of them. Rows must have the same number of prior slots.
         """
         c = self.config
         input_ids = input_ids.to(self.device)
         positions = positions.to(self.device)
         batch, num_tokens = input_ids.shape
         rows = list(range(batch)) if rows is None else list(rows)
-        cache.check_room(num_tokens, rows)
-        mask, span = self.build_attention_mask(cache, rows, num_tokens, tree_mask)
+        prior = cache.pending[rows[0]] if extend else 0
+        if extend and any(cache.pending[r] != prior for r in rows):
+            raise ValueError("extend needs the same number of uncommitted slots in every row")
+        cache.check_room(prior + num_tokens, rows)
+        mask, span = self.build_attention_mask(cache, rows, num_tokens, tree_mask, prior)
         groups = c.num_heads // c.num_kv_heads
         # GQA without repeating K/V: fold the query heads of a group into the query axis.
         mask = mask.unsqueeze(2).expand(batch, 1, groups, num_tokens, span).reshape(batch, 1, groups * num_tokens, span)
 
         all_rows = rows == list(range(cache.batch_size))
         row_index = torch.tensor(rows, device=self.device)
-        slots = torch.tensor([cache.lengths[r] for r in rows], device=self.device)[:, None] + torch.arange(
+        slots = torch.tensor([cache.lengths[r] + prior for r in rows], device=self.device)[:, None] + torch.arange(
             num_tokens, device=self.device
         )
         write_rows = row_index[:, None].expand(batch, num_tokens)
@@ -290,7 +308,7 @@ class LlamaModel:
             h = h + layer.down(F.silu(gate) * up)
 
         for b, r in enumerate(rows):
-            cache.pending[r] = num_tokens if num_new is None else num_new[b]
+            cache.pending[r] = prior + (num_tokens if num_new is None else num_new[b])
         if logits_at is None:
             return None
         if isinstance(logits_at, str):

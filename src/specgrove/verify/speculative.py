@@ -19,7 +19,7 @@ deterministic proposer has q = the point mass on its token.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,9 @@ from specgrove.trees.tree import TokenTree
 class VerifyResult:
     accepted_nodes: list[int]  # tree node indices of the accepted path, root excluded
     next_token: int  # correction / bonus token sampled from the target
+    # One entry per node where children were tried: (number of children, rank of the accepted child or
+    # -1). The online acceptance vector (Sequoia's P[rank]) is counted from these.
+    decisions: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_accepted(self) -> int:
@@ -73,16 +76,18 @@ NodeRule = Callable[[torch.Tensor, Sequence[int], Sequence["torch.Tensor | None"
 def verify_tree(tree: TokenTree, target_probs: torch.Tensor, sampler, node_rule: NodeRule = rejection_select) -> VerifyResult:
     """Walk `tree` with the target distributions `target_probs` [N+1, V] (row 0 = root, row i+1 = node i)."""
     accepted: list[int] = []
+    decisions: list[tuple[int, int]] = []
     node = -1
     while True:
         p = target_probs[node + 1]
         children = tree.children(node)
         if not children:
-            return VerifyResult(accepted, sampler.categorical(p))
+            return VerifyResult(accepted, sampler.categorical(p), decisions)
         qs = [None if tree.draft_probs is None else tree.draft_probs[c] for c in children]
         chosen, residual = node_rule(p, [tree.tokens[c] for c in children], qs, sampler)
+        decisions.append((len(children), -1 if chosen is None else chosen))
         if chosen is None:
-            return VerifyResult(accepted, sampler.categorical(residual))
+            return VerifyResult(accepted, sampler.categorical(residual), decisions)
         node = children[chosen]
         accepted.append(node)
 
@@ -90,11 +95,15 @@ def verify_tree(tree: TokenTree, target_probs: torch.Tensor, sampler, node_rule:
 def verify_tree_greedy(tree: TokenTree, target_argmax: Sequence[int]) -> VerifyResult:
     """Greedy verification: follow the child equal to the target's argmax; emit the argmax where none is."""
     accepted: list[int] = []
+    decisions: list[tuple[int, int]] = []
     node = -1
     while True:
         best = int(target_argmax[node + 1])
-        match = next((c for c in tree.children(node) if tree.tokens[c] == best), None)
-        if match is None:
-            return VerifyResult(accepted, best)
-        node = match
+        children = tree.children(node)
+        rank = next((r for r, c in enumerate(children) if tree.tokens[c] == best), -1)
+        if children:
+            decisions.append((len(children), rank))
+        if rank < 0:
+            return VerifyResult(accepted, best, decisions)
+        node = children[rank]
         accepted.append(node)
