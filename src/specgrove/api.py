@@ -99,20 +99,19 @@ class LLM:
             check_compatible(self.target, self.draft)
             shape = None
             if self.speculative.method == "tree":
-                shape = self._tree_shape()
-                self.speculative.num_speculative_tokens = len(shape)
+                if self.speculative.tree == "auto":
+                    from specgrove.trees.tuning import AutoTree
+
+                    shape = AutoTree(self.target, self.draft)  # tuned per sampling setting, cached
+                    self.speculative.num_speculative_tokens = shape.max_nodes
+                else:
+                    shape = TreeShape.parse(self.speculative.tree)
+                    self.speculative.num_speculative_tokens = len(shape)
             proposer = DraftModelProposer(self.draft, max_model_len, shape, self.speculative.tree_sampling)
         elif self.speculative.method == "prompt_lookup":
             proposer = PromptLookupProposer(self.speculative.prompt_lookup_min, self.speculative.prompt_lookup_max)
         self.engine = SpecEngine(self.target, proposer, self.speculative.num_speculative_tokens if proposer else 0,
                                  max_model_len)
-
-    def _tree_shape(self) -> TreeShape:
-        if self.speculative.tree == "auto":
-            from specgrove.trees.tuning import auto_tree
-
-            return auto_tree(self.target, self.draft)
-        return TreeShape.parse(self.speculative.tree)
 
     @property
     def tokenizer(self):

@@ -1,7 +1,8 @@
 """The `specgrove` command: generate | bench | models.
 
-  specgrove generate [--prompt TEXT | --chat MESSAGE | --prompt-ids 1,2,3] [--method draft_model|prompt_lookup|none] ...
-  specgrove bench [--limit 20] [--methods plain,draft_model,...] [--json PATH] ...
+  specgrove generate [--prompt TEXT | --chat MESSAGE | --prompt-ids 1,2,3] [--method draft_model|prompt_lookup|tree|none] ...
+  specgrove bench [--limit 20] [--methods plain,draft_model,tree:kary:2x3,...] [--json PATH] ...
+  specgrove tune [--temperature T] --out tree.json     Sequoia: acceptance vector, profile, DP, best tree
   specgrove models list | fetch [NAMES...] | verify [NAMES...]
 
 Bad input (an invalid sampling setting, a missing model, ...) exits with status 2 and one line
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from specgrove.models import defaults
 
     parser = argparse.ArgumentParser(prog="specgrove", description="Lossless speculative decoding engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,models}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,models}")
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", default=defaults.DEFAULT_TARGET,
@@ -55,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--chat", help="a user message, sent through the target's chat template")
     source.add_argument("--prompt-ids", type=_int_list, help="the prompt as token ids, e.g. 1,2,3 (models without a tokenizer)")
     model_options(g)
-    g.add_argument("--method", choices=("draft_model", "prompt_lookup", "none"), default="draft_model")
+    g.add_argument("--method", choices=("draft_model", "prompt_lookup", "tree", "none"), default="draft_model")
     g.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
+    g.add_argument("--tree", default=None, help="method tree: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
+                                                "from `specgrove tune`, or auto")
+    g.add_argument("--tree-sampling", choices=("without_replacement", "iid"), default="without_replacement")
     g.add_argument("--prompt-lookup-min", type=int, default=1)
     g.add_argument("--prompt-lookup-max", type=int, default=3)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -79,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list (default {','.join(DEFAULT_METHODS)})")
     model_options(b)
     b.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
+    b.add_argument("--tree-acceptance", default=None, metavar="TREE_JSON",
+                   help="a `specgrove tune` file: its acceptance vector gives each tree method's predicted tau")
     b.add_argument("--prompt-lookup-min", type=int, default=1)
     b.add_argument("--prompt-lookup-max", type=int, default=3)
     b.add_argument("--max-new-tokens", type=int, default=128)
@@ -88,6 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement")
     b.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full results as JSON")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("tune", help="Sequoia: measure the acceptance vector, profile this machine, choose the tree")
+    model_options(t)
+    t.add_argument("--temperature", type=float, default=0.0, help="the sampling setting to tune for (0 = greedy)")
+    t.add_argument("--top-p", type=float, default=1.0)
+    t.add_argument("--top-k", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the generated tuning text (default 0)")
+    t.add_argument("--prompts", type=int, default=8, help="Spec-Bench prompts to generate tuning text from "
+                                                          "(questions 21.., disjoint from bench's first 20)")
+    t.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: as bench)")
+    t.add_argument("--max-new-tokens", type=int, default=96)
+    t.add_argument("--width", type=int, default=16, help="siblings measured per position (acceptance vector length)")
+    t.add_argument("--budgets", type=_budget_list, default=[1, 2, 4, 8, 16, 32, 64], help="node budgets (default 1,2,...,64)")
+    t.add_argument("--max-depth", type=int, default=10)
+    t.add_argument("--repeats", type=int, default=3, help="timed repeats per profiled forward (median)")
+    t.add_argument("--out", required=True, help="write the best tree here (JSON)")
+    t.add_argument("--budget-trees", action="store_true",
+                   help="also write the best tree of every budget next to --out (NAME_bN.json)")
+    t.set_defaults(func=cmd_tune)
 
     m = sub.add_parser("models", help="list, fetch or verify the built-in models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="{list,fetch,verify}")
@@ -116,11 +141,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "method": None if args.method == "none" else args.method,
         "num_speculative_tokens": args.num_speculative_tokens,
         "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max,
+        "tree": args.tree, "tree_sampling": args.tree_sampling,
     })
     # A missing target is the more basic mistake: report it before the draft-model requirement.
     resolve_model_dir(args.target)
-    if spec.method == "draft_model" and args.draft is None and args.target != defaults.DEFAULT_TARGET:
-        raise ValueError(f"--method draft_model needs --draft when the target is not the default "
+    if spec.method in ("draft_model", "tree") and args.draft is None and args.target != defaults.DEFAULT_TARGET:
+        raise ValueError(f"--method {spec.method} needs --draft when the target is not the default "
                          f"({defaults.DEFAULT_TARGET}); or use --method prompt_lookup or --method none")
     llm = LLM(target=args.target, draft=args.draft, speculative=spec, dtype=args.dtype, device=args.device,
               max_model_len=args.max_model_len, num_threads=args.num_threads)
@@ -178,13 +204,76 @@ def cmd_bench(args: argparse.Namespace) -> int:
         num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         seed=args.seed, dtype=args.dtype, device=args.device, warmup=args.warmup,
-        measure_bandwidth=not args.no_bandwidth,
+        measure_bandwidth=not args.no_bandwidth, tree_acceptance=args.tree_acceptance,
     )
     print_report(result)
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.json_path}")
+    return 0
+
+
+# ---- tune ------------------------------------------------------------------------------------------
+def _budget_list(text: str) -> list[int]:
+    try:
+        budgets = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated node budgets like 8,16,32, got {text!r}") from None
+    if not budgets or budgets[0] < 1:
+        raise argparse.ArgumentTypeError("node budgets must be integers >= 1")
+    return budgets
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from specgrove.api import check_compatible
+    from specgrove.models import defaults
+    from specgrove.models.loader import load_model, resolve_model_dir
+    from specgrove.sampling import SamplingParams
+    from specgrove.trees.tuning import budget_tree, tune, write_tree_file
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_tokens=args.max_new_tokens)
+    if args.width < 1 or args.max_depth < 1 or args.prompts < 1 or args.repeats < 1:
+        raise ValueError("--width, --max-depth, --prompts and --repeats must be >= 1")
+    resolve_model_dir(args.target)
+    if args.draft is None and args.target != defaults.DEFAULT_TARGET:
+        raise ValueError(f"tune needs --draft when the target is not the default ({defaults.DEFAULT_TARGET})")
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    target = load_model(args.target, dtype=args.dtype, device=args.device)
+    draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device)
+    check_compatible(target, draft)
+    result = tune(target, draft, params, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                  width=args.width, budgets=args.budgets, max_depth=args.max_depth, repeats=args.repeats,
+                  data=args.data)
+    out = write_tree_file(result, args.out)
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print("acceptance vector P[rank]: " + " ".join(f"{v:.3f}" for v in result["acceptance"]["values"]))
+    profile = result["profile"]
+    console.print("target forward ms by new tokens: " + ", ".join(f"{n}: {ms:.0f}" for n, ms in profile["target_ms"].items()))
+    console.print("draft forward ms by tokens:      " + ", ".join(f"{n}: {ms:.0f}" for n, ms in profile["draft_ms"].items()))
+    table = Table(title="best tree per node budget (predicted)", title_justify="left")
+    for name in ("budget", "nodes", "depth", "level sizes", "tau", "step ms", "speedup"):
+        table.add_column(name, justify="right")
+    for c in result["choices"]:
+        table.add_row(str(c["budget"]), str(c["num_nodes"]), str(c["depth"]), ",".join(map(str, c["level_sizes"])),
+                      f"{c['predicted_accept_length']:.2f}", f"{c['step_time_ms']:.0f}", f"{c['predicted_speedup']:.2f}x")
+    console.print(table)
+    console.print(f"best: budget {result['budget']}, {result['num_nodes']} nodes, depth {result['depth']}, predicted tau "
+                  f"{result['predicted_accept_length']:.2f}, predicted speedup {result['predicted_speedup']:.2f}x; wrote {out}")
+    if args.budget_trees:
+        for budget in args.budgets:
+            path = write_tree_file(budget_tree(result, budget), Path(out).with_name(f"{Path(out).stem}_b{budget}.json"))
+            console.print(f"wrote {path}")
     return 0
 
 

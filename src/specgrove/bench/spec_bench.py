@@ -4,6 +4,8 @@ Methods
   plain             the engine with no proposer (k = 0): the baseline of the engine methods
   draft_model       the engine, a draft model proposing a chain of k tokens
   prompt_lookup     the engine, prompt lookup proposing up to k tokens
+  tree:SPEC         the engine, the draft model filling a token tree (SPEC: chain:N, kary:BxD, widths:...,
+                    a tree .json from `specgrove tune`, or auto); children drawn without replacement
   hf_plain          transformers' generate() on the same weights: the baseline of the hf_* methods
   hf_assisted       transformers' assisted generation with the same draft, a fixed k
   hf_prompt_lookup  transformers' prompt lookup decoding, k tokens
@@ -31,13 +33,24 @@ import torch
 from specgrove.engine.metrics import SpecMetrics
 from specgrove.errors import SpecgroveError
 from specgrove.models import defaults
+from specgrove.trees.shape import TreeShape
 
 ENGINE_METHODS = ("plain", "draft_model", "prompt_lookup")
 HF_METHODS = ("hf_plain", "hf_assisted", "hf_prompt_lookup")
 DEFAULT_METHODS = ENGINE_METHODS + HF_METHODS
-BASELINE = {"plain": "plain", "draft_model": "plain", "prompt_lookup": "plain",
-            "hf_plain": "hf_plain", "hf_assisted": "hf_plain", "hf_prompt_lookup": "hf_plain"}
-NEEDS_DRAFT = ("draft_model", "hf_assisted")
+TREE_PREFIX = "tree:"
+
+
+def is_tree_method(method: str) -> bool:
+    return method.startswith(TREE_PREFIX)
+
+
+def baseline_of(method: str) -> str:
+    return "hf_plain" if method in HF_METHODS else "plain"
+
+
+def needs_draft(method: str) -> bool:
+    return method in ("draft_model", "hf_assisted") or is_tree_method(method)
 
 SPEC_BENCH_ENV = "SPECGROVE_SPEC_BENCH"
 SPEC_BENCH_RELATIVE = Path("shared/data/spec_bench/question.jsonl")
@@ -147,16 +160,20 @@ def _as_prompts(prompts: Sequence[BenchPrompt | Sequence[int]]) -> list[BenchPro
 
 def _ordered_methods(methods: Sequence[str]) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
-    unknown = [m for m in methods if m not in DEFAULT_METHODS]
+    unknown = [m for m in methods if m not in DEFAULT_METHODS and not is_tree_method(m)]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS)} or tree:SPEC")
     if not methods:
         raise ValueError(f"no methods given; use some of {', '.join(DEFAULT_METHODS)}")
+    for m in methods:
+        if is_tree_method(m) and m != TREE_PREFIX + "auto":
+            TreeShape.parse(m[len(TREE_PREFIX):])  # a bad spec fails now, before any model loads
     # Speedups are relative to a baseline, so a method's baseline always runs too.
     for m in list(methods):
-        if BASELINE[m] not in methods:
-            methods.append(BASELINE[m])
-    return [m for m in DEFAULT_METHODS if m in methods]
+        if baseline_of(m) not in methods:
+            methods.append(baseline_of(m))
+    order = list(ENGINE_METHODS) + [m for m in methods if is_tree_method(m)] + list(HF_METHODS)
+    return [m for m in order if m in methods]
 
 
 # ---- running ---------------------------------------------------------------------------------------
@@ -269,13 +286,13 @@ def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bo
     all_idx = list(range(len(prompts)))
     result = {}
     for method, run in runs.items():
-        baseline = runs.get(BASELINE[method])
+        baseline = runs.get(baseline_of(method))
         speculative = method not in ("plain", "hf_plain")
 
         def figures(idx: list[int]) -> dict:
             return _figures(run, idx, speculative, baseline, greedy, method in HF_METHODS, runs.get("plain"))
 
-        entry = {"baseline": BASELINE[method], **figures(all_idx)}
+        entry = {"baseline": baseline_of(method), **figures(all_idx)}
         entry["per_category"] = {c: figures([i for i, p in enumerate(prompts) if p.category == c]) for c in categories}
         entry["per_prompt"] = [
             {"question_id": p.question_id, "category": p.category, "generated_tokens": len(run.outputs[i]),
@@ -310,6 +327,7 @@ def run_bench(
     bandwidth_num_floats: int | None = None,
     progress: bool = True,
     log=None,
+    tree_acceptance: str | os.PathLike | None = None,
 ) -> dict:
     """Run every method in `methods` over the prompts and return the figures (see the module docstring).
 
@@ -347,11 +365,19 @@ def run_bench(
     if prompts is None:
         data_path = find_spec_bench(data)
         questions = load_questions(data_path, limit, categories)
-    needs_draft = any(m in NEEDS_DRAFT for m in methods)
-    if needs_draft and draft is None:
+    drafted = [m for m in methods if needs_draft(m)]
+    if drafted and draft is None:
         if str(target) != defaults.DEFAULT_TARGET:
-            raise ValueError(f"methods {', '.join(m for m in methods if m in NEEDS_DRAFT)} need a draft model: pass --draft")
+            raise ValueError(f"methods {', '.join(drafted)} need a draft model: pass --draft")
         draft = defaults.DEFAULT_DRAFT
+    acceptance = None
+    if tree_acceptance is not None:
+        from specgrove.trees.sequoia import AcceptanceVector, load_tree_file
+
+        acceptance = AcceptanceVector.from_dict(load_tree_file(tree_acceptance)[1]["acceptance"])
+        if not acceptance.matches(params):
+            say(f"note: the acceptance vector in {tree_acceptance} was measured at temperature {acceptance.temperature}, "
+                f"top_p {acceptance.top_p}; this run samples at temperature {temperature}")
 
     machine = {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "platform": platform.platform(), "memory_bandwidth_gbs": None}
@@ -363,14 +389,17 @@ def run_bench(
     target_model = load_model(target, dtype=dtype, device=device)
     say(f"loaded target {target_model.name} ({target_model.dtype}) in {target_model.load_seconds:.1f} s")
     draft_model = None
-    if needs_draft:
+    if drafted:
         draft_model = load_model(draft, dtype=dtype, device=device)
         check_compatible(target_model, draft_model)
         say(f"loaded draft {draft_model.name} in {draft_model.load_seconds:.1f} s")
 
     bench_prompts = encode_questions(questions, target_model.tokenizer) if prompts is None else _as_prompts(prompts)
     k = num_speculative_tokens
-    max_model_len = max(len(p.token_ids) for p in bench_prompts) + max_new_tokens + k + 8
+    shapes = {m: _tree_shape(m, target_model, draft_model) for m in methods if is_tree_method(m)}
+    shapes["draft_model"] = TreeShape.chain(k)
+    longest = max([k] + [_max_nodes(shape) for shape in shapes.values()])
+    max_model_len = max(len(p.token_ids) for p in bench_prompts) + max_new_tokens + longest + 8
     weight_bytes = target_model.model.weight_bytes()
     target_dir, draft_dir = target_model.path, draft_model.path if draft_model is not None else None
     eos_ids = sorted(eos_token_ids(target_model))
@@ -379,13 +408,14 @@ def run_bench(
 
     runs: dict[str, MethodRun] = {}
     engine = proposer = None
-    for method in [m for m in methods if m in ENGINE_METHODS]:
-        proposer = None
-        if method == "draft_model":
-            proposer = DraftModelProposer(draft_model, max_model_len)
-        elif method == "prompt_lookup":
-            proposer = PromptLookupProposer(prompt_lookup_min, prompt_lookup_max)
-        engine = SpecEngine(target_model, proposer, k if proposer is not None else 0, max_model_len)
+    for method in [m for m in methods if m not in HF_METHODS]:
+        proposer, num_draft = None, 0
+        if method == "prompt_lookup":
+            proposer, num_draft = PromptLookupProposer(prompt_lookup_min, prompt_lookup_max), k
+        elif method in shapes:
+            proposer = DraftModelProposer(draft_model, max_model_len, shapes[method])
+            num_draft = _max_nodes(shapes[method])
+        engine = SpecEngine(target_model, proposer, num_draft, max_model_len)
         runs[method] = _run_engine_method(engine, bench_prompts, params, warmup_params, warmup, progress, method)
 
     hf_methods = [m for m in methods if m in HF_METHODS]
@@ -404,6 +434,12 @@ def run_bench(
 
     greedy = params.greedy
     method_figures = summarize(runs, bench_prompts, greedy)
+    for method, shape in shapes.items():
+        if method in method_figures:
+            fixed = isinstance(shape, TreeShape)
+            method_figures[method]["tree"] = shape.to_dict() if fixed else "auto"
+            method_figures[method]["predicted_accept_length"] = (
+                shape.expected_accept_length(acceptance.values) if (fixed and acceptance is not None) else None)
     baseline_bandwidth = None
     plain = _merge(runs["plain"].metrics) if "plain" in runs else None
     if plain is not None and plain.target_time_s > 0:
@@ -417,6 +453,7 @@ def run_bench(
         "config": {
             "target": str(target), "draft": str(draft) if draft is not None else None, "methods": methods,
             "num_speculative_tokens": k, "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max,
+            "tree_acceptance": None if acceptance is None else {"file": str(tree_acceptance), **acceptance.to_dict()},
             "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "dtype": str(dtype),
             "device": str(device), "warmup": warmup, "warmup_max_new_tokens": min(max_new_tokens, WARMUP_MAX_NEW_TOKENS),
             "data": str(data_path) if data_path else None, "num_prompts": len(bench_prompts),
@@ -432,6 +469,20 @@ def run_bench(
         "baseline_weight_bandwidth_gbs": baseline_bandwidth,
         "methods": method_figures,
     }
+
+
+def _tree_shape(method: str, target_model, draft_model):
+    """The shape of a tree:SPEC method; tree:auto is the per-setting tuned tree (specgrove.trees.tuning)."""
+    spec = method[len(TREE_PREFIX):]
+    if spec == "auto":
+        from specgrove.trees.tuning import AutoTree
+
+        return AutoTree(target_model, draft_model)
+    return TreeShape.parse(spec)
+
+
+def _max_nodes(shape) -> int:
+    return len(shape) if isinstance(shape, TreeShape) else shape.max_nodes
 
 
 # ---- report ----------------------------------------------------------------------------------------
@@ -460,14 +511,16 @@ def print_report(result: dict, console=None) -> None:
         f"temperature={config['temperature']}, warmup={config['warmup']}"
     )
     table = Table()
-    for name in ("method", "tokens/s", "speedup", "vs plain", "tau", "accept", "identical", "identical vs plain"):
+    for name in ("method", "tokens/s", "speedup", "vs plain", "tau", "pred. tau", "accept", "identical",
+                 "identical vs plain"):
         table.add_column(name, justify="left" if name == "method" else "right")
     for method, e in methods.items():
         hf = "speedup_vs_plain" in e
         table.add_row(
             method, _fmt(e["tokens_per_s"]), _fmt(e["speedup"], ".2f", "x") + f" ({e['baseline']})",
             _fmt(e["speedup_vs_plain"], ".2f", "x") if hf else _fmt(e["speedup"], ".2f", "x"),
-            _fmt(e["mean_accept_length"]), _fmt(e["acceptance_rate"], ".1%"), _identical(e),
+            _fmt(e["mean_accept_length"]), _fmt(e.get("predicted_accept_length")), _fmt(e["acceptance_rate"], ".1%"),
+            _identical(e),
             _identical(e, "identical_to_plain", "identical_to_plain_count") if hf else _identical(e),
         )
     console.print(table)

@@ -18,11 +18,13 @@ accepted is kept from those slots (`KVCache.commit`), so accepted tokens are not
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from specgrove.engine.sequence import Sequence
 from specgrove.models.loader import LoadedModel
-from specgrove.sampling import process_logits
+from specgrove.sampling import SamplingParams, process_logits
 from specgrove.trees.shape import TreeShape
 from specgrove.trees.tree import TokenTree
 
@@ -59,22 +61,26 @@ def draw_children(logits: torch.Tensor, count: int, params, sampler, sampling: s
 class DraftModelProposer:
     name = "draft_model"
 
-    def __init__(self, draft: LoadedModel, max_model_len: int, shape: TreeShape | None = None,
+    def __init__(self, draft: LoadedModel, max_model_len: int,
+                 shape: TreeShape | Callable[[SamplingParams], TreeShape] | None = None,
                  sampling: str = "without_replacement"):
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sibling sampling {sampling!r} is unknown; use one of {', '.join(SAMPLING_MODES)}")
-        if shape is not None and not shape.is_chain() and not draft.model.supports_trees:
+        if shape is not None and not draft.model.supports_trees and not (isinstance(shape, TreeShape) and shape.is_chain()):
             raise ValueError(f"token trees need a Llama-family draft model; {draft.name} runs chains only")
         self.draft = draft
         self.model = draft.model
         self.max_model_len = max_model_len
-        self.shape = shape  # None: a chain of whatever length the engine asks for
+        # None: a chain of whatever length the engine asks for; a callable: a shape per sampling setting
+        # (the "auto" tree, tuned per setting).
+        self.shape = shape
         self.sampling = sampling
 
-    def shape_for(self, num_tokens: int) -> TreeShape:
+    def shape_for(self, num_tokens: int, params: SamplingParams) -> TreeShape:
         if self.shape is None:
             return TreeShape.chain(num_tokens)
-        return self.shape if num_tokens >= len(self.shape) else self.shape.truncated(num_tokens)
+        shape = self.shape if isinstance(self.shape, TreeShape) else self.shape(params)
+        return shape if num_tokens >= len(shape) else shape.truncated(num_tokens)
 
     # ---- the draft's KV cache ------------------------------------------------------------------
     def _state(self, seq: Sequence) -> dict:
@@ -118,7 +124,7 @@ class DraftModelProposer:
 
     # ---- drafting ------------------------------------------------------------------------------
     def propose(self, seq: Sequence, num_tokens: int) -> TokenTree:
-        shape = self.shape_for(num_tokens)
+        shape = self.shape_for(num_tokens, seq.params)
         if len(shape) == 0:
             return TokenTree()
         state = self._state(seq)

@@ -16,10 +16,8 @@ Shapes are written as strings in the API, CLI and bench:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -95,14 +93,10 @@ class TreeShape:
                 return cls.from_widths([int(w) for w in arg.split(",") if w.strip()])
         except ValueError as e:
             raise ValueError(f"bad tree spec {spec!r}: {e}") from None
-        path = Path(text).expanduser()
-        if path.suffix == ".json":
-            if not path.is_file():
-                raise ValueError(f"tree file {path} does not exist; write one with `specgrove tune --out {path}`")
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or not isinstance(data.get("parents"), list):
-                raise ValueError(f"{path} is not a tree file: it needs a 'parents' list (as `specgrove tune` writes)")
-            return cls(tuple(data["parents"]))
+        if text.endswith(".json"):
+            from specgrove.trees.sequoia import load_tree_file  # a tuned tree file (checked there)
+
+            return load_tree_file(text)[0]
         raise ValueError(f"bad tree spec {spec!r}; use chain:N, kary:BxD, widths:W1,W2,..., or a tree .json file")
 
     # ---- structure ---------------------------------------------------------------------------
