@@ -69,6 +69,22 @@ def test_greedy_speculation_is_identical_to_plain_greedy_fp32(fp32_llm):
     assert "def" in spec.text
 
 
+def test_greedy_tree_decoding_is_identical_to_plain_greedy_fp32(fp32_llm):
+    from specgrove.drafting.draft_model import DraftModelProposer
+    from specgrove.engine.engine import SpecEngine
+    from specgrove.trees.shape import TreeShape
+
+    llm = fp32_llm
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Write a bash command that counts lines in a file."}])
+    params = SamplingParams(temperature=0, max_tokens=32)
+    plain = SpecEngine(llm.target, None, 0, 1024)
+    reference = plain.generate(plain.new_sequence(prompt, params))
+    tree = SpecEngine(llm.target, DraftModelProposer(llm.draft, 1024, TreeShape.parse("widths:3,2,1")), 12, 1024)
+    seq = tree.generate(tree.new_sequence(prompt, params))
+    assert seq.output_ids == reference.output_ids
+    assert seq.metrics.mean_accept_length > 1.5 and seq.metrics.rank_trials[0] >= seq.metrics.target_forwards
+
+
 def test_sampling_on_real_models_runs_and_reports(fp32_llm):
     out = fp32_llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=16))
     assert out.outputs[0].finish_reason in ("stop", "length") and out.text

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=int, default=16, help="siblings measured per position (acceptance vector length)")
     t.add_argument("--budgets", type=_budget_list, default=[1, 2, 4, 8, 16, 32, 64], help="node budgets (default 1,2,...,64)")
     t.add_argument("--max-depth", type=int, default=10)
-    t.add_argument("--repeats", type=int, default=3, help="timed repeats per profiled forward (median)")
+    t.add_argument("--repeats", type=int, default=5, help="timed repeats per profiled forward (median)")
     t.add_argument("--out", required=True, help="write the best tree here (JSON)")
     t.add_argument("--budget-trees", action="store_true",
                    help="also write the best tree of every budget next to --out (NAME_bN.json)")

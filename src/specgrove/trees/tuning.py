@@ -141,11 +141,15 @@ def _time_forward(loaded: LoadedModel, context_len: int, counts: list[int], para
                 times.append((time.perf_counter() - t0) * 1000)
         out[n] = statistics.median(times)
     cache.truncate(0, 0)
+    # More tokens never cost less: a dip is timing noise (this machine is shared), which would otherwise
+    # make the DP prefer a size for no real reason. Keep the running maximum.
+    for smaller, larger in zip(counts, counts[1:]):
+        out[larger] = max(out[larger], out[smaller])
     return out
 
 
 def profile_machine(target: LoadedModel, draft: LoadedModel, context_len: int, params: SamplingParams,
-                    max_nodes: int = max(DEFAULT_BUDGETS), repeats: int = 3) -> sequoia.HardwareProfile:
+                    max_nodes: int = max(DEFAULT_BUDGETS), repeats: int = 5) -> sequoia.HardwareProfile:
     counts = sorted({1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128} & set(range(1, max_nodes + 2)) | {max_nodes + 1})
     target_ms = _time_forward(target, context_len, counts, params, repeats)
     draft_ms = _time_forward(draft, context_len, [n for n in counts if n <= max_nodes], params, repeats)
@@ -155,7 +159,7 @@ def profile_machine(target: LoadedModel, draft: LoadedModel, context_len: int, p
 # ---- 4. the whole tune -----------------------------------------------------------------------------
 def tune(target: LoadedModel, draft: LoadedModel, params: SamplingParams, *, num_prompts: int = 8,
          max_new_tokens: int = 96, width: int = DEFAULT_WIDTH, budgets=DEFAULT_BUDGETS,
-         max_depth: int = DEFAULT_MAX_DEPTH, repeats: int = 3, data=None, prompts: list[list[int]] | None = None,
+         max_depth: int = DEFAULT_MAX_DEPTH, repeats: int = 5, data=None, prompts: list[list[int]] | None = None,
          log=None) -> dict:
     """Measure, profile and choose; returns the tree file's JSON object (sequoia.tree_file_dict) plus a
     "tune" section saying what it was measured on."""
