@@ -33,10 +33,10 @@ def test_shape_specs():
     assert widths.parents == (-1, -1, -1, 0, 1, 2) and widths.levels() == [[0, 1, 2], [3, 4, 5]]
     assert TreeShape.from_nested([[[]], []]).parents == (-1, -1, 0)
     assert TreeShape.parse("chain:0").parents == () and TreeShape.chain(4).is_chain()
-    assert kary.truncated(3).parents == (-1, -1, 0)
+    assert kary.truncated(3).parents == (-1, -1, 0) == TreeShape.parse("kary:2x2@3").parents
     # Sequoia's score: 1 + sum over nodes of the product of P[rank] along the path
     assert kary.expected_accept_length([0.5, 0.25]) == pytest.approx(1 + 0.75 + 0.75 * 0.75)
-    for bad in ("kary:2", "chain:x", "star:3", "widths:0"):
+    for bad in ("kary:2", "chain:x", "star:3", "widths:0", "kary:2x2@x"):
         with pytest.raises(ValueError, match="tree"):
             TreeShape.parse(bad)
     with pytest.raises(ValueError, match="does not exist"):

@@ -68,6 +68,8 @@ class LLM:
     LLM(target="qwen2.5-coder-1.5b-instruct", draft="qwen2.5-coder-0.5b-instruct",
         speculative={"method": "draft_model", "num_speculative_tokens": 4})
     `target` / `draft`: a built-in name, a Hugging Face directory, or a .gguf file.
+    `quantization` / `draft_quantization`: None or "int8" (weight-only; speculation stays exact with
+    respect to the target as loaded, so an int8 draft never changes the output, an int8 target does).
     """
 
     def __init__(
@@ -82,6 +84,8 @@ class LLM:
         target_sha256: str | None = None,
         draft_sha256: str | None = None,
         num_threads: int | None = None,
+        quantization: str | None = None,
+        draft_quantization: str | None = None,
     ):
         self.speculative = SpeculativeConfig.from_any(speculative)
         if num_threads:
@@ -91,11 +95,13 @@ class LLM:
             if str(target) != defaults.DEFAULT_TARGET:
                 raise ValueError(f"method {self.speculative.method!r} needs a draft model: pass draft=<name, directory or .gguf>")
             draft = defaults.DEFAULT_DRAFT
-        self.target = load_model(target, dtype=dtype, device=device, expected_sha256=target_sha256)
+        self.target = load_model(target, dtype=dtype, device=device, expected_sha256=target_sha256,
+                                 quantization=quantization)
         self.draft: LoadedModel | None = None
         proposer = None
         if uses_draft:
-            self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256)
+            self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256,
+                                    quantization=draft_quantization)
             check_compatible(self.target, self.draft)
             shape = None
             if self.speculative.method == "tree":

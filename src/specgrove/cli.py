@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
         p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
         p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--quantization", choices=("none", "int8"), default="none",
+                       help="target weights: none (default) or int8 weight-only (changes the target's output)")
+        p.add_argument("--draft-quantization", choices=("none", "int8"), default="none",
+                       help="draft weights: none (default) or int8 weight-only (output unchanged, drafting cheaper)")
 
     g = sub.add_parser("generate", help="generate one completion and print the speculation statistics")
     source = g.add_mutually_exclusive_group()
@@ -149,7 +153,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {spec.method} needs --draft when the target is not the default "
                          f"({defaults.DEFAULT_TARGET}); or use --method prompt_lookup or --method none")
     llm = LLM(target=args.target, draft=args.draft, speculative=spec, dtype=args.dtype, device=args.device,
-              max_model_len=args.max_model_len, num_threads=args.num_threads)
+              max_model_len=args.max_model_len, num_threads=args.num_threads, quantization=args.quantization,
+              draft_quantization=args.draft_quantization)
     if args.prompt_ids is not None:
         out = llm.generate(args.prompt_ids, params)[0]
     elif args.prompt is not None:
@@ -205,6 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompt_lookup_max=args.prompt_lookup_max, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         seed=args.seed, dtype=args.dtype, device=args.device, warmup=args.warmup,
         measure_bandwidth=not args.no_bandwidth, tree_acceptance=args.tree_acceptance,
+        quantization=args.quantization, draft_quantization=args.draft_quantization,
     )
     print_report(result)
     if args.json_path:
@@ -248,8 +254,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    target = load_model(args.target, dtype=args.dtype, device=args.device)
-    draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device)
+    target = load_model(args.target, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device,
+                       quantization=args.draft_quantization)
     check_compatible(target, draft)
     result = tune(target, draft, params, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                   width=args.width, budgets=args.budgets, max_depth=args.max_depth, repeats=args.repeats,

@@ -328,6 +328,8 @@ def run_bench(
     progress: bool = True,
     log=None,
     tree_acceptance: str | os.PathLike | None = None,
+    quantization: str | None = None,
+    draft_quantization: str | None = None,
 ) -> dict:
     """Run every method in `methods` over the prompts and return the figures (see the module docstring).
 
@@ -386,11 +388,11 @@ def run_bench(
         machine.update(bw.to_dict())
         say(f"memory bandwidth (copy, read + write): {bw.memory_bandwidth_gbs:.1f} GB/s")
 
-    target_model = load_model(target, dtype=dtype, device=device)
+    target_model = load_model(target, dtype=dtype, device=device, quantization=quantization)
     say(f"loaded target {target_model.name} ({target_model.dtype}) in {target_model.load_seconds:.1f} s")
     draft_model = None
     if drafted:
-        draft_model = load_model(draft, dtype=dtype, device=device)
+        draft_model = load_model(draft, dtype=dtype, device=device, quantization=draft_quantization)
         check_compatible(target_model, draft_model)
         say(f"loaded draft {draft_model.name} in {draft_model.load_seconds:.1f} s")
 
@@ -455,7 +457,8 @@ def run_bench(
             "num_speculative_tokens": k, "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max,
             "tree_acceptance": None if acceptance is None else {"file": str(tree_acceptance), **acceptance.to_dict()},
             "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "dtype": str(dtype),
-            "device": str(device), "warmup": warmup, "warmup_max_new_tokens": min(max_new_tokens, WARMUP_MAX_NEW_TOKENS),
+            "device": str(device), "quantization": quantization, "draft_quantization": draft_quantization,
+            "warmup": warmup, "warmup_max_new_tokens": min(max_new_tokens, WARMUP_MAX_NEW_TOKENS),
             "data": str(data_path) if data_path else None, "num_prompts": len(bench_prompts),
             "categories": list(dict.fromkeys(p.category for p in bench_prompts)),
             "question_ids": [p.question_id for p in bench_prompts],

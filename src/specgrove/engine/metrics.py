@@ -15,6 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def _add_counts(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum of two count lists of possibly different lengths."""
+    n = max(len(a), len(b))
+    return [x + y for x, y in zip(a + [0] * (n - len(a)), b + [0] * (n - len(b)))]
+
+
 @dataclass
 class SpecMetrics:
     target_forwards: int = 0
@@ -88,13 +94,8 @@ class SpecMetrics:
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.proposed_per_step = self.proposed_per_step + other.proposed_per_step
         out.accepted_per_step = self.accepted_per_step + other.accepted_per_step
-        n = max(len(self.position_proposed), len(other.position_proposed))
-        pad = lambda xs: xs + [0] * (n - len(xs))  # noqa: E731
-        out.position_proposed = [a + b for a, b in zip(pad(self.position_proposed), pad(other.position_proposed))]
-        out.position_accepted = [a + b for a, b in zip(pad(self.position_accepted), pad(other.position_accepted))]
-        n = max(len(self.rank_trials), len(other.rank_trials))
-        out.rank_trials = [a + b for a, b in zip(pad(self.rank_trials), pad(other.rank_trials))]
-        out.rank_accepted = [a + b for a, b in zip(pad(self.rank_accepted), pad(other.rank_accepted))]
+        for name in ("position_proposed", "position_accepted", "rank_trials", "rank_accepted"):
+            setattr(out, name, _add_counts(getattr(self, name), getattr(other, name)))
         return out
 
     def to_dict(self) -> dict:

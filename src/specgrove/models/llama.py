@@ -102,7 +102,7 @@ class LlamaModel:
     supports_trees = True
 
     def __init__(self, config: LlamaConfig, hf_config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device,
-                 pack_weights: bool | None = None):
+                 pack_weights: bool | None = None, quantization: str | None = None):
         self.config = config
         self.hf_config = hf_config
         self.dtype = dtype
@@ -112,6 +112,7 @@ class LlamaModel:
         if pack_weights and not available:
             raise ValueError("weight prepacking needs a CPU with oneDNN and bfloat16 weights")
         self.packed = available if pack_weights is None else pack_weights
+        self.quantization = quantization  # None or "int8" (weight-only, every matrix multiply incl. the head)
 
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
@@ -128,7 +129,7 @@ class LlamaModel:
             return fuse(*names)
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-            return Linear(weight, bias, self.packed)
+            return Linear(weight, bias, self.packed, quantization)
 
         self.embed = take("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []

@@ -19,6 +19,7 @@ import torch
 from specgrove.errors import ModelNotFoundError, SpecgroveError
 from specgrove.models import defaults
 from specgrove.models.hf_fallback import HFCausalLM
+from specgrove.models.linear import QUANTIZATIONS
 from specgrove.models.llama import SUPPORTED_MODEL_TYPES, LlamaConfig, LlamaModel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -130,17 +131,28 @@ def load_model(
     device: str | torch.device | None = "cpu",
     expected_sha256: str | None = None,
     force_fallback: bool = False,
+    quantization: str | None = None,
 ) -> LoadedModel:
+    """Load a built-in name, HF directory or .gguf file; `quantization="int8"` stores the fast runtime's
+    matrices as weight-only int8 (see specgrove.models.linear)."""
     from transformers import AutoConfig
 
     t0 = time.perf_counter()
+    if quantization == "none":
+        quantization = None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use none or int8")
     torch_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
     directory = resolve_model_dir(spec, expected_sha256)
     hf_config = AutoConfig.from_pretrained(str(directory))
     if hf_config.model_type in SUPPORTED_MODEL_TYPES and not force_fallback:
-        model = LlamaModel(LlamaConfig.from_hf(hf_config), hf_config, read_safetensors(directory), torch_dtype, torch_device)
+        model = LlamaModel(LlamaConfig.from_hf(hf_config), hf_config, read_safetensors(directory), torch_dtype, torch_device,
+                           quantization=quantization)
     else:
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} needs a Llama-family model (fast runtime); "
+                             f"{hf_config.model_type!r} runs through the transformers fallback")
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype, use_safetensors=True)

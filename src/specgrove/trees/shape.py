@@ -11,6 +11,7 @@ Shapes are written as strings in the API, CLI and bench:
   chain:N        a chain of N nodes (what the draft-model method drafts)
   kary:BxD       the full B-ary tree of depth D (B + B^2 + ... + B^D nodes)
   widths:4,2,1   branching per depth: every node of depth d-1 gets widths[d-1] children
+  SPEC@N         any of these cut to its first N nodes in breadth-first order (kary:2x3@8)
   a .json path   a tree written by `specgrove tune` (see specgrove.trees.sequoia)
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from specgrove.trees.tree import depths_of
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,14 @@ class TreeShape:
 
     @classmethod
     def parse(cls, spec: str) -> "TreeShape":
-        """'chain:5', 'kary:2x3', 'widths:4,2,1' or a JSON file with a "parents" list."""
+        """'chain:5', 'kary:2x3', 'widths:4,2,1' or a tree .json file; 'SPEC@N' keeps the first N nodes
+        in breadth-first order (e.g. 'kary:2x3@8': a binary tree cut to 8 nodes, to compare equal budgets)."""
         text = str(spec).strip()
+        if "@" in text and not text.endswith(".json"):
+            base, _, count = text.rpartition("@")
+            if not count.isdigit():
+                raise ValueError(f"bad tree spec {spec!r}: after '@' comes a node count, e.g. kary:2x3@8")
+            return cls.parse(base).truncated(int(count))
         kind, _, arg = text.partition(":")
         try:
             if kind == "chain" and arg:
@@ -104,10 +113,7 @@ class TreeShape:
         return len(self.parents)
 
     def depths(self) -> list[int]:
-        d: list[int] = []
-        for p in self.parents:
-            d.append(1 if p < 0 else d[p] + 1)
-        return d
+        return depths_of(self.parents)
 
     @property
     def depth(self) -> int:

@@ -16,6 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def depths_of(parents) -> list[int]:
+    """Depth of each node of a parents list (parents before children; the root's children: depth 1)."""
+    d: list[int] = []
+    for p in parents:
+        d.append(1 if p < 0 else d[p] + 1)
+    return d
+
+
 @dataclass
 class TokenTree:
     tokens: list[int] = field(default_factory=list)
@@ -40,10 +48,7 @@ class TokenTree:
 
     def depths(self) -> list[int]:
         """Depth of each node (root's children have depth 1)."""
-        d: list[int] = []
-        for p in self.parents:
-            d.append(1 if p < 0 else d[p] + 1)
-        return d
+        return depths_of(self.parents)
 
     def children(self, node: int) -> list[int]:
         """Children of `node` (-1 = root), in the order they were drawn."""
