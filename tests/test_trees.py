@@ -246,6 +246,8 @@ def test_llm_tree_method(tiny_dirs):
     assert llm.generate(PROMPT, params)[0].token_ids == plain.generate(PROMPT, params)[0].token_ids
     with pytest.raises(ValueError, match="needs a tree"):
         LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], speculative={"method": "tree"})
+    with pytest.raises(ValueError, match="use method 'tree'"):
+        LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], speculative={"method": "draft_model", "tree": "chain:2"})
     with pytest.raises(ValueError, match="tree_sampling"):
         LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"],
             speculative={"method": "tree", "tree": "chain:2", "tree_sampling": "sometimes"})

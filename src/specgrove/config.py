@@ -46,6 +46,8 @@ class SpeculativeConfig:
                 from specgrove.trees.shape import TreeShape
 
                 self.num_speculative_tokens = len(TreeShape.parse(self.tree))
+        elif self.tree is not None:
+            raise ValueError(f"a tree ({self.tree!r}) is given but the method is {self.method!r}; use method 'tree'")
         if self.tree_sampling not in TREE_SAMPLING:
             raise ValueError(f"tree_sampling {self.tree_sampling!r} is unknown; use one of {', '.join(TREE_SAMPLING)}")
         if self.method not in (None, "none", *METHODS):
