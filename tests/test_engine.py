@@ -13,7 +13,7 @@ from specgrove import LLM, SamplingParams
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.drafting.prompt_lookup import PromptLookupProposer
 from specgrove.engine.engine import SpecEngine
-from specgrove.sampling import Sampler, process_logits
+from specgrove.sampling import process_logits
 
 PROMPT = [1, 2, 3, 4, 1, 2, 3]
 
