@@ -422,6 +422,13 @@ def test_tree_file_round_trip(tmp_path):
     assert AcceptanceVector.from_dict(data["acceptance"]) == vec
     assert HardwareProfile.from_dict(data["profile"]) == prof
     assert [c["budget"] for c in data["choices"]] == [4, 16]
+    # 'sequoia:N[xD]:FILE': the DP's accept-length-optimal tree from the file's acceptance vector
+    assert TreeShape.parse(f"sequoia:12:{path}") == optimal_tree(P16, 12, 12)[1]
+    assert TreeShape.parse(f"sequoia:12x3:{path}") == optimal_tree(P16, 12, 3)[1]
+    assert TreeShape.parse(f"sequoia:12x3:{path}").depth <= 3
+    for bad in ("sequoia:12", f"sequoia:x:{path}", f"sequoia:4xy:{path}"):
+        with pytest.raises(ValueError, match="sequoia:N"):
+            TreeShape.parse(bad)
     # without a profile: the optimal tree for a budget, untimed
     plain = choice_for_budget(P16, 6, 3)
     assert isinstance(plain, TreeChoice) and plain.step_time_ms is None
@@ -440,3 +447,16 @@ def test_tree_file_round_trip(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_tree_file(tmp_path / "missing.json")
     assert math.isfinite(chosen.predicted_speedup)
+
+
+def test_a_larger_budget_never_predicts_slower():
+    """A budget is an upper bound: when a verify forward grows costly (here as on this CPU, about
+    linear past 8 tokens), the best tree for 32 nodes is the best tree of any size up to 32, never a
+    32-node tree slower than the 16-node choice."""
+    prof = profile(lambda n: 100.0 if n <= 8 else 100.0 + 12.0 * (n - 8))
+    choices = choose_tree(P16, prof, budgets=(4, 8, 16, 32, 64), max_depth=6)
+    speedups = [c.predicted_speedup for c in choices]
+    assert speedups == sorted(speedups)
+    assert len(choices[-1].shape) < 64
+    for c in choices:  # every choice is the DP optimum for its own size and depth
+        assert c.predicted_accept_length == pytest.approx(optimal_tree(P16, len(c.shape), c.shape.depth)[0])

@@ -197,6 +197,9 @@ ENGINE_CASES = [
     pytest.param("widths:2,1", dict(temperature=1.0, top_k=4), "without_replacement", id="2x1-topk4"),
     pytest.param("widths:2,1", dict(temperature=0.7, top_k=4), "iid", id="2x1-T0.7-topk4-iid"),
     pytest.param("kary:2x1", dict(temperature=0.8, top_p=0.9), "without_replacement", id="2-children-topp0.9"),
+    pytest.param("kary:2x1", dict(temperature=0.8, top_p=0.9), "hub", id="spechub-pairs-topp0.9"),
+    pytest.param("widths:2,2", dict(temperature=1.0, top_k=4), "hub", id="spechub-binary-depth2-topk4"),
+    pytest.param("widths:3,1", dict(temperature=0.7, top_k=4), "hub", id="spechub-3-children-fall-back-topk4"),
 ]
 
 

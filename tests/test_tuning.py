@@ -96,6 +96,19 @@ def test_tune_cli(tiny_dirs, tmp_path, monkeypatch, capsys):
     assert "acceptance vector" in printed and "best tree per node budget" in printed
     assert json.loads(out.read_text())["tune"]["budgets"] == [2, 4]
     assert TreeShape.parse(str(tmp_path / "tree_b2.json")) is not None and (tmp_path / "tree_b4.json").is_file()
+    # reusing the measured acceptance vector and profile: no model is loaded, the same choice comes out
+    again = tmp_path / "again.json"
+    reuse = ["tune", "--target", "/no/such/model", "--draft", "/no/such/draft", "--dtype", "float32",
+             "--budgets", "2,4", "--max-depth", "3", "--acceptance", str(out), "--profile", str(out), "--out", str(again)]
+    capsys.readouterr()
+    assert main(reuse) == 0
+    first, second = json.loads(out.read_text()), json.loads(again.read_text())
+    assert second["parents"] == first["parents"] and second["choices"] == first["choices"]
+    assert second["profile"] == first["profile"] and second["tune"]["num_prompts"] == 0
+    assert main(reuse + ["--temperature", "1.0"]) == 2  # the vector was measured greedy
+    assert "measured at temperature 0" in capsys.readouterr().err
+    assert main(reuse[:-2] + ["--dtype", "bfloat16", "--out", str(again)]) == 2
+    assert "profiled in float32" in capsys.readouterr().err
     code = main(["tune", "--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--out", str(out),
                  "--temperature", "-1"])
     assert code == 2 and "temperature" in capsys.readouterr().err

@@ -3,6 +3,7 @@
   specgrove generate [--prompt TEXT | --chat MESSAGE | --prompt-ids 1,2,3] [--method draft_model|prompt_lookup|tree|none] ...
   specgrove bench [--limit 20] [--methods plain,draft_model,tree:kary:2x3,...] [--json PATH] ...
   specgrove tune [--temperature T] --out tree.json     Sequoia: acceptance vector, profile, DP, best tree
+  specgrove multidraft [--depths 2,3,4,5] --json r.json --plot r.png   SpecHub vs RRS vs RRS w/o, OTM bound
   specgrove models list | fetch [NAMES...] | verify [NAMES...]
 
 Bad input (an invalid sampling setting, a missing model, ...) exits with status 2 and one line
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from specgrove.config import TREE_SAMPLING
 
 EXAMPLE_CHAT = "Write a Python function that checks whether a number is prime."
 EXIT_BAD_INPUT = 2
@@ -39,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from specgrove.models import defaults
 
     parser = argparse.ArgumentParser(prog="specgrove", description="Lossless speculative decoding engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,models}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,models}")
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", default=defaults.DEFAULT_TARGET,
@@ -64,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
     g.add_argument("--tree", default=None, help="method tree: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
                                                 "from `specgrove tune`, or auto")
-    g.add_argument("--tree-sampling", choices=("without_replacement", "iid"), default="without_replacement")
+    g.add_argument("--tree-sampling", choices=TREE_SAMPLING, default="without_replacement",
+                   help="how a node's children are drawn and verified: without_replacement (Sequoia, RRS "
+                        "without replacement), iid (SpecInfer's RRS) or hub (SpecHub's pairs)")
     g.add_argument("--prompt-lookup-min", type=int, default=1)
     g.add_argument("--prompt-lookup-max", type=int, default=3)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -113,10 +118,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--budgets", type=_budget_list, default=[1, 2, 4, 8, 16, 32, 64], help="node budgets (default 1,2,...,64)")
     t.add_argument("--max-depth", type=int, default=10)
     t.add_argument("--repeats", type=int, default=5, help="timed repeats per profiled forward (median)")
+    t.add_argument("--acceptance", default=None, metavar="TREE_JSON",
+                   help="reuse the acceptance vector of an earlier tune file (same sampling setting) instead of measuring")
+    t.add_argument("--profile", default=None, metavar="TREE_JSON",
+                   help="reuse the machine profile of an earlier tune file (same machine, models and dtype) instead "
+                        "of timing forwards; with --acceptance too, no model is loaded")
     t.add_argument("--out", required=True, help="write the best tree here (JSON)")
     t.add_argument("--budget-trees", action="store_true",
                    help="also write the best tree of every budget next to --out (NAME_bN.json)")
     t.set_defaults(func=cmd_tune)
+
+    md = sub.add_parser("multidraft", help="SpecHub vs RRS vs RRS without replacement: one-step acceptance on real "
+                                           "(p, q) pairs next to the OTM bound; binary-tree tau by depth")
+    md.add_argument("--target", default=defaults.DEFAULT_TARGET)
+    md.add_argument("--draft", default=None)
+    md.add_argument("--dtype", default="bfloat16")
+    md.add_argument("--device", default="cpu")
+    md.add_argument("--temperatures", type=_float_list, default=[0.6, 1.0], help="default 0.6,1.0")
+    md.add_argument("--prompts", type=int, default=4, help="prompts whose target text gives the (p, q) pairs (default 4)")
+    md.add_argument("--max-new-tokens", type=int, default=64, help="tokens of target text per prompt (default 64)")
+    md.add_argument("--top", type=int, default=50, help="tokens kept per pair for the OTM linear program (default 50)")
+    md.add_argument("--depths", type=_budget_list, default=[], help="binary tree depths to decode with each method, "
+                    "e.g. 2,3,4,5 (default: none; this is the slow part)")
+    md.add_argument("--limit", type=int, default=20, help="Spec-Bench prompts for the depth table (default 20)")
+    md.add_argument("--bench-max-new-tokens", type=int, default=64)
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: as bench)")
+    md.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the report as JSON")
+    md.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the report")
+    md.set_defaults(func=cmd_multidraft)
 
     m = sub.add_parser("models", help="list, fetch or verify the built-in models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="{list,fetch,verify}")
@@ -231,8 +261,19 @@ def _budget_list(text: str) -> list[int]:
     return budgets
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.6,1.0, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one value")
+    return values
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from pathlib import Path
+    from types import SimpleNamespace
 
     from rich.console import Console
     from rich.table import Table
@@ -241,26 +282,45 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from specgrove.models import defaults
     from specgrove.models.loader import load_model, resolve_model_dir
     from specgrove.sampling import SamplingParams
+    from specgrove.trees.sequoia import AcceptanceVector, HardwareProfile, load_tree_file
     from specgrove.trees.tuning import budget_tree, tune, write_tree_file
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_new_tokens)
     if args.width < 1 or args.max_depth < 1 or args.prompts < 1 or args.repeats < 1:
         raise ValueError("--width, --max-depth, --prompts and --repeats must be >= 1")
-    resolve_model_dir(args.target)
+    if not (args.acceptance and args.profile):
+        resolve_model_dir(args.target)
     if args.draft is None and args.target != defaults.DEFAULT_TARGET:
         raise ValueError(f"tune needs --draft when the target is not the default ({defaults.DEFAULT_TARGET})")
     if args.num_threads:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    target = load_model(args.target, dtype=args.dtype, device=args.device, quantization=args.quantization)
-    draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device,
-                       quantization=args.draft_quantization)
-    check_compatible(target, draft)
+    acceptance = profile = None
+    if args.acceptance:
+        data = load_tree_file(args.acceptance)[1]
+        if data.get("acceptance") is None:
+            raise ValueError(f"{args.acceptance} has no acceptance vector to reuse")
+        acceptance = AcceptanceVector.from_dict(data["acceptance"])
+    if args.profile:
+        data = load_tree_file(args.profile)[1]
+        if data.get("profile") is None:
+            raise ValueError(f"{args.profile} has no machine profile to reuse")
+        profile = HardwareProfile.from_dict(data["profile"])
+        if profile.dtype != args.dtype:
+            raise ValueError(f"{args.profile} was profiled in {profile.dtype}, not {args.dtype}; profile again")
+    if acceptance is not None and profile is not None:  # nothing to measure: no model needed
+        target = SimpleNamespace(name=args.target, dtype=args.dtype)
+        draft = SimpleNamespace(name=args.draft or defaults.DEFAULT_DRAFT)
+    else:
+        target = load_model(args.target, dtype=args.dtype, device=args.device, quantization=args.quantization)
+        draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device,
+                           quantization=args.draft_quantization)
+        check_compatible(target, draft)
     result = tune(target, draft, params, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                   width=args.width, budgets=args.budgets, max_depth=args.max_depth, repeats=args.repeats,
-                  data=args.data)
+                  data=args.data, acceptance=acceptance, profile=profile)
     out = write_tree_file(result, args.out)
 
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -281,6 +341,52 @@ def cmd_tune(args: argparse.Namespace) -> int:
         for budget in args.budgets:
             path = write_tree_file(budget_tree(result, budget), Path(out).with_name(f"{Path(out).stem}_b{budget}.json"))
             console.print(f"wrote {path}")
+    return 0
+
+
+def cmd_multidraft(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from specgrove.bench.multidraft import plot_report, run_report
+    from specgrove.models.loader import resolve_model_dir
+
+    resolve_model_dir(args.target)
+    if args.prompts < 1 or args.max_new_tokens < 1 or args.limit < 1:
+        raise ValueError("--prompts, --max-new-tokens and --limit must be >= 1")
+    report = run_report(args.target, args.draft, temperatures=args.temperatures, num_prompts=args.prompts,
+                        max_new_tokens=args.max_new_tokens, top=args.top, depths=args.depths, bench_limit=args.limit,
+                        bench_max_new_tokens=args.bench_max_new_tokens, seed=args.seed, dtype=args.dtype,
+                        device=args.device, data=args.data)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"one step, 2 drafts, real (p, q) pairs on the top {args.top} tokens", title_justify="left")
+    for name in ("T", "pairs", "1 draft", "method", "P(accept)", "OTM bound", "mean gap", "max gap"):
+        table.add_column(name, justify="right")
+    for t, figures in report["one_step"].items():
+        for m, f in figures["methods"].items():
+            table.add_row(t, str(figures["num_pairs"]), f"{figures['single_draft_acceptance']:.4f}", m,
+                          f"{f['acceptance']:.4f}", f"{f['otm_bound']:.4f}", f"{f['mean_gap_to_bound']:.4f}",
+                          f"{f['max_gap_to_bound']:.4f}")
+    console.print(table)
+    for t, figures in report["one_step"].items():
+        console.print(f"T = {t}: " + "; ".join(f"{pair} on {w['fraction']:.0%} of pairs (mean {w['mean_difference']:+.4f})"
+                                              for pair, w in figures["wins"].items() if pair.startswith("spechub")))
+    if report["depth_table"]:
+        table = Table(title="mean tokens per step (tau), binary trees", title_justify="left")
+        table.add_column("T", justify="right")
+        table.add_column("method")
+        for d in args.depths:
+            table.add_column(f"depth {d}", justify="right")
+        for t, rows in report["depth_table"].items():
+            for m, row in rows.items():
+                table.add_row(t, m, *(f"{row[str(d)]:.2f}" for d in args.depths))
+        console.print(table)
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json_path}")
+    if args.plot:
+        print(f"wrote {plot_report(report, args.plot)}")
     return 0
 
 

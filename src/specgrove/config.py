@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 METHODS = ("draft_model", "prompt_lookup", "tree")
-TREE_SAMPLING = ("without_replacement", "iid")
+TREE_SAMPLING = ("without_replacement", "iid", "hub")
 
 
 @dataclass
@@ -16,7 +16,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 3
     # method "tree": the shape ("chain:5", "kary:2x3", "widths:4,2,1", a tree .json from `specgrove tune`,
     # or "auto": the tuned tree for this target/draft/temperature, tuned on first use) and how siblings
-    # are drawn ("without_replacement" as Sequoia, or "iid" as SpecInfer).
+    # are drawn and verified: "without_replacement" (Sequoia; RRS without replacement), "iid" (SpecInfer's
+    # RRS) or "hub" (SpecHub's pairs at nodes with two children, without replacement elsewhere).
     tree: str | None = None
     tree_sampling: str = "without_replacement"
 

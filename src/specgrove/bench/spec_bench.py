@@ -5,7 +5,11 @@ Methods
   draft_model       the engine, a draft model proposing a chain of k tokens
   prompt_lookup     the engine, prompt lookup proposing up to k tokens
   tree:SPEC         the engine, the draft model filling a token tree (SPEC: chain:N, kary:BxD, widths:...,
-                    a tree .json from `specgrove tune`, or auto); children drawn without replacement
+                    sequoia:N:FILE, a tree .json from `specgrove tune`, or auto); children drawn without
+                    replacement (Sequoia)
+  rrs:SPEC          the same tree, children i.i.d. and verified by recursive rejection sampling (SpecInfer)
+  rrs_wo:SPEC       the same as tree:SPEC under the multi-draft name (RRS without replacement)
+  spechub:SPEC      the same tree, SpecHub's hub pairs at nodes with two children (binary trees: kary:2xD)
   hf_plain          transformers' generate() on the same weights: the baseline of the hf_* methods
   hf_assisted       transformers' assisted generation with the same draft, a fixed k
   hf_prompt_lookup  transformers' prompt lookup decoding, k tokens
@@ -38,11 +42,21 @@ from specgrove.trees.shape import TreeShape
 ENGINE_METHODS = ("plain", "draft_model", "prompt_lookup")
 HF_METHODS = ("hf_plain", "hf_assisted", "hf_prompt_lookup")
 DEFAULT_METHODS = ENGINE_METHODS + HF_METHODS
-TREE_PREFIX = "tree:"
+# method prefix -> how the tree's siblings are drawn and verified (DraftModelProposer's sampling)
+TREE_PREFIXES = {"tree:": "without_replacement", "rrs:": "iid", "rrs_wo:": "without_replacement", "spechub:": "hub"}
+
+
+def _tree_prefix(method: str) -> str | None:
+    return next((prefix for prefix in TREE_PREFIXES if method.startswith(prefix)), None)
 
 
 def is_tree_method(method: str) -> bool:
-    return method.startswith(TREE_PREFIX)
+    return _tree_prefix(method) is not None
+
+
+def tree_sampling_of(method: str) -> str:
+    """How a drafted method's siblings are drawn (draft_model: a chain, nothing to choose)."""
+    return TREE_PREFIXES[_tree_prefix(method)] if is_tree_method(method) else "without_replacement"
 
 
 def baseline_of(method: str) -> str:
@@ -162,12 +176,13 @@ def _ordered_methods(methods: Sequence[str]) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
     unknown = [m for m in methods if m not in DEFAULT_METHODS and not is_tree_method(m)]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS)} or tree:SPEC")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS)}, tree:SPEC, "
+                         "rrs:SPEC, rrs_wo:SPEC or spechub:SPEC")
     if not methods:
         raise ValueError(f"no methods given; use some of {', '.join(DEFAULT_METHODS)}")
     for m in methods:
-        if is_tree_method(m) and m != TREE_PREFIX + "auto":
-            TreeShape.parse(m[len(TREE_PREFIX):])  # a bad spec fails now, before any model loads
+        if is_tree_method(m) and m[len(_tree_prefix(m)):] != "auto":
+            TreeShape.parse(m[len(_tree_prefix(m)):])  # a bad spec fails now, before any model loads
     # Speedups are relative to a baseline, so a method's baseline always runs too.
     for m in list(methods):
         if baseline_of(m) not in methods:
@@ -415,7 +430,7 @@ def run_bench(
         if method == "prompt_lookup":
             proposer, num_draft = PromptLookupProposer(prompt_lookup_min, prompt_lookup_max), k
         elif method in shapes:
-            proposer = DraftModelProposer(draft_model, max_model_len, shapes[method])
+            proposer = DraftModelProposer(draft_model, max_model_len, shapes[method], tree_sampling_of(method))
             num_draft = _max_nodes(shapes[method])
         engine = SpecEngine(target_model, proposer, num_draft, max_model_len)
         runs[method] = _run_engine_method(engine, bench_prompts, params, warmup_params, warmup, progress, method)
@@ -440,8 +455,10 @@ def run_bench(
         if method in method_figures:
             fixed = isinstance(shape, TreeShape)
             method_figures[method]["tree"] = shape.to_dict() if fixed else "auto"
+            # P[rank] is measured for siblings drawn without replacement: it predicts only those trees
+            predicted = fixed and acceptance is not None and tree_sampling_of(method) == "without_replacement"
             method_figures[method]["predicted_accept_length"] = (
-                shape.expected_accept_length(acceptance.values) if (fixed and acceptance is not None) else None)
+                shape.expected_accept_length(acceptance.values) if predicted else None)
     baseline_bandwidth = None
     plain = _merge(runs["plain"].metrics) if "plain" in runs else None
     if plain is not None and plain.target_time_s > 0:
@@ -476,7 +493,7 @@ def run_bench(
 
 def _tree_shape(method: str, target_model, draft_model):
     """The shape of a tree:SPEC method; tree:auto is the per-setting tuned tree (specgrove.trees.tuning)."""
-    spec = method[len(TREE_PREFIX):]
+    spec = method[len(_tree_prefix(method)):]
     if spec == "auto":
         from specgrove.trees.tuning import AutoTree
 

@@ -15,6 +15,8 @@ from specgrove.trees.tree import TokenTree
 
 class Proposer(Protocol):
     name: str
+    # Optional: `node_rule`, the verifier node rule matching how the proposer draws siblings
+    # (specgrove.verify.speculative.NodeRule); the engine uses rejection_select when it is absent.
 
     def propose(self, seq: Sequence, num_tokens: int) -> TokenTree:
         """Propose at most `num_tokens` draft tokens continuing `seq.token_ids` (may return an empty tree)."""

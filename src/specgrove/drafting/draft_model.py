@@ -7,6 +7,8 @@ processed distribution q (the same `process_logits` as the target):
   without_replacement (Sequoia, Alg. 1): child j is drawn from q_j = q with the earlier siblings
       removed and renormalised, and q_j is what the tree records for it;
   iid (SpecInfer): every child is drawn from q itself;
+  hub (SpecHub): a node with two children gets a pair from SpecHub's sparse joint distribution
+      (specgrove.verify.multidraft.draw_hub_pair); other nodes are drawn without replacement;
   greedy (temperature 0): the children are the draft's top-n tokens (a deterministic proposal).
 
 Recording the q each child was really drawn from is what keeps verification exact (the verifier in
@@ -27,8 +29,10 @@ from specgrove.models.loader import LoadedModel
 from specgrove.sampling import SamplingParams, process_logits
 from specgrove.trees.shape import TreeShape
 from specgrove.trees.tree import TokenTree
+from specgrove.verify.multidraft import draw_hub_pair, spechub_select
+from specgrove.verify.speculative import rejection_select
 
-SAMPLING_MODES = ("without_replacement", "iid")
+SAMPLING_MODES = ("without_replacement", "iid", "hub")
 
 
 def draw_children(logits: torch.Tensor, count: int, params, sampler, sampling: str = "without_replacement"
@@ -44,13 +48,15 @@ def draw_children(logits: torch.Tensor, count: int, params, sampler, sampling: s
     if params.greedy:
         return [(int(t), None) for t in torch.topk(logits, min(count, logits.shape[-1])).indices.tolist()]
     q = process_logits(logits, params)
+    if sampling == "hub" and count == 2:
+        return draw_hub_pair(q, sampler)
     children = []
     for _ in range(count):
         if float(q.sum()) <= 0.0:
             break
         token = sampler.categorical(q)
         children.append((token, q))
-        if sampling == "without_replacement":
+        if sampling != "iid":
             q = q.clone()
             q[token] = 0.0
             total = q.sum()
@@ -75,6 +81,8 @@ class DraftModelProposer:
         # (the "auto" tree, tuned per setting).
         self.shape = shape
         self.sampling = sampling
+        # the verifier that goes with the way children are drawn (the engine asks for it)
+        self.node_rule = spechub_select if sampling == "hub" else rejection_select
 
     def shape_for(self, num_tokens: int, params: SamplingParams) -> TreeShape:
         if self.shape is None:

@@ -17,7 +17,7 @@ from specgrove.engine.sequence import Sequence
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import Sampler, SamplingParams, process_logits
 from specgrove.trees.tree import TokenTree
-from specgrove.verify.speculative import verify_tree, verify_tree_greedy
+from specgrove.verify.speculative import rejection_select, verify_tree, verify_tree_greedy
 
 PREFILL_CHUNK = 512
 
@@ -105,7 +105,8 @@ class SpecEngine:
         if seq.params.greedy:
             result = verify_tree_greedy(tree, logits.argmax(-1).tolist())
         else:
-            result = verify_tree(tree, process_logits(logits, seq.params), seq.sampler)
+            node_rule = getattr(self.proposer, "node_rule", rejection_select)
+            result = verify_tree(tree, process_logits(logits, seq.params), seq.sampler, node_rule)
         cache.commit(0, [0] + [node + 1 for node in result.accepted_nodes])
         t3 = time.perf_counter()
 

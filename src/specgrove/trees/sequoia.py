@@ -522,18 +522,25 @@ def _choice_for_budget(t: _Tables, budget: int, max_depth: int, profile: Hardwar
         return TreeChoice(budget, max_depth, shape, score)
     best: TreeChoice | None = None
     plain = profile.target_time(1)
-    for depth in range(1, max_depth + 1):  # each depth's optimal tree; keep the most tokens per ms
-        score, shape = _tree_from_tables(t, budget, depth)
-        step = profile.step_time(shape)
-        choice = TreeChoice(budget, depth, shape, score, step, score * plain / step)
-        if best is None or choice.predicted_speedup > best.predicted_speedup * (1 + 1e-12):
-            best = choice
+    seen = set()
+    # every (nodes <= budget, depth) pair's optimal tree; keep the most tokens per ms. A bigger tree
+    # always has a higher score but may cost more than it adds, so the nodes are searched too.
+    for depth in range(1, max_depth + 1):
+        for nodes in range(1, budget + 1):
+            score, shape = _tree_from_tables(t, nodes, depth)
+            if shape.parents in seen:
+                continue
+            seen.add(shape.parents)
+            step = profile.step_time(shape)
+            choice = TreeChoice(budget, depth, shape, score, step, score * plain / step)
+            if best is None or choice.predicted_speedup > best.predicted_speedup * (1 + 1e-12):
+                best = choice
     return best
 
 
 def choice_for_budget(values, num_nodes: int, max_depth: int = 10, profile: HardwareProfile | None = None) -> TreeChoice:
-    """One budget: with a profile, the depth <= max_depth whose optimal tree is fastest; without one,
-    the optimal tree of depth <= max_depth (no timing)."""
+    """One budget: with a profile, the fastest of the optimal trees with at most `num_nodes` nodes and
+    depth <= max_depth; without one, the optimal tree of depth <= max_depth (no timing)."""
     _check_budget(num_nodes, max_depth)
     return _choice_for_budget(_solve(values, num_nodes, max_depth), int(num_nodes), int(max_depth), profile)
 
@@ -541,8 +548,9 @@ def choice_for_budget(values, num_nodes: int, max_depth: int = 10, profile: Hard
 def choose_tree(
     values, profile: HardwareProfile, budgets: Sequence[int] = DEFAULT_BUDGETS, max_depth: int = 10
 ) -> list[TreeChoice]:
-    """For each node budget, the depth (1..max_depth) whose optimal tree gives the most predicted
-    tokens per second on `profile`; sorted by budget. One DP run serves every budget and depth."""
+    """For each node budget, the tree (at most that many nodes, depth 1..max_depth, each the DP's optimum
+    for its size) that gives the most predicted tokens per second on `profile`; sorted by budget. One DP
+    run serves every budget and depth."""
     budgets = sorted({int(b) for b in budgets})
     if not budgets or budgets[0] < 1:
         raise ValueError(f"budgets must be integers >= 1, got {budgets}")

@@ -30,6 +30,7 @@ from specgrove.trees.shape import TreeShape
 DEFAULT_WIDTH = 16
 DEFAULT_BUDGETS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_MAX_DEPTH = 10
+DEFAULT_CONTEXT_LEN = 256  # context of the profiled forwards when no tuning text sets it
 TUNE_PROMPT_OFFSET = 20  # the benchmark uses the first 20 mixed-category questions; tune on the next ones
 
 
@@ -73,7 +74,7 @@ def generate_text(target: LoadedModel, draft: LoadedModel, prompts: list[list[in
 
 
 # ---- 2. the acceptance vector ----------------------------------------------------------------------
-def _teacher_forced_logits(loaded: LoadedModel, sample: TextSample) -> torch.Tensor:
+def teacher_forced_logits(loaded: LoadedModel, sample: TextSample) -> torch.Tensor:
     """Logits [len(output), V] predicting each output token from everything before it."""
     ids = sample.prompt_ids + sample.output_ids
     model = loaded.model
@@ -92,8 +93,8 @@ def measure_acceptance(target: LoadedModel, draft: LoadedModel, samples: list[Te
     for sample in samples:
         if not sample.output_ids:
             continue
-        p_logits = _teacher_forced_logits(target, sample)
-        q_logits = _teacher_forced_logits(draft, sample)
+        p_logits = teacher_forced_logits(target, sample)
+        q_logits = teacher_forced_logits(draft, sample)
         p = process_logits(p_logits, params)
         # Greedy drafting ranks siblings by the draft's logits: pass its soft distribution.
         q = torch.softmax(q_logits.float(), -1) if params.greedy else process_logits(q_logits, params)
@@ -160,27 +161,39 @@ def profile_machine(target: LoadedModel, draft: LoadedModel, context_len: int, p
 def tune(target: LoadedModel, draft: LoadedModel, params: SamplingParams, *, num_prompts: int = 8,
          max_new_tokens: int = 96, width: int = DEFAULT_WIDTH, budgets=DEFAULT_BUDGETS,
          max_depth: int = DEFAULT_MAX_DEPTH, repeats: int = 5, data=None, prompts: list[list[int]] | None = None,
+         acceptance: sequoia.AcceptanceVector | None = None, profile: sequoia.HardwareProfile | None = None,
          log=None) -> dict:
     """Measure, profile and choose; returns the tree file's JSON object (sequoia.tree_file_dict) plus a
-    "tune" section saying what it was measured on."""
+    "tune" section saying what it was measured on. A given `acceptance` (for the same sampling setting)
+    or `profile` (of this machine, model pair and dtype) is used instead of measuring it again."""
     started = time.perf_counter()
-    if prompts is None:
-        prompts = tune_prompts(target, num_prompts, data)
-    _say(log, f"tune: generating the target's text for {len(prompts)} prompts ({max_new_tokens} tokens each) ...")
-    samples = generate_text(target, draft, prompts, params, max_new_tokens)
-    acceptance = measure_acceptance(target, draft, samples, params, width)
+    num_measured = 0
+    context_len = DEFAULT_CONTEXT_LEN
+    if acceptance is None:
+        if prompts is None:
+            prompts = tune_prompts(target, num_prompts, data)
+        _say(log, f"tune: generating the target's text for {len(prompts)} prompts ({max_new_tokens} tokens each) ...")
+        samples = generate_text(target, draft, prompts, params, max_new_tokens)
+        acceptance = measure_acceptance(target, draft, samples, params, width)
+        num_measured = len(prompts)
+        context_len = int(statistics.mean(len(s.prompt_ids) + len(s.output_ids) // 2 for s in samples))
+    elif not acceptance.matches(params):
+        measured_at = f"temperature {acceptance.temperature:g}, top_p {acceptance.top_p:g}, top_k {acceptance.top_k}"
+        raise ValueError(f"the given acceptance vector was measured at {measured_at}, not at the sampling setting "
+                         f"being tuned ({params.describe()}); measure it again or tune for its setting")
     _say(log, "tune: acceptance vector P = " + " ".join(f"{v:.3f}" for v in acceptance.values[:8])
-         + (" ..." if width > 8 else "") + f" ({acceptance.num_positions} positions)")
-    context_len = int(statistics.mean(len(s.prompt_ids) + len(s.output_ids) // 2 for s in samples))
-    _say(log, f"tune: profiling forward times at context {context_len} ...")
-    profile = profile_machine(target, draft, context_len, params, max(budgets), repeats)
+         + (" ..." if len(acceptance.values) > 8 else "") + f" ({acceptance.num_positions} positions)")
+    if profile is None:
+        _say(log, f"tune: profiling forward times at context {context_len} ...")
+        profile = profile_machine(target, draft, context_len, params, max(budgets), repeats)
     choices = sequoia.choose_tree(acceptance.values, profile, budgets, max_depth)
     best = sequoia.best_choice(choices)
     result = sequoia.tree_file_dict(best, acceptance, profile, choices)
     result["tune"] = {
         "target": target.name, "draft": draft.name, "dtype": str(target.dtype).removeprefix("torch."),
-        "sampling": params.describe(), "num_prompts": len(prompts), "max_new_tokens": max_new_tokens,
-        "width": width, "budgets": list(budgets), "max_depth": max_depth, "seconds": time.perf_counter() - started,
+        "sampling": params.describe(), "num_prompts": num_measured, "max_new_tokens": max_new_tokens,
+        "width": len(acceptance.values), "budgets": list(budgets), "max_depth": max_depth,
+        "seconds": time.perf_counter() - started,
     }
     return result
 
