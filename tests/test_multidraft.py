@@ -261,3 +261,23 @@ def test_multidraft_cli(tiny_dirs, tmp_path, monkeypatch, capsys):
     assert report["one_step"]["0.7"]["num_pairs"] == 16
     assert main(["multidraft", "--target", str(tiny_dirs["target"]), "--temperatures", "0.7", "--top", "1"]) == 2
     assert "--top" in capsys.readouterr().err
+
+
+def test_spechub_when_the_hub_rounds_to_probability_one():
+    """float32 q can hold q(hub) == 1.0 next to tiny mass elsewhere; the second draft is then drawn from
+    that tiny mass and the verifier must weigh it by the same normalisation (no division by zero)."""
+    q = torch.tensor([1.0, 1e-9, 2e-9, 0.0], dtype=torch.float32)
+    assert float(q[0]) == 1.0 and float(1.0 - q[0]) == 0.0 and float(q.double().sum() - 1.0) > 0
+    p = torch.tensor([0.2, 0.5, 0.3, 0.0], dtype=torch.float32)
+    drawn = multidraft.draw_hub_pair(q, _AlwaysNo())  # the first draft is the hub; a second comes from the rest
+    assert [t for t, _ in drawn][0] == 0 and len(drawn) == 2
+    emitted = enumerate_outcomes(lambda s: _emit_one_step(p, q, s))
+    for token in range(4):
+        assert emitted.get(token, 0.0) == pytest.approx(float(p[token]), abs=1e-6)
+
+
+def _emit_one_step(p, q, sampler):
+    drawn = multidraft.draw_hub_pair(q, sampler)
+    tokens = [t for t, _ in drawn]
+    chosen, residual = multidraft.spechub_select(p, tokens, [d for _, d in drawn], sampler)
+    return tokens[chosen] if chosen is not None else sampler.categorical(residual)

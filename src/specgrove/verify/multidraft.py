@@ -75,7 +75,7 @@ def hub_joint(q: torch.Tensor) -> torch.Tensor:
     joint = torch.zeros(q.shape[-1], q.shape[-1], dtype=torch.float64)
     joint[:, hub] = q
     joint[hub, hub] = 0.0
-    rest = 1.0 - float(q[hub])
+    rest = _off_hub_mass(q, hub)
     if rest > 0.0:
         joint[hub, :] = q * float(q[hub]) / rest
         joint[hub, hub] = 0.0
@@ -90,6 +90,7 @@ class HubPlan:
     """The optimal coupling of SpecHub's joint draft distribution and the target p, per token."""
 
     hub: int
+    rest: float  # q's mass off the hub, summed (1 - q(hub) in exact arithmetic; q(hub) may round to 1)
     first: torch.Tensor  # alpha: mass of y = i taken from the pair (i, hub)
     second: torch.Tensor  # beta: mass of y = i taken from the pair (hub, i)
     to_hub: float  # min(p(hub), L): mass of y = hub taken from the pairs' leftover L
@@ -106,7 +107,7 @@ def hub_plan(p: torch.Tensor, q: torch.Tensor) -> HubPlan:
     p = p.double()
     q = q.double()
     hub = hub_of(q)
-    rest = 1.0 - float(q[hub])
+    rest = _off_hub_mass(q, hub)
     second_cap = q * (float(q[hub]) / rest) if rest > 0.0 else torch.zeros_like(q)
     first = torch.minimum(p, q)
     second = torch.minimum((p - first).clamp_min(0.0), second_cap)
@@ -117,7 +118,14 @@ def hub_plan(p: torch.Tensor, q: torch.Tensor) -> HubPlan:
     residual = (p - first - second).clamp_min(0.0)
     residual[hub] = max(0.0, float(p[hub]) - to_hub)
     hub_accept = 1.0 if leftover <= 0.0 else min(1.0, float(p[hub]) / leftover)
-    return HubPlan(hub, first, second, to_hub, hub_accept, residual)
+    return HubPlan(hub, rest, first, second, to_hub, hub_accept, residual)
+
+
+def _off_hub_mass(q: torch.Tensor, hub: int) -> float:
+    """Sum of q off the hub, as the draw normalises by (not 1 - q(hub): in float32 q(hub) can round to
+    1.0 while other tokens keep a little mass, and the second draft is still drawn from that mass)."""
+    q = q.double()
+    return float(q.sum() - q[hub])
 
 
 def _is_hub_pair(child_tokens: Sequence[int], child_draft_probs: Sequence, hub: int) -> bool:
@@ -145,7 +153,7 @@ def spechub_select(p: torch.Tensor, child_tokens: Sequence[int], child_draft_pro
     if hub_position == 1:  # pair (i, hub): i was drawn from q
         take, drawn_with = float(plan.first[other]), float(q[other])
     else:  # pair (hub, i): i was drawn with probability Q(hub, i)
-        take, drawn_with = float(plan.second[other]), float(q[plan.hub]) * float(q[other]) / (1.0 - float(q[plan.hub]))
+        take, drawn_with = float(plan.second[other]), float(q[plan.hub]) * float(q[other]) / plan.rest
     if drawn_with <= 0.0:
         raise ValueError(f"draft token {other} has probability 0 under the q it was said to be drawn from")
     if sampler.bernoulli(min(1.0, take / drawn_with)):
