@@ -90,7 +90,7 @@ class HubPlan:
     """The optimal coupling of SpecHub's joint draft distribution and the target p, per token."""
 
     hub: int
-    rest: float  # q's mass off the hub, summed (1 - q(hub) in exact arithmetic; q(hub) may round to 1)
+    pair_second: torch.Tensor  # Q(hub, i): probability of the pair (hub, i), 0 at the hub
     first: torch.Tensor  # alpha: mass of y = i taken from the pair (i, hub)
     second: torch.Tensor  # beta: mass of y = i taken from the pair (hub, i)
     to_hub: float  # min(p(hub), L): mass of y = hub taken from the pairs' leftover L
@@ -109,6 +109,7 @@ def hub_plan(p: torch.Tensor, q: torch.Tensor) -> HubPlan:
     hub = hub_of(q)
     rest = _off_hub_mass(q, hub)
     second_cap = q * (float(q[hub]) / rest) if rest > 0.0 else torch.zeros_like(q)
+    second_cap[hub] = 0.0
     first = torch.minimum(p, q)
     second = torch.minimum((p - first).clamp_min(0.0), second_cap)
     first[hub] = 0.0
@@ -118,7 +119,7 @@ def hub_plan(p: torch.Tensor, q: torch.Tensor) -> HubPlan:
     residual = (p - first - second).clamp_min(0.0)
     residual[hub] = max(0.0, float(p[hub]) - to_hub)
     hub_accept = 1.0 if leftover <= 0.0 else min(1.0, float(p[hub]) / leftover)
-    return HubPlan(hub, rest, first, second, to_hub, hub_accept, residual)
+    return HubPlan(hub, second_cap, first, second, to_hub, hub_accept, residual)
 
 
 def _off_hub_mass(q: torch.Tensor, hub: int) -> float:
@@ -153,7 +154,7 @@ def spechub_select(p: torch.Tensor, child_tokens: Sequence[int], child_draft_pro
     if hub_position == 1:  # pair (i, hub): i was drawn from q
         take, drawn_with = float(plan.first[other]), float(q[other])
     else:  # pair (hub, i): i was drawn with probability Q(hub, i)
-        take, drawn_with = float(plan.second[other]), float(q[plan.hub]) * float(q[other]) / plan.rest
+        take, drawn_with = float(plan.second[other]), float(plan.pair_second[other])
     if drawn_with <= 0.0:
         raise ValueError(f"draft token {other} has probability 0 under the q it was said to be drawn from")
     if sampler.bernoulli(min(1.0, take / drawn_with)):
