@@ -171,6 +171,32 @@ def test_every_method_is_below_its_otm_bound(vocab, sharp):
                 assert accept == pytest.approx(bound, abs=1e-7)
 
 
+def test_spechub_dominates_both_rrs_where_tv_is_at_most_the_hub_probability():
+    """A provable ordering (derived in multidraft.spechub_dominates): when TV(p, q) <= q(hub), SpecHub's
+    one-step acceptance is at least that of RRS and of RRS without replacement; for RRS alone
+    TV <= q(hub) / (1 - q(hub)) suffices. Outside the condition the ordering really can fail (RRS w/o
+    wins on some pairs), so the condition is not vacuous."""
+    held = rrs_only = outside_losses = 0
+    g = torch.Generator().manual_seed(11)
+    for _ in range(400):
+        vocab = int(torch.randint(3, 20, (1,), generator=g))
+        sharp = 4.0 * float(torch.rand(1, generator=g))
+        p = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * sharp, -1)
+        q = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * sharp, -1)
+        hub, tv = float(q.max()), 0.5 * float((p - q).abs().sum())
+        accept = {m: multidraft.acceptance_probability(p, q, m) for m in multidraft.METHODS}
+        if multidraft.spechub_dominates(p, q):
+            held += 1
+            assert tv <= hub + 1e-12
+            assert accept["spechub"] >= max(accept["rrs"], accept["rrs_wo"]) - 1e-12
+        elif accept["spechub"] < accept["rrs_wo"] - 1e-9:
+            outside_losses += 1
+        if tv <= hub / (1.0 - hub):
+            rrs_only += 1
+            assert accept["spechub"] >= accept["rrs"] - 1e-12
+    assert held >= 50 and rrs_only > held and outside_losses >= 10
+
+
 def test_otm_bound_rejects_an_unsolvable_input():
     p = torch.tensor([0.5, 0.5], dtype=torch.float64)
     assert multidraft.otm_bound(p, torch.zeros(2, 2, dtype=torch.float64)) == 0.0
@@ -216,6 +242,9 @@ def test_one_step_figures_on_model_pairs(tiny_target, tiny_draft):
         assert f["above_bound"] == 0 and f["mean_gap_to_bound"] >= -1e-9
         assert f["acceptance"] >= figures["single_draft_acceptance"] - 1e-9
     assert figures["methods"]["spechub"]["max_gap_to_bound"] < 1e-6
+    dominance = figures["dominance_condition"]
+    assert dominance["pairs"] == sum(multidraft.spechub_dominates(p, q) for p, q in pairs)
+    assert dominance["spechub_at_least_both_rrs"] == dominance["pairs"]
     wins = figures["wins"]
     for a, b in (("spechub", "rrs"), ("rrs", "rrs_wo")):
         assert wins[f"{a}>{b}"]["mean_difference"] == pytest.approx(-wins[f"{b}>{a}"]["mean_difference"])
@@ -238,6 +267,13 @@ def test_bench_multidraft_methods_and_plot(tiny_dirs, tmp_path):
         for depth in (1, 2):
             assert 1.0 <= table[method][depth] <= depth + 1
     assert result["methods"]["spechub:kary:2x2"]["tree"]["parents"] == list(TreeShape.parse("kary:2x2").parents)
+    spread = report.depth_spread(result, [1, 2])
+    per_prompt = {m: [p["mean_accept_length"] for p in result["methods"][f"{m}:kary:2x2"]["per_prompt"]]
+                  for m in ("rrs", "spechub")}
+    assert all(1.0 <= t <= 3 for t in per_prompt["rrs"] + per_prompt["spechub"])
+    difference = spread["paired_difference"]["spechub-rrs"]["2"]
+    assert difference["mean"] == pytest.approx(sum(per_prompt["spechub"]) / 2 - sum(per_prompt["rrs"]) / 2)
+    assert difference["stderr"] >= 0 and all(v >= 0 for v in spread["stderr"]["rrs_wo"].values())
     fake = {"one_step": {"0.6": report.one_step_figures([random_pair(6, 0), random_pair(6, 1)])},
             "depth_table": {"0.6": {m: {"1": row[1], "2": row[2]} for m, row in table.items()}}}
     path = report.plot_report(fake, tmp_path / "multidraft.png")

@@ -371,6 +371,9 @@ def cmd_multidraft(args: argparse.Namespace) -> int:
     for t, figures in report["one_step"].items():
         console.print(f"T = {t}: " + "; ".join(f"{pair} on {w['fraction']:.0%} of pairs (mean {w['mean_difference']:+.4f})"
                                               for pair, w in figures["wins"].items() if pair.startswith("spechub")))
+        dom = figures["dominance_condition"]
+        console.print(f"T = {t}: TV(p, q) <= q(hub) on {dom['fraction']:.0%} of pairs; there SpecHub >= both RRS "
+                      f"on {dom['spechub_at_least_both_rrs']} of {dom['pairs']}")
     if report["depth_table"]:
         table = Table(title="mean tokens per step (tau), binary trees", title_justify="left")
         table.add_column("T", justify="right")
@@ -378,8 +381,12 @@ def cmd_multidraft(args: argparse.Namespace) -> int:
         for d in args.depths:
             table.add_column(f"depth {d}", justify="right")
         for t, rows in report["depth_table"].items():
+            stderr = report["depth_spread"][t]["stderr"]
             for m, row in rows.items():
-                table.add_row(t, m, *(f"{row[str(d)]:.2f}" for d in args.depths))
+                table.add_row(t, m, *(f"{row[str(d)]:.2f} ± {stderr[m][str(d)]:.2f}" for d in args.depths))
+            for pair, diffs in report["depth_spread"][t]["paired_difference"].items():
+                table.add_row(t, pair, *(f"{diffs[str(d)]['mean']:+.2f} ± {diffs[str(d)]['stderr']:.2f}"
+                                         for d in args.depths))
         console.print(table)
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:

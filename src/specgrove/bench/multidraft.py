@@ -66,9 +66,10 @@ def one_step_figures(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict
     """Mean exact acceptance and OTM bound per method, and pairwise wins, over the pairs."""
     accept = {m: [] for m in multidraft.METHODS}
     bound = {m: [] for m in multidraft.METHODS}
-    single = []
+    single, condition = [], []
     for p, q in pairs:
         single.append(multidraft.acceptance_probability(p, q, "rrs", k=1))
+        condition.append(multidraft.spechub_dominates(p, q))
         for m in multidraft.METHODS:
             accept[m].append(multidraft.acceptance_probability(p, q, m))
             bound[m].append(multidraft.otm_bound(p, multidraft.joint_draft_distribution(q, m)))
@@ -84,8 +85,12 @@ def one_step_figures(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict
         better = [d for d in margins if d > 1e-9]
         wins[f"{a}>{b}"] = {"fraction": len(better) / len(margins), "mean_margin_when_better": statistics.fmean(better)
                             if better else 0.0, "mean_difference": statistics.fmean(margins)}
+    held = [i for i, c in enumerate(condition) if c]
+    dominance = {"pairs": len(held), "fraction": len(held) / len(pairs),
+                 "spechub_at_least_both_rrs": sum(accept["spechub"][i] >= max(accept["rrs"][i], accept["rrs_wo"][i]) - 1e-9
+                                                  for i in held)}
     return {"num_pairs": len(pairs), "single_draft_acceptance": statistics.fmean(single), "methods": methods,
-            "wins": wins}
+            "wins": wins, "dominance_condition": dominance}
 
 
 def depth_methods(depths: Sequence[int]) -> list[str]:
@@ -98,6 +103,30 @@ def depth_table(bench_result: dict, depths: Sequence[int]) -> dict:
     figures = bench_result["methods"]
     return {m: {d: figures[f"{METHOD_PREFIX[m]}:kary:2x{d}"]["mean_accept_length"] for d in depths}
             for m in multidraft.METHODS}
+
+
+def _per_prompt_tau(bench_result: dict, method: str, depth: int) -> list[float]:
+    entry = bench_result["methods"][f"{METHOD_PREFIX[method]}:kary:2x{depth}"]
+    return [p["mean_accept_length"] for p in entry["per_prompt"]]
+
+
+def _stderr(values: Sequence[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+
+
+def depth_spread(bench_result: dict, depths: Sequence[int]) -> dict:
+    """How sure the table is: per method and depth the standard error of the per-prompt tau, and per pair
+    of methods the mean per-prompt difference in tau with its paired standard error (same prompts)."""
+    spread = {"stderr": {}, "paired_difference": {}}
+    for m in multidraft.METHODS:
+        spread["stderr"][m] = {str(d): _stderr(_per_prompt_tau(bench_result, m, d)) for d in depths}
+    for a, b in (("spechub", "rrs"), ("spechub", "rrs_wo"), ("rrs_wo", "rrs")):
+        rows = {}
+        for d in depths:
+            diffs = [x - y for x, y in zip(_per_prompt_tau(bench_result, a, d), _per_prompt_tau(bench_result, b, d))]
+            rows[str(d)] = {"mean": statistics.fmean(diffs), "stderr": _stderr(diffs)}
+        spread["paired_difference"][f"{a}-{b}"] = rows
+    return spread
 
 
 def run_report(target=None, draft=None, *, temperatures: Sequence[float] = (0.6, 1.0), num_prompts: int = 4,
@@ -143,6 +172,7 @@ def run_report(target=None, draft=None, *, temperatures: Sequence[float] = (0.6,
                            device=device, measure_bandwidth=False, log=say)
         report["depth_table"][f"{temperature:g}"] = {m: {str(d): v for d, v in row.items()}
                                                      for m, row in depth_table(result, depths).items()}
+        report.setdefault("depth_spread", {})[f"{temperature:g}"] = depth_spread(result, depths)
         report.setdefault("bench", {})[f"{temperature:g}"] = result
     report["config"]["wall_time_s"] = time.perf_counter() - started
     return report

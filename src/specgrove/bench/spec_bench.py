@@ -312,6 +312,7 @@ def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bo
         entry["per_prompt"] = [
             {"question_id": p.question_id, "category": p.category, "generated_tokens": len(run.outputs[i]),
              "time_s": run.seconds[i],
+             "mean_accept_length": run.metrics[i].mean_accept_length if (speculative and run.metrics[i]) else None,
              "identical_to_baseline": (run.outputs[i] == baseline.outputs[i]) if (greedy and baseline) else None}
             for i, p in enumerate(prompts)
         ]

@@ -168,6 +168,21 @@ def spechub_select(p: torch.Tensor, child_tokens: Sequence[int], child_draft_pro
 
 
 # ---- exact one-step acceptance --------------------------------------------------------------------------
+def spechub_dominates(p: torch.Tensor, q: torch.Tensor) -> bool:
+    """A sufficient condition for SpecHub's two-draft acceptance to be at least that of RRS and of RRS
+    without replacement: TV(p, q) <= q(a), a the hub (derived here; the paper's own theorem was not at hand).
+
+    Why: all three accept sum_x min(p(x), q(x)) =: beta with the first draft (each first draft is marginally
+    q); a token x with p(x) > q(x) then adds at most min(p(x) - q(x), q(x) TV / (1 - q(a))) under RRS w/o
+    (the rejected first draft x1 has weight (q - p)+(x1), total TV = 1 - beta, and q(x1) <= q(a)),
+    at most min(p(x) - q(x), TV q(x)) under RRS, and exactly min(p(x) - q(x), q(x) q(a) / (1 - q(a))) under
+    SpecHub for x != a, while the hub itself gets all of p(a) under SpecHub. For RRS alone the weaker
+    TV <= q(a) / (1 - q(a)) suffices (for instance q(a) >= 1/2)."""
+    p = p.double()
+    q = q.double()
+    return 0.5 * float((p - q).abs().sum()) <= float(q.max()) + 1e-12
+
+
 def _without(q: torch.Tensor, token: int) -> torch.Tensor:
     rest = q.clone()
     rest[token] = 0.0
