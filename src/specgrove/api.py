@@ -10,6 +10,7 @@ import torch
 from specgrove.config import SpeculativeConfig
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.drafting.prompt_lookup import PromptLookupProposer
+from specgrove.drafting.sorted import sorted_proposer
 from specgrove.engine.engine import SpecEngine
 from specgrove.engine.metrics import SpecMetrics
 from specgrove.errors import IncompatibleModelsError
@@ -90,7 +91,7 @@ class LLM:
         self.speculative = SpeculativeConfig.from_any(speculative)
         if num_threads:
             torch.set_num_threads(num_threads)
-        uses_draft = self.speculative.method in ("draft_model", "tree")
+        uses_draft = self.speculative.method in ("draft_model", "tree", "sorted")
         if uses_draft and draft is None:
             if str(target) != defaults.DEFAULT_TARGET:
                 raise ValueError(f"method {self.speculative.method!r} needs a draft model: pass draft=<name, directory or .gguf>")
@@ -100,8 +101,11 @@ class LLM:
         self.draft: LoadedModel | None = None
         proposer = None
         if uses_draft:
-            self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256,
-                                    quantization=draft_quantization)
+            if isinstance(draft, LoadedModel):  # one loaded draft serving several targets (S2D)
+                self.draft = draft
+            else:
+                self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256,
+                                        quantization=draft_quantization)
             check_compatible(self.target, self.draft)
             shape = None
             if self.speculative.method == "tree":
@@ -113,7 +117,11 @@ class LLM:
                 else:
                     shape = TreeShape.parse(self.speculative.tree)
                     self.speculative.num_speculative_tokens = len(shape)
-            proposer = DraftModelProposer(self.draft, max_model_len, shape, self.speculative.tree_sampling)
+            if self.speculative.method == "sorted":
+                proposer = sorted_proposer(self.draft, max_model_len, self.speculative.sorted_exit,
+                                           self.speculative.sorted_thresholds)
+            else:
+                proposer = DraftModelProposer(self.draft, max_model_len, shape, self.speculative.tree_sampling)
         elif self.speculative.method == "prompt_lookup":
             proposer = PromptLookupProposer(self.speculative.prompt_lookup_min, self.speculative.prompt_lookup_max)
         self.engine = SpecEngine(self.target, proposer, self.speculative.num_speculative_tokens if proposer else 0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-METHODS = ("draft_model", "prompt_lookup", "tree")
+METHODS = ("draft_model", "prompt_lookup", "tree", "sorted")
 TREE_SAMPLING = ("without_replacement", "iid", "hub")
 
 
@@ -20,6 +20,11 @@ class SpeculativeConfig:
     # RRS) or "hub" (SpecHub's pairs at nodes with two children, without replacement elsewhere).
     tree: str | None = None
     tree_sampling: str = "without_replacement"
+    # method "sorted" (S2D): the draft is a sorted draft (specgrove.models.sorted); `sorted_exit` None drafts
+    # adaptively (each token from the first exit whose confidence reaches its threshold; `sorted_thresholds`
+    # overrides the draft's sorted.json, one per exit), an int drafts with that exit's sub-model alone.
+    sorted_exit: int | None = None
+    sorted_thresholds: list[float] | None = None
 
     @classmethod
     def from_any(cls, value) -> "SpeculativeConfig":
@@ -49,6 +54,12 @@ class SpeculativeConfig:
                 self.num_speculative_tokens = len(TreeShape.parse(self.tree))
         elif self.tree is not None:
             raise ValueError(f"a tree ({self.tree!r}) is given but the method is {self.method!r}; use method 'tree'")
+        if self.method != "sorted" and (self.sorted_exit is not None or self.sorted_thresholds is not None):
+            raise ValueError(f"sorted_exit / sorted_thresholds are options of method 'sorted', not {self.method!r}")
+        if self.sorted_exit is not None and self.sorted_thresholds is not None:
+            raise ValueError("sorted_thresholds are for adaptive drafting; a fixed sorted_exit uses none")
+        if self.sorted_exit is not None and (not isinstance(self.sorted_exit, int) or self.sorted_exit < 1):
+            raise ValueError(f"sorted_exit must be a layer count >= 1 (one of the draft's exits), got {self.sorted_exit!r}")
         if self.tree_sampling not in TREE_SAMPLING:
             raise ValueError(f"tree_sampling {self.tree_sampling!r} is unknown; use one of {', '.join(TREE_SAMPLING)}")
         if self.method not in (None, "none", *METHODS):

@@ -149,11 +149,18 @@ class LlamaModel:
                 )
             )
         self.norm = take("model.norm.weight")
-        if "lm_head.weight" in weights and not config.tie_word_embeddings:
+        self.head_token_ids = None  # a head cut to some tokens (sorted drafts, specgrove.models.sorted)
+        if "lm_head.token_ids" in weights:
+            self.head_token_ids = weights.pop("lm_head.token_ids").to(self.device, torch.int64)
+            if "lm_head.weight" not in weights:
+                raise ValueError("lm_head.token_ids needs its own lm_head.weight")
+        if "lm_head.weight" in weights and (not config.tie_word_embeddings or self.head_token_ids is not None):
             head = take("lm_head.weight")
         else:
             weights.pop("lm_head.weight", None)
             head = self.embed
+        if self.head_token_ids is not None and head.shape[0] != len(self.head_token_ids):
+            raise ValueError(f"lm_head.weight has {head.shape[0]} rows but lm_head.token_ids names {len(self.head_token_ids)}")
         self.lm_head = linear(head, None)
         inv_freq, self.attention_scaling = rope_inverse_frequencies(hf_config)
         self.inv_freq = inv_freq.to(self.device, torch.float32)
@@ -260,7 +267,6 @@ class LlamaModel:
         grown one level per forward); tree_mask is then [B, T, prior + T] over old and new uncommitted
         slots, and a later `commit` picks among all of them. Rows must have the same number of prior slots.
         """
-        c = self.config
         input_ids = input_ids.to(self.device)
         positions = positions.to(self.device)
         batch, num_tokens = input_ids.shape
@@ -270,9 +276,8 @@ class LlamaModel:
             raise ValueError("extend needs the same number of uncommitted slots in every row")
         cache.check_room(prior + num_tokens, rows)
         mask, span = self.build_attention_mask(cache, rows, num_tokens, tree_mask, prior)
-        groups = c.num_heads // c.num_kv_heads
         # GQA without repeating K/V: fold the query heads of a group into the query axis.
-        mask = mask.unsqueeze(2).expand(batch, 1, groups, num_tokens, span).reshape(batch, 1, groups * num_tokens, span)
+        mask = self.fold_groups(mask)
 
         all_rows = rows == list(range(cache.batch_size))
         row_index = torch.tensor(rows, device=self.device)
@@ -281,32 +286,10 @@ class LlamaModel:
         )
         write_rows = row_index[:, None].expand(batch, num_tokens)
 
-        cos, sin = self._rope(positions)
-        q_size = c.num_heads * c.head_dim
-        kv_size = c.num_kv_heads * c.head_dim
-        h = F.embedding(input_ids, self.embed)
-        for li, layer in enumerate(self.layers):
-            x = self._rms_norm(h, layer.input_norm)
-            qkv = layer.qkv(x)
-            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-            q = self._apply_rope(q.view(batch, num_tokens, c.num_heads, c.head_dim), cos, sin)
-            k = self._apply_rope(k.view(batch, num_tokens, c.num_kv_heads, c.head_dim), cos, sin)
-            v = v.view(batch, num_tokens, c.num_kv_heads, c.head_dim)
-            # Write the new keys/values into their slots ([B, S, H, D] views of the cache).
-            cache.k[li].permute(0, 2, 1, 3)[write_rows, slots] = k
-            cache.v[li].permute(0, 2, 1, 3)[write_rows, slots] = v
-            if all_rows:
-                keys, values = cache.k[li, :, :, :span], cache.v[li, :, :, :span]
-            else:
-                keys, values = cache.k[li, row_index, :, :span], cache.v[li, row_index, :, :span]
-            qg = q.view(batch, num_tokens, c.num_kv_heads, groups, c.head_dim).permute(0, 2, 3, 1, 4)
-            qg = qg.reshape(batch, c.num_kv_heads, groups * num_tokens, c.head_dim)
-            attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-            attn = attn.view(batch, c.num_kv_heads, groups, num_tokens, c.head_dim).permute(0, 3, 1, 2, 4)
-            h = h + layer.o(attn.reshape(batch, num_tokens, q_size))
-            x = self._rms_norm(h, layer.post_norm)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+        rope = self._rope(positions)
+        h = self.embed_tokens(input_ids)
+        for li in range(len(self.layers)):
+            h = self.layer_forward(li, h, rope, cache, write_rows, slots, mask, span, None if all_rows else row_index)
 
         for b, r in enumerate(rows):
             cache.pending[r] = prior + (num_tokens if num_new is None else num_new[b])
@@ -324,5 +307,74 @@ class LlamaModel:
         else:
             index = logits_at.to(self.device)
             h = torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
-        h = self._rms_norm(h, self.norm)
-        return self.lm_head(h).float()
+        return self.logits(h)
+
+    # ---- pieces of the forward (also used layer by layer by sorted drafts, specgrove.drafting.sorted) ----
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids.to(self.device), self.embed)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rope(positions.to(self.device))
+
+    def layer_forward(self, li: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
+                      write_rows: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, span: int,
+                      row_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer `li` over hidden states h [B, T, H]: writes the tokens' keys/values into cache slots
+        (write_rows, slots) [B, T] of layer li, attends over keys 0..span-1 of rows `row_index` (None = all
+        rows, in order) with the boolean mask [B, 1, groups * T, span] (query groups folded), returns h."""
+        c = self.config
+        batch, num_tokens = h.shape[:2]
+        groups = c.num_heads // c.num_kv_heads
+        q_size = c.num_heads * c.head_dim
+        kv_size = c.num_kv_heads * c.head_dim
+        cos, sin = rope
+        layer = self.layers[li]
+        x = self._rms_norm(h, layer.input_norm)
+        qkv = layer.qkv(x)
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = self._apply_rope(q.view(batch, num_tokens, c.num_heads, c.head_dim), cos, sin)
+        k = self._apply_rope(k.view(batch, num_tokens, c.num_kv_heads, c.head_dim), cos, sin)
+        v = v.view(batch, num_tokens, c.num_kv_heads, c.head_dim)
+        # Write the new keys/values into their slots ([B, S, H, D] views of the cache).
+        cache.k[li].permute(0, 2, 1, 3)[write_rows, slots] = k
+        cache.v[li].permute(0, 2, 1, 3)[write_rows, slots] = v
+        if row_index is None:
+            keys, values = cache.k[li, :, :, :span], cache.v[li, :, :, :span]
+        else:
+            keys, values = cache.k[li, row_index, :, :span], cache.v[li, row_index, :, :span]
+        qg = q.view(batch, num_tokens, c.num_kv_heads, groups, c.head_dim).permute(0, 2, 3, 1, 4)
+        qg = qg.reshape(batch, c.num_kv_heads, groups * num_tokens, c.head_dim)
+        attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        attn = attn.view(batch, c.num_kv_heads, groups, num_tokens, c.head_dim).permute(0, 3, 1, 2, 4)
+        h = h + layer.o(attn.reshape(batch, num_tokens, q_size))
+        x = self._rms_norm(h, layer.post_norm)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        return h + layer.down(F.silu(gate) * up)
+
+    def fold_groups(self, mask: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, S] boolean mask -> [B, 1, groups * T, S], as layer_forward takes it (GQA folded)."""
+        groups = self.config.num_heads // self.config.num_kv_heads
+        batch, _, num_tokens, span = mask.shape
+        return mask.unsqueeze(2).expand(batch, 1, groups, num_tokens, span).reshape(batch, 1, groups * num_tokens, span)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output layer, fp32 logits over the whole vocabulary. A head cut to some tokens
+        (`lm_head.token_ids`, sorted drafts) gives -inf elsewhere, so their probability is exactly 0."""
+        out = self.lm_head(self._rms_norm(h, self.norm)).float()
+        if self.head_token_ids is None:
+            return out
+        full = torch.full((*out.shape[:-1], self.vocab_size), float("-inf"), device=out.device)
+        full[..., self.head_token_ids] = out
+        return full
+
+    def truncated(self, depth: int) -> "LlamaModel":
+        """The sub-model of the first `depth` layers with the same final norm and head (weights shared)."""
+        if not 1 <= depth <= len(self.layers):
+            raise ValueError(f"a sub-model needs 1..{len(self.layers)} layers, got {depth}")
+        import copy
+
+        view = copy.copy(self)
+        view.layers = self.layers[:depth]
+        view.config = copy.copy(self.config)
+        view.config.num_layers = depth
+        return view
