@@ -17,6 +17,7 @@ from specgrove.models.loader import load_model
 from specgrove.models.sorted import SORTED_FILE, SortedSpec, build_sorted
 from specgrove.testing import make_tiny_model
 
+from conftest import DEVICE
 from test_engine import run, target_joint
 from test_exactness import max_difference, speculative_sequence_distribution, target_sequence_distribution
 
@@ -36,7 +37,7 @@ def sorted_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sorted_draft(sorted_dir):
-    return load_model(sorted_dir, dtype="float32", device="cpu")
+    return load_model(sorted_dir, dtype="float32", device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def shrunk_draft(sorted_dir, tmp_path_factory):
     """The same draft with its output layer cut to 5 of the 8 tokens (q = 0 on the others)."""
     out = build_sorted(sorted_dir, EXITS, tmp_path_factory.mktemp("shrunk") / "draft", thresholds=[0.85, 0.75, 0.0],
                        head_token_ids=[0, 2, 3, 5, 7])  # its exits are more confident: higher thresholds
-    return load_model(out, dtype="float32", device="cpu")
+    return load_model(out, dtype="float32", device=DEVICE)
 
 
 def full_logits(model, ids, depth):
@@ -60,7 +61,7 @@ def test_build_sorted_writes_a_loadable_truncated_model(sorted_dir, sorted_draft
     assert json.loads((sorted_dir / "config.json").read_text())["num_hidden_layers"] == 4
     assert sorted_draft.model.config.num_layers == 4 and sorted_spec(sorted_draft).exits == EXITS
     assert sorted_draft.tokenizer is not None
-    base = load_model(sorted_dir.parent / "base", dtype="float32")
+    base = load_model(sorted_dir.parent / "base", dtype="float32", device=DEVICE)
     ids = [1, 2, 3, 4, 5]
     for depth in EXITS:  # the sub-models are the base model's first layers with its norm and head
         assert torch.allclose(full_logits(sorted_draft.model, ids, depth), full_logits(base.model, ids, depth), atol=1e-5)
@@ -229,10 +230,10 @@ def test_adaptive_exit_follows_the_thresholds(tiny_target, sorted_draft):
 
 def test_llm_api_method_sorted(tiny_dirs, sorted_dir, sorted_draft):
     target = tiny_dirs["target"]
-    reference = LLM(target=target, dtype="float32").generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12))
-    adaptive = LLM(target=target, draft=sorted_dir, dtype="float32",
+    reference = LLM(target=target, dtype="float32", device=DEVICE).generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12))
+    adaptive = LLM(target=target, draft=sorted_dir, dtype="float32", device=DEVICE,
                    speculative={"method": "sorted", "num_speculative_tokens": 3})
-    fixed = LLM(target=target, draft=sorted_draft, dtype="float32",  # an already loaded draft, shared
+    fixed = LLM(target=target, draft=sorted_draft, dtype="float32", device=DEVICE,  # an already loaded draft, shared
                 speculative={"method": "sorted", "num_speculative_tokens": 3, "sorted_exit": 2})
     for llm in (adaptive, fixed):
         out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12))[0]

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from specgrove.models import defaults
 
     parser = argparse.ArgumentParser(prog="specgrove", description="Lossless speculative decoding engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,models}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,train-sorted,models}")
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", default=defaults.DEFAULT_TARGET,
@@ -63,13 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--chat", help="a user message, sent through the target's chat template")
     source.add_argument("--prompt-ids", type=_int_list, help="the prompt as token ids, e.g. 1,2,3 (models without a tokenizer)")
     model_options(g)
-    g.add_argument("--method", choices=("draft_model", "prompt_lookup", "tree", "none"), default="draft_model")
+    g.add_argument("--method", choices=("draft_model", "prompt_lookup", "tree", "sorted", "none"), default="draft_model")
     g.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
     g.add_argument("--tree", default=None, help="method tree: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
                                                 "from `specgrove tune`, or auto")
     g.add_argument("--tree-sampling", choices=TREE_SAMPLING, default="without_replacement",
                    help="how a node's children are drawn and verified: without_replacement (Sequoia, RRS "
                         "without replacement), iid (SpecInfer's RRS) or hub (SpecHub's pairs)")
+    g.add_argument("--sorted-exit", type=int, default=None,
+                   help="method sorted (S2D; --draft is a sorted draft): draft with this exit alone (default: adaptive)")
+    g.add_argument("--sorted-thresholds", type=_float_list, default=None,
+                   help="method sorted, adaptive: confidence threshold per exit, e.g. 0.6,0.6,0 (default: the draft's)")
     g.add_argument("--prompt-lookup-min", type=int, default=1)
     g.add_argument("--prompt-lookup-max", type=int, default=3)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -148,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the report")
     md.set_defaults(func=cmd_multidraft)
 
+    from specgrove.train.cli import add_parser as add_train_sorted
+
+    add_train_sorted(sub)
+
     m = sub.add_parser("models", help="list, fetch or verify the built-in models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="{list,fetch,verify}")
     msub.add_parser("list", help="the built-in models and their cache state").set_defaults(func=cmd_models_list)
@@ -176,10 +184,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "num_speculative_tokens": args.num_speculative_tokens,
         "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max,
         "tree": args.tree, "tree_sampling": args.tree_sampling,
+        "sorted_exit": args.sorted_exit, "sorted_thresholds": args.sorted_thresholds,
     })
     # A missing target is the more basic mistake: report it before the draft-model requirement.
     resolve_model_dir(args.target)
-    if spec.method in ("draft_model", "tree") and args.draft is None and args.target != defaults.DEFAULT_TARGET:
+    if spec.method in ("draft_model", "tree", "sorted") and args.draft is None and args.target != defaults.DEFAULT_TARGET:
         raise ValueError(f"--method {spec.method} needs --draft when the target is not the default "
                          f"({defaults.DEFAULT_TARGET}); or use --method prompt_lookup or --method none")
     llm = LLM(target=args.target, draft=args.draft, speculative=spec, dtype=args.dtype, device=args.device,

@@ -1,0 +1,389 @@
+"""Sorted fine-tuning (specgrove.train) on tiny models: batched distillation equals one-prompt greedy
+decoding, the SoFT loss falls, an interrupted run resumes to the same weights, the trained directory
+loads and its sub-models give the trainer's exit logits, a shrunk head keeps exactly the chosen tokens,
+and `train-sorted` runs end to end."""
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specgrove.engine.engine import SpecEngine
+from specgrove.errors import IncompatibleModelsError, ModelNotFoundError
+from specgrove.models.loader import load_model
+from specgrove.sampling import SamplingParams
+from specgrove.testing import make_tiny_model
+from specgrove.train import cli as train_cli
+from specgrove.train import data, soft
+
+VOCAB = 10
+EOS = 3
+EXITS = [1, 2, 4]
+MAX_NEW = 16
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not suffer from a busy machine's other load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "target": make_tiny_model(root / "target", "qwen2", VOCAB, seed=0, init_scale=2.0, num_hidden_layers=4,
+                                  with_tokenizer=True, eos_token_id=EOS),
+        "init": make_tiny_model(root / "init", "qwen2", VOCAB, seed=1, num_hidden_layers=4, with_tokenizer=True),
+        "other_vocab": make_tiny_model(root / "other", "qwen2", VOCAB + 2, seed=2, num_hidden_layers=2,
+                                       with_tokenizer=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def target(dirs):
+    return load_model(dirs["target"], dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def samples(target, tmp_path_factory):
+    path = tmp_path_factory.mktemp("samples") / "samples.jsonl"
+    return data.distill(target, _prompts(48), path, max_new_tokens=MAX_NEW, batch_size=8, progress=False)
+
+
+def _settings(**overrides) -> soft.SoftSettings:
+    kwargs = dict(lr=3e-3, max_steps=12, batch_size=8, save_every=4, seed=0)
+    kwargs.update(overrides)
+    return soft.SoftSettings(**kwargs)
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / soft.TRAIN_LOG).read_text().splitlines()]
+
+
+# ---- (a) distillation data --------------------------------------------------------------------------
+def test_batched_generation_equals_one_prompt_at_a_time(target):
+    """Prompts of 1..9 tokens, 4 cache rows refilled as rows finish, EOS stops: every output equals the
+    engine's plain greedy decoding of that prompt alone (same ids, EOS included)."""
+    prompts = _prompts(10, seed=3)
+    assert len({len(p) for p in prompts}) >= 4
+    done_order = []
+    outputs = data.batched_generate(target.model, prompts, MAX_NEW, eos_ids=[EOS], batch_size=4,
+                                    on_done=lambda i, out, reason: done_order.append((i, reason)))
+    engine = SpecEngine(target, None, 0, 64)
+    for prompt, output in zip(prompts, outputs):
+        seq = engine.generate(engine.new_sequence(prompt, SamplingParams(temperature=0, max_tokens=MAX_NEW)))
+        assert output == list(seq.output_ids)
+    reasons = dict(done_order)
+    assert sorted(reasons) == list(range(len(prompts)))
+    assert any(r == "stop" for r in reasons.values()) and any(r == "length" for r in reasons.values())
+    for i, out in enumerate(outputs):
+        assert EOS not in out[:-1]
+        assert (out[-1] == EOS) == (reasons[i] == "stop") and (reasons[i] == "stop" or len(out) == MAX_NEW)
+
+
+def test_sampled_generation_does_not_depend_on_the_batch(target):
+    prompts = _prompts(6, seed=4)
+    batched = data.batched_generate(target.model, prompts, 12, [EOS], batch_size=3, temperature=1.0, seed=7)
+    alone = [data.batched_generate(target.model, [p], 12, [EOS], batch_size=1, temperature=1.0, seeds=[7 + i])[0]
+             for i, p in enumerate(prompts)]
+    greedy = data.batched_generate(target.model, prompts, 12, [EOS], batch_size=3)
+    assert batched == alone and batched != greedy
+
+
+def test_distill_resumes_and_skips_done_prompts(target, tmp_path):
+    prompts = _prompts(8, seed=5)
+    path = tmp_path / "s.jsonl"
+    first = data.distill(target, prompts[:5], path, max_new_tokens=8, batch_size=4, progress=False)
+    with open(path, "a") as f:
+        f.write('{"target": "cut off mid-wri')  # an interrupted write
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return target
+
+    both = data.distill(loader, prompts, path, max_new_tokens=8, batch_size=4, progress=False,
+                        name=target.name, eos_ids=[EOS])
+    assert loads == [1] and both[:5] == first
+    lines = path.read_text().splitlines()
+    assert len(lines) == 8 and all(json.loads(line)["target"] == target.name for line in lines)
+    again = data.distill(loader, prompts, path, max_new_tokens=8, batch_size=4, progress=False,
+                         name=target.name, eos_ids=[EOS])
+    assert loads == [1] and again == both  # nothing left to generate: the target is not even loaded
+    said = []
+    data.distill(loader, prompts, path, max_new_tokens=9, progress=False, name=target.name, eos_ids=[EOS],
+                 log=said.append)
+    assert loads == [1] and any("other settings" in m for m in said)
+    assert [s.output_ids for s in both] == data.batched_generate(target.model, prompts, 8, [EOS], batch_size=8)
+
+
+# ---- (b) the loss falls ----------------------------------------------------------------------------
+def _data_loss(init: soft.InitModel, samples) -> list[float]:
+    """Each exit's mean CE over every continuation token of the samples."""
+    model = soft.SortedTrainModel(init.config, init.weights, init.spec.exits)
+    with torch.no_grad():
+        return model.loss(*soft.collate(soft.build_examples(samples, 1024)))[1].tolist()
+
+
+def test_soft_loss_goes_down(dirs, samples, tmp_path):
+    init = soft.load_init(dirs["init"], EXITS)
+    result = soft.train_soft(init, samples, tmp_path / "out", _settings(max_steps=40, save_every=100),
+                             eos_ids=[EOS], progress=False)
+    assert result["status"] == "completed"
+    before, after = _data_loss(init, samples), _data_loss(soft.load_init(tmp_path / "out"), samples)
+    for exit_, b, a in zip(EXITS, before, after):
+        assert a < 0.5 * b, (exit_, before, after)
+    log = _log(tmp_path / "out")
+    assert [r["step"] for r in log] == list(range(1, 41))
+    assert sum(r["loss"] for r in log[-10:]) / 10 < 0.7 * sum(r["loss"] for r in log[:4]) / 4
+    assert log[-1]["tokens"] > log[0]["tokens"] > 0
+    assert max(r["lr"] for r in log) == pytest.approx(3e-3) and log[-1]["lr"] < 3e-4
+
+
+def test_examples_train_on_the_continuation_only():
+    long = data.Sample("t", list(range(10, 20)), list(range(20, 30)))
+    short = data.Sample("t", [1, 2], [3, 4, 5])
+    empty = data.Sample("t", [1, 2], [])
+    examples = soft.build_examples([long, short, empty], max_len=8)
+    assert [(e.ids, e.first) for e in examples] == [([16, 17, 18, 19, 20, 21, 22, 23], 4), ([1, 2, 3, 4, 5], 2)]
+    ids, labels = soft.collate(examples)
+    assert ids.tolist() == [[16, 17, 18, 19, 20, 21, 22, 23], [1, 2, 3, 4, 5, 0, 0, 0]]
+    assert labels.tolist() == [[-100] * 4 + [20, 21, 22, 23], [-100, -100, 3, 4, 5, -100, -100, -100]]
+
+
+def test_chunked_loss_equals_the_plain_loss(dirs, samples, monkeypatch):
+    """The head's logits are made CE_CHUNK tokens at a time and recomputed in backward: same loss and
+    gradients as all at once."""
+    init = soft.load_init(dirs["init"], EXITS)
+    batch = soft.collate(soft.build_examples(samples[:8], 1024))
+    results = []
+    for chunk in (10_000, 7):
+        monkeypatch.setattr(soft, "CE_CHUNK", chunk)
+        model = soft.SortedTrainModel(init.config, init.weights, EXITS)
+        loss, per_exit, count = model.loss(*batch)
+        loss.backward()
+        results.append((per_exit, {n: p.grad.clone() for n, p in model.lm.named_parameters()}, count))
+    (plain, plain_grads, count), (chunked, chunked_grads, _) = results
+    assert count == sum(len(s.output_ids) for s in samples[:8]) > 3 * 7  # continuation tokens only
+    torch.testing.assert_close(plain, chunked, atol=1e-6, rtol=1e-6)
+    for name in plain_grads:
+        torch.testing.assert_close(plain_grads[name], chunked_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_autocast_trains(dirs, samples, tmp_path):
+    init = soft.load_init(dirs["init"], EXITS)
+    soft.train_soft(init, samples, tmp_path / "out", _settings(max_steps=20, save_every=100, dtype="bfloat16",
+                                                               save_dtype="bfloat16"), progress=False)
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    before, after = _data_loss(init, samples), _data_loss(soft.load_init(tmp_path / "out"), samples)
+    assert all(a < 0.7 * b for a, b in zip(after, before)), (before, after)
+
+
+# ---- (c) resume ------------------------------------------------------------------------------------
+def test_interrupted_run_resumes_to_the_same_weights(dirs, samples, tmp_path, monkeypatch):
+    """12 steps straight vs a run killed during step 7 (last checkpoint: step 4) and started again:
+    the weights agree to max |diff| <= 1e-6 (fp32; in practice bitwise) and so do the logged losses."""
+    init = soft.load_init(dirs["init"], EXITS)
+    straight = tmp_path / "straight"
+    soft.train_soft(init, samples, straight, _settings(), progress=False)
+
+    resumed = tmp_path / "resumed"
+    real_lr_at = soft.lr_at
+
+    def dying_lr_at(step, *args):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(soft, "lr_at", dying_lr_at)
+    with pytest.raises(KeyboardInterrupt):
+        soft.train_soft(init, samples, resumed, _settings(), progress=False)
+    monkeypatch.setattr(soft, "lr_at", real_lr_at)
+    state = json.loads((resumed / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and not state["completed"] and len(_log(resumed)) == 6
+    assert set(load_file(str(resumed / "checkpoint" / "optimizer.safetensors"))) >= {
+        "model.norm.weight.exp_avg", "lm_head.weight.exp_avg_sq", "rng.torch"}
+
+    result = soft.train_soft(init, samples, resumed, _settings(), progress=False)
+    assert result["status"] == "completed" and result["steps"] == 12
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [r["loss"] for r in _log(straight)] == pytest.approx([r["loss"] for r in _log(resumed)], abs=1e-6)
+    assert [r["step"] for r in _log(resumed)] == list(range(1, 13))
+    # The finished run keeps only its state; asking again does not train again.
+    assert sorted(p.name for p in (resumed / "checkpoint").iterdir()) == ["state.json"]
+    assert soft.train_soft(init, samples, resumed, _settings(), progress=False)["status"] == "already-completed"
+    # A checkpoint is never continued with other settings.
+    soft.train_soft(init, samples, tmp_path / "other", _settings(), progress=False, stop_after=2)
+    with pytest.raises(Exception, match="other settings or data"):
+        soft.train_soft(init, samples, tmp_path / "other", _settings(lr=1e-3), progress=False)
+
+
+# ---- (d) the output loads and its sub-models are the trainer's exits -------------------------------
+def _check_exits_match(out: Path, ids: torch.Tensor) -> list[torch.Tensor]:
+    trained = soft.load_init(out)
+    model = soft.SortedTrainModel(trained.config, trained.weights, trained.spec.exits)
+    mine = model.exit_logits(ids)
+    loaded = load_model(out, dtype="float32")
+    assert loaded.is_fast and loaded.model.config.num_layers == EXITS[-1]
+    for exit_, logits in zip(EXITS, mine):
+        sub = loaded.model.truncated(exit_)
+        ref = sub.forward(ids, torch.arange(ids.shape[1])[None], sub.new_cache(1, ids.shape[1]))
+        assert torch.equal(torch.isinf(ref), torch.isinf(logits))
+        torch.testing.assert_close(ref, logits, atol=1e-4, rtol=0)
+    return mine
+
+
+def test_trained_draft_loads_and_its_sub_models_match_the_trainer(dirs, samples, tmp_path):
+    out = tmp_path / "out"
+    soft.train_soft(soft.load_init(dirs["init"], EXITS), samples, out, _settings(max_steps=5), progress=False)
+    spec = json.loads((out / "sorted.json").read_text())
+    assert spec["exits"] == EXITS and spec["head_tokens"] is None and spec["extra"]["soft"]["steps"] == 5
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 4, 2]])
+    mine = _check_exits_match(out, ids)
+    # The exits really differ (the test would pass trivially if every exit were the last one).
+    assert (mine[0] - mine[-1]).abs().max() > 1e-2
+    # The exit-l hidden state is layer l's output, not transformers' normed last hidden state.
+    trained = soft.load_init(out)
+    model = soft.SortedTrainModel(trained.config, trained.weights, trained.spec.exits)
+    torch.testing.assert_close(model.lm(ids).logits, mine[-1], atol=1e-5, rtol=0)
+
+
+# ---- (e) a shrunk head ------------------------------------------------------------------------------
+def test_head_tokens_keep_the_most_frequent_tokens_and_eos(dirs, samples, tmp_path):
+    counts = Counter()
+    for s in samples:
+        counts.update(s.prompt_ids + s.output_ids)
+    ranked = sorted((t for t in range(VOCAB) if t != EOS), key=lambda t: (-counts[t], t))
+    expected = sorted([EOS] + ranked[:4])
+    assert expected != list(range(5))  # frequency, not id order, decides (a precondition of the data)
+    out = tmp_path / "out"
+    soft.train_soft(soft.load_init(dirs["init"], EXITS), samples, out, _settings(max_steps=4, head_tokens=5),
+                    eos_ids=[EOS], progress=False)
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights["lm_head.token_ids"].tolist() == expected and weights["lm_head.weight"].shape[0] == 5
+    assert json.loads((out / "sorted.json").read_text())["head_tokens"] == 5
+
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    mine = _check_exits_match(out, ids)
+    loaded = load_model(out, dtype="float32")
+    outside = [t for t in range(VOCAB) if t not in expected]
+    for exit_ in EXITS:
+        sub = loaded.model.truncated(exit_)
+        probs = torch.softmax(sub.forward(ids, torch.arange(10)[None], sub.new_cache(1, 10)), -1)
+        assert torch.all(probs[..., outside] == 0) and torch.all(probs[..., expected] > 0)
+    assert all(torch.isfinite(m[..., expected]).all() for m in mine)
+
+    # Targets outside the head are left out of the loss.
+    model = soft.SortedTrainModel(soft.load_init(out).config, weights, EXITS)
+    labels = torch.tensor([[-100] + [outside[0]] * 4])
+    assert model.loss(torch.tensor([[0, 1, 2, 4, 5]]), labels)[2] == 0
+    labels[0, 2] = expected[0]
+    assert model.loss(torch.tensor([[0, 1, 2, 4, 5]]), labels)[2] == 1
+
+
+def test_spec_bench_prompts_skip_the_benchmark_questions(monkeypatch):
+    """`--data spec-bench` without --num-prompts asks tune_prompts (questions 21..) for all the rest."""
+    from specgrove.bench.spec_bench import find_spec_bench, load_questions
+    from specgrove.trees import tuning
+
+    try:
+        total = len(load_questions(find_spec_bench(), None))
+    except Exception:
+        pytest.skip("no Spec-Bench question file here")
+    asked = []
+    monkeypatch.setattr(tuning, "tune_prompts", lambda target, n, data=None: asked.append(n) or [[1]] * n)
+    assert len(data.spec_bench_prompts(object(), None)) == total - tuning.TUNE_PROMPT_OFFSET
+    assert len(data.spec_bench_prompts(object(), 3)) == 3 and asked == [total - 20, 3]
+
+
+# ---- (f) the command --------------------------------------------------------------------------------
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="specgrove")
+    train_cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_train_sorted_command_end_to_end(dirs, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "abcab"}, {"prompt": "jjahd"}, {"prompt_ids": [1, 2, 3]}, {"prompt": "fgfgf"}, {"prompt": "e"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "out"
+    argv = ["train-sorted", "--init", str(dirs["init"]), "--exits", "1,2,4", "--targets", str(dirs["target"]),
+            "--data", str(prompts), "--max-new-tokens", "10", "--out", str(out), "--max-steps", "6",
+            "--batch-size", "2", "--save-every", "2", "--target-dtype", "float32", "--no-progress"]
+    args = _parse(argv)
+    assert args.func is train_cli.cmd_train_sorted
+    assert train_cli.cmd_train_sorted(args) == 0
+
+    samples = data.read_samples(out / "samples.jsonl")
+    by_index = {s.meta["prompt_index"]: s for s in samples}
+    assert len(samples) == 5 and by_index[0].prompt_ids == [0, 1, 2, 0, 1]  # "abcab" via the letter tokenizer
+    assert by_index[2].prompt_ids == [1, 2, 3]
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert set(log[0]) >= {"step", "loss", "loss_exits", "lr", "tokens", "elapsed_s"}
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["exits"] == EXITS and config["settings"]["batch_size"] == 2 and config["total_steps"] == 6
+    assert config["data"]["samples"] == 5 and config["data"]["loss_tokens"] == sum(len(s.output_ids) for s in samples)
+    assert config["torch"] == torch.__version__ and EOS in config["eos_ids"]
+    spec = json.loads((out / "sorted.json").read_text())
+    assert spec["exits"] == EXITS and spec["extra"]["soft"]["data"]["targets"] == [str(dirs["target"])]
+    assert load_model(out, dtype="float32").model.config.num_layers == 4
+
+    # The same command again: nothing to generate or train.
+    assert train_cli.cmd_train_sorted(_parse(argv)) == 0
+    assert len(_log(out)) == 6 and len((out / "samples.jsonl").read_text().splitlines()) == 5
+
+    # The samples file can be the data of another run, without targets.
+    args = _parse(["train-sorted", "--init", str(out), "--data", str(out / "samples.jsonl"), "--out",
+                   str(tmp_path / "again"), "--max-steps", "2", "--no-progress"])
+    assert train_cli.cmd_train_sorted(args) == 0
+    assert json.loads((tmp_path / "again" / "sorted.json").read_text())["exits"] == EXITS
+
+
+def test_train_sorted_rejects_bad_input_with_advice(dirs, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "abc"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    base = ["train-sorted", "--init", str(dirs["init"]), "--exits", "1,2,4", "--targets", str(dirs["target"]),
+            "--data", str(prompts), "--out", str(tmp_path / "out"), "--max-steps", "1", "--no-progress"]
+
+    def run(**changes):
+        argv = list(base)
+        for flag, value in changes.items():
+            argv[argv.index(flag) + 1] = value
+        return train_cli.cmd_train_sorted(_parse(argv))
+
+    with pytest.raises(ModelNotFoundError, match="built-in name"):
+        run(**{"--init": "no-such-model"})
+    with pytest.raises(ModelNotFoundError):
+        run(**{"--targets": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="deeper than .* 4 layers"):
+        run(**{"--exits": "1,2,8"})
+    with pytest.raises(ValueError, match="increasing"):
+        run(**{"--exits": "2,1"})
+    with pytest.raises(IncompatibleModelsError, match="same|share"):
+        run(**{"--targets": str(dirs["other_vocab"])})
+    with pytest.raises(ValueError, match="no prompts"):
+        run(**{"--data": str(empty)})
+    with pytest.raises(ValueError, match="pass --exits"):
+        train_cli.cmd_train_sorted(_parse([a for a in base if a not in ("--exits", "1,2,4")]))
+    assert not (tmp_path / "out" / "samples.jsonl").exists()  # every check comes before any generation
