@@ -241,3 +241,49 @@ def test_llm_api_method_sorted(tiny_dirs, sorted_dir, sorted_draft):
     assert fixed.draft is sorted_draft
     with pytest.raises(ValueError, match="options of method 'sorted'"):
         LLM(target=target, speculative={"method": "draft_model", "sorted_exit": 2})
+
+
+# ---- the benchmark: sorted methods, several targets sharing one draft -----------------------------------
+def test_bench_sorted_methods(tiny_dirs, sorted_draft):
+    from specgrove.bench.spec_bench import print_report, run_bench
+
+    result = run_bench(tiny_dirs["target"], prompts=[[1, 2, 3, 4, 1, 2, 3], [5, 6, 7]],
+                       methods=["plain", "sorted", "sorted@1", "sorted@4"], max_new_tokens=16, dtype="float32",
+                       device=DEVICE, measure_bandwidth=False, progress=False, log=lambda m: None, sorted_draft=sorted_draft)
+    figures = result["methods"]
+    for method in ("sorted", "sorted@1", "sorted@4"):
+        assert figures[method]["identical_to_baseline"] is True and figures[method]["mean_accept_length"] >= 1.0
+    counts = figures["sorted"]["exit_counts"]
+    assert set(counts) <= {"1", "2", "4"} and sum(counts.values()) > 0 and "exit_counts" not in figures["sorted@1"]
+    assert result["config"]["sorted_draft"] == str(sorted_draft.path)
+    print_report(result)
+    with pytest.raises(ValueError, match="sorted draft"):
+        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted"], measure_bandwidth=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@x"], measure_bandwidth=False)
+
+
+def test_bench_cli_several_targets_share_one_sorted_draft(tiny_dirs, sorted_dir, monkeypatch, capsys, tmp_path):
+    import specgrove.bench.spec_bench as spec_bench
+    from specgrove.cli import main
+    from specgrove.models import defaults
+
+    calls = []
+
+    def fake_run_bench(target, draft, **kwargs):
+        calls.append((target, kwargs["methods"], kwargs["sorted_draft"]))
+        return {"config": {"num_prompts": 0, "target": target, "dtype": "float32", "device": "cpu",
+                           "num_speculative_tokens": 4, "max_new_tokens": 1, "temperature": 0, "warmup": 0,
+                           "categories": [], "wall_time_s": 0.0},
+                "machine": {}, "methods": {}}
+
+    monkeypatch.setattr(spec_bench, "run_bench", fake_run_bench)
+    out = tmp_path / "r.json"
+    code = main(["bench", "--targets", f"{tiny_dirs['target']},{defaults.DEFAULT_DRAFT}", "--sorted-draft",
+                 str(sorted_dir), "--methods", "plain,sorted,draft_model", "--dtype", "float32", "--json", str(out)])
+    assert code == 0
+    assert [c[0] for c in calls] == [str(tiny_dirs["target"]), defaults.DEFAULT_DRAFT]
+    assert calls[0][1] == ["plain", "sorted", "draft_model"]
+    assert calls[1][1] == ["plain", "sorted"]  # the default draft as target: no draft_model against itself
+    assert calls[0][2] is calls[1][2] and calls[0][2].path == sorted_dir  # loaded once
+    assert set(json.loads(out.read_text())["targets"]) == {str(tiny_dirs["target"]), defaults.DEFAULT_DRAFT}

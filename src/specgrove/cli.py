@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=None)
     b.add_argument("--warmup", type=int, default=1, help="warm-up prompts per method, excluded from figures (default 1)")
+    b.add_argument("--sorted-draft", default=None, metavar="DIR",
+                   help="the sorted draft (S2D) of the methods sorted and sorted@L (made by `specgrove train-sorted`)")
+    b.add_argument("--targets", type=_name_list, default=None,
+                   help="several targets, one after the other in this process, sharing one loaded sorted draft "
+                        "(S2D's multi-target report); overrides --target")
     b.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement")
     b.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full results as JSON")
     b.set_defaults(func=cmd_bench)
@@ -239,19 +244,36 @@ def format_stats(metrics, method: str, k: int, finish_reason: str | None) -> str
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from specgrove.bench.spec_bench import print_report, run_bench
+    from specgrove.bench.spec_bench import needs_draft, print_report, run_bench
+    from specgrove.models import defaults
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    result = run_bench(
-        args.target, args.draft, methods=args.methods, data=args.data, limit=args.limit, categories=args.categories,
-        num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
-        prompt_lookup_max=args.prompt_lookup_max, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        seed=args.seed, dtype=args.dtype, device=args.device, warmup=args.warmup,
-        measure_bandwidth=not args.no_bandwidth, tree_acceptance=args.tree_acceptance,
-        quantization=args.quantization, draft_quantization=args.draft_quantization,
-    )
-    print_report(result)
+    sorted_draft = args.sorted_draft
+    if args.targets and sorted_draft is not None:
+        from specgrove.models.loader import load_model
+
+        sorted_draft = load_model(sorted_draft, dtype=args.dtype, device=args.device,
+                                  quantization=args.draft_quantization)  # loaded once, shared by every target
+    results = {}
+    for target in args.targets or [args.target]:
+        methods = list(args.methods)
+        if args.targets and args.draft is None and target == defaults.DEFAULT_DRAFT:
+            skipped = [m for m in methods if needs_draft(m)]
+            methods = [m for m in methods if m not in skipped]
+            if skipped:
+                print(f"[specgrove] target {target} is the default draft itself: skipping {', '.join(skipped)}",
+                      file=sys.stderr)
+        results[target] = run_bench(
+            target, args.draft, methods=methods, data=args.data, limit=args.limit, categories=args.categories,
+            num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
+            prompt_lookup_max=args.prompt_lookup_max, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            seed=args.seed, dtype=args.dtype, device=args.device, warmup=args.warmup,
+            measure_bandwidth=not args.no_bandwidth, tree_acceptance=args.tree_acceptance,
+            quantization=args.quantization, draft_quantization=args.draft_quantization, sorted_draft=sorted_draft,
+        )
+        print_report(results[target])
+    result = {"targets": results} if args.targets else results[args.target]
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

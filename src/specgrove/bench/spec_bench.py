@@ -10,6 +10,9 @@ Methods
   rrs:SPEC          the same tree, children i.i.d. and verified by recursive rejection sampling (SpecInfer)
   rrs_wo:SPEC       the same as tree:SPEC under the multi-draft name (RRS without replacement)
   spechub:SPEC      the same tree, SpecHub's hub pairs at nodes with two children (binary trees: kary:2xD)
+  sorted            S2D: the sorted draft (`sorted_draft`, specgrove.models.sorted) drafting a chain of k
+                    adaptively, each token from the first exit confident enough (its sorted.json thresholds)
+  sorted@L          the same sorted draft's exit L alone (its first L layers + the shared head), a chain of k
   hf_plain          transformers' generate() on the same weights: the baseline of the hf_* methods
   hf_assisted       transformers' assisted generation with the same draft, a fixed k
   hf_prompt_lookup  transformers' prompt lookup decoding, k tokens
@@ -66,6 +69,23 @@ def baseline_of(method: str) -> str:
 def needs_draft(method: str) -> bool:
     return method in ("draft_model", "hf_assisted") or is_tree_method(method)
 
+
+def sorted_exit_of(method: str) -> int | None:
+    """None for `sorted` (adaptive), L for `sorted@L`; ValueError for anything else."""
+    if method == "sorted":
+        return None
+    if method.startswith("sorted@") and method[len("sorted@"):].isdigit():
+        return int(method[len("sorted@"):])
+    raise ValueError(f"{method!r} is not a sorted-draft method; use sorted or sorted@L")
+
+
+def is_sorted_method(method: str) -> bool:
+    try:
+        sorted_exit_of(method)
+        return True
+    except ValueError:
+        return False
+
 SPEC_BENCH_ENV = "SPECGROVE_SPEC_BENCH"
 SPEC_BENCH_RELATIVE = Path("shared/data/spec_bench/question.jsonl")
 WARMUP_MAX_NEW_TOKENS = 32  # a warm-up only has to touch every code path once
@@ -86,6 +106,7 @@ class MethodRun:
     outputs: list[list[int]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     metrics: list[SpecMetrics | None] = field(default_factory=list)
+    exit_counts: dict | None = None  # sorted drafts: draft tokens per exit
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
@@ -174,10 +195,10 @@ def _as_prompts(prompts: Sequence[BenchPrompt | Sequence[int]]) -> list[BenchPro
 
 def _ordered_methods(methods: Sequence[str]) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
-    unknown = [m for m in methods if m not in DEFAULT_METHODS and not is_tree_method(m)]
+    unknown = [m for m in methods if m not in DEFAULT_METHODS and not is_tree_method(m) and not is_sorted_method(m)]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS)}, tree:SPEC, "
-                         "rrs:SPEC, rrs_wo:SPEC or spechub:SPEC")
+                         "rrs:SPEC, rrs_wo:SPEC, spechub:SPEC, sorted or sorted@L")
     if not methods:
         raise ValueError(f"no methods given; use some of {', '.join(DEFAULT_METHODS)}")
     for m in methods:
@@ -187,7 +208,8 @@ def _ordered_methods(methods: Sequence[str]) -> list[str]:
     for m in list(methods):
         if baseline_of(m) not in methods:
             methods.append(baseline_of(m))
-    order = list(ENGINE_METHODS) + [m for m in methods if is_tree_method(m)] + list(HF_METHODS)
+    order = (list(ENGINE_METHODS) + [m for m in methods if is_tree_method(m)] + [m for m in methods if is_sorted_method(m)]
+             + list(HF_METHODS))
     return [m for m in order if m in methods]
 
 
@@ -309,6 +331,8 @@ def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bo
 
         entry = {"baseline": baseline_of(method), **figures(all_idx)}
         entry["per_category"] = {c: figures([i for i, p in enumerate(prompts) if p.category == c]) for c in categories}
+        if run.exit_counts is not None:
+            entry["exit_counts"] = run.exit_counts
         entry["per_prompt"] = [
             {"question_id": p.question_id, "category": p.category, "generated_tokens": len(run.outputs[i]),
              "time_s": run.seconds[i],
@@ -346,11 +370,14 @@ def run_bench(
     tree_acceptance: str | os.PathLike | None = None,
     quantization: str | None = None,
     draft_quantization: str | None = None,
+    sorted_draft=None,
 ) -> dict:
     """Run every method in `methods` over the prompts and return the figures (see the module docstring).
 
     `prompts`: token-id prompts (BenchPrompt, or plain lists of ids, category "custom") instead of
     Spec-Bench questions; then `data`, `limit` and `categories` are unused and no tokenizer is needed.
+    `sorted_draft` (a path or an already loaded LoadedModel, so one copy can serve several targets) is
+    the draft of the sorted / sorted@L methods.
     The target (and the draft, when a method needs one) are loaded once and shared by the engine methods;
     the hf_* methods load transformers models from the same converted directories afterwards.
     """
@@ -384,6 +411,10 @@ def run_bench(
         data_path = find_spec_bench(data)
         questions = load_questions(data_path, limit, categories)
     drafted = [m for m in methods if needs_draft(m)]
+    sorted_methods = [m for m in methods if is_sorted_method(m)]
+    if sorted_methods and sorted_draft is None:
+        raise ValueError(f"methods {', '.join(sorted_methods)} need a sorted draft: pass --sorted-draft DIR "
+                         "(made by `specgrove train-sorted`)")
     if drafted and draft is None:
         if str(target) != defaults.DEFAULT_TARGET:
             raise ValueError(f"methods {', '.join(drafted)} need a draft model: pass --draft")
@@ -411,6 +442,13 @@ def run_bench(
         draft_model = load_model(draft, dtype=dtype, device=device, quantization=draft_quantization)
         check_compatible(target_model, draft_model)
         say(f"loaded draft {draft_model.name} in {draft_model.load_seconds:.1f} s")
+    sorted_model = None
+    if sorted_methods:
+        from specgrove.models.loader import LoadedModel
+
+        sorted_model = sorted_draft if isinstance(sorted_draft, LoadedModel) else load_model(
+            sorted_draft, dtype=dtype, device=device, quantization=draft_quantization)
+        check_compatible(target_model, sorted_model)
 
     bench_prompts = encode_questions(questions, target_model.tokenizer) if prompts is None else _as_prompts(prompts)
     k = num_speculative_tokens
@@ -433,13 +471,19 @@ def run_bench(
         elif method in shapes:
             proposer = DraftModelProposer(draft_model, max_model_len, shapes[method], tree_sampling_of(method))
             num_draft = _max_nodes(shapes[method])
+        elif is_sorted_method(method):
+            from specgrove.drafting.sorted import sorted_proposer
+
+            proposer, num_draft = sorted_proposer(sorted_model, max_model_len, sorted_exit_of(method)), k
         engine = SpecEngine(target_model, proposer, num_draft, max_model_len)
         runs[method] = _run_engine_method(engine, bench_prompts, params, warmup_params, warmup, progress, method)
+        if hasattr(proposer, "exit_counts"):  # adaptive sorted drafting: how often each exit drafted (warm-up too)
+            runs[method].exit_counts = {str(e): n for e, n in sorted(proposer.exit_counts.items())}
 
     hf_methods = [m for m in methods if m in HF_METHODS]
     if hf_methods:
         # Free the engine's copies before transformers loads its own: one set of weights in memory at a time.
-        engine = proposer = target_model = draft_model = None
+        engine = proposer = target_model = draft_model = sorted_model = None
         gc.collect()
         peer = HFPeer(target_dir, draft_dir if "hf_assisted" in hf_methods else None, dtype, device or "cpu", eos_ids)
         try:
@@ -472,6 +516,7 @@ def run_bench(
     return {
         "config": {
             "target": str(target), "draft": str(draft) if draft is not None else None, "methods": methods,
+            "sorted_draft": None if sorted_draft is None else str(getattr(sorted_draft, "path", sorted_draft)),
             "num_speculative_tokens": k, "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max,
             "tree_acceptance": None if acceptance is None else {"file": str(tree_acceptance), **acceptance.to_dict()},
             "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "dtype": str(dtype),
@@ -545,6 +590,11 @@ def print_report(result: dict, console=None) -> None:
             _identical(e, "identical_to_plain", "identical_to_plain_count") if hf else _identical(e),
         )
     console.print(table)
+    for method, e in methods.items():
+        if e.get("exit_counts"):
+            total = sum(e["exit_counts"].values())
+            console.print(f"{method}: draft tokens per exit " + ", ".join(
+                f"{layer} layers {n / total:.0%}" for layer, n in e["exit_counts"].items()))
 
     categories = config["categories"]
     per_cat = Table(title="per category: tokens/s, speedup over the method's baseline, tau", title_justify="left")
