@@ -387,3 +387,52 @@ def test_train_sorted_rejects_bad_input_with_advice(dirs, tmp_path):
     with pytest.raises(ValueError, match="pass --exits"):
         train_cli.cmd_train_sorted(_parse([a for a in base if a not in ("--exits", "1,2,4")]))
     assert not (tmp_path / "out" / "samples.jsonl").exists()  # every check comes before any generation
+
+
+# ---- calibrating the exit thresholds -------------------------------------------------------------------
+def test_calibration_statistics_and_rule(dirs, samples, tmp_path):
+    from specgrove.models.sorted import build_sorted
+    from specgrove.train import calibrate
+
+    draft = load_model(build_sorted(dirs["init"], EXITS, tmp_path / "draft"), dtype="float32")
+    stats = calibrate.exit_statistics(draft, samples, EXITS, limit=12)
+    positions = sum(len(s.output_ids) for s in samples[:12] if s.output_ids)
+    assert [s.exit_layer for s in stats] == EXITS and all(len(s.agrees) == positions for s in stats)
+    # the statistics are the sub-models' own: exit 1 on one sample, by a plain forward of truncated(1)
+    sample = next(s for s in samples if s.output_ids)
+    ids = sample.prompt_ids + sample.output_ids
+    sub = draft.model.truncated(EXITS[0])
+    logits = sub.forward(torch.tensor([ids]), torch.arange(len(ids))[None], sub.new_cache(1, len(ids)))[0]
+    probs = torch.softmax(logits[len(sample.prompt_ids) - 1 : -1], -1)
+    first = calibrate.exit_statistics(draft, [sample], EXITS)[0]
+    torch.testing.assert_close(first.confidence, probs.max(-1).values, atol=1e-5, rtol=0)
+    assert first.agrees.tolist() == (probs.argmax(-1) == torch.tensor(sample.output_ids)).tolist()
+    # the rule: the smallest grid threshold whose precision reaches the deepest exit's agreement
+    thresholds = calibrate.choose_thresholds(stats)
+    assert len(thresholds) == len(EXITS) and thresholds[-1] == 0.0
+    goal = stats[-1].agreement
+    for s, t in zip(stats[:-1], thresholds[:-1]):
+        if t < 1.0:
+            assert s.precision_at(t)[0] >= goal
+        smaller = [g for g in calibrate.GRID if g < t]
+        assert all(s.precision_at(g)[0] < goal or s.precision_at(g)[1] == 0 for g in smaller)
+    made = [calibrate.ExitStatistics(1, torch.tensor([0.9, 0.3, 0.2]), torch.tensor([True, False, False])),
+            calibrate.ExitStatistics(2, torch.tensor([0.9, 0.9, 0.9]), torch.tensor([True, True, False]))]
+    assert calibrate.choose_thresholds(made) == [0.35, 0.0]  # from 0.35 up exit 1 is right 1/1 >= 2/3
+    made[0] = calibrate.ExitStatistics(1, torch.tensor([0.9, 0.3, 0.2]), torch.tensor([False, False, True]))
+    assert calibrate.choose_thresholds(made) == [1.0, 0.0]  # never as good as the deepest exit
+
+
+def test_calibrate_sorted_command_writes_thresholds(dirs, samples, tmp_path, capsys):
+    from specgrove.cli import main
+    from specgrove.models.sorted import SortedSpec, build_sorted
+
+    draft = build_sorted(dirs["init"], EXITS, tmp_path / "draft")
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(s.to_json() + "\n" for s in samples))
+    assert main(["calibrate-sorted", "--draft", str(draft), "--samples", str(path), "--limit", "8", "--dtype",
+                 "float32", "--write"]) == 0
+    spec = SortedSpec.load(draft)
+    assert spec.thresholds[-1] == 0.0 and spec.extra["calibration"]["num_samples"] == 8
+    assert "agreement" in capsys.readouterr().out
+    assert main(["calibrate-sorted", "--draft", str(draft), "--samples", str(tmp_path / "none.jsonl")]) == 2

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from specgrove.models import defaults
 
     parser = argparse.ArgumentParser(prog="specgrove", description="Lossless speculative decoding engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,train-sorted,models}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,train-sorted,calibrate-sorted,models}")
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", default=defaults.DEFAULT_TARGET,
@@ -157,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the report")
     md.set_defaults(func=cmd_multidraft)
 
-    from specgrove.train.cli import add_parser as add_train_sorted
+    from specgrove.train.cli import add_calibrate_parser, add_parser as add_train_sorted
 
     add_train_sorted(sub)
+    add_calibrate_parser(sub)
 
     m = sub.add_parser("models", help="list, fetch or verify the built-in models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="{list,fetch,verify}")

@@ -213,3 +213,56 @@ def cmd_train_sorted(args: argparse.Namespace) -> int:
         console.print(f"sorted draft: {args.out}")
     return 0
 
+
+
+# ---- calibrate-sorted -----------------------------------------------------------------------------------
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `calibrate-sorted`: measure each exit's confidence vs agreement on target text, choose thresholds."""
+    p = subparsers.add_parser(
+        "calibrate-sorted", help="choose a sorted draft's exit thresholds by measurement on target text",
+        description="Teacher-forced over distillation samples (the targets' own text), choose for each exit the "
+                    "smallest confidence threshold at which it agrees with the target as often as the deepest "
+                    "exit does (specgrove.train.calibrate); --write stores them in the draft's sorted.json.")
+    p.add_argument("--draft", required=True, help="the sorted draft directory")
+    p.add_argument("--samples", required=True, help="a samples JSONL (train-sorted's OUT/samples.jsonl)")
+    p.add_argument("--limit", type=_positive_int, default=64, help="samples to use (default 64, from the end of the file)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--write", action="store_true", help="write the chosen thresholds into sorted.json")
+    p.set_defaults(func=cmd_calibrate_sorted)
+    return p
+
+
+def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from specgrove.drafting.sorted import sorted_spec
+    from specgrove.models.loader import load_model
+    from specgrove.models.sorted import SortedSpec
+    from specgrove.train.calibrate import choose_thresholds, exit_statistics
+    from specgrove.train.data import read_samples
+
+    samples = read_samples(args.samples)
+    if not samples:
+        raise ValueError(f"{args.samples} holds no samples")
+    draft = load_model(args.draft, dtype=args.dtype)
+    spec = sorted_spec(draft)
+    if SortedSpec.load(draft.path) is None and args.write:
+        raise ValueError(f"{args.draft} has no sorted.json to write thresholds into; make it with train-sorted")
+    stats = exit_statistics(draft, samples[-args.limit:], spec.exits)
+    thresholds = choose_thresholds(stats)
+    table = Table(title=f"{len(stats[0].agrees)} positions of {min(args.limit, len(samples))} samples", title_justify="left")
+    for name in ("exit", "agreement", "threshold", "agreement above it", "share above it", "was"):
+        table.add_column(name, justify="right")
+    for s, t, old in zip(stats, thresholds, spec.thresholds):
+        precision, share = s.precision_at(t)
+        table.add_row(str(s.exit_layer), f"{s.agreement:.3f}", f"{t:.2f}", f"{precision:.3f}", f"{share:.1%}", f"{old:.2f}")
+    Console().print(table)
+    if args.write:
+        spec.thresholds = thresholds
+        spec.extra["calibration"] = {"samples": str(args.samples), "num_samples": min(args.limit, len(samples)),
+                                     "positions": len(stats[0].agrees),
+                                     "agreement": {str(s.exit_layer): s.agreement for s in stats}}
+        spec.save(draft.path)
+        print(f"wrote thresholds {thresholds} to {draft.path / 'sorted.json'}")
+    return 0

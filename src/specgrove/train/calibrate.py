@@ -1,0 +1,83 @@
+"""Choosing a sorted draft's exit thresholds by measurement (`specgrove calibrate-sorted`).
+
+Adaptive drafting (specgrove.drafting.sorted) stops at exit l when that exit's confidence (largest softmax
+probability at temperature 1) reaches threshold t_l. Stopping early is worth it when the early exit is as
+good as running on: so, teacher-forced over target text (distillation samples: the target's own greedy
+continuations), for every exit and continuation position we record the confidence and whether the
+exit's top token is the target's next token, and choose
+
+    t_l = the smallest t on a grid (0, 0.05, ..., 1) such that, among the positions where exit l's confidence
+          is >= t, its top token agrees with the target at least as often as the deepest exit does overall;
+
+1.0 (never stop there) when no t qualifies; the deepest exit's threshold is 0 (it always emits). The
+agreement rate is the greedy acceptance of a draft token, so a token taken early is as likely to be
+accepted as one from the whole draft, at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+GRID = [round(0.05 * i, 2) for i in range(21)]
+
+
+@dataclass
+class ExitStatistics:
+    exit_layer: int
+    confidence: torch.Tensor  # [N] over continuation positions
+    agrees: torch.Tensor  # [N] bool: the exit's top token is the target's next token
+
+    @property
+    def agreement(self) -> float:
+        return float(self.agrees.float().mean()) if len(self.agrees) else 0.0
+
+    def precision_at(self, threshold: float) -> tuple[float, float]:
+        """(agreement where confidence >= threshold, share of positions that reach it)."""
+        chosen = self.confidence >= threshold
+        share = float(chosen.float().mean()) if len(chosen) else 0.0
+        return (float(self.agrees[chosen].float().mean()) if bool(chosen.any()) else 0.0), share
+
+
+@torch.inference_mode()
+def exit_statistics(draft, samples: Sequence, exits: Sequence[int], limit: int | None = None) -> list[ExitStatistics]:
+    """Teacher-forced confidence and agreement of every exit over the samples' continuations."""
+    model = draft.model
+    conf = {e: [] for e in exits}
+    agree = {e: [] for e in exits}
+    for sample in list(samples)[:limit]:
+        ids = list(sample.prompt_ids) + list(sample.output_ids)
+        if not sample.output_ids or len(ids) < 2:
+            continue
+        start = len(sample.prompt_ids) - 1  # logits at position i predict token i + 1
+        nxt = torch.tensor(ids[start + 1 :], device=model.device)
+        h = model.embed_tokens(torch.tensor([ids]))
+        positions = torch.arange(len(ids), device=model.device)
+        cache = model.new_cache(1, len(ids))
+        mask = model.fold_groups((positions[None, :] <= positions[:, None])[None, None])
+        rope = model.rope(positions[None])
+        rows = torch.zeros(1, len(ids), dtype=torch.long, device=model.device)
+        for layer in range(max(exits)):
+            h = model.layer_forward(layer, h, rope, cache, rows, positions[None], mask, len(ids))
+            if layer + 1 in conf:
+                logits = model.logits(h[0, start:-1])
+                probs = torch.softmax(logits, -1)
+                top, arg = probs.max(-1)
+                conf[layer + 1].append(top.cpu())
+                agree[layer + 1].append((arg == nxt).cpu())
+    if not conf[exits[0]]:
+        raise ValueError("no sample has a continuation to calibrate on")
+    return [ExitStatistics(e, torch.cat(conf[e]), torch.cat(agree[e])) for e in exits]
+
+
+def choose_thresholds(stats: Sequence[ExitStatistics]) -> list[float]:
+    """The module docstring's rule: per exit the smallest grid threshold whose precision reaches the deepest
+    exit's overall agreement (1.0 if none does); 0 for the deepest exit."""
+    goal = stats[-1].agreement
+    thresholds = []
+    for s in stats[:-1]:
+        chosen = next((t for t in GRID if s.precision_at(t)[0] >= goal and s.precision_at(t)[1] > 0), 1.0)
+        thresholds.append(chosen)
+    return thresholds + [0.0]
