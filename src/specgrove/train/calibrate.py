@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specgrove.drafting.sorted import LayeredCache
+
 GRID = [round(0.05 * i, 2) for i in range(21)]
 
 
@@ -53,20 +55,14 @@ def exit_statistics(draft, samples: Sequence, exits: Sequence[int], limit: int |
             continue
         start = len(sample.prompt_ids) - 1  # logits at position i predict token i + 1
         nxt = torch.tensor(ids[start + 1 :], device=model.device)
-        h = model.embed_tokens(torch.tensor([ids]))
-        positions = torch.arange(len(ids), device=model.device)
-        cache = model.new_cache(1, len(ids))
-        mask = model.fold_groups((positions[None, :] <= positions[:, None])[None, None])
-        rope = model.rope(positions[None])
-        rows = torch.zeros(1, len(ids), dtype=torch.long, device=model.device)
-        for layer in range(max(exits)):
-            h = model.layer_forward(layer, h, rope, cache, rows, positions[None], mask, len(ids))
-            if layer + 1 in conf:
-                logits = model.logits(h[0, start:-1])
-                probs = torch.softmax(logits, -1)
-                top, arg = probs.max(-1)
-                conf[layer + 1].append(top.cpu())
-                agree[layer + 1].append((arg == nxt).cpu())
+        cache = LayeredCache(model, len(ids))  # every position computed layer by layer, one causal chunk each
+        cache.append(ids)
+        for e in exits:
+            cache.run_to(e)
+            probs = torch.softmax(model.logits(cache.hidden[start : len(ids) - 1]), -1)
+            top, arg = probs.max(-1)
+            conf[e].append(top.cpu())
+            agree[e].append((arg == nxt).cpu())
     if not conf[exits[0]]:
         raise ValueError("no sample has a continuation to calibrate on")
     return [ExitStatistics(e, torch.cat(conf[e]), torch.cat(agree[e])) for e in exits]
