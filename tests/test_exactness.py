@@ -55,6 +55,7 @@ def speculative_sequence_distribution(engine, target, prompt, params, length, vo
         seq = engine.new_sequence(prompt, params, sampler=sampler)
         engine.prefill(seq)
         engine.step(seq)
+        engine.finish(seq)  # frees the cache row for the next enumerated path
         return tuple(seq.output_ids)
 
     emitted = enumerate_outcomes(one_step)
@@ -110,8 +111,9 @@ def test_greedy_step_matches_target_argmax(kind, tiny_target, tiny_draft):
     k = 3
     params = SamplingParams(temperature=0, max_tokens=k + 1)
     engine = make_engine(kind, tiny_target, tiny_draft, k)
-    emitted = enumerate_outcomes(lambda s: (lambda q: (engine.prefill(q), engine.step(q), tuple(q.output_ids))[-1])(
-        engine.new_sequence(PROMPT, params, sampler=s)))
+    emitted = enumerate_outcomes(
+        lambda s: (lambda q: (engine.prefill(q), engine.step(q), engine.finish(q), tuple(q.output_ids))[-1])(
+            engine.new_sequence(PROMPT, params, sampler=s)))
     assert len(emitted) == 1, "greedy speculation must be deterministic"
     (out,), = [tuple(emitted)]
     ids = list(PROMPT)
@@ -139,18 +141,25 @@ def test_wrong_verifier_fails_the_enumeration(kind, tiny_target, tiny_draft, mon
     assert max_difference(spec, exact) > 1e-3
 
 
+def report_wrong_q(monkeypatch) -> None:
+    """Make DraftModelProposer report, for every drafted token, the draft's q at another temperature
+    instead of the q it sampled from (the trap the exactness tests must catch)."""
+    original = DraftModelProposer.propose_batch
+
+    def propose_with_wrong_q(self, seqs, num_tokens):
+        trees = original(self, seqs, num_tokens)
+        for tree in trees:
+            if tree.draft_probs is not None:
+                tree.draft_probs = torch.softmax(torch.log(tree.draft_probs.clamp_min(1e-30)) * 0.5, dim=-1)
+        return trees
+
+    monkeypatch.setattr(DraftModelProposer, "propose_batch", propose_with_wrong_q)
+
+
 def test_wrong_draft_distribution_fails(tiny_target, tiny_draft, monkeypatch):
     """Reporting a q other than the one sampled from (here: the draft at a different temperature) breaks
     exactness and the enumeration catches it."""
-    original = DraftModelProposer.propose
-
-    def propose_with_wrong_q(self, seq, num_tokens):
-        tree = original(self, seq, num_tokens)
-        if tree.draft_probs is not None:
-            tree.draft_probs = torch.softmax(torch.log(tree.draft_probs.clamp_min(1e-30)) * 0.5, dim=-1)
-        return tree
-
-    monkeypatch.setattr(DraftModelProposer, "propose", propose_with_wrong_q)
+    report_wrong_q(monkeypatch)
     k = 2
     params = SamplingParams(temperature=1.0, max_tokens=k + 1)
     engine = make_engine("draft_model", tiny_target, tiny_draft, k)

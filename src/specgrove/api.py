@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,8 @@ class LLM:
     `target` / `draft`: a built-in name, a Hugging Face directory, or a .gguf file.
     `quantization` / `draft_quantization`: None or "int8" (weight-only; speculation stays exact with
     respect to the target as loaded, so an int8 draft never changes the output, an int8 target does).
+    `max_num_seqs`: requests decoded together by `generate` (continuous batching; each holds a KV cache
+    row of max_model_len positions); 1 decodes one prompt after the other.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class LLM:
         num_threads: int | None = None,
         quantization: str | None = None,
         draft_quantization: str | None = None,
+        max_num_seqs: int | None = 8,
     ):
         self.speculative = SpeculativeConfig.from_any(speculative)
         if num_threads:
@@ -124,8 +128,11 @@ class LLM:
                 proposer = DraftModelProposer(self.draft, max_model_len, shape, self.speculative.tree_sampling)
         elif self.speculative.method == "prompt_lookup":
             proposer = PromptLookupProposer(self.speculative.prompt_lookup_min, self.speculative.prompt_lookup_max)
+        if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or max_num_seqs < 1):
+            raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        self.max_num_seqs = max_num_seqs or 1
         self.engine = SpecEngine(self.target, proposer, self.speculative.num_speculative_tokens if proposer else 0,
-                                 max_model_len)
+                                 max_model_len, max_num_seqs=self.max_num_seqs)
 
     @property
     def tokenizer(self):
@@ -154,22 +161,44 @@ class LLM:
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompt_list)
         if len(params_list) != len(prompt_list):
             raise ValueError("give one SamplingParams, or one per prompt")
-        outputs = []
-        iterator = zip(prompt_list, params_list)
+        from specgrove.engine.scheduler import Scheduler
+
+        seqs = [self.engine.new_sequence(self.encode(p), params) for p, params in zip(prompt_list, params_list)]
+        # Continuous batching: up to max_num_seqs sequences share each step; the queue holds the rest.
+        scheduler = Scheduler(self.engine, max_num_seqs=self.max_num_seqs, max_waiting=len(seqs))
+        start = time.perf_counter()
+        for seq in seqs:
+            scheduler.add(seq)
+        bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(iterator, total=len(prompt_list), desc="generate")
-        for prompt, params in iterator:
-            outputs.append(self._run(prompt if isinstance(prompt, str) else None, self.encode(prompt), params))
-        return outputs
+            bar = tqdm(total=len(seqs), desc="generate")
+        try:
+            while scheduler.has_unfinished:
+                for out in scheduler.step():
+                    if out.finished:
+                        if out.seq.finish_reason == "error":
+                            raise RuntimeError(f"generation failed for prompt {seqs.index(out.seq)}: {out.seq.error}")
+                        out.seq.metrics.total_time_s = time.perf_counter() - (out.seq.arrival_time or start)
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            for seq in scheduler.running:
+                self.engine.finish(seq)
+            if bar is not None:
+                bar.close()
+        return [self._output(p if isinstance(p, str) else None, seq) for p, seq in zip(prompt_list, seqs)]
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """Generate the assistant's reply to one conversation (list of {'role', 'content'} dicts)."""
         return self._run(None, self.apply_chat_template(messages), sampling_params or SamplingParams())
 
     def _run(self, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
-        seq = self.engine.generate(self.engine.new_sequence(prompt_ids, params))
+        return self._output(prompt, self.engine.generate(self.engine.new_sequence(prompt_ids, params)))
+
+    @staticmethod
+    def _output(prompt: str | None, seq) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id, prompt=prompt, prompt_token_ids=seq.prompt_ids,
             outputs=[CompletionOutput(0, seq.text, list(seq.output_ids), seq.finish_reason, seq.stop_reason)],

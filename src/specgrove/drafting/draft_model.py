@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from specgrove.engine.sequence import Sequence
+from specgrove.models.kv_cache import CachePool
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import SamplingParams, process_logits
 from specgrove.trees.shape import TreeShape
@@ -33,6 +34,8 @@ from specgrove.verify.multidraft import draw_hub_pair, spechub_select
 from specgrove.verify.speculative import rejection_select
 
 SAMPLING_MODES = ("without_replacement", "iid", "hub")
+BATCHED_CATCH_UP = 32  # catch-ups up to this many tokens share one batched draft forward
+CATCH_UP_CHUNK = 512  # longer ones (a new prompt) run alone, in chunks of this many tokens
 
 
 def draw_children(logits: torch.Tensor, count: int, params, sampler, sampling: str = "without_replacement"
@@ -77,6 +80,7 @@ class DraftModelProposer:
         self.draft = draft
         self.model = draft.model
         self.max_model_len = max_model_len
+        self.pool = CachePool(self.model, max_model_len)  # one row per sequence being drafted for
         # None: a chain of whatever length the engine asks for; a callable: a shape per sampling setting
         # (the "auto" tree, tuned per setting).
         self.shape = shape
@@ -94,18 +98,18 @@ class DraftModelProposer:
     def _state(self, seq: Sequence) -> dict:
         state = seq.proposer_state.get(self.name)
         if state is None:
-            # tokens: what the cache has committed; tree: the nodes written as uncommitted slots last time.
-            state = {"cache": self.model.new_cache(1, self.max_model_len), "tokens": [], "tree": TokenTree()}
+            # row: the sequence's row of the draft cache pool; tokens: what that row has committed;
+            # tree: the nodes written as uncommitted slots last time.
+            state = {"row": self.pool.acquire(), "tokens": [], "tree": TokenTree()}
             seq.proposer_state[self.name] = state
         return state
 
-    def _catch_up(self, state: dict, tokens: list[int]) -> torch.Tensor:
-        """Bring the draft cache to `tokens` and return the draft logits [V] after the last one.
-
-        The accepted path of the last tree is kept from the uncommitted slots; the rest of the new
-        tokens (at least one, to get logits) go through one forward."""
+    def _reconcile(self, state: dict, tokens: list[int]) -> list[int]:
+        """Bring the row's committed tokens to a prefix of `tokens` (never all of them: the last one's
+        logits are needed) and return the tokens still to run. The accepted path of the last tree is kept
+        from the uncommitted slots; anything else that differs is rolled back."""
         cached: list[int] = state["tokens"]
-        cache = state["cache"]
+        cache, row = self.pool.cache, state["row"]
         if len(cached) < len(tokens) and tokens[: len(cached)] == cached:
             # Walk the last tree along the new tokens (never the last one: its logits are needed).
             written: TokenTree = state["tree"]
@@ -115,70 +119,152 @@ class DraftModelProposer:
                 if node is None:
                     break
                 path.append(node)
-            cache.commit(0, path)
+            cache.commit(row, path)
             common = len(cached) + len(path)
         else:
             common = 0
             limit = min(len(cached), len(tokens) - 1)
             while common < limit and cached[common] == tokens[common]:
                 common += 1
-            cache.truncate(0, common)
-        new = tokens[common:]
-        logits = self.model.forward(torch.tensor([new]), torch.arange(common, len(tokens))[None], cache, logits_at="last")
-        cache.commit(0)
+            cache.truncate(row, common)
         state["tokens"] = list(tokens)
         state["tree"] = TokenTree()
-        return logits[0, -1]
+        return tokens[common:]
+
+    def _catch_up(self, states: list[dict], token_lists: list[list[int]]) -> list[torch.Tensor]:
+        """Bring every state's row to its tokens; return the draft logits [V] after each last token.
+        Short catch-ups (the usual 1..k+1 tokens) run as one batched forward; long ones (a new
+        prompt) run alone, in chunks."""
+        cache = self.pool.cache
+        news = [self._reconcile(st, toks) for st, toks in zip(states, token_lists)]
+        out: list[torch.Tensor | None] = [None] * len(states)
+        short = [i for i, n in enumerate(news) if len(n) <= BATCHED_CATCH_UP]
+        for i in (i for i in range(len(states)) if len(news[i]) > BATCHED_CATCH_UP):
+            row, new, end = states[i]["row"], news[i], len(token_lists[i])
+            start = end - len(new)
+            for begin in range(start, end, CATCH_UP_CHUNK):
+                stop = min(begin + CATCH_UP_CHUNK, end)
+                logits = self.model.forward(torch.tensor([token_lists[i][begin:stop]]),
+                                            torch.arange(begin, stop)[None], cache, rows=[row],
+                                            logits_at="last" if stop == end else None)
+                cache.commit(row)
+            out[i] = logits[0, -1]
+        if short:
+            width = max(len(news[i]) for i in short)
+            ids = torch.zeros(len(short), width, dtype=torch.long)
+            positions = torch.zeros(len(short), width, dtype=torch.long)
+            for b, i in enumerate(short):
+                n, end = len(news[i]), len(token_lists[i])
+                ids[b, :n] = torch.tensor(news[i])
+                positions[b, :n] = torch.arange(end - n, end)
+                positions[b, n:] = end - 1
+            rows = [states[i]["row"] for i in short]
+            logits = self.model.forward(ids, positions, cache, rows=rows, logits_at="last",
+                                        num_new=[len(news[i]) for i in short])
+            for b, i in enumerate(short):
+                cache.commit(rows[b])
+                out[i] = logits[b, -1]
+        return out
 
     # ---- drafting ------------------------------------------------------------------------------
     def propose(self, seq: Sequence, num_tokens: int) -> TokenTree:
-        shape = self.shape_for(num_tokens, seq.params)
-        if len(shape) == 0:
-            return TokenTree()
-        state = self._state(seq)
-        tokens = list(seq.token_ids)
-        root_logits = self._catch_up(state, tokens)
-        cache = state["cache"]
-        root_position = len(tokens) - 1
+        return self.propose_batch([seq], [num_tokens])[0]
 
-        out_tokens: list[int] = []
-        out_parents: list[int] = []
-        out_depths: list[int] = []
-        out_probs: list[torch.Tensor | None] = []
-        node_of: dict[int, int] = {-1: -1}  # shape node -> tree node (nodes q cannot fill are dropped)
-        logits_of: dict[int, torch.Tensor] = {-1: root_logits}  # tree node -> draft logits after it
-        levels = shape.levels()
-        for depth, level in enumerate(levels, start=1):
-            level_start = len(out_tokens)
-            by_parent: dict[int, list[int]] = {}
-            for node in level:
-                by_parent.setdefault(shape.parents[node], []).append(node)
-            for shape_parent, shape_children in by_parent.items():
-                parent = node_of.get(shape_parent)
-                if parent is None:
+    def propose_batch(self, seqs: list[Sequence], num_tokens: list[int]) -> list[TokenTree]:
+        """Trees for several sequences at once: one batched draft forward per tree level over every
+        sequence that still has nodes at that level (rows with the same number of nodes written so far
+        go together; a batch of chains is always one group)."""
+        shapes = [self.shape_for(k, s.params) for s, k in zip(seqs, num_tokens)]
+        active = [i for i, shape in enumerate(shapes) if len(shape) > 0]
+        trees = [TokenTree() for _ in seqs]
+        if not active:
+            return trees
+        states = {i: self._state(seqs[i]) for i in active}
+        roots = self._catch_up([states[i] for i in active], [list(seqs[i].token_ids) for i in active])
+        drafts = {i: _Draft(shapes[i], len(seqs[i].token_ids) - 1, root) for i, root in zip(active, roots)}
+        cache = self.pool.cache
+        for depth in range(1, max(len(shapes[i].levels()) for i in active) + 1):
+            growing = []
+            for i in active:
+                d = drafts[i]
+                if d.done or depth > len(d.levels):
+                    d.done = True
                     continue
-                drawn = draw_children(logits_of[parent], len(shape_children), seq.params, seq.sampler, self.sampling)
-                for shape_child, (token, q) in zip(shape_children, drawn):
-                    node_of[shape_child] = len(out_tokens)
-                    out_tokens.append(token)
-                    out_parents.append(parent)
-                    out_depths.append(depth)
-                    out_probs.append(q)
-            if depth == len(levels) or len(out_tokens) == level_start:
-                break
-            # One draft forward over this level: its nodes see the committed tokens and their ancestors.
-            written = TokenTree(list(out_tokens), list(out_parents))
-            level_nodes = list(range(level_start, len(out_tokens)))
-            mask = written.attention_mask()[1:, 1:][level_start:]  # rows: this level; columns: all nodes so far
-            positions = torch.tensor([[root_position + out_depths[n] for n in level_nodes]])
-            logits = self.model.forward(torch.tensor([[out_tokens[n] for n in level_nodes]]), positions, cache,
-                                        tree_mask=mask[None], extend=True)[0]
-            for i, n in enumerate(level_nodes):
-                logits_of[n] = logits[i]
-            state["tree"] = written
-
-        draft_probs = None if seq.params.greedy else torch.stack(out_probs)
-        return TokenTree(out_tokens, out_parents, draft_probs)
+                if d.draw_level(depth, seqs[i], self.sampling) and depth < len(d.levels):
+                    growing.append(i)
+                else:
+                    d.done = True
+            # One draft forward per group of rows with the same number of earlier uncommitted slots.
+            groups: dict[int, list[int]] = {}
+            for i in growing:
+                groups.setdefault(drafts[i].level_start, []).append(i)
+            for prior, members in groups.items():
+                width = max(len(drafts[i].tokens) - prior for i in members)
+                ids = torch.zeros(len(members), width, dtype=torch.long)
+                positions = torch.zeros(len(members), width, dtype=torch.long)
+                mask = torch.zeros(len(members), width, prior + width, dtype=torch.bool)
+                for b, i in enumerate(members):
+                    d = drafts[i]
+                    nodes = list(range(prior, len(d.tokens)))
+                    written = TokenTree(list(d.tokens), list(d.parents))
+                    level_mask = written.attention_mask()[1:, 1:][prior:]  # this level x all nodes so far
+                    ids[b, : len(nodes)] = torch.tensor([d.tokens[n] for n in nodes])
+                    positions[b, : len(nodes)] = torch.tensor([d.root_position + d.depths[n] for n in nodes])
+                    positions[b, len(nodes):] = d.root_position + depth
+                    mask[b, : len(nodes), :prior] = level_mask[:, :prior]
+                    mask[b, : len(nodes), prior : prior + len(nodes)] = level_mask[:, prior:]
+                    states[i]["tree"] = written
+                logits = self.model.forward(ids, positions, cache, tree_mask=mask, extend=True,
+                                            rows=[states[i]["row"] for i in members],
+                                            num_new=[len(drafts[i].tokens) - prior for i in members])
+                for b, i in enumerate(members):
+                    d = drafts[i]
+                    for j, n in enumerate(range(prior, len(d.tokens))):
+                        d.logits_of[n] = logits[b, j]
+        for i in active:
+            d = drafts[i]
+            draft_probs = None if seqs[i].params.greedy else torch.stack(d.probs)
+            trees[i] = TokenTree(d.tokens, d.parents, draft_probs)
+        return trees
 
     def release(self, seq: Sequence) -> None:
-        seq.proposer_state.pop(self.name, None)
+        state = seq.proposer_state.pop(self.name, None)
+        if state is not None:
+            self.pool.release(state["row"])
+
+
+class _Draft:
+    """One sequence's tree while it is drafted: the shape to fill, the nodes drawn so far, the draft
+    logits after each node (-1: the root)."""
+
+    def __init__(self, shape: TreeShape, root_position: int, root_logits: torch.Tensor):
+        self.shape = shape
+        self.levels = shape.levels()
+        self.root_position = root_position
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depths: list[int] = []
+        self.probs: list[torch.Tensor | None] = []
+        self.node_of: dict[int, int] = {-1: -1}  # shape node -> tree node (nodes q cannot fill are dropped)
+        self.logits_of: dict[int, torch.Tensor] = {-1: root_logits}
+        self.level_start = 0
+        self.done = False
+
+    def draw_level(self, depth: int, seq: Sequence, sampling: str) -> bool:
+        """Draw the children of the nodes of level `depth`; False when the level came out empty."""
+        self.level_start = len(self.tokens)
+        by_parent: dict[int, list[int]] = {}
+        for node in self.levels[depth - 1]:
+            by_parent.setdefault(self.shape.parents[node], []).append(node)
+        for shape_parent, shape_children in by_parent.items():
+            parent = self.node_of.get(shape_parent)
+            if parent is None:
+                continue
+            drawn = draw_children(self.logits_of[parent], len(shape_children), seq.params, seq.sampler, sampling)
+            for shape_child, (token, q) in zip(shape_children, drawn):
+                self.node_of[shape_child] = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(parent)
+                self.depths.append(depth)
+                self.probs.append(q)
+        return len(self.tokens) > self.level_start

@@ -14,6 +14,7 @@ import torch
 
 from specgrove.drafting.base import Proposer
 from specgrove.engine.sequence import Sequence
+from specgrove.models.kv_cache import CachePool
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import Sampler, SamplingParams, process_logits
 from specgrove.trees.tree import TokenTree
@@ -34,8 +35,12 @@ def eos_token_ids(loaded: LoadedModel) -> set[int]:
 
 
 class SpecEngine:
+    """Runs sequences through the one speculative step. Running sequences share the target's KV cache
+    (one row each, `CachePool`), so `step_batch` verifies all of them in one batched target forward;
+    `step` is a batch of one. `max_num_seqs` bounds the rows (None: grow as needed)."""
+
     def __init__(self, target: LoadedModel, proposer: Proposer | None = None, num_speculative_tokens: int = 0,
-                 max_model_len: int = 4096):
+                 max_model_len: int = 4096, max_num_seqs: int | None = None):
         if num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
         self.target = target
@@ -45,6 +50,7 @@ class SpecEngine:
         self.num_speculative_tokens = num_speculative_tokens if proposer is not None else 0
         self.max_model_len = max_model_len
         self.eos_ids = eos_token_ids(target)
+        self.pool = CachePool(self.model, max_model_len, max_num_seqs)
         self._sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
 
     # ---- request lifecycle -------------------------------------------------------------------
@@ -71,51 +77,103 @@ class SpecEngine:
         )
 
     def prefill(self, seq: Sequence) -> None:
-        """Put every prompt token but the last into the target cache; the last is the first step's root."""
+        """Take a cache row and put every prompt token but the last into it; the last is the first
+        step's root. Raises NoFreeRowError when max_num_seqs sequences hold rows."""
         start = time.perf_counter()
-        seq.target_cache = self.model.new_cache(1, len(seq.prompt_ids) + seq.params.max_tokens + self.num_speculative_tokens + 1)
+        seq.cache_row = self.pool.acquire()
+        seq.target_cache = self.pool.cache
         context = seq.prompt_ids[:-1]
         for begin in range(0, len(context), PREFILL_CHUNK):
             chunk = context[begin : begin + PREFILL_CHUNK]
             self.model.forward(torch.tensor([chunk]), torch.arange(begin, begin + len(chunk))[None], seq.target_cache,
-                               logits_at=None)
-            seq.target_cache.commit(0)
+                               rows=[seq.cache_row], logits_at=None)
+            seq.target_cache.commit(seq.cache_row)
             seq.metrics.prefill_forwards += 1
         self._sync()
         seq.metrics.prefill_time_s += time.perf_counter() - start
 
-    def step(self, seq: Sequence) -> list[int]:
-        """One speculative step; returns the tokens it appended to the output."""
-        metrics = seq.metrics
-        num_draft = min(self.num_speculative_tokens, seq.remaining - 1)
+    def step(self, seq: Sequence, num_draft: int | None = None) -> list[int]:
+        """One speculative step of one sequence; returns the tokens it appended to the output."""
+        return self.step_batch([seq], None if num_draft is None else [num_draft])[0]
+
+    def draft_lengths(self, seqs: list[Sequence], num_draft: list[int] | None = None) -> list[int]:
+        """How many draft tokens each sequence may get: the asked number (default the engine's
+        num_speculative_tokens), never past max_tokens, 0 without a proposer."""
+        if self.proposer is None:
+            return [0] * len(seqs)
+        asked = num_draft if num_draft is not None else [self.num_speculative_tokens] * len(seqs)
+        return [max(0, min(k, self.num_speculative_tokens, s.remaining - 1)) for k, s in zip(asked, seqs)]
+
+    def propose(self, seqs: list[Sequence], num_draft: list[int]) -> list[TokenTree]:
+        """The draft phase: one batched call where the proposer has one, else one call per sequence."""
+        wanted = [i for i, k in enumerate(num_draft) if k > 0]
+        trees = [TokenTree() for _ in seqs]
+        if not wanted:
+            return trees
+        batch = getattr(self.proposer, "propose_batch", None)
+        if batch is not None:
+            for i, tree in zip(wanted, batch([seqs[i] for i in wanted], [num_draft[i] for i in wanted])):
+                trees[i] = tree
+        else:
+            for i in wanted:
+                trees[i] = self.proposer.propose(seqs[i], num_draft[i])
+        return trees
+
+    def step_batch(self, seqs: list[Sequence], num_draft: list[int] | None = None) -> list[list[int]]:
+        """One speculative step of every sequence in `seqs` (prefilled, unfinished): the draft phase,
+        one target forward over every row's root + tree (padded to the longest), per-row verification
+        and KV commit. `num_draft`: draft tokens per sequence (0 = a plain step for that one). Returns
+        the tokens appended to each sequence."""
+        if not seqs:
+            return []
+        ks = self.draft_lengths(seqs, num_draft)
         t0 = time.perf_counter()
-        tree = self.proposer.propose(seq, num_draft) if (self.proposer is not None and num_draft > 0) else TokenTree()
+        trees = self.propose(seqs, ks)
         self._sync()
         t1 = time.perf_counter()
 
-        cache = seq.target_cache
-        root_position = cache.lengths[0]
-        ids = torch.tensor([[seq.token_ids[-1]] + tree.tokens])
-        positions = (root_position + torch.tensor(tree.position_offsets()))[None]
-        mask = None if tree.is_chain() else tree.attention_mask()[None]
-        logits = self.model.forward(ids, positions, cache, tree_mask=mask)[0]
+        cache = self.pool.cache
+        rows = [s.cache_row for s in seqs]
+        if any(s.target_cache is not cache for s in seqs) or len(set(rows)) != len(rows):
+            raise ValueError("step_batch takes distinct sequences prefilled by this engine")
+        sizes = [len(t) + 1 for t in trees]
+        width = max(sizes)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        positions = torch.zeros(len(seqs), width, dtype=torch.long)
+        chains = all(t.is_chain() for t in trees) and len(set(sizes)) == 1
+        mask = None if chains else torch.zeros(len(seqs), width, width, dtype=torch.bool)
+        for b, (seq, tree, size) in enumerate(zip(seqs, trees, sizes)):
+            ids[b, :size] = torch.tensor([seq.token_ids[-1]] + tree.tokens)
+            offsets = torch.tensor(tree.position_offsets()) + cache.lengths[rows[b]]
+            positions[b, :size] = offsets
+            positions[b, size:] = offsets[-1]
+            if mask is not None:
+                mask[b, :size, :size] = tree.attention_mask()
+        logits = self.model.forward(ids, positions, cache, tree_mask=mask, rows=rows,
+                                    num_new=None if chains else sizes)
         self._sync()
         t2 = time.perf_counter()
 
-        if seq.params.greedy:
-            result = verify_tree_greedy(tree, logits.argmax(-1).tolist())
-        else:
-            node_rule = getattr(self.proposer, "node_rule", rejection_select)
-            result = verify_tree(tree, process_logits(logits, seq.params), seq.sampler, node_rule)
-        cache.commit(0, [0] + [node + 1 for node in result.accepted_nodes])
+        appended = []
+        for b, (seq, tree, size) in enumerate(zip(seqs, trees, sizes)):
+            row_logits = logits[b, :size]
+            if seq.params.greedy:
+                result = verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
+            else:
+                node_rule = getattr(self.proposer, "node_rule", rejection_select)
+                result = verify_tree(tree, process_logits(row_logits, seq.params), seq.sampler, node_rule)
+            cache.commit(rows[b], [0] + [node + 1 for node in result.accepted_nodes])
+            metrics = seq.metrics
+            # Every sequence of the batch waited for the whole draft phase and target forward.
+            metrics.draft_time_s += t1 - t0
+            metrics.target_time_s += t2 - t1
+            metrics.record_step(max(tree.depths(), default=0), len(tree), result.num_accepted, result.decisions)
+            new_tokens = [tree.tokens[node] for node in result.accepted_nodes] + [result.next_token]
+            appended.append(self._append(seq, new_tokens))
         t3 = time.perf_counter()
-
-        metrics.draft_time_s += t1 - t0
-        metrics.target_time_s += t2 - t1
-        metrics.verify_time_s += t3 - t2
-        metrics.record_step(max(tree.depths(), default=0), len(tree), result.num_accepted, result.decisions)
-        new_tokens = [tree.tokens[node] for node in result.accepted_nodes] + [result.next_token]
-        return self._append(seq, new_tokens)
+        for seq in seqs:
+            seq.metrics.verify_time_s += t3 - t2
+        return appended
 
     def _append(self, seq: Sequence, new_tokens: list[int]) -> list[int]:
         """Append tokens one by one, stopping at the first EOS / stop token / stop string / length limit."""
@@ -154,8 +212,11 @@ class SpecEngine:
         return True
 
     def finish(self, seq: Sequence) -> None:
+        """Free the sequence's cache row and proposer state, decode its text (idempotent)."""
         if self.proposer is not None:
             self.proposer.release(seq)
+        if seq.target_cache is not None:
+            self.pool.release(seq.cache_row)
         seq.target_cache = None
         if not (seq.params.stop and seq.stop_reason in seq.params.stop) and self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
@@ -163,9 +224,11 @@ class SpecEngine:
 
     def generate(self, seq: Sequence) -> Sequence:
         start = time.perf_counter()
-        self.prefill(seq)
-        while not seq.finished:
-            self.step(seq)
-        self.finish(seq)
+        try:
+            self.prefill(seq)
+            while not seq.finished:
+                self.step(seq)
+        finally:
+            self.finish(seq)
         seq.metrics.total_time_s = time.perf_counter() - start
         return seq

@@ -37,6 +37,7 @@ class SpecMetrics:
     prefill_time_s: float = 0.0
     total_time_s: float = 0.0
     generated_tokens: int = 0
+    last_depth: int = 0  # depth of the last step's proposal (the goodput policy's acceptance estimate)
 
     def record_step(self, depth_proposed: int, num_proposed: int, num_accepted: int,
                     decisions: list[tuple[int, int]] = ()) -> None:
@@ -51,6 +52,7 @@ class SpecMetrics:
             if rank >= 0:
                 self.rank_accepted[rank] += 1
         self.target_forwards += 1
+        self.last_depth = depth_proposed
         self.proposed_per_step.append(num_proposed)
         self.accepted_per_step.append(num_accepted)
         while len(self.position_proposed) < depth_proposed:

@@ -23,6 +23,15 @@ class Sequence:
     proposer_state: dict = field(default_factory=dict)
     target_cache: object | None = None
     cache_row: int = 0
+    # Serving (specgrove.engine.scheduler): perf_counter times, the error of a failed request, and the
+    # speculation policy's online acceptance estimate (successes, trials).
+    arrival_time: float | None = None
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    error: str | None = None
+    acceptance_stats: list[float] | None = None
+    counted_steps: int = 0  # steps already added to the server's Prometheus counters
 
     @property
     def token_ids(self) -> list[int]:

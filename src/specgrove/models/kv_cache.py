@@ -82,3 +82,65 @@ class KVCache:
 
     def reset(self, row: int) -> None:
         self.truncate(row, 0)
+
+    def grow(self, batch_size: int) -> None:
+        """Make room for `batch_size` rows, keeping the existing rows (one copy of the tensors)."""
+        old = self.batch_size
+        if batch_size <= old:
+            return
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            bigger = torch.zeros((t.shape[0], batch_size, *t.shape[2:]), dtype=t.dtype, device=t.device)
+            bigger[:, :old] = t
+            setattr(self, name, bigger)
+        self.lengths += [0] * (batch_size - old)
+        self.pending += [0] * (batch_size - old)
+
+
+class NoFreeRowError(RuntimeError):
+    """Every cache row is in use (the engine's max_num_seqs requests are running)."""
+
+
+class CachePool:
+    """Rows of one KV cache handed out to sequences, so that running sequences share one cache and one
+    batched forward. The cache is created with one row and doubles (up to `max_rows`) when every row is
+    taken; `release` gives a row back. Memory: rows x max_len positions, allocated when first needed."""
+
+    def __init__(self, model, max_len: int, max_rows: int | None = None):
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"a cache pool needs at least one row, got max_rows={max_rows}")
+        self.model = model
+        self.max_len = max_len
+        self.max_rows = max_rows
+        self.cache = None
+        self.free: list[int] = []
+
+    @property
+    def in_use(self) -> int:
+        return (0 if self.cache is None else self.cache.batch_size) - len(self.free)
+
+    def acquire(self) -> int:
+        if self.free:
+            row = self.free.pop(0)
+            self.cache.reset(row)
+            return row
+        if self.cache is None:
+            self.cache = self.model.new_cache(1, self.max_len)
+            return 0
+        size = self.cache.batch_size
+        if (self.max_rows is not None and size >= self.max_rows) or not hasattr(self.cache, "grow"):
+            raise NoFreeRowError(
+                f"all {size} cache rows are in use; finish or abort a sequence first"
+                + ("" if hasattr(self.cache, "grow") else " (the transformers fallback runs one sequence at a time)")
+            )
+        new_size = size * 2 if self.max_rows is None else min(size * 2, self.max_rows)
+        self.cache.grow(new_size)
+        self.free.extend(range(size + 1, new_size))
+        self.cache.reset(size)
+        return size
+
+    def release(self, row: int) -> None:
+        if row in self.free or self.cache is None or not 0 <= row < self.cache.batch_size:
+            raise ValueError(f"cache row {row} is not in use")
+        self.free.append(row)
+        self.free.sort()

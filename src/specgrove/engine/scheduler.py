@@ -1,0 +1,151 @@
+"""Continuous batching: requests join and leave at every step.
+
+Each `Scheduler.step()`:
+  1. admits waiting requests while a cache row is free (at most `max_num_seqs` run; each row holds
+     max_model_len positions, so memory is bounded by max_num_seqs x max_model_len) and prefills them;
+  2. asks the speculation policy for every running request's proposal length k (0 = plain step);
+  3. runs `SpecEngine.step_batch` over all running requests: one batched draft phase, one target forward;
+  4. hands back the new tokens of every request and retires the finished ones.
+
+The waiting queue is bounded (`max_waiting`); `add` raises `QueueFullError` beyond it, which the server
+turns into HTTP 429. A failure inside one request (in prefill, drafting, the forward or verification)
+finishes that request with finish_reason "error" and its message; the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from specgrove.engine.engine import SpecEngine
+from specgrove.engine.policy import FixedPolicy
+from specgrove.engine.sequence import Sequence
+from specgrove.errors import SpecgroveError
+
+
+class QueueFullError(SpecgroveError):
+    """The scheduler's waiting queue is full; retry later."""
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    new_token_ids: list[int]
+    finished: bool
+
+
+class Scheduler:
+    def __init__(self, engine: SpecEngine, policy=None, max_num_seqs: int = 8, max_waiting: int = 64):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.engine = engine
+        self.policy = policy if policy is not None else FixedPolicy(engine.num_speculative_tokens)
+        self.max_num_seqs = max_num_seqs
+        if engine.pool.max_rows is None or engine.pool.max_rows > max_num_seqs:
+            engine.pool.max_rows = max(max_num_seqs, engine.pool.in_use)
+        self.max_waiting = max_waiting
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.steps = 0
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting (max_waiting={self.max_waiting}); "
+                                 f"retry later")
+        seq.arrival_time = time.perf_counter()
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request (e.g. its client went away); True if it was found."""
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.finish_reason = "abort"
+                return True
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.running.remove(seq)
+                seq.finish_reason = "abort"
+                self.engine.finish(seq)
+                return True
+        return False
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step --------------------------------------------------------------------------------
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.finish_reason = "error"
+        seq.error = f"{type(error).__name__}: {error}"
+        try:
+            self.engine.finish(seq)
+        except Exception:  # the request is failed already; never let cleanup take the server down
+            seq.target_cache = None
+
+    def _admit(self, outputs: list[StepOutput]) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            try:
+                self.engine.prefill(seq)
+            except Exception as error:
+                self._fail(seq, error)
+                outputs.append(StepOutput(seq, [], True))
+                continue
+            seq.scheduled_time = time.perf_counter()
+            self.running.append(seq)
+
+    def _run(self, seqs: list[Sequence]) -> dict[int, list[int]]:
+        """step_batch over seqs; if it fails, each sequence alone, so only the failing ones fail."""
+        ks = self.policy.choose(seqs, self.engine)
+        try:
+            appended = self.engine.step_batch(seqs, ks)
+            return {id(s): a for s, a in zip(seqs, appended)}
+        except Exception as batch_error:
+            if len(seqs) == 1:
+                self._fail(seqs[0], batch_error)
+                return {}
+        out = {}
+        for seq, k in zip(seqs, ks):
+            try:
+                out[id(seq)] = self.engine.step_batch([seq], [k])[0]
+            except Exception as error:
+                self._fail(seq, error)
+        return out
+
+    def step(self) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        self._admit(outputs)
+        if not self.running:
+            return outputs
+        batch = list(self.running)
+        start = time.perf_counter()
+        appended = self._run(batch)
+        self.policy.observe(batch, time.perf_counter() - start)
+        self.steps += 1
+        now = time.perf_counter()
+        still = []
+        for seq in batch:
+            new = appended.get(id(seq), [])
+            if new and seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.finish_reason == "error":
+                outputs.append(StepOutput(seq, new, True))
+                continue
+            if seq.finished:
+                self.engine.finish(seq)
+                seq.finish_time = now
+                outputs.append(StepOutput(seq, new, True))
+            else:
+                still.append(seq)
+                outputs.append(StepOutput(seq, new, False))
+        self.running = still
+        return outputs
+
+    def run_to_completion(self) -> None:
+        while self.has_unfinished:
+            self.step()

@@ -1,0 +1,314 @@
+"""Continuous batching (specgrove.engine.scheduler) and SmartSpec's goodput policy.
+
+- Greedy identity: requests of different lengths join and leave a running batch; every output equals
+  single-request plain greedy decoding (fp32), for every proposer and for fixed / goodput policies.
+- Exactness through the batched path: one step of a batch, enumerated, emits the target's distribution
+  for the enumerated request (the other row has another prompt length and another tree size).
+- The scheduler's bounds and failure isolation; the policy's formulas and choices; the latency fit.
+"""
+
+import json
+
+import pytest
+import torch
+
+from specgrove.drafting.draft_model import DraftModelProposer
+from specgrove.drafting.prompt_lookup import PromptLookupProposer
+from specgrove.engine.engine import SpecEngine
+from specgrove.engine.latency import LatencyModel, LinearTime, profile
+from specgrove.engine.policy import FixedPolicy, GoodputPolicy, expected_tokens
+from specgrove.engine.scheduler import QueueFullError, Scheduler
+from specgrove.models.kv_cache import CachePool, NoFreeRowError
+from specgrove.sampling import SamplingParams
+from specgrove.trees.shape import TreeShape
+from test_exactness import SETTINGS, max_difference, report_wrong_q, target_sequence_distribution
+from specgrove.verify.enumerate import enumerate_outcomes
+
+PROMPTS = [[1, 2, 3, 1, 2], [4, 5], [7, 1, 1, 6, 2, 3, 4, 0, 5], [3], [2, 2, 2, 2, 6, 1]]
+MAX_TOKENS = [12, 5, 20, 9, 15]
+
+
+def plain_greedy(target, prompt, max_tokens):
+    engine = SpecEngine(target, None, 0, max_model_len=64)
+    seq = engine.generate(engine.new_sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                     ignore_eos=True)))
+    return seq.output_ids
+
+
+def make_proposer(kind, draft, tree="widths:2,2"):
+    if kind == "draft_model":
+        return DraftModelProposer(draft, 64)
+    if kind == "tree":
+        return DraftModelProposer(draft, 64, TreeShape.parse(tree))
+    return PromptLookupProposer(1, 2)
+
+
+def run_scheduler(scheduler, engine, prompts, max_tokens, join_every=2):
+    """Add requests one every `join_every` steps (so they join a running batch) and run to the end."""
+    seqs = [engine.new_sequence(p, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True), request_id=str(i))
+            for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+    pending = list(seqs)
+    sizes = []
+    while pending or scheduler.has_unfinished:
+        if pending and scheduler.steps % join_every == 0:
+            scheduler.add(pending.pop(0))
+        scheduler.step()
+        sizes.append(len(scheduler.running))
+    return seqs, sizes
+
+
+@pytest.mark.parametrize("kind", ["plain", "draft_model", "tree", "prompt_lookup"])
+def test_batched_greedy_equals_single_request_plain(kind, tiny_target, tiny_draft):
+    proposer = None if kind == "plain" else make_proposer(kind, tiny_draft)
+    engine = SpecEngine(tiny_target, proposer, 0 if proposer is None else 3, max_model_len=64)
+    scheduler = Scheduler(engine, FixedPolicy(engine.num_speculative_tokens), max_num_seqs=3)
+    seqs, sizes = run_scheduler(scheduler, engine, PROMPTS, MAX_TOKENS)
+    assert max(sizes) == 3, "requests must overlap in the batch"
+    for seq, prompt, m in zip(seqs, PROMPTS, MAX_TOKENS):
+        assert seq.finish_reason == "length"
+        assert seq.output_ids == plain_greedy(tiny_target, prompt, m), seq.request_id
+    assert engine.pool.in_use == 0, "finished requests give their cache rows back"
+    if proposer is not None and kind != "prompt_lookup":
+        assert proposer.pool.in_use == 0
+        assert sum(sum(s.metrics.accepted_per_step) for s in seqs) > 0, "speculation must really happen"
+
+
+def test_goodput_policy_batched_greedy_identity(tiny_target, tiny_draft):
+    """Whatever k the policy picks per step (it changes between steps here), the output stays plain greedy."""
+    engine = SpecEngine(tiny_target, make_proposer("draft_model", tiny_draft), 4, max_model_len=64)
+    latency = LatencyModel(LinearTime(0.01, 0.001, 0.0), LinearTime(0.002, 0.0005, 0.0))
+    policy = GoodputPolicy(latency, max_k=4)
+    scheduler = Scheduler(engine, policy, max_num_seqs=4)
+    seqs, _ = run_scheduler(scheduler, engine, PROMPTS, MAX_TOKENS, join_every=1)
+    for seq, prompt, m in zip(seqs, PROMPTS, MAX_TOKENS):
+        assert seq.output_ids == plain_greedy(tiny_target, prompt, m)
+    assert len(set(policy.chosen)) > 1, "the test must see the policy change k"
+
+
+@pytest.mark.parametrize("setting", SETTINGS[:3])  # at top-p 0.7 draft and target supports do not meet here
+@pytest.mark.parametrize("kind", ["draft_model", "tree"])
+def test_batched_step_distribution_is_exact(kind, setting, tiny_target, tiny_draft):
+    """One batched step of [enumerated request, other request]: the enumerated one's emitted tokens
+    (completed by target sampling) follow the target's distribution to 1e-6."""
+    params = SamplingParams(max_tokens=4, **setting)
+    k = 2
+    k = k if kind == "draft_model" else 4  # the whole widths:2,1 tree (two branches of depth 2)
+    engine = SpecEngine(tiny_target, make_proposer(kind, tiny_draft, "widths:2,1"), k, max_model_len=64)
+    prompt = [1, 2, 3, 1, 2]
+    other_params = SamplingParams(temperature=0, max_tokens=8)
+
+    def one_step(sampler):
+        other = engine.new_sequence([4, 5, 6, 7, 0, 1, 2, 3], other_params)
+        seq = engine.new_sequence(prompt, params, sampler=sampler)
+        engine.prefill(other)
+        engine.prefill(seq)
+        engine.step_batch([other, seq], [1, k])
+        engine.finish(other)
+        engine.finish(seq)
+        return tuple(seq.output_ids)
+
+    emitted = enumerate_outcomes(one_step)
+    assert abs(sum(emitted.values()) - 1.0) < 1e-9
+    assert any(len(s) > 1 for s in emitted), "the test would be vacuous"
+    length = max(len(s) for s in emitted)
+    exact = target_sequence_distribution(tiny_target, prompt, length, params, tiny_target.vocab_size)
+    spec: dict = {}
+    import itertools
+
+    from test_exactness import target_conditionals
+
+    for prefix, prob in emitted.items():
+        missing = length - len(prefix)
+        for rest in itertools.product(range(tiny_target.vocab_size), repeat=missing):
+            p = prob
+            if missing:
+                probs = target_conditionals(tiny_target, prompt + list(prefix), rest, params)
+                for i, token in enumerate(rest):
+                    p *= float(probs[i, token])
+            if p > 0:
+                spec[prefix + rest] = spec.get(prefix + rest, 0.0) + p
+    assert max_difference(spec, exact) < 1e-6
+
+
+def test_batched_wrong_q_fails(tiny_target, tiny_draft, monkeypatch):
+    """The batched path's enumeration catches a proposer reporting the wrong q (the test can fail)."""
+    report_wrong_q(monkeypatch)
+    k = 2
+    params = SamplingParams(temperature=1.0, max_tokens=1)
+    engine = SpecEngine(tiny_target, make_proposer("draft_model", tiny_draft), k, max_model_len=64)
+    prompt = [1, 2, 3, 1, 2]
+
+    def first_token(sampler):
+        other = engine.new_sequence([4, 5, 6], SamplingParams(temperature=0, max_tokens=8))
+        seq = engine.new_sequence(prompt, SamplingParams(temperature=1.0, max_tokens=k + 1), sampler=sampler)
+        engine.prefill(other)
+        engine.prefill(seq)
+        engine.step_batch([other, seq], [k, k])
+        engine.finish(other)
+        engine.finish(seq)
+        return seq.output_ids[0]
+
+    emitted = enumerate_outcomes(first_token)
+    exact = target_sequence_distribution(tiny_target, prompt, 1, params, tiny_target.vocab_size)
+    assert max(abs(emitted.get(t, 0.0) - exact.get((t,), 0.0)) for t in range(tiny_target.vocab_size)) > 1e-3
+
+
+# ---- scheduler ---------------------------------------------------------------------------------------
+def test_queue_bound_abort_and_rows(tiny_target):
+    engine = SpecEngine(tiny_target, None, 0, max_model_len=64)
+    scheduler = Scheduler(engine, max_num_seqs=2, max_waiting=2)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    seqs = [engine.new_sequence([1, 2, 3], params, request_id=f"r{i}") for i in range(4)]
+    scheduler.add(seqs[0])
+    scheduler.add(seqs[1])
+    with pytest.raises(QueueFullError, match="max_waiting=2"):
+        scheduler.add(seqs[2])
+    scheduler.step()
+    assert len(scheduler.running) == 2 and engine.pool.in_use == 2
+    scheduler.add(seqs[2])
+    scheduler.add(seqs[3])
+    scheduler.step()
+    assert len(scheduler.running) == 2 and len(scheduler.waiting) == 2, "max_num_seqs bounds the batch"
+    assert scheduler.abort("r0") and seqs[0].finish_reason == "abort"
+    assert engine.pool.in_use == 1, "an aborted request frees its row"
+    assert scheduler.abort("r3") and not scheduler.abort("nope")
+    scheduler.run_to_completion()
+    assert seqs[1].output_ids == plain_greedy(tiny_target, [1, 2, 3], 30)
+    assert seqs[2].output_ids == seqs[1].output_ids
+    assert seqs[3].output_ids == [] and engine.pool.in_use == 0
+
+
+def test_one_failing_request_does_not_stop_the_others(tiny_target, tiny_draft, monkeypatch):
+    proposer = make_proposer("draft_model", tiny_draft)
+    engine = SpecEngine(tiny_target, proposer, 3, max_model_len=64)
+    original = DraftModelProposer.propose_batch
+
+    def fails_for_bad(self, seqs, ks):
+        if any(s.request_id == "bad" for s in seqs):
+            raise RuntimeError("boom")
+        return original(self, seqs, ks)
+
+    monkeypatch.setattr(DraftModelProposer, "propose_batch", fails_for_bad)
+    scheduler = Scheduler(engine, max_num_seqs=3)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    good = [engine.new_sequence(p, params, request_id=f"g{i}") for i, p in enumerate(PROMPTS[:2])]
+    bad = engine.new_sequence([1, 2], params, request_id="bad")
+    for s in (good[0], bad, good[1]):
+        scheduler.add(s)
+    finished = []
+    while scheduler.has_unfinished:
+        finished += [o.seq.request_id for o in scheduler.step() if o.finished]
+    assert bad.finish_reason == "error" and "boom" in bad.error
+    assert sorted(finished) == ["bad", "g0", "g1"]
+    for s, p in zip(good, PROMPTS[:2]):
+        assert s.output_ids == plain_greedy(tiny_target, p, 10)
+    assert engine.pool.in_use == 0 and proposer.pool.in_use == 0
+
+
+def test_cache_pool_grows_and_bounds(tiny_target):
+    pool = CachePool(tiny_target.model, 16, max_rows=3)
+    rows = [pool.acquire() for _ in range(3)]
+    assert rows == [0, 1, 2] and pool.cache.batch_size == 3
+    with pytest.raises(NoFreeRowError, match="finish or abort"):
+        pool.acquire()
+    pool.cache.lengths[1] = 5
+    pool.release(1)
+    assert pool.acquire() == 1 and pool.cache.lengths[1] == 0
+    with pytest.raises(ValueError, match="not in use"):
+        pool.release(7)
+
+
+def test_grown_cache_keeps_rows(tiny_target):
+    model = tiny_target.model
+    cache = model.new_cache(1, 16)
+    model.forward(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache)
+    cache.commit(0)
+    before = cache.k[:, 0, :, :3].clone()
+    cache.grow(4)
+    assert cache.batch_size == 4 and cache.lengths == [3, 0, 0, 0]
+    assert torch.equal(cache.k[:, 0, :, :3], before)
+
+
+# ---- goodput policy ----------------------------------------------------------------------------------
+def test_expected_tokens():
+    for alpha in (0.0, 0.3, 0.9):
+        for k in range(5):
+            chain = sum(alpha ** i for i in range(k + 1))  # (1 - a^(k+1)) / (1 - a)
+            assert expected_tokens(TreeShape.chain(k), alpha) == pytest.approx(chain)
+    # two siblings at the root: 1 + a + (1 - a) a
+    assert expected_tokens(TreeShape.parse("widths:2"), 0.5) == pytest.approx(1.75)
+    # binary tree of depth 2 (widths:2,2 branches 2 at each level): 1 + 0.75 (1 + 0.75)
+    assert expected_tokens(TreeShape.parse("widths:2,2"), 0.5) == pytest.approx(1 + 0.75 * 1.75)
+
+
+class _FakeEngine:
+    def __init__(self, proposer=None, k=8):
+        self.proposer = proposer
+        self.num_speculative_tokens = k
+
+    def draft_lengths(self, seqs, ks):
+        return [max(0, min(k, self.num_speculative_tokens, s.remaining - 1)) for k, s in zip(ks, seqs)]
+
+
+def _seqs(tiny_target, n, alpha=None):
+    engine = SpecEngine(tiny_target, None, 0, max_model_len=64)
+    seqs = [engine.new_sequence([1, 2, 3], SamplingParams(max_tokens=40)) for _ in range(n)]
+    if alpha is not None:
+        for s in seqs:
+            s.acceptance_stats = [alpha * 100, 100.0]
+    return seqs
+
+
+def test_goodput_choice_follows_acceptance_and_cost(tiny_target):
+    engine = _FakeEngine()
+    # target cost flat in tokens (memory bound), cheap draft: a good draft should speculate far
+    cheap = LatencyModel(LinearTime(0.1, 0.0001, 0.0), LinearTime(0.005, 0.0, 0.0))
+    assert GoodputPolicy(cheap, 8).choose(_seqs(tiny_target, 2, 0.9), engine)[0] >= 5
+    # a useless draft never pays
+    assert GoodputPolicy(cheap, 8).choose(_seqs(tiny_target, 2, 0.0), engine) == [0, 0]
+    # compute-bound target (every token costs): large batches stop speculating
+    bound = LatencyModel(LinearTime(0.05, 0.01, 0.0), LinearTime(0.005, 0.001, 0.0))
+    small = GoodputPolicy(bound, 8).choose(_seqs(tiny_target, 1, 0.7), engine)[0]
+    large = GoodputPolicy(bound, 8).choose(_seqs(tiny_target, 16, 0.7), engine)[0]
+    assert small > large
+    # the choice is the argmax of the predicted goodput over k
+    policy = GoodputPolicy(bound, 8)
+    seqs = _seqs(tiny_target, 4, 0.7)
+    k = policy.choose(seqs, engine)[0]
+    goodputs = [(lambda t, s: t / s)(*policy.step_estimate(seqs, engine, kk)) for kk in range(9)]
+    assert goodputs[k] == pytest.approx(max(goodputs))
+
+
+def test_goodput_acceptance_estimate_moves(tiny_target):
+    policy = GoodputPolicy(LatencyModel(LinearTime(0.1, 0.0, 0.0)), 4, prior_alpha=0.5, prior_trials=2, decay=1.0)
+    (seq,) = _seqs(tiny_target, 1)
+    assert policy.alpha(seq) == 0.5
+    seq.metrics.record_step(4, 4, 4)  # all four accepted
+    policy.observe([seq], 0.1)
+    assert policy.alpha(seq) == pytest.approx((1 + 4) / (2 + 4))
+    seq.metrics.record_step(4, 4, 0)  # first rejected: one trial, no success
+    policy.observe([seq], 0.1)
+    assert policy.alpha(seq) == pytest.approx(5 / 7)
+    seq.metrics.record_step(0, 0, 0)  # a plain step says nothing about the draft
+    policy.observe([seq], 0.1)
+    assert policy.alpha(seq) == pytest.approx(5 / 7)
+
+
+def test_latency_fit_save_load(tmp_path, tiny_target, tiny_draft):
+    truth = LinearTime(0.01, 0.002, 0.00003)
+    samples = [{"tokens": n, "context": c, "seconds": truth(n, c)} for n in (1, 4, 16) for c in (64, 512)]
+    fitted = LinearTime.fit(samples)
+    assert (fitted.a, fitted.b, fitted.c) == pytest.approx((truth.a, truth.b, truth.c), rel=1e-6, abs=1e-9)
+    measured = profile(tiny_target.model, tiny_draft.model, rows=(1, 2), tokens_per_row=(1, 2), contexts=(8, 16),
+                       repeats=1)
+    assert len(measured.samples["target"]) == 8 and len(measured.samples["draft"]) == 8
+    assert measured.target.a >= 0 and measured.target.b >= 0 and measured.target.c >= 0
+    path = tmp_path / "profile.json"
+    measured.save(path)
+    loaded = LatencyModel.load(path)
+    assert loaded.target == measured.target and loaded.draft == measured.draft
+    (tmp_path / "bad.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="specgrove profile"):
+        LatencyModel.load(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="specgrove profile --out"):
+        LatencyModel.load(tmp_path / "missing.json")
