@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from specgrove.models import defaults
 
     parser = argparse.ArgumentParser(prog="specgrove", description="Lossless speculative decoding engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,train-sorted,calibrate-sorted,models}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,train-sorted,calibrate-sorted,serve,profile,models}")
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", default=defaults.DEFAULT_TARGET,
@@ -57,25 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--draft-quantization", choices=("none", "int8"), default="none",
                        help="draft weights: none (default) or int8 weight-only (output unchanged, drafting cheaper)")
 
+    def speculative_options(p: argparse.ArgumentParser, default_method: str = "draft_model") -> None:
+        p.add_argument("--method", choices=("draft_model", "prompt_lookup", "tree", "sorted", "none"), default=default_method)
+        p.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
+        p.add_argument("--tree", default=None, help="method tree: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
+                                                    "from `specgrove tune`, or auto")
+        p.add_argument("--tree-sampling", choices=TREE_SAMPLING, default="without_replacement",
+                       help="how a node's children are drawn and verified: without_replacement (Sequoia, RRS "
+                            "without replacement), iid (SpecInfer's RRS) or hub (SpecHub's pairs)")
+        p.add_argument("--sorted-exit", type=int, default=None,
+                       help="method sorted (S2D; --draft is a sorted draft): draft with this exit alone (default: adaptive)")
+        p.add_argument("--sorted-thresholds", type=_float_list, default=None,
+                       help="method sorted, adaptive: confidence threshold per exit, e.g. 0.6,0.6,0 (default: the draft's)")
+        p.add_argument("--prompt-lookup-min", type=int, default=1)
+        p.add_argument("--prompt-lookup-max", type=int, default=3)
+
     g = sub.add_parser("generate", help="generate one completion and print the speculation statistics")
     source = g.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="a raw text prompt (no chat template)")
     source.add_argument("--chat", help="a user message, sent through the target's chat template")
     source.add_argument("--prompt-ids", type=_int_list, help="the prompt as token ids, e.g. 1,2,3 (models without a tokenizer)")
     model_options(g)
-    g.add_argument("--method", choices=("draft_model", "prompt_lookup", "tree", "sorted", "none"), default="draft_model")
-    g.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
-    g.add_argument("--tree", default=None, help="method tree: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
-                                                "from `specgrove tune`, or auto")
-    g.add_argument("--tree-sampling", choices=TREE_SAMPLING, default="without_replacement",
-                   help="how a node's children are drawn and verified: without_replacement (Sequoia, RRS "
-                        "without replacement), iid (SpecInfer's RRS) or hub (SpecHub's pairs)")
-    g.add_argument("--sorted-exit", type=int, default=None,
-                   help="method sorted (S2D; --draft is a sorted draft): draft with this exit alone (default: adaptive)")
-    g.add_argument("--sorted-thresholds", type=_float_list, default=None,
-                   help="method sorted, adaptive: confidence threshold per exit, e.g. 0.6,0.6,0 (default: the draft's)")
-    g.add_argument("--prompt-lookup-min", type=int, default=1)
-    g.add_argument("--prompt-lookup-max", type=int, default=3)
+    speculative_options(g)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -162,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_sorted(sub)
     add_calibrate_parser(sub)
 
+    from specgrove.serve.cli import add_parsers as add_serve_parsers
+
+    add_serve_parsers(sub, model_options, speculative_options)
+
     m = sub.add_parser("models", help="list, fetch or verify the built-in models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="{list,fetch,verify}")
     msub.add_parser("list", help="the built-in models and their cache state").set_defaults(func=cmd_models_list)
@@ -175,16 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- generate --------------------------------------------------------------------------------------
-def cmd_generate(args: argparse.Namespace) -> int:
+def build_llm(args: argparse.Namespace, max_num_seqs: int | None = None):
+    """The LLM of the model and speculative options (generate, serve, loadtest)."""
     from specgrove.api import LLM
     from specgrove.config import SpeculativeConfig
     from specgrove.models import defaults
     from specgrove.models.loader import resolve_model_dir
-    from specgrove.sampling import SamplingParams
 
-    # Validate the request before loading any model, so bad input fails in milliseconds.
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop)
     spec = SpeculativeConfig.from_any({
         "method": None if args.method == "none" else args.method,
         "num_speculative_tokens": args.num_speculative_tokens,
@@ -199,7 +203,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          f"({defaults.DEFAULT_TARGET}); or use --method prompt_lookup or --method none")
     llm = LLM(target=args.target, draft=args.draft, speculative=spec, dtype=args.dtype, device=args.device,
               max_model_len=args.max_model_len, num_threads=args.num_threads, quantization=args.quantization,
-              draft_quantization=args.draft_quantization)
+              draft_quantization=args.draft_quantization, max_num_seqs=max_num_seqs)
+    return llm, spec
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specgrove.sampling import SamplingParams
+
+    # Validate the request before loading any model, so bad input fails in milliseconds.
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop)
+    llm, spec = build_llm(args)
     if args.prompt_ids is not None:
         out = llm.generate(args.prompt_ids, params)[0]
     elif args.prompt is not None:

@@ -1,0 +1,159 @@
+"""The scheduler in a background thread, fed by asyncio request handlers.
+
+`AsyncEngine.submit` checks and enqueues a request and returns a `RequestStream` (an asyncio queue of
+`Delta`s); the engine thread runs `Scheduler.step()` while work exists and pushes every request's new
+tokens, its text so far and, at the end, its finish reason and usage to that stream. `abort` (a client
+that went away) drops the request at the next step boundary and frees its cache row. One request's
+failure ends only that request (finish_reason "error"); a crash of the loop itself marks the engine
+unhealthy and fails every open stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from specgrove.engine.scheduler import QueueFullError, Scheduler
+from specgrove.engine.sequence import Sequence
+from specgrove.sampling import SamplingParams
+from specgrove.serve.metrics import ServerMetrics
+
+
+@dataclass
+class Delta:
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    seq: Sequence | None = None
+
+
+@dataclass
+class RequestStream:
+    request_id: str
+    seq: Sequence
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    created: float = field(default_factory=time.time)
+
+    def put(self, delta: Delta) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+
+def usage_of(seq: Sequence) -> dict:
+    """OpenAI usage plus this request's speculation statistics (the server's counters add up to them)."""
+    m = seq.metrics
+    drafts = sum(1 for p in m.proposed_per_step if p > 0)
+    return {
+        "prompt_tokens": len(seq.prompt_ids),
+        "completion_tokens": len(seq.output_ids),
+        "total_tokens": len(seq.prompt_ids) + len(seq.output_ids),
+        "speculation": {
+            "steps": len(m.proposed_per_step),
+            "drafts": drafts,
+            "draft_tokens": sum(m.proposed_per_step),
+            "accepted_tokens": sum(m.accepted_per_step),
+            "accepted_per_position": list(m.position_accepted),
+            "mean_accept_length": m.mean_accept_length,
+        },
+    }
+
+
+class AsyncEngine:
+    def __init__(self, scheduler: Scheduler, metrics: ServerMetrics | None = None):
+        self.scheduler = scheduler
+        self.engine = scheduler.engine
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self.streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._stop = False
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="specgrove-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    # ---- requests (event-loop side) --------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Validate and enqueue; raises ValueError (bad request) or QueueFullError (overload)."""
+        if not self.healthy:
+            raise RuntimeError(f"the engine is not running: {self.error or 'not started'}")
+        seq = self.engine.new_sequence(prompt_ids, params, request_id=request_id)  # validates, may raise
+        stream = RequestStream(request_id, seq, asyncio.Queue(), asyncio.get_running_loop())
+        with self._wake:
+            waiting = len(self._inbox) + len(self.scheduler.waiting)
+            if waiting >= self.scheduler.max_waiting:
+                self.metrics.rejected.inc()
+                raise QueueFullError(f"the server is at capacity: {waiting} requests are waiting "
+                                     f"(max_waiting={self.scheduler.max_waiting}); retry later")
+            self.streams[request_id] = stream
+            self._inbox.append(seq)
+            self._wake.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    # ---- the engine thread -----------------------------------------------------------------------
+    def _drain(self) -> None:
+        with self._wake:
+            while not (self._inbox or self._aborts or self.scheduler.has_unfinished or self._stop):
+                self._wake.wait()
+            # Under the lock, so that submit counts these as waiting; it cannot overflow: submit
+            # counted the inbox against max_waiting.
+            for seq in self._inbox:
+                self.scheduler.add(seq)
+            self._inbox = []
+            aborts, self._aborts = self._aborts, []
+        for request_id in aborts:
+            if self.scheduler.abort(request_id):
+                self.metrics.finished.labels(finish_reason="abort").inc()
+            self.streams.pop(request_id, None)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._drain()
+                if self._stop:
+                    break
+                if not self.scheduler.has_unfinished:
+                    continue
+                outputs = self.scheduler.step()
+                for out in outputs:
+                    self.metrics.record_step(out.seq, out.new_token_ids)
+                    stream = self.streams.get(out.seq.request_id)
+                    if out.finished:
+                        self.metrics.record_finish(out.seq)
+                        self.streams.pop(out.seq.request_id, None)
+                    if stream is not None:
+                        stream.put(Delta(out.new_token_ids, out.finished, out.seq.finish_reason, out.seq.error, out.seq))
+                self.metrics.running.set(len(self.scheduler.running))
+                self.metrics.waiting.set(len(self.scheduler.waiting))
+        except Exception as error:  # the loop itself broke: fail every open request, report unhealthy
+            self.error = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+            for stream in list(self.streams.values()):
+                stream.put(Delta([], True, "error", self.error, stream.seq))
+            self.streams.clear()

@@ -1,0 +1,176 @@
+"""`specgrove serve` and `specgrove profile`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parsers(sub, model_options, speculative_options) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and speculation",
+                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics. "
+                                   "Requests are batched continuously; every step the policy chooses how far to "
+                                   "speculate.")
+    model_options(s)
+    speculative_options(s)
+    s.add_argument("--policy", default="goodput",
+                   help="speculation policy: goodput (SmartSpec; needs --profile) or fixed:K (K = 0 disables "
+                        "speculation); default goodput")
+    s.add_argument("--profile", default=None, metavar="JSON",
+                   help="latency profile from `specgrove profile` (goodput policy; default: measured at start-up)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument("--max-waiting", type=int, default=64,
+                   help="requests queued beyond those; more get HTTP 429 (default 64)")
+    s.add_argument("--max-model-len", type=int, default=4096)
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the target's name)")
+    s.set_defaults(func=cmd_serve)
+
+    lt = sub.add_parser("loadtest", help="SmartSpec's experiment: Poisson arrivals at several rates against the "
+                                         "server (loopback), per policy; latency, TTFT, tokens/s; JSON + plot")
+    model_options(lt)
+    speculative_options(lt)
+    lt.add_argument("--policies", default="fixed:0,fixed:1,fixed:3,fixed:5,goodput",
+                    help="comma list of policies (fixed:0 = no speculation); default fixed:0,fixed:1,fixed:3,fixed:5,goodput")
+    lt.add_argument("--rates", default="0.05,0.1,0.2", help="request rates per second (default 0.05,0.1,0.2)")
+    lt.add_argument("--requests", type=int, default=8, help="requests per rate (default 8)")
+    lt.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
+    lt.add_argument("--profile", default=None, metavar="JSON", help="latency profile for the goodput policy")
+    lt.add_argument("--max-num-seqs", type=int, default=8)
+    lt.add_argument("--max-model-len", type=int, default=4096)
+    lt.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: as bench)")
+    lt.add_argument("--seed", type=int, default=0, help="arrival-time seed (default 0)")
+    lt.add_argument("--out", required=True, help="output prefix: OUT.json and OUT.png")
+    lt.set_defaults(func=cmd_loadtest, num_speculative_tokens=5)
+
+    p = sub.add_parser("profile", help="SmartSpec: measure target and draft forward times on this machine and fit "
+                                       "the latency model of the goodput policy")
+    model_options(p)
+    p.add_argument("--no-draft", action="store_true", help="profile the target only (prompt lookup)")
+    p.add_argument("--rows", default="1,2,4,8", help="batch rows to measure (default 1,2,4,8)")
+    p.add_argument("--tokens", default="1,2,4,8", help="new tokens per row (default 1,2,4,8)")
+    p.add_argument("--contexts", default="128,512", help="context positions per row (default 128,512)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", required=True, help="the profile JSON to write")
+    p.set_defaults(func=cmd_profile)
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--{name} takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"--{name} takes positive integers, got {text!r}")
+    return values
+
+
+def make_policy(text: str, llm, profile_path: str | None):
+    from specgrove.engine.latency import LatencyModel, profile
+    from specgrove.engine.policy import FixedPolicy, GoodputPolicy
+
+    if text.startswith("fixed:"):
+        try:
+            k = int(text.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"--policy fixed:K takes an integer K, got {text!r}") from None
+        if k > llm.engine.num_speculative_tokens:
+            raise ValueError(f"--policy {text}: K is above -k {llm.engine.num_speculative_tokens}; raise -k")
+        return FixedPolicy(k)
+    if text != "goodput":
+        raise ValueError(f"--policy is goodput or fixed:K, got {text!r}")
+    if profile_path is not None:
+        latency = LatencyModel.load(profile_path)
+    else:
+        print("[specgrove] no --profile: measuring this machine (about a minute)", file=sys.stderr)
+        latency = profile(llm.target.model, llm.draft.model if llm.draft is not None else None,
+                          rows=(1, 2, 4), tokens_per_row=(1, 4), contexts=(128,), repeats=2)
+    return GoodputPolicy(latency, llm.engine.num_speculative_tokens)
+
+
+def build_server(llm, policy, max_num_seqs: int, max_waiting: int, model_name: str):
+    from specgrove.engine.scheduler import Scheduler
+    from specgrove.serve.app import build_app
+    from specgrove.serve.async_engine import AsyncEngine
+
+    scheduler = Scheduler(llm.engine, policy, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
+    engine = AsyncEngine(scheduler)
+    return build_app(engine, model_name), engine
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from specgrove.cli import build_llm
+
+    if args.max_num_seqs < 1 or args.max_waiting < 0:
+        raise ValueError("--max-num-seqs must be >= 1 and --max-waiting >= 0")
+    llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
+    policy = make_policy(args.policy, llm, args.profile)
+    app, _ = build_server(llm, policy, args.max_num_seqs, args.max_waiting, args.served_model_name or llm.target.name)
+    print(f"[specgrove] serving {args.served_model_name or llm.target.name} on http://{args.host}:{args.port} "
+          f"(policy {policy.name}, max_num_seqs {args.max_num_seqs})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import json
+
+    from specgrove.cli import build_llm
+    from specgrove.serve.loadtest import plot, run_loadtest
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--rates takes comma-separated numbers, got {args.rates!r}") from None
+    if not policies or not rates or any(r <= 0 for r in rates) or args.requests < 1 or args.max_tokens < 1:
+        raise ValueError("--policies and --rates must be non-empty, rates > 0, --requests and --max-tokens >= 1")
+    fixed = [int(p.split(":", 1)[1]) for p in policies if p.startswith("fixed:") and p.split(":", 1)[1].isdigit()]
+    args.num_speculative_tokens = max([args.num_speculative_tokens, *fixed])
+    llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
+    report = run_loadtest(llm, policies, rates, args.requests, args.max_tokens, args.profile, args.max_num_seqs,
+                          args.seed, args.data, log=lambda m: print(m, file=sys.stderr))
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    plot(report, args.out + ".png")
+    print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from specgrove.engine.latency import profile
+    from specgrove.models import defaults
+    from specgrove.models.loader import load_model
+
+    rows, tokens, contexts = _ints(args.rows, "rows"), _ints(args.tokens, "tokens"), _ints(args.contexts, "contexts")
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    target = load_model(args.target, dtype=args.dtype, device=args.device,
+                        quantization=None if args.quantization == "none" else args.quantization)
+    draft = None
+    if not args.no_draft:
+        if args.draft is None and args.target != defaults.DEFAULT_TARGET:
+            raise ValueError("give --draft, or --no-draft to profile the target alone")
+        draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device,
+                           quantization=None if args.draft_quantization == "none" else args.draft_quantization)
+    console = Console(stderr=True)
+
+    def show(sample: dict) -> None:
+        console.print(f"  rows {sample['rows']:>2} x {sample['tokens_per_row']:>2} tokens, context "
+                      f"{sample['context_per_row']:>5}: {sample['seconds'] * 1000:8.1f} ms")
+
+    model = profile(target.model, draft.model if draft is not None else None, rows, tokens, contexts, args.repeats, show)
+    model.save(args.out)
+    t, d = model.target, model.draft
+    console.print(f"target: {t.a * 1000:.1f} ms + {t.b * 1000:.2f} ms/token + {t.c * 1e6:.2f} us/context position")
+    if d is not None:
+        console.print(f"draft:  {d.a * 1000:.1f} ms + {d.b * 1000:.2f} ms/token + {d.c * 1e6:.2f} us/context position")
+    console.print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,71 @@
+"""The server's Prometheus metrics (one registry per server, so several can live in one process).
+
+Counters are monotonic and are fed from the same per-step records as each request's usage
+(`async_engine.usage_of`), so summed over requests they agree exactly:
+  specgrove_drafts_total                 steps that proposed at least one draft token
+  specgrove_draft_tokens_total           draft tokens proposed
+  specgrove_accepted_tokens_total        draft tokens accepted
+  specgrove_accepted_tokens_per_position_total{position}  accepted tokens at draft depth position (1-based)
+  specgrove_steps_total, specgrove_generated_tokens_total, specgrove_prompt_tokens_total
+  specgrove_requests_finished_total{finish_reason}, specgrove_requests_rejected_total
+Histograms: specgrove_request_latency_seconds (arrival to finish), specgrove_time_to_first_token_seconds.
+Gauges: specgrove_requests_running, specgrove_requests_waiting.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, float("inf"))
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.drafts = Counter("specgrove_drafts", "steps that proposed at least one draft token", registry=r)
+        self.draft_tokens = Counter("specgrove_draft_tokens", "draft tokens proposed", registry=r)
+        self.accepted_tokens = Counter("specgrove_accepted_tokens", "draft tokens accepted by the target", registry=r)
+        self.accepted_per_position = Counter("specgrove_accepted_tokens_per_position",
+                                             "draft tokens accepted at each draft depth (1-based)", ["position"],
+                                             registry=r)
+        self.steps = Counter("specgrove_steps", "request steps (one target verification each)", registry=r)
+        self.generated_tokens = Counter("specgrove_generated_tokens", "tokens generated", registry=r)
+        self.prompt_tokens = Counter("specgrove_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.finished = Counter("specgrove_requests_finished", "finished requests", ["finish_reason"], registry=r)
+        self.rejected = Counter("specgrove_requests_rejected", "requests refused because the queue was full",
+                                registry=r)
+        self.latency = Histogram("specgrove_request_latency_seconds", "request latency, arrival to finish",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("specgrove_time_to_first_token_seconds", "arrival to first generated token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("specgrove_requests_running", "requests in the running batch", registry=r)
+        self.waiting = Gauge("specgrove_requests_waiting", "requests waiting for a batch slot", registry=r)
+
+    def record_step(self, seq, new_token_ids: list[int]) -> None:
+        """Count the steps of `seq` not counted yet (normally the one just run)."""
+        m = seq.metrics
+        done = getattr(seq, "counted_steps", 0)
+        for proposed, accepted in zip(m.proposed_per_step[done:], m.accepted_per_step[done:]):
+            self.steps.inc()
+            if proposed > 0:
+                self.drafts.inc()
+                self.draft_tokens.inc(proposed)
+            if accepted > 0:
+                self.accepted_tokens.inc(accepted)
+                for position in range(1, accepted + 1):
+                    self.accepted_per_position.labels(position=str(position)).inc()
+        seq.counted_steps = len(m.proposed_per_step)
+        if new_token_ids:
+            self.generated_tokens.inc(len(new_token_ids))
+
+    def record_finish(self, seq) -> None:
+        self.finished.labels(finish_reason=str(seq.finish_reason)).inc()
+        self.prompt_tokens.inc(len(seq.prompt_ids))
+        if seq.arrival_time is not None and seq.finish_time is not None:
+            self.latency.observe(seq.finish_time - seq.arrival_time)
+        if seq.arrival_time is not None and seq.first_token_time is not None:
+            self.ttft.observe(seq.first_token_time - seq.arrival_time)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,215 @@
+"""The OpenAI-compatible server (specgrove serve) on tiny models, over real HTTP on loopback.
+
+The official `openai` client against it; a battery of bad requests (each a clear 400); an overload burst
+(every response correct and unmixed, or 429; none lost; the server healthy afterwards, its Prometheus
+counters equal to the sum of the responses' usage); a client that disconnects frees its slot; a request
+that fails inside generation fails alone.
+"""
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import pytest
+
+from specgrove.drafting.draft_model import DraftModelProposer
+from specgrove.engine.engine import SpecEngine
+from specgrove.engine.policy import FixedPolicy
+from specgrove.sampling import SamplingParams
+from specgrove.serve.cli import build_server
+from specgrove.serve.loadtest import ServerThread
+
+MODEL = "tiny"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}h{% endif %}"
+
+
+class _LLM:  # what build_server needs of api.LLM
+    def __init__(self, engine):
+        self.engine = engine
+
+
+class Server(ServerThread):
+    """A server on tiny models (draft model, fixed k) on a free loopback port."""
+
+    def __init__(self, target, draft, max_num_seqs=2, max_waiting=3, k=3, max_model_len=48):
+        target.tokenizer.chat_template = CHAT_TEMPLATE
+        self.proposer = DraftModelProposer(draft, max_model_len)
+        self.engine = SpecEngine(target, self.proposer, k, max_model_len=max_model_len)
+        app, self.async_engine = build_server(_LLM(self.engine), FixedPolicy(k), max_num_seqs, max_waiting, MODEL)
+        super().__init__(app)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(self.url + "/metrics").text
+        for line in text.splitlines():
+            if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+                return float(line.split()[-1])
+        return 0.0
+
+
+@pytest.fixture()
+def server(tiny_target, tiny_draft):
+    with Server(tiny_target, tiny_draft) as s:
+        yield s
+
+
+def expected_text(target, prompt: str, max_tokens: int) -> str:
+    engine = SpecEngine(target, None, 0, max_model_len=48)
+    ids = target.tokenizer.encode(prompt, add_special_tokens=False)
+    seq = engine.generate(engine.new_sequence(ids, SamplingParams(temperature=0, max_tokens=max_tokens)))
+    return seq.text
+
+
+def test_openai_client(server, tiny_target):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+    out = client.completions.create(model=MODEL, prompt="abcab", max_tokens=9, temperature=0)
+    assert out.choices[0].text == expected_text(tiny_target, "abcab", 9)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 9 and out.usage.prompt_tokens == 5
+    spec = out.usage.model_extra["speculation"]
+    assert spec["draft_tokens"] > 0 and 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]
+
+    chunks = list(client.completions.create(model=MODEL, prompt="abcab", max_tokens=9, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 9 and not chunks[-1].choices
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "abcab"}], max_tokens=6,
+                                          temperature=0)
+    assert chat.choices[0].message.content == expected_text(tiny_target, "abcabh", 6)
+    streamed = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "abcab"}],
+                                                   max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+    # sampling with a seed is reproducible; stop strings end the text before them
+    a = client.completions.create(model=MODEL, prompt="abc", max_tokens=8, temperature=0.9, top_p=0.9, seed=7)
+    b = client.completions.create(model=MODEL, prompt="abc", max_tokens=8, temperature=0.9, top_p=0.9, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+    full = expected_text(tiny_target, "abcab", 12)
+    stop = full[3:5]
+    cut = client.completions.create(model=MODEL, prompt="abcab", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", "not valid JSON"),
+    ("/v1/completions", {"prompt": "abc", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": -3}, "max_tokens"),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "abc", "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"prompt": "abc", "temperature": -1.0}, "temperature"),
+    ("/v1/completions", {"prompt": "abc", "top_k": -5}, "top_k"),
+    ("/v1/completions", {"prompt": "abc", "n": 2}, "n=2"),
+    ("/v1/completions", {"prompt": "abc", "model": "gpt-9"}, "not served"),
+    ("/v1/completions", {"prompt": "abc", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "abc", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "abc", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"max_tokens": 5}, "prompt"),
+    ("/v1/completions", {"prompt": ""}, "empty"),
+    ("/v1/completions", {"prompt": [1, 99]}, "token ids"),
+    ("/v1/completions", {"prompt": "abc" * 20, "max_tokens": 5}, "max_model_len"),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 100}, "max_model_len"),
+    ("/v1/completions", [1, 2], "body"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, "role"),
+    ("/v1/chat/completions", {"messages": "abc"}, "messages"),
+]
+
+
+def test_bad_requests_get_clear_400s(server):
+    for path, body, needle in BAD_REQUESTS:
+        if isinstance(body, bytes):
+            r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+        else:
+            r = httpx.post(server.url + path, json=body)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        error = r.json()["error"]
+        assert needle.lower() in error["message"].lower(), (body, error)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert server.engine.pool.in_use == 0
+
+
+def test_overload_burst(server, tiny_target, monkeypatch):
+    original = SpecEngine.step_batch
+
+    def slow_step(self, seqs, ks=None):  # steps of a real model's length, so that the burst overloads it
+        time.sleep(0.1)
+        return original(self, seqs, ks)
+
+    monkeypatch.setattr(SpecEngine, "step_batch", slow_step)
+    prompts = ["abc", "bca", "cab", "abcd", "dcba", "aab", "bba", "cca", "ddb", "bad", "dab", "cad"]
+    expected = {p: expected_text(tiny_target, p, 10) for p in prompts}
+
+    def send(prompt):
+        return prompt, httpx.post(server.url + "/v1/completions", timeout=120,
+                                  json={"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": 0})
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(send, prompts))
+    codes = [r.status_code for _, r in results]
+    assert set(codes) <= {200, 429} and codes.count(200) >= 2 and codes.count(429) >= 1, codes
+    usage_accepted = usage_draft = 0
+    for prompt, r in results:
+        if r.status_code == 200:
+            body = r.json()
+            assert body["choices"][0]["text"] == expected[prompt], "responses must not mix up clients"
+            usage_accepted += body["usage"]["speculation"]["accepted_tokens"]
+            usage_draft += body["usage"]["speculation"]["draft_tokens"]
+        else:
+            assert "retry" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert server.metric("specgrove_accepted_tokens_total") == usage_accepted
+    assert server.metric("specgrove_draft_tokens_total") == usage_draft
+    assert server.metric("specgrove_requests_rejected_total") == codes.count(429)
+    assert server.metric("specgrove_requests_finished_total", '{finish_reason="length"}') == codes.count(200)
+    assert server.metric("specgrove_request_latency_seconds_count") == codes.count(200)
+    assert server.metric("specgrove_requests_running") == 0 and server.engine.pool.in_use == 0
+    # still serving
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 10, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == expected["abc"]
+
+
+def test_disconnect_frees_the_slot(tiny_target, tiny_draft):
+    with Server(tiny_target, tiny_draft, max_model_len=4096) as server:
+        body = {"prompt": "abc", "max_tokens": 4000, "temperature": 0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # first chunk, then hang up
+        deadline = time.time() + 30
+        while time.time() < deadline and server.engine.pool.in_use:
+            time.sleep(0.1)
+        assert server.engine.pool.in_use == 0
+        assert server.metric("specgrove_requests_finished_total", '{finish_reason="abort"}') == 1
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_failing_request_fails_alone(server, tiny_target, monkeypatch):
+    original = DraftModelProposer.propose_batch
+
+    def fails_on_dd(self, seqs, ks):
+        if any(s.prompt_ids[:2] == [3, 3] for s in seqs):  # "dd"
+            raise RuntimeError("draft exploded")
+        return original(self, seqs, ks)
+
+    monkeypatch.setattr(DraftModelProposer, "propose_batch", fails_on_dd)
+
+    def send(prompt):
+        return httpx.post(server.url + "/v1/completions", timeout=120,
+                          json={"prompt": prompt, "max_tokens": 8, "temperature": 0})
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bad, good = list(pool.map(send, ["ddab", "abc"]))
+    assert bad.status_code == 500 and "draft exploded" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 8)
+    assert httpx.get(server.url + "/health").status_code == 200
+    # streaming: the error arrives as an SSE error event
+    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "ddab", "max_tokens": 8, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "draft exploded" in events[-1]["error"]["message"]
