@@ -312,3 +312,20 @@ def test_latency_fit_save_load(tmp_path, tiny_target, tiny_draft):
         LatencyModel.load(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="specgrove profile --out"):
         LatencyModel.load(tmp_path / "missing.json")
+
+
+def test_transformers_fallback_runs_one_sequence_at_a_time(tiny_dirs, tiny_target, tiny_draft):
+    """A target (or draft) on the transformers fallback cannot batch: the scheduler runs its requests one
+    after the other, with the same output."""
+    from specgrove.models.loader import load_model
+
+    slow = load_model(tiny_dirs["target"], dtype="float32", force_fallback=True)
+    for target, draft in ((slow, tiny_draft), (tiny_target, load_model(tiny_dirs["draft"], dtype="float32",
+                                                                      force_fallback=True))):
+        engine = SpecEngine(target, DraftModelProposer(draft, 64), 2, max_model_len=64)
+        scheduler = Scheduler(engine, max_num_seqs=4)
+        assert scheduler.max_num_seqs == 1
+        seqs, sizes = run_scheduler(scheduler, engine, PROMPTS[:3], MAX_TOKENS[:3], join_every=1)
+        assert max(sizes) == 1
+        for seq, prompt, m in zip(seqs, PROMPTS, MAX_TOKENS):
+            assert seq.finish_reason == "length" and seq.output_ids == plain_greedy(tiny_target, prompt, m)

@@ -213,3 +213,41 @@ def test_a_failing_request_fails_alone(server, tiny_target, monkeypatch):
     with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "ddab", "max_tokens": 8, "stream": True}) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert "draft exploded" in events[-1]["error"]["message"]
+
+
+def test_loadtest_and_profile_commands(tiny_dirs, tmp_path, capsys):
+    """`specgrove profile` writes a loadable latency model; `specgrove loadtest` runs every policy at every
+    rate against a real server and writes its JSON and plot (tiny models with a chat template)."""
+    import shutil
+
+    from specgrove.cli import main
+    from specgrove.engine.latency import LatencyModel
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_dirs["target"], target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "category": "c", "turns": [t]}) + "\n"
+                                 for i, t in enumerate(["abc", "bcad", "cab"])))
+    common = ["--target", target, "--draft", tiny_dirs["draft"], "--dtype", "float32"]
+    profile = tmp_path / "profile.json"
+    assert main([str(a) for a in ["profile", *common, "--rows", "1,2", "--tokens", "1,2", "--contexts", "8",
+                                  "--repeats", "1", "--out", profile]]) == 0
+    LatencyModel.load(profile)
+    out = tmp_path / "lt"
+    assert main([str(a) for a in ["loadtest", *common, "--policies", "fixed:0,fixed:2,goodput", "--profile", profile,
+                                  "--rates", "20,50", "--requests", "3", "--max-tokens", "5", "--max-model-len", "64",
+                                  "--data", questions, "--out", out]]) == 0
+    report = json.loads((tmp_path / "lt.json").read_text())
+    assert [(r["policy"], r["rate"]) for r in report["results"]] == [
+        (p, r) for p in ("fixed:0", "fixed:2", "goodput") for r in (20.0, 50.0)]
+    for row in report["results"]:
+        assert row["ok"] == 3 and row["completion_tokens"] == 15
+        assert 0 < row["p50_latency_s"] <= row["p99_latency_s"] and row["tokens_per_s"] > 0
+    assert (tmp_path / "lt.png").stat().st_size > 1000
+    assert "goodput" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--policy is goodput or fixed:K"):
+        main([str(a) for a in ["loadtest", *common, "--policies", "sometimes", "--rates", "1", "--requests", "1",
+                               "--data", questions, "--out", out]])

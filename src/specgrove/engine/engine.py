@@ -50,6 +50,9 @@ class SpecEngine:
         self.num_speculative_tokens = num_speculative_tokens if proposer is not None else 0
         self.max_model_len = max_model_len
         self.eos_ids = eos_token_ids(target)
+        draft_model = getattr(proposer, "model", None)
+        if not all(getattr(m, "supports_batching", True) for m in (self.model, draft_model) if m is not None):
+            max_num_seqs = 1  # the transformers fallback runs one sequence at a time
         self.pool = CachePool(self.model, max_model_len, max_num_seqs)
         self._sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
 

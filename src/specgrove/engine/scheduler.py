@@ -43,8 +43,9 @@ class Scheduler:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.engine = engine
         self.policy = policy if policy is not None else FixedPolicy(engine.num_speculative_tokens)
-        self.max_num_seqs = max_num_seqs
-        if engine.pool.max_rows is None or engine.pool.max_rows > max_num_seqs:
+        limit = engine.pool.max_rows  # the engine's own bound (1 for the transformers fallback)
+        self.max_num_seqs = max_num_seqs if limit is None else min(max_num_seqs, limit)
+        if limit is None or limit > max_num_seqs:
             engine.pool.max_rows = max(max_num_seqs, engine.pool.in_use)
         self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()

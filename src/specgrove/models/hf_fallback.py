@@ -63,6 +63,7 @@ class HFChainCache:
 
 class HFCausalLM:
     supports_trees = False
+    supports_batching = False  # one sequence at a time (batch size 1)
 
     def __init__(self, hf_model, dtype: torch.dtype, device):
         self.model = hf_model.eval()

@@ -100,6 +100,7 @@ class LlamaModel:
     """The fast runtime model. Not an nn.Module: a plain holder of tensors and one forward function."""
 
     supports_trees = True
+    supports_batching = True
 
     def __init__(self, config: LlamaConfig, hf_config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device,
                  pack_weights: bool | None = None, quantization: str | None = None):
