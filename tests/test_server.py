@@ -248,6 +248,8 @@ def test_loadtest_and_profile_commands(tiny_dirs, tmp_path, capsys):
         assert 0 < row["p50_latency_s"] <= row["p99_latency_s"] and row["tokens_per_s"] > 0
     assert (tmp_path / "lt.png").stat().st_size > 1000
     assert "goodput" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--policy is goodput or fixed:K"):
-        main([str(a) for a in ["loadtest", *common, "--policies", "sometimes", "--rates", "1", "--requests", "1",
-                               "--data", questions, "--out", out]])
+    bad = ["loadtest", *common, "--policies", "fixed:1,sometimes", "--rates", "1", "--requests", "1", "--data", questions,
+           "--out", tmp_path / "never"]
+    assert main([str(a) for a in bad]) != 0
+    assert "--policy is goodput or fixed:K, got 'sometimes'" in capsys.readouterr().err
+    assert not (tmp_path / "never.json").exists()

@@ -66,20 +66,30 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
     return values
 
 
-def make_policy(text: str, llm, profile_path: str | None):
-    from specgrove.engine.latency import LatencyModel, profile
-    from specgrove.engine.policy import FixedPolicy, GoodputPolicy
-
+def policy_k(text: str) -> int | None:
+    """The K of "fixed:K", None for "goodput"; anything else is an error (checked before models load)."""
+    if text == "goodput":
+        return None
     if text.startswith("fixed:"):
         try:
             k = int(text.split(":", 1)[1])
         except ValueError:
-            raise ValueError(f"--policy fixed:K takes an integer K, got {text!r}") from None
+            raise ValueError(f"--policy fixed:K takes an integer K >= 0, got {text!r}") from None
+        if k < 0:
+            raise ValueError(f"--policy fixed:K takes an integer K >= 0, got {text!r}")
+        return k
+    raise ValueError(f"--policy is goodput or fixed:K, got {text!r}")
+
+
+def make_policy(text: str, llm, profile_path: str | None):
+    from specgrove.engine.latency import LatencyModel, profile
+    from specgrove.engine.policy import FixedPolicy, GoodputPolicy
+
+    k = policy_k(text)
+    if k is not None:
         if k > llm.engine.num_speculative_tokens:
             raise ValueError(f"--policy {text}: K is above -k {llm.engine.num_speculative_tokens}; raise -k")
         return FixedPolicy(k)
-    if text != "goodput":
-        raise ValueError(f"--policy is goodput or fixed:K, got {text!r}")
     if profile_path is not None:
         latency = LatencyModel.load(profile_path)
     else:
@@ -106,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_num_seqs < 1 or args.max_waiting < 0:
         raise ValueError("--max-num-seqs must be >= 1 and --max-waiting >= 0")
+    policy_k(args.policy)
     llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
     policy = make_policy(args.policy, llm, args.profile)
     app, _ = build_server(llm, policy, args.max_num_seqs, args.max_waiting, args.served_model_name or llm.target.name)
@@ -128,7 +139,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         raise ValueError(f"--rates takes comma-separated numbers, got {args.rates!r}") from None
     if not policies or not rates or any(r <= 0 for r in rates) or args.requests < 1 or args.max_tokens < 1:
         raise ValueError("--policies and --rates must be non-empty, rates > 0, --requests and --max-tokens >= 1")
-    fixed = [int(p.split(":", 1)[1]) for p in policies if p.startswith("fixed:") and p.split(":", 1)[1].isdigit()]
+    fixed = [k for k in (policy_k(p) for p in policies) if k is not None]
     args.num_speculative_tokens = max([args.num_speculative_tokens, *fixed])
     llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
     report = run_loadtest(llm, policies, rates, args.requests, args.max_tokens, args.profile, args.max_num_seqs,
