@@ -15,7 +15,7 @@ import torch
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.drafting.prompt_lookup import PromptLookupProposer
 from specgrove.engine.engine import SpecEngine
-from specgrove.engine.latency import LatencyModel, LinearTime, profile
+from specgrove.engine.latency import LatencyModel, LinearTime, PiecewiseTime, profile
 from specgrove.engine.policy import FixedPolicy, GoodputPolicy, expected_tokens
 from specgrove.engine.scheduler import QueueFullError, Scheduler
 from specgrove.models.kv_cache import CachePool, NoFreeRowError
@@ -302,7 +302,10 @@ def test_latency_fit_save_load(tmp_path, tiny_target, tiny_draft):
     measured = profile(tiny_target.model, tiny_draft.model, rows=(1, 2), tokens_per_row=(1, 2), contexts=(8, 16),
                        repeats=1)
     assert len(measured.samples["target"]) == 8 and len(measured.samples["draft"]) == 8
-    assert measured.target.a >= 0 and measured.target.b >= 0 and measured.target.c >= 0
+    assert isinstance(measured.target, PiecewiseTime) and measured.target.tokens == [1.0, 2.0, 4.0]
+    assert measured.target.c >= 0 and all(t > 0 for t in measured.target.seconds)
+    assert isinstance(profile(tiny_target.model, None, rows=(1, 2), tokens_per_row=(1, 2), contexts=(8, 16),
+                              repeats=1, fit="linear").target, LinearTime)
     path = tmp_path / "profile.json"
     measured.save(path)
     loaded = LatencyModel.load(path)
@@ -312,6 +315,41 @@ def test_latency_fit_save_load(tmp_path, tiny_target, tiny_draft):
         LatencyModel.load(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="specgrove profile --out"):
         LatencyModel.load(tmp_path / "missing.json")
+
+
+def test_piecewise_latency_keeps_the_measured_shape():
+    """This CPU's forward over 4 tokens is faster than over 2: the piecewise fit keeps that, and the
+    context coefficient is recovered from the within-token-count variation."""
+    f = {1: 0.104, 2: 0.125, 4: 0.088, 8: 0.125, 16: 0.175}
+    c = 2e-5
+    samples = [{"tokens": n, "context": ctx, "seconds": t + c * ctx} for n, t in f.items() for ctx in (128, 512, 1024)]
+    fit = PiecewiseTime.fit(samples)
+    assert fit.c == pytest.approx(c)
+    for n, t in f.items():
+        assert fit(n, 0) == pytest.approx(t)
+    assert fit(3, 0) == pytest.approx((0.125 + 0.088) / 2)  # linear between measured counts
+    assert fit(32, 100) == pytest.approx(0.175 + 16 * (0.175 - 0.125) / 8 + c * 100)  # last slope beyond
+    assert fit(0.5, 0) == pytest.approx(0.104)
+    linear = LinearTime.fit(samples)
+    assert abs(linear(4, 0) - 0.088) > 0.02, "a line through the grid misses the fast 4-token forward (why piecewise)"
+
+
+def test_goodput_prior_comes_from_earlier_requests_and_probes(tiny_target):
+    # speculation never pays under this latency model: k = 0, with a probe step every probe_every + 1
+    never = LatencyModel(LinearTime(0.01, 0.05, 0.0), LinearTime(0.05, 0.0, 0.0))
+    policy = GoodputPolicy(never, 4, probe_every=3)
+    seqs = _seqs(tiny_target, 2)
+    ks = [policy.choose(seqs, _FakeEngine())[0] for _ in range(8)]
+    assert ks == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert GoodputPolicy(never, 4, probe_every=0).choose(seqs, _FakeEngine()) == [0, 0]
+    # a new request starts from what earlier requests showed
+    policy = GoodputPolicy(never, 4, prior_alpha=0.7, decay=1.0)
+    (old,) = _seqs(tiny_target, 1)
+    for _ in range(5):
+        old.metrics.record_step(4, 4, 0)  # always rejected at once
+        policy.observe([old], 0.1)
+    (new,) = _seqs(tiny_target, 1)
+    assert policy.alpha(new) == pytest.approx(0.0)
 
 
 def test_transformers_fallback_runs_one_sequence_at_a_time(tiny_dirs, tiny_target, tiny_draft):

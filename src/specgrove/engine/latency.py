@@ -1,14 +1,18 @@
 """A latency model of this machine for SmartSpec's goodput policy, fitted to a measured profile.
 
-Every forward, draft or target, is modelled as linear in the tokens it runs and the context it attends
-over (as SmartSpec does):
+Every forward, draft or target, is modelled from the tokens it runs (over all rows of the batch) and the
+context it attends over (committed positions over all rows):
 
-    time(tokens, context) = a + b * tokens + c * context
+    time(tokens, context) = f(tokens) + c * context
 
-tokens = new tokens over all rows of the batch, context = committed positions over all rows. `profile`
-measures forwards on this machine over a grid of (rows, tokens per row, context per row) and
-`LatencyModel.fit` takes the least-squares coefficients (clamped at >= 0). `specgrove profile` writes
-the measurements and the fit as JSON; `GoodputPolicy` reads it.
+SmartSpec takes f linear (`LinearTime`: a + b * tokens). On this CPU that is wrong in an important way:
+oneDNN picks its bf16 kernels by the number of rows, and a forward over 4 tokens measured faster than
+one over 1 or 2 (87 vs 104 / 125 ms for the 1.5B target), while a line through the whole grid puts
+the 1-token forward at 75 ms. `PiecewiseTime` therefore keeps f as measured: the mean time at each
+measured token count (context removed), linear between them, the last segment's slope beyond; c is
+fitted with a separate intercept per token count (least squares, >= 0). `profile` measures forwards
+over a grid of (rows, tokens per row, context per row); `specgrove profile` writes the measurements and
+the fit as JSON; `GoodputPolicy` reads it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass
@@ -50,9 +54,74 @@ class LinearTime:
 
 
 @dataclass
+class PiecewiseTime:
+    """time(tokens, context) = f(tokens) + c * context, f linear between measured token counts."""
+
+    tokens: list[float]
+    seconds: list[float]
+    c: float
+
+    def __post_init__(self) -> None:
+        if not self.tokens or len(self.tokens) != len(self.seconds) or sorted(self.tokens) != list(self.tokens):
+            raise ValueError("a piecewise latency needs increasing token counts, one time each")
+
+    def __call__(self, tokens: float, context: float) -> float:
+        xs, ys = self.tokens, self.seconds
+        if tokens <= xs[0] or len(xs) == 1:
+            base = ys[0]
+        elif tokens >= xs[-1]:
+            slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+            base = ys[-1] + slope * (tokens - xs[-1])
+        else:
+            base = float(np.interp(tokens, xs, ys))
+        return base + self.c * context
+
+    @classmethod
+    def fit(cls, samples: list[dict]) -> "PiecewiseTime":
+        """c from the within-token-count covariance of time and context; f(n) = mean of time - c context."""
+        if not samples:
+            raise ValueError("a latency fit needs measurements")
+        groups: dict[float, list[dict]] = {}
+        for sample in samples:
+            groups.setdefault(float(sample["tokens"]), []).append(sample)
+        num = den = 0.0
+        for group in groups.values():
+            mc = statistics.fmean(g["context"] for g in group)
+            mt = statistics.fmean(g["seconds"] for g in group)
+            num += sum((g["context"] - mc) * (g["seconds"] - mt) for g in group)
+            den += sum((g["context"] - mc) ** 2 for g in group)
+        c = max(0.0, num / den) if den > 0 else 0.0
+        xs = sorted(groups)
+        ys = [statistics.fmean(g["seconds"] - c * g["context"] for g in groups[x]) for x in xs]
+        return cls(xs, ys, c)
+
+
+FITS = {"piecewise": PiecewiseTime, "linear": LinearTime}
+
+
+def describe(model) -> str:
+    if isinstance(model, LinearTime):
+        return f"{model.a * 1000:.1f} ms + {model.b * 1000:.2f} ms/token + {model.c * 1e6:.2f} us/context position"
+    points = ", ".join(f"{int(n)}: {t * 1000:.1f}" for n, t in zip(model.tokens, model.seconds))
+    return f"ms by tokens {{{points}}} + {model.c * 1e6:.2f} us/context position"
+
+
+def _time_to_json(model) -> dict:
+    if isinstance(model, PiecewiseTime):
+        return {"kind": "piecewise", **asdict(model)}
+    return {"kind": "linear", **asdict(model)}
+
+
+def _time_from_json(data: dict):
+    data = dict(data)
+    kind = data.pop("kind", "linear")
+    return PiecewiseTime(**data) if kind == "piecewise" else LinearTime(**data)
+
+
+@dataclass
 class LatencyModel:
-    target: LinearTime
-    draft: LinearTime | None = None  # None: the proposer costs no model forward (prompt lookup)
+    target: LinearTime | PiecewiseTime
+    draft: LinearTime | PiecewiseTime | None = None  # None: the proposer costs no model forward (prompt lookup)
     device: str = ""
     samples: dict = field(default_factory=dict)  # the measurements the fit came from
 
@@ -63,8 +132,8 @@ class LatencyModel:
         return 0.0 if self.draft is None else self.draft(tokens, context)
 
     def save(self, path: str | os.PathLike) -> None:
-        data = {"version": PROFILE_VERSION, "device": self.device, "target": asdict(self.target),
-                "draft": None if self.draft is None else asdict(self.draft), "samples": self.samples}
+        data = {"version": PROFILE_VERSION, "device": self.device, "target": _time_to_json(self.target),
+                "draft": None if self.draft is None else _time_to_json(self.draft), "samples": self.samples}
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
 
@@ -81,8 +150,11 @@ class LatencyModel:
             raise ValueError(f"{path} is not a specgrove latency profile (version {PROFILE_VERSION}); "
                              f"rewrite it with `specgrove profile`")
         draft = data.get("draft")
-        return cls(LinearTime(**data["target"]), None if draft is None else LinearTime(**draft),
-                   data.get("device", ""), data.get("samples", {}))
+        try:
+            return cls(_time_from_json(data["target"]), None if draft is None else _time_from_json(draft),
+                       data.get("device", ""), data.get("samples", {}))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: a malformed latency model ({error}); rewrite it with `specgrove profile`") from None
 
 
 def time_forward(model, rows: int, tokens_per_row: int, context: int, repeats: int = 3) -> float:
@@ -119,11 +191,15 @@ def measure(model, rows=(1, 2, 4, 8), tokens_per_row=(1, 2, 4, 8), contexts=(128
 
 
 def profile(target, draft=None, rows=(1, 2, 4, 8), tokens_per_row=(1, 2, 4, 8), contexts=(128, 512),
-            repeats: int = 3, progress=None) -> LatencyModel:
-    """Measure target (and draft: one token per row, as drafting runs) forwards and fit the model."""
+            repeats: int = 3, progress=None, fit: str = "piecewise") -> LatencyModel:
+    """Measure target (and draft: one and two tokens per row, as drafting runs) forwards and fit the
+    model: "piecewise" (default) or SmartSpec's "linear"."""
+    if fit not in FITS:
+        raise ValueError(f"latency fit is one of {', '.join(FITS)}, got {fit!r}")
+    kind = FITS[fit]
     with torch.inference_mode():
         target_samples = measure(target, rows, tokens_per_row, contexts, repeats, progress)
         draft_samples = measure(draft, rows, (1, 2), contexts, repeats, progress) if draft is not None else []
     device = str(getattr(target, "device", "cpu"))
-    return LatencyModel(LinearTime.fit(target_samples), LinearTime.fit(draft_samples) if draft_samples else None,
+    return LatencyModel(kind.fit(target_samples), kind.fit(draft_samples) if draft_samples else None,
                         device, {"target": target_samples, "draft": draft_samples})

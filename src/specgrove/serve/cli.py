@@ -52,6 +52,8 @@ def add_parsers(sub, model_options, speculative_options) -> None:
     p.add_argument("--tokens", default="1,2,4,8", help="new tokens per row (default 1,2,4,8)")
     p.add_argument("--contexts", default="128,512", help="context positions per row (default 128,512)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--fit", choices=("piecewise", "linear"), default="piecewise",
+                   help="latency model: piecewise in tokens as measured (default) or SmartSpec's linear fit")
     p.add_argument("--out", required=True, help="the profile JSON to write")
     p.set_defaults(func=cmd_profile)
 
@@ -154,7 +156,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from specgrove.engine.latency import profile
+    from specgrove.engine.latency import describe, profile
     from specgrove.models import defaults
     from specgrove.models.loader import load_model
 
@@ -177,11 +179,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         console.print(f"  rows {sample['rows']:>2} x {sample['tokens_per_row']:>2} tokens, context "
                       f"{sample['context_per_row']:>5}: {sample['seconds'] * 1000:8.1f} ms")
 
-    model = profile(target.model, draft.model if draft is not None else None, rows, tokens, contexts, args.repeats, show)
+    model = profile(target.model, draft.model if draft is not None else None, rows, tokens, contexts, args.repeats, show,
+                    fit=args.fit)
     model.save(args.out)
-    t, d = model.target, model.draft
-    console.print(f"target: {t.a * 1000:.1f} ms + {t.b * 1000:.2f} ms/token + {t.c * 1e6:.2f} us/context position")
-    if d is not None:
-        console.print(f"draft:  {d.a * 1000:.1f} ms + {d.b * 1000:.2f} ms/token + {d.c * 1e6:.2f} us/context position")
+    console.print(f"target: {describe(model.target)}")
+    if model.draft is not None:
+        console.print(f"draft:  {describe(model.draft)}")
     console.print(f"wrote {args.out}")
     return 0
