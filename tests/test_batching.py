@@ -21,7 +21,8 @@ from specgrove.engine.scheduler import QueueFullError, Scheduler
 from specgrove.models.kv_cache import CachePool, NoFreeRowError
 from specgrove.sampling import SamplingParams
 from specgrove.trees.shape import TreeShape
-from test_exactness import SETTINGS, max_difference, report_wrong_q, target_sequence_distribution
+from test_exactness import (SETTINGS, complete_with_target, max_difference, report_wrong_q,
+                             target_sequence_distribution)
 from specgrove.verify.enumerate import enumerate_outcomes
 
 PROMPTS = [[1, 2, 3, 1, 2], [4, 5], [7, 1, 1, 6, 2, 3, 4, 0, 5], [3], [2, 2, 2, 2, 6, 1]]
@@ -112,21 +113,7 @@ def test_batched_step_distribution_is_exact(kind, setting, tiny_target, tiny_dra
     assert any(len(s) > 1 for s in emitted), "the test would be vacuous"
     length = max(len(s) for s in emitted)
     exact = target_sequence_distribution(tiny_target, prompt, length, params, tiny_target.vocab_size)
-    spec: dict = {}
-    import itertools
-
-    from test_exactness import target_conditionals
-
-    for prefix, prob in emitted.items():
-        missing = length - len(prefix)
-        for rest in itertools.product(range(tiny_target.vocab_size), repeat=missing):
-            p = prob
-            if missing:
-                probs = target_conditionals(tiny_target, prompt + list(prefix), rest, params)
-                for i, token in enumerate(rest):
-                    p *= float(probs[i, token])
-            if p > 0:
-                spec[prefix + rest] = spec.get(prefix + rest, 0.0) + p
+    spec = complete_with_target(emitted, tiny_target, prompt, params, length, tiny_target.vocab_size)
     assert max_difference(spec, exact) < 1e-6
 
 

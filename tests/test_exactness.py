@@ -59,6 +59,12 @@ def speculative_sequence_distribution(engine, target, prompt, params, length, vo
         return tuple(seq.output_ids)
 
     emitted = enumerate_outcomes(one_step)
+    return complete_with_target(emitted, target, prompt, params, length, vocab), emitted
+
+
+def complete_with_target(emitted: dict, target, prompt, params, length, vocab) -> dict:
+    """The distribution of the first `length` tokens when each emitted prefix (with its probability) is
+    continued by plain target sampling."""
     dist: dict[tuple, float] = {}
     for prefix, prob in emitted.items():
         assert len(prefix) <= length
@@ -72,7 +78,7 @@ def speculative_sequence_distribution(engine, target, prompt, params, length, vo
             if p > 0:
                 key = prefix + rest
                 dist[key] = dist.get(key, 0.0) + p
-    return dist, emitted
+    return dist
 
 
 def max_difference(a: dict, b: dict) -> float:
