@@ -271,13 +271,13 @@ def test_goodput_acceptance_estimate_moves(tiny_target):
     (seq,) = _seqs(tiny_target, 1)
     assert policy.alpha(seq) == 0.5
     seq.metrics.record_step(4, 4, 4)  # all four accepted
-    policy.observe([seq], 0.1)
+    policy.observe([seq])
     assert policy.alpha(seq) == pytest.approx((1 + 4) / (2 + 4))
     seq.metrics.record_step(4, 4, 0)  # first rejected: one trial, no success
-    policy.observe([seq], 0.1)
+    policy.observe([seq])
     assert policy.alpha(seq) == pytest.approx(5 / 7)
     seq.metrics.record_step(0, 0, 0)  # a plain step says nothing about the draft
-    policy.observe([seq], 0.1)
+    policy.observe([seq])
     assert policy.alpha(seq) == pytest.approx(5 / 7)
 
 
@@ -334,7 +334,7 @@ def test_goodput_prior_comes_from_earlier_requests_and_probes(tiny_target):
     (old,) = _seqs(tiny_target, 1)
     for _ in range(5):
         old.metrics.record_step(4, 4, 0)  # always rejected at once
-        policy.observe([old], 0.1)
+        policy.observe([old])
     (new,) = _seqs(tiny_target, 1)
     assert policy.alpha(new) == pytest.approx(0.0)
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from specgrove.engine.engine import forward_chunked
 from specgrove.engine.sequence import Sequence
 from specgrove.models.kv_cache import CachePool
 from specgrove.models.loader import LoadedModel
@@ -34,8 +35,8 @@ from specgrove.verify.multidraft import draw_hub_pair, spechub_select
 from specgrove.verify.speculative import rejection_select
 
 SAMPLING_MODES = ("without_replacement", "iid", "hub")
-BATCHED_CATCH_UP = 32  # catch-ups up to this many tokens share one batched draft forward
-CATCH_UP_CHUNK = 512  # longer ones (a new prompt) run alone, in chunks of this many tokens
+BATCHED_CATCH_UP = 32  # catch-ups up to this many tokens share one batched draft forward; longer ones
+                       # (a new prompt) run alone, chunked as the target's prefill
 
 
 def draw_children(logits: torch.Tensor, count: int, params, sampler, sampling: str = "without_replacement"
@@ -140,15 +141,8 @@ class DraftModelProposer:
         out: list[torch.Tensor | None] = [None] * len(states)
         short = [i for i, n in enumerate(news) if len(n) <= BATCHED_CATCH_UP]
         for i in (i for i in range(len(states)) if len(news[i]) > BATCHED_CATCH_UP):
-            row, new, end = states[i]["row"], news[i], len(token_lists[i])
-            start = end - len(new)
-            for begin in range(start, end, CATCH_UP_CHUNK):
-                stop = min(begin + CATCH_UP_CHUNK, end)
-                logits = self.model.forward(torch.tensor([token_lists[i][begin:stop]]),
-                                            torch.arange(begin, stop)[None], cache, rows=[row],
-                                            logits_at="last" if stop == end else None)
-                cache.commit(row)
-            out[i] = logits[0, -1]
+            start = len(token_lists[i]) - len(news[i])
+            out[i], _ = forward_chunked(self.model, cache, states[i]["row"], news[i], start, want_logits=True)
         if short:
             width = max(len(news[i]) for i in short)
             ids = torch.zeros(len(short), width, dtype=torch.long)

@@ -23,6 +23,23 @@ from specgrove.verify.speculative import rejection_select, verify_tree, verify_t
 PREFILL_CHUNK = 512
 
 
+def forward_chunked(model, cache, row: int, tokens: list[int], start: int, want_logits: bool = False
+                    ) -> tuple[torch.Tensor | None, int]:
+    """Run `tokens` (positions start..) through `model` into cache row `row`, PREFILL_CHUNK at a time,
+    committing each chunk. Returns (the logits [V] after the last token when asked, the forwards run)."""
+    logits, forwards = None, 0
+    end = start + len(tokens)
+    for begin in range(start, end, PREFILL_CHUNK):
+        stop = min(begin + PREFILL_CHUNK, end)
+        out = model.forward(torch.tensor([tokens[begin - start : stop - start]]), torch.arange(begin, stop)[None], cache,
+                            rows=[row], logits_at="last" if want_logits and stop == end else None)
+        cache.commit(row)
+        forwards += 1
+        if out is not None:
+            logits = out[0, -1]
+    return logits, forwards
+
+
 def eos_token_ids(loaded: LoadedModel) -> set[int]:
     ids: set[int] = set()
     for source in (loaded.hf_config, getattr(loaded.model, "generation_config", None), loaded.tokenizer):
@@ -85,13 +102,8 @@ class SpecEngine:
         start = time.perf_counter()
         seq.cache_row = self.pool.acquire()
         seq.target_cache = self.pool.cache
-        context = seq.prompt_ids[:-1]
-        for begin in range(0, len(context), PREFILL_CHUNK):
-            chunk = context[begin : begin + PREFILL_CHUNK]
-            self.model.forward(torch.tensor([chunk]), torch.arange(begin, begin + len(chunk))[None], seq.target_cache,
-                               rows=[seq.cache_row], logits_at=None)
-            seq.target_cache.commit(seq.cache_row)
-            seq.metrics.prefill_forwards += 1
+        _, forwards = forward_chunked(self.model, seq.target_cache, seq.cache_row, seq.prompt_ids[:-1], 0)
+        seq.metrics.prefill_forwards += forwards
         self._sync()
         seq.metrics.prefill_time_s += time.perf_counter() - start
 

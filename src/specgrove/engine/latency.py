@@ -78,7 +78,8 @@ class PiecewiseTime:
 
     @classmethod
     def fit(cls, samples: list[dict]) -> "PiecewiseTime":
-        """c from the within-token-count covariance of time and context; f(n) = mean of time - c context."""
+        """c from the within-token-count covariance of time and context (0 <= c <= every sample's time /
+        context); f(n) = mean of time - c context."""
         if not samples:
             raise ValueError("a latency fit needs measurements")
         groups: dict[float, list[dict]] = {}
@@ -91,6 +92,9 @@ class PiecewiseTime:
             num += sum((g["context"] - mc) * (g["seconds"] - mt) for g in group)
             den += sum((g["context"] - mc) ** 2 for g in group)
         c = max(0.0, num / den) if den > 0 else 0.0
+        # Noise in short timings can make c large enough to push some f(n) below 0; cap it so no
+        # measured forward is explained as taking negative time without its context.
+        c = min([c] + [g["seconds"] / g["context"] for g in samples if g["context"] > 0])
         xs = sorted(groups)
         ys = [statistics.fmean(g["seconds"] - c * g["context"] for g in groups[x]) for x in xs]
         return cls(xs, ys, c)

@@ -38,7 +38,7 @@ class FixedPolicy:
     def choose(self, seqs, engine) -> list[int]:
         return [self.k] * len(seqs)
 
-    def observe(self, seqs, step_time_s: float) -> None:
+    def observe(self, seqs) -> None:
         pass
 
 
@@ -94,7 +94,7 @@ class GoodputPolicy:
         successes, trials = stats
         return successes / trials if trials > 0 else self.prior_alpha
 
-    def observe(self, seqs, step_time_s: float) -> None:
+    def observe(self, seqs) -> None:
         for seq in seqs:
             m = seq.metrics
             if not m.proposed_per_step or m.proposed_per_step[-1] == 0 or len(m.accepted_per_step) < 1:

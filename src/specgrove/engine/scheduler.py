@@ -97,7 +97,6 @@ class Scheduler:
                 self._fail(seq, error)
                 outputs.append(StepOutput(seq, [], True))
                 continue
-            seq.scheduled_time = time.perf_counter()
             self.running.append(seq)
 
     def _run(self, seqs: list[Sequence]) -> dict[int, list[int]]:
@@ -124,9 +123,8 @@ class Scheduler:
         if not self.running:
             return outputs
         batch = list(self.running)
-        start = time.perf_counter()
         appended = self._run(batch)
-        self.policy.observe(batch, time.perf_counter() - start)
+        self.policy.observe(batch)
         self.steps += 1
         now = time.perf_counter()
         still = []

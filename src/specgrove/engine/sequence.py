@@ -26,7 +26,6 @@ class Sequence:
     # Serving (specgrove.engine.scheduler): perf_counter times, the error of a failed request, and the
     # speculation policy's online acceptance estimate (successes, trials).
     arrival_time: float | None = None
-    scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None
