@@ -70,10 +70,13 @@ class LLM:
     LLM(target="qwen2.5-coder-1.5b-instruct", draft="qwen2.5-coder-0.5b-instruct",
         speculative={"method": "draft_model", "num_speculative_tokens": 4})
     `target` / `draft`: a built-in name, a Hugging Face directory, or a .gguf file.
-    `quantization` / `draft_quantization`: None or "int8" (weight-only; speculation stays exact with
-    respect to the target as loaded, so an int8 draft never changes the output, an int8 target does).
+    `quantization` / `draft_quantization`: None, "int8" or "int4" (weight-only; speculation stays exact
+    with respect to the target as loaded, so a quantized draft never changes the output, a quantized target
+    does).
     `max_num_seqs`: requests decoded together by `generate` (continuous batching; each holds a KV cache
     row of max_model_len positions); 1 decodes one prompt after the other.
+    `enforce_eager`: never replay CUDA graphs (on a GPU they are on by default for forwards of up to 32 new
+    tokens; see specgrove.models.cuda_graphs). No effect on CPU.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class LLM:
         quantization: str | None = None,
         draft_quantization: str | None = None,
         max_num_seqs: int | None = 8,
+        enforce_eager: bool = False,
     ):
         self.speculative = SpeculativeConfig.from_any(speculative)
         if num_threads:
@@ -100,8 +104,9 @@ class LLM:
             if str(target) != defaults.DEFAULT_TARGET:
                 raise ValueError(f"method {self.speculative.method!r} needs a draft model: pass draft=<name, directory or .gguf>")
             draft = defaults.DEFAULT_DRAFT
+        graphs = False if enforce_eager else None
         self.target = load_model(target, dtype=dtype, device=device, expected_sha256=target_sha256,
-                                 quantization=quantization)
+                                 quantization=quantization, cuda_graphs=graphs)
         self.draft: LoadedModel | None = None
         proposer = None
         if uses_draft:
@@ -109,7 +114,7 @@ class LLM:
                 self.draft = draft
             else:
                 self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256,
-                                        quantization=draft_quantization)
+                                        quantization=draft_quantization, cuda_graphs=graphs)
             check_compatible(self.target, self.draft)
             shape = None
             if self.speculative.method == "tree":

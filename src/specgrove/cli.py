@@ -52,10 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
         p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
         p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-        p.add_argument("--quantization", choices=("none", "int8"), default="none",
-                       help="target weights: none (default) or int8 weight-only (changes the target's output)")
-        p.add_argument("--draft-quantization", choices=("none", "int8"), default="none",
-                       help="draft weights: none (default) or int8 weight-only (output unchanged, drafting cheaper)")
+        p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
+                       help="target weights: none (default), int8 or int4 weight-only (the output is then exactly "
+                            "the quantized target's)")
+        p.add_argument("--draft-quantization", choices=("none", "int8", "int4"), default="none",
+                       help="draft weights: none (default), int8 or int4 weight-only (output unchanged, drafting "
+                            "cheaper)")
+        p.add_argument("--enforce-eager", action="store_true",
+                       help="CUDA: never replay small forwards as CUDA graphs (default: graphs on a GPU)")
 
     def speculative_options(p: argparse.ArgumentParser, default_method: str = "draft_model") -> None:
         p.add_argument("--method", choices=("draft_model", "prompt_lookup", "tree", "sorted", "none"), default=default_method)
@@ -203,7 +207,7 @@ def build_llm(args: argparse.Namespace, max_num_seqs: int | None = None):
                          f"({defaults.DEFAULT_TARGET}); or use --method prompt_lookup or --method none")
     llm = LLM(target=args.target, draft=args.draft, speculative=spec, dtype=args.dtype, device=args.device,
               max_model_len=args.max_model_len, num_threads=args.num_threads, quantization=args.quantization,
-              draft_quantization=args.draft_quantization, max_num_seqs=max_num_seqs)
+              draft_quantization=args.draft_quantization, max_num_seqs=max_num_seqs, enforce_eager=args.enforce_eager)
     return llm, spec
 
 
@@ -268,8 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.targets and sorted_draft is not None:
         from specgrove.models.loader import load_model
 
-        sorted_draft = load_model(sorted_draft, dtype=args.dtype, device=args.device,
-                                  quantization=args.draft_quantization)  # loaded once, shared by every target
+        sorted_draft = load_model(sorted_draft, dtype=args.dtype, device=args.device, quantization=args.draft_quantization,
+                                  cuda_graphs=False if args.enforce_eager else None)  # loaded once, for every target
     results = {}
     for target in args.targets or [args.target]:
         methods = list(args.methods)
@@ -286,6 +290,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seed=args.seed, dtype=args.dtype, device=args.device, warmup=args.warmup,
             measure_bandwidth=not args.no_bandwidth, tree_acceptance=args.tree_acceptance,
             quantization=args.quantization, draft_quantization=args.draft_quantization, sorted_draft=sorted_draft,
+            enforce_eager=args.enforce_eager,
         )
         print_report(results[target])
     result = {"targets": results} if args.targets else results[args.target]
@@ -360,9 +365,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         target = SimpleNamespace(name=args.target, dtype=args.dtype)
         draft = SimpleNamespace(name=args.draft or defaults.DEFAULT_DRAFT)
     else:
-        target = load_model(args.target, dtype=args.dtype, device=args.device, quantization=args.quantization)
+        graphs = False if args.enforce_eager else None
+        target = load_model(args.target, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                            cuda_graphs=graphs)
         draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device,
-                           quantization=args.draft_quantization)
+                           quantization=args.draft_quantization, cuda_graphs=graphs)
         check_compatible(target, draft)
     result = tune(target, draft, params, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                   width=args.width, budgets=args.budgets, max_depth=args.max_depth, repeats=args.repeats,

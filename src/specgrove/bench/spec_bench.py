@@ -16,11 +16,17 @@ Methods
   hf_plain          transformers' generate() on the same weights: the baseline of the hf_* methods
   hf_assisted       transformers' assisted generation with the same draft, a fixed k
   hf_prompt_lookup  transformers' prompt lookup decoding, k tokens
+  llama_cpp         llama.cpp (llama-cpp-python, optional) decoding the target's own GGUF file plainly: an
+                    outside reference for the runtime; its speedup is over the engine's plain decoding
 
 Figures (Spec-Bench's protocol, batch size 1): tokens/s = sum of generated tokens / sum of wall time
 (prefill included) over the prompts; speedup = tokens/s over the baseline's; tau and the acceptance
 rate come from the merged SpecMetrics (see specgrove.engine.metrics); at temperature 0 every output
 is also compared token for token with its baseline's, which a lossless method must match.
+
+Weight bandwidth: for every engine method, the target's weight bytes x target forwards / time in target
+forwards (and the same for the draft), next to the machine's memory bandwidth measured before the first
+method and after the last (specgrove.bench.bandwidth): their ratio is how close a forward is to the limit.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from specgrove.trees.shape import TreeShape
 ENGINE_METHODS = ("plain", "draft_model", "prompt_lookup")
 HF_METHODS = ("hf_plain", "hf_assisted", "hf_prompt_lookup")
 DEFAULT_METHODS = ENGINE_METHODS + HF_METHODS
+PEER_METHODS = ("llama_cpp",)  # optional outside peers, run only when asked for
 # method prefix -> how the tree's siblings are drawn and verified (DraftModelProposer's sampling)
 TREE_PREFIXES = {"tree:": "without_replacement", "rrs:": "iid", "rrs_wo:": "without_replacement", "spechub:": "hub"}
 
@@ -195,9 +202,10 @@ def _as_prompts(prompts: Sequence[BenchPrompt | Sequence[int]]) -> list[BenchPro
 
 def _ordered_methods(methods: Sequence[str]) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
-    unknown = [m for m in methods if m not in DEFAULT_METHODS and not is_tree_method(m) and not is_sorted_method(m)]
+    unknown = [m for m in methods if m not in DEFAULT_METHODS + PEER_METHODS and not is_tree_method(m)
+               and not is_sorted_method(m)]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS)}, tree:SPEC, "
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS + PEER_METHODS)}, tree:SPEC, "
                          "rrs:SPEC, rrs_wo:SPEC, spechub:SPEC, sorted or sorted@L")
     if not methods:
         raise ValueError(f"no methods given; use some of {', '.join(DEFAULT_METHODS)}")
@@ -209,7 +217,7 @@ def _ordered_methods(methods: Sequence[str]) -> list[str]:
         if baseline_of(m) not in methods:
             methods.append(baseline_of(m))
     order = (list(ENGINE_METHODS) + [m for m in methods if is_tree_method(m)] + [m for m in methods if is_sorted_method(m)]
-             + list(HF_METHODS))
+             + list(HF_METHODS) + list(PEER_METHODS))
     return [m for m in order if m in methods]
 
 
@@ -244,16 +252,17 @@ def _run_engine_method(engine, prompts: list[BenchPrompt], params, warmup_params
     return run
 
 
-def _run_hf_method(peer, method: str, prompts: list[BenchPrompt], warmup: int, progress: bool, desc: str,
-                   **gen_kwargs) -> MethodRun:
+def _run_peer_method(generate, prompts: list[BenchPrompt], warmup: int, progress: bool, desc: str,
+                     **gen_kwargs) -> MethodRun:
+    """An outside peer's run: generate(prompt_ids, **gen_kwargs) -> (new ids, wall seconds)."""
     warm_kwargs = {**gen_kwargs, "max_new_tokens": min(gen_kwargs["max_new_tokens"], WARMUP_MAX_NEW_TOKENS)}
     for i in range(warmup):
-        peer.generate(prompts[i % len(prompts)].token_ids, method, **warm_kwargs)
+        generate(prompts[i % len(prompts)].token_ids, **warm_kwargs)
     run = MethodRun()
     tokens, seconds = 0, 0.0
     with _progress(len(prompts), desc, progress) as bar:
         for p in prompts:
-            ids, dt = peer.generate(p.token_ids, method, **gen_kwargs)
+            ids, dt = generate(p.token_ids, **gen_kwargs)
             run.outputs.append(ids)
             run.seconds.append(dt)
             run.metrics.append(None)
@@ -275,7 +284,7 @@ def _merge(metrics: list[SpecMetrics | None]) -> SpecMetrics | None:
 
 
 def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: MethodRun | None, greedy: bool,
-             is_hf: bool = False, plain: MethodRun | None = None) -> dict:
+             is_hf: bool = False, plain: MethodRun | None = None, weight_bytes: dict | None = None) -> dict:
     tokens = sum(len(run.outputs[i]) for i in idx)
     seconds = sum(run.seconds[i] for i in idx)
     tps = tokens / seconds if seconds > 0 else 0.0
@@ -312,22 +321,27 @@ def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: Met
         out["per_position_acceptance"] = merged.per_position_acceptance if is_speculative else []
         out["draft_time_s"] = merged.draft_time_s
         out["target_time_s"] = merged.target_time_s
+        if merged.target_forwards and merged.target_time_s > 0:
+            out["target_ms_per_forward"] = merged.target_time_s / merged.target_forwards * 1e3
+            if weight_bytes and weight_bytes.get("target"):
+                out["target_weight_gbs"] = weight_bytes["target"] * merged.target_forwards / merged.target_time_s / 1e9
     if is_hf:  # transformers methods: also against the engine's plain decoding
         out["speedup_vs_plain"] = speed_ratio(plain)
         out["identical_to_plain"], out["identical_to_plain_count"] = identical(plain)
     return out
 
 
-def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bool) -> dict:
+def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bool, weight_bytes: dict | None = None
+              ) -> dict:
     categories = list(dict.fromkeys(p.category for p in prompts))
     all_idx = list(range(len(prompts)))
     result = {}
     for method, run in runs.items():
         baseline = runs.get(baseline_of(method))
-        speculative = method not in ("plain", "hf_plain")
+        speculative = method not in ("plain", "hf_plain") + PEER_METHODS
 
         def figures(idx: list[int]) -> dict:
-            return _figures(run, idx, speculative, baseline, greedy, method in HF_METHODS, runs.get("plain"))
+            return _figures(run, idx, speculative, baseline, greedy, method in HF_METHODS, runs.get("plain"), weight_bytes)
 
         entry = {"baseline": baseline_of(method), **figures(all_idx)}
         entry["per_category"] = {c: figures([i for i, p in enumerate(prompts) if p.category == c]) for c in categories}
@@ -371,6 +385,7 @@ def run_bench(
     quantization: str | None = None,
     draft_quantization: str | None = None,
     sorted_draft=None,
+    enforce_eager: bool = False,
 ) -> dict:
     """Run every method in `methods` over the prompts and return the figures (see the module docstring).
 
@@ -429,17 +444,25 @@ def run_bench(
                 f"top_p {acceptance.top_p}; this run samples at temperature {temperature}")
 
     machine = {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "platform": platform.platform(), "memory_bandwidth_gbs": None}
-    if measure_bandwidth:
-        bw = measure_memory_bandwidth(bandwidth_num_floats or DEFAULT_NUM_FLOATS, device=device or "cpu")
-        machine.update(bw.to_dict())
-        say(f"memory bandwidth (copy, read + write): {bw.memory_bandwidth_gbs:.1f} GB/s")
+               "platform": platform.platform(), "memory_bandwidth_gbs": None, "read_bandwidth_gbs": None}
 
-    target_model = load_model(target, dtype=dtype, device=device, quantization=quantization)
+    def bandwidth(when: str) -> None:
+        bw = measure_memory_bandwidth(bandwidth_num_floats or DEFAULT_NUM_FLOATS, device=device or "cpu")
+        machine.update(bw.to_dict() if when == "start" else {})
+        machine.setdefault("bandwidth_runs", []).append({"when": when, "read_gbs": bw.read_bandwidth_gbs,
+                                                         "copy_gbs": bw.memory_bandwidth_gbs})
+        say(f"memory bandwidth at the {when}: read {bw.read_bandwidth_gbs:.1f} GB/s, copy (read + write) "
+            f"{bw.memory_bandwidth_gbs:.1f} GB/s")
+
+    if measure_bandwidth:
+        bandwidth("start")
+
+    graphs = False if enforce_eager else None  # CUDA graphs (on a GPU only)
+    target_model = load_model(target, dtype=dtype, device=device, quantization=quantization, cuda_graphs=graphs)
     say(f"loaded target {target_model.name} ({target_model.dtype}) in {target_model.load_seconds:.1f} s")
     draft_model = None
     if drafted:
-        draft_model = load_model(draft, dtype=dtype, device=device, quantization=draft_quantization)
+        draft_model = load_model(draft, dtype=dtype, device=device, quantization=draft_quantization, cuda_graphs=graphs)
         check_compatible(target_model, draft_model)
         say(f"loaded draft {draft_model.name} in {draft_model.load_seconds:.1f} s")
     sorted_model = None
@@ -447,7 +470,7 @@ def run_bench(
         from specgrove.models.loader import LoadedModel
 
         sorted_model = sorted_draft if isinstance(sorted_draft, LoadedModel) else load_model(
-            sorted_draft, dtype=dtype, device=device, quantization=draft_quantization)
+            sorted_draft, dtype=dtype, device=device, quantization=draft_quantization, cuda_graphs=graphs)
         check_compatible(target_model, sorted_model)
 
     bench_prompts = encode_questions(questions, target_model.tokenizer) if prompts is None else _as_prompts(prompts)
@@ -457,6 +480,7 @@ def run_bench(
     longest = max([k] + [_max_nodes(shape) for shape in shapes.values()])
     max_model_len = max(len(p.token_ids) for p in bench_prompts) + max_new_tokens + longest + 8
     weight_bytes = target_model.model.weight_bytes()
+    draft_weight_bytes = draft_model.model.weight_bytes() if draft_model is not None and draft_model.is_fast else None
     target_dir, draft_dir = target_model.path, draft_model.path if draft_model is not None else None
     eos_ids = sorted(eos_token_ids(target_model))
     say(f"{len(bench_prompts)} prompts ({len(set(p.category for p in bench_prompts))} categories), "
@@ -488,14 +512,26 @@ def run_bench(
         peer = HFPeer(target_dir, draft_dir if "hf_assisted" in hf_methods else None, dtype, device or "cpu", eos_ids)
         try:
             for method in hf_methods:
-                runs[method] = _run_hf_method(peer, method, bench_prompts, warmup, progress, method,
-                                              max_new_tokens=max_new_tokens, num_speculative_tokens=k,
-                                              temperature=temperature, seed=seed, prompt_lookup_max=prompt_lookup_max)
+                runs[method] = _run_peer_method(
+                    lambda ids, **kw: peer.generate(ids, method, **kw), bench_prompts, warmup, progress, method,
+                    max_new_tokens=max_new_tokens, num_speculative_tokens=k, temperature=temperature, seed=seed,
+                    prompt_lookup_max=prompt_lookup_max)
         finally:
             peer.close()
+    if "llama_cpp" in methods:
+        from specgrove.bench.llamacpp_peer import LlamaCppPeer, gguf_of
+
+        engine = proposer = target_model = draft_model = sorted_model = None
+        gc.collect()
+        n_ctx = max(len(p.token_ids) for p in bench_prompts) + max_new_tokens + 8
+        with LlamaCppPeer(gguf_of(target_dir), n_ctx, eos_ids) as peer:
+            runs["llama_cpp"] = _run_peer_method(peer.generate, bench_prompts, warmup, progress, "llama_cpp",
+                                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    if measure_bandwidth:
+        bandwidth("end")
 
     greedy = params.greedy
-    method_figures = summarize(runs, bench_prompts, greedy)
+    method_figures = summarize(runs, bench_prompts, greedy, {"target": weight_bytes, "draft": draft_weight_bytes})
     for method, shape in shapes.items():
         if method in method_figures:
             fixed = isinstance(shape, TreeShape)
@@ -521,12 +557,13 @@ def run_bench(
             "tree_acceptance": None if acceptance is None else {"file": str(tree_acceptance), **acceptance.to_dict()},
             "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "dtype": str(dtype),
             "device": str(device), "quantization": quantization, "draft_quantization": draft_quantization,
+            "cuda_graphs": str(device).startswith("cuda") and not enforce_eager,
             "warmup": warmup, "warmup_max_new_tokens": min(max_new_tokens, WARMUP_MAX_NEW_TOKENS),
             "data": str(data_path) if data_path else None, "num_prompts": len(bench_prompts),
             "categories": list(dict.fromkeys(p.category for p in bench_prompts)),
             "question_ids": [p.question_id for p in bench_prompts],
             "prompt_tokens": [len(p.token_ids) for p in bench_prompts],
-            "target_weight_bytes": weight_bytes,
+            "target_weight_bytes": weight_bytes, "draft_weight_bytes": draft_weight_bytes,
             "versions": {"specgrove": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
             "wall_time_s": time.perf_counter() - started,
@@ -578,7 +615,7 @@ def print_report(result: dict, console=None) -> None:
     )
     table = Table()
     for name in ("method", "tokens/s", "speedup", "vs plain", "tau", "pred. tau", "accept", "identical",
-                 "identical vs plain"):
+                 "identical vs plain", "ms/target fwd", "target GB/s"):
         table.add_column(name, justify="left" if name == "method" else "right")
     for method, e in methods.items():
         hf = "speedup_vs_plain" in e
@@ -588,6 +625,7 @@ def print_report(result: dict, console=None) -> None:
             _fmt(e["mean_accept_length"]), _fmt(e.get("predicted_accept_length")), _fmt(e["acceptance_rate"], ".1%"),
             _identical(e),
             _identical(e, "identical_to_plain", "identical_to_plain_count") if hf else _identical(e),
+            _fmt(e.get("target_ms_per_forward"), ".1f"), _fmt(e.get("target_weight_gbs"), ".1f"),
         )
     console.print(table)
     for method, e in methods.items():
@@ -617,10 +655,14 @@ def print_report(result: dict, console=None) -> None:
     console.print(per_cat)
 
     machine = result["machine"]
-    bw, achieved = machine.get("memory_bandwidth_gbs"), result.get("baseline_weight_bandwidth_gbs")
-    line = f"memory bandwidth (copy): {_fmt(bw, '.1f', ' GB/s')}; plain decoding reads the target's weights at {_fmt(achieved, '.1f', ' GB/s')}"
-    if bw and achieved:
-        line += f" ({achieved / bw:.0%} of the copy bandwidth)"
+    runs = machine.get("bandwidth_runs") or []
+    reads = [r["read_gbs"] for r in runs]
+    achieved = result.get("baseline_weight_bandwidth_gbs")
+    line = "memory bandwidth: " + (", ".join(f"{r['when']} read {r['read_gbs']:.1f} / copy {r['copy_gbs']:.1f} GB/s"
+                                             for r in runs) or "not measured")
+    line += f"; plain decoding reads the target's weights at {_fmt(achieved, '.1f', ' GB/s')}"
+    if reads and achieved:
+        line += f" ({achieved / max(reads):.0%} of the best read bandwidth)"
     console.print(line)
     if any(f["identical_to_baseline"] is False for e in methods.values() for f in e["per_category"].values()):
         console.print("≠: in this category at least one output differs from the baseline's")

@@ -103,7 +103,7 @@ class LlamaModel:
     supports_batching = True
 
     def __init__(self, config: LlamaConfig, hf_config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device,
-                 pack_weights: bool | None = None, quantization: str | None = None):
+                 pack_weights: bool | None = None, quantization: str | None = None, cuda_graphs: bool | None = None):
         self.config = config
         self.hf_config = hf_config
         self.dtype = dtype
@@ -113,7 +113,7 @@ class LlamaModel:
         if pack_weights and not available:
             raise ValueError("weight prepacking needs a CPU with oneDNN and bfloat16 weights")
         self.packed = available if pack_weights is None else pack_weights
-        self.quantization = quantization  # None or "int8" (weight-only, every matrix multiply incl. the head)
+        self.quantization = quantization  # None, "int8" or "int4" (weight-only, every matrix multiply incl. the head)
 
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
@@ -165,6 +165,12 @@ class LlamaModel:
         self.lm_head = linear(head, None)
         inv_freq, self.attention_scaling = rope_inverse_frequencies(hf_config)
         self.inv_freq = inv_freq.to(self.device, torch.float32)
+        # Small forwards (decode, verification, drafting) replayed as CUDA graphs: on by default on CUDA.
+        self.graphs = None
+        if cuda_graphs or (cuda_graphs is None and self.device.type == "cuda"):
+            from specgrove.models.cuda_graphs import GraphRunner
+
+            self.graphs = GraphRunner(self)
 
     # ---- sizes -------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
@@ -213,16 +219,18 @@ class LlamaModel:
         return x * cos + rotated * sin
 
     def build_attention_mask(
-        self, cache: KVCache, rows: list[int], num_tokens: int, tree_mask: torch.Tensor | None, prior: int = 0
+        self, cache: KVCache, rows: list[int], num_tokens: int, tree_mask: torch.Tensor | None, prior: int = 0,
+        min_span: int = 0,
     ) -> tuple[torch.Tensor, int]:
-        """Boolean mask [B, 1, T, S] over keys 0..S-1 of each row's cache, S = max(len) + prior + T.
+        """Boolean mask [B, 1, T, S] over keys 0..S-1 of each row's cache, S = max(max(len) + prior + T, min_span).
 
         Keys before a row's committed length are visible to every new token. The `prior` uncommitted
         slots written by earlier forwards (a tree being extended level by level) and the T new slots form
-        the tree region; `tree_mask` [B, T, prior + T] says which of them each new token sees."""
+        the tree region; `tree_mask` [B, T, prior + T] says which of them each new token sees. Keys past
+        a row's region are masked (a `min_span` longer than needed gives a fixed shape for CUDA graphs)."""
         lengths = torch.tensor([cache.lengths[r] for r in rows], device=self.device)
         region = prior + num_tokens
-        span = int(max(cache.lengths[r] for r in rows)) + region
+        span = max(int(max(cache.lengths[r] for r in rows)) + region, min_span)
         keys = torch.arange(span, device=self.device)
         rel = keys[None, :] - lengths[:, None]  # [B, S] key offset from the first uncommitted slot
         committed = rel < 0
@@ -276,39 +284,54 @@ class LlamaModel:
         if extend and any(cache.pending[r] != prior for r in rows):
             raise ValueError("extend needs the same number of uncommitted slots in every row")
         cache.check_room(prior + num_tokens, rows)
-        mask, span = self.build_attention_mask(cache, rows, num_tokens, tree_mask, prior)
+        if isinstance(logits_at, str) and logits_at not in ("all", "last"):
+            raise ValueError(f"logits_at must be 'all', 'last', None or an index tensor, got {logits_at!r}")
+        graph = None
+        if self.graphs is not None and logits_at is not None:
+            graph = self.graphs.lookup(cache, rows, num_tokens, prior)
+        mask, span = self.build_attention_mask(cache, rows, num_tokens, tree_mask, prior,
+                                               0 if graph is None else graph.span)
         # GQA without repeating K/V: fold the query heads of a group into the query axis.
         mask = self.fold_groups(mask)
-
-        all_rows = rows == list(range(cache.batch_size))
         row_index = torch.tensor(rows, device=self.device)
         slots = torch.tensor([cache.lengths[r] + prior for r in rows], device=self.device)[:, None] + torch.arange(
             num_tokens, device=self.device
         )
-        write_rows = row_index[:, None].expand(batch, num_tokens)
-
-        rope = self._rope(positions)
-        h = self.embed_tokens(input_ids)
-        for li in range(len(self.layers)):
-            h = self.layer_forward(li, h, rope, cache, write_rows, slots, mask, span, None if all_rows else row_index)
+        if graph is not None:
+            logits = graph.run(input_ids, positions, mask, slots, row_index)
+        else:
+            all_rows = rows == list(range(cache.batch_size))
+            h = self.hidden_states(input_ids, positions, cache, mask, slots, row_index, span, all_rows)
 
         for b, r in enumerate(rows):
             cache.pending[r] = prior + (num_tokens if num_new is None else num_new[b])
         if logits_at is None:
             return None
-        if isinstance(logits_at, str):
-            if logits_at == "all":
-                pass
-            elif logits_at == "last":
-                counts = [num_tokens] * batch if num_new is None else num_new
-                last = torch.tensor([n - 1 for n in counts], device=self.device)
-                h = h[torch.arange(batch, device=self.device), last][:, None]
-            else:
-                raise ValueError(f"logits_at must be 'all', 'last', None or an index tensor, got {logits_at!r}")
+        if isinstance(logits_at, str) and logits_at == "all":
+            index = None
+        elif isinstance(logits_at, str):  # "last"
+            counts = [num_tokens] * batch if num_new is None else num_new
+            index = torch.tensor([[n - 1] for n in counts], device=self.device)
         else:
             index = logits_at.to(self.device)
+        if graph is not None:  # logits of every token were computed in the graph; copy out the ones asked for
+            return logits.clone() if index is None else torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+        if index is not None:
             h = torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
         return self.logits(h)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor,
+                      slots: torch.Tensor, row_index: torch.Tensor, span: int, all_rows: bool = False) -> torch.Tensor:
+        """Every layer over new tokens input_ids [B, T] at `positions` (no host work: what a CUDA graph
+        captures). Writes their KV into cache rows `row_index` [B] at `slots` [B, T]; `mask` as layer_forward
+        takes it; `all_rows`: row_index is 0..batch-1 of the cache (attend by slicing, not gathering)."""
+        batch, num_tokens = input_ids.shape
+        write_rows = row_index[:, None].expand(batch, num_tokens)
+        rope = self._rope(positions)
+        h = self.embed_tokens(input_ids)
+        for li in range(len(self.layers)):
+            h = self.layer_forward(li, h, rope, cache, write_rows, slots, mask, span, None if all_rows else row_index)
+        return h
 
     # ---- pieces of the forward (also used layer by layer by sorted drafts, specgrove.drafting.sorted) ----
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

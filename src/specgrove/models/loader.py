@@ -132,23 +132,25 @@ def load_model(
     expected_sha256: str | None = None,
     force_fallback: bool = False,
     quantization: str | None = None,
+    cuda_graphs: bool | None = None,
 ) -> LoadedModel:
-    """Load a built-in name, HF directory or .gguf file; `quantization="int8"` stores the fast runtime's
-    matrices as weight-only int8 (see specgrove.models.linear)."""
+    """Load a built-in name, HF directory or .gguf file; `quantization="int8"` / `"int4"` stores the
+    fast runtime's matrices as weight-only int8 / int4 (see specgrove.models.linear). `cuda_graphs`: replay
+    small forwards as CUDA graphs (None: on CUDA; False: always eager; specgrove.models.cuda_graphs)."""
     from transformers import AutoConfig
 
     t0 = time.perf_counter()
     if quantization == "none":
         quantization = None
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; use none or int8")
+        raise ValueError(f"unknown quantization {quantization!r}; use none, int8 or int4")
     torch_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
     directory = resolve_model_dir(spec, expected_sha256)
     hf_config = AutoConfig.from_pretrained(str(directory))
     if hf_config.model_type in SUPPORTED_MODEL_TYPES and not force_fallback:
         model = LlamaModel(LlamaConfig.from_hf(hf_config), hf_config, read_safetensors(directory), torch_dtype, torch_device,
-                           quantization=quantization)
+                           quantization=quantization, cuda_graphs=cuda_graphs)
     else:
         if quantization is not None:
             raise ValueError(f"quantization={quantization!r} needs a Llama-family model (fast runtime); "

@@ -165,14 +165,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
+    graphs = False if args.enforce_eager else None
     target = load_model(args.target, dtype=args.dtype, device=args.device,
-                        quantization=None if args.quantization == "none" else args.quantization)
+                        quantization=None if args.quantization == "none" else args.quantization, cuda_graphs=graphs)
     draft = None
     if not args.no_draft:
         if args.draft is None and args.target != defaults.DEFAULT_TARGET:
             raise ValueError("give --draft, or --no-draft to profile the target alone")
         draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device,
-                           quantization=None if args.draft_quantization == "none" else args.draft_quantization)
+                           quantization=None if args.draft_quantization == "none" else args.draft_quantization,
+                           cuda_graphs=graphs)
     console = Console(stderr=True)
 
     def show(sample: dict) -> None:
