@@ -661,8 +661,9 @@ def print_report(result: dict, console=None) -> None:
     line = "memory bandwidth: " + (", ".join(f"{r['when']} read {r['read_gbs']:.1f} / copy {r['copy_gbs']:.1f} GB/s"
                                              for r in runs) or "not measured")
     line += f"; plain decoding reads the target's weights at {_fmt(achieved, '.1f', ' GB/s')}"
-    if reads and achieved:
-        line += f" ({achieved / max(reads):.0%} of the best read bandwidth)"
+    if reads and achieved:  # the machine's bandwidth moves with its neighbours' load: the share against each
+        low, high = achieved / max(reads), achieved / min(reads)
+        line += f" ({low:.0%} of the highest read bandwidth" + (f", {high:.0%} of the lowest)" if len(reads) > 1 else ")")
     console.print(line)
     if any(f["identical_to_baseline"] is False for e in methods.values() for f in e["per_category"].values()):
         console.print("≠: in this category at least one output differs from the baseline's")
