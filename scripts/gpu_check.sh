@@ -7,7 +7,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
-SPECGROVE_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -x -p no:cacheprovider -m "not integration" \
+SPECGROVE_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m "not integration" \
   tests/test_cuda_graphs.py tests/test_quantization.py tests/test_runtime.py tests/test_exactness.py tests/test_batching.py \
   tests/test_engine.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
 timeout "${TIMING_TIMEOUT:-200}" python3 scripts/cuda_timing.py --json "$OUT/cuda_timing.json" 2>&1 | tee "$OUT/cuda_timing.log"

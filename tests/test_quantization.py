@@ -84,6 +84,8 @@ def test_prepacked_linear_pads_few_rows():
 
 @pytest.mark.parametrize("quantization", QUANTS)
 def test_quantized_draft_keeps_greedy_output(tiny_dirs, quantization):
+    if DEVICE == "cuda" and quantization == "int4":
+        pytest.skip("int4 on CUDA needs bfloat16; greedy identity is tested in float32")
     params = SamplingParams(temperature=0, max_tokens=24)
     plain = LLM(target=tiny_dirs["target"], dtype="float32", max_model_len=128, device=DEVICE)
     spec = LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], dtype="float32", max_model_len=128, device=DEVICE,
