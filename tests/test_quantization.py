@@ -71,15 +71,20 @@ def test_int4_linear_matches_its_dequantized_weight(dtype, out_features):
 
 
 @pytest.mark.skipif(not packing_available(torch.device(DEVICE), torch.bfloat16), reason="no oneDNN prepacking here")
-def test_prepacked_linear_pads_few_rows():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prepacked_linear_matches_dense(dtype):
+    """bf16 pads fewer than PAD_ROWS rows (oneDNN's faster kernel); fp32 is prepacked as is."""
     g = torch.Generator().manual_seed(0)
-    weight = (torch.randn(48, 64, generator=g) * 0.05).to(torch.bfloat16)
-    packed = Linear(weight, None, packed=True)
+    weight = (torch.randn(48, 64, generator=g) * 0.05).to(dtype)
+    bias = torch.randn(48, generator=g).to(dtype)
+    packed = Linear(weight, bias, packed=True)
+    assert packed.pad_rows == (PAD_ROWS if dtype == torch.bfloat16 else 0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for rows in range(1, PAD_ROWS + 2):
-        x = torch.randn(1, rows, 64, generator=g).to(torch.bfloat16)
+        x = torch.randn(1, rows, 64, generator=g).to(dtype)
         out = packed(x)
         assert out.shape == (1, rows, 48)
-        assert torch.allclose(out.float(), x.float() @ weight.float().t(), atol=2e-2, rtol=2e-2)
+        assert torch.allclose(out.float(), x.float() @ weight.float().t() + bias.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("quantization", QUANTS)

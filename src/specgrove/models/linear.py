@@ -1,13 +1,14 @@
 """Linear layers of the fast runtime: dense (prepacked for oneDNN on CPU), weight-only int8, weight-only int4.
 
-**Dense bf16 on CPU.** oneDNN can reorder a weight once into its blocked layout ("prepacking", what
-Inductor's CPU freezing pass does); matrix multiplies with few rows (decode and verification: 1-32 tokens)
-then read the weights at close to memory speed. On this CPU (AMD EPYC, AVX-512 BF16, 2 cores) oneDNN's
-one- and two-row kernels are slower than its four-row one (1.5B target, whole forward, measured: 106 ms
-for one token, 124 for two, 87 for four), so fewer than `PAD_ROWS` rows are padded with zero rows: the
-padding rows cost nothing measurable and a one-token decode step becomes as fast as a four-token one.
-Elsewhere (CUDA, other dtypes, a torch build without the op) weights stay plain tensors and F.linear is
-used.
+**Dense bf16 / fp32 on CPU.** oneDNN can reorder a weight once into its blocked layout ("prepacking",
+what Inductor's CPU freezing pass does); matrix multiplies with few rows (decode and verification: 1-32
+tokens) then read the weights at close to memory speed. On this CPU (AMD EPYC, AVX-512 BF16, 2 cores)
+oneDNN's one- and two-row bf16 kernels are slower than its four-row one (1.5B target, whole forward,
+measured: 106 ms for one token, 124 for two, 87 for four), so fewer than `PAD_ROWS` rows are padded with
+zero rows: the padding rows cost nothing measurable and a one-token decode step becomes as fast as a
+four-token one. In fp32 prepacking alone helps (151936x1536 weight, one row: 33 ms against 58 for
+F.linear; four rows: 42 against 142). Elsewhere (CUDA, fp16, a torch build without the op) weights stay
+plain tensors and F.linear is used.
 
 **Weight-only int8** (`quantization="int8"`): each output row is stored as int8 with one scale,
 w ~= scale * round(w / scale), scale = max|w_row| / 127, multiplied by PyTorch's `_weight_int8pack_mm`
@@ -40,7 +41,7 @@ PAD_ROWS = 4  # oneDNN prepacked bf16: fewer rows are padded up to this many (se
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     return (
         device.type == "cpu"
-        and dtype == torch.bfloat16
+        and dtype in (torch.bfloat16, torch.float32)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -92,7 +93,7 @@ class Linear:
     """y = x W^T + b with W [out, in]: prepacked for oneDNN when `packed`, int8 or int4 by `quantization`."""
 
     __slots__ = ("weight", "bias", "packed", "scales", "quantization", "out_features", "in_features", "nbytes",
-                 "numel", "group_size")
+                 "numel", "group_size", "pad_rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, quantization: str | None = None):
         if quantization not in QUANTIZATIONS:
@@ -104,6 +105,7 @@ class Linear:
         self.quantization = quantization
         self.group_size = None
         self.packed = packed and quantization is None
+        self.pad_rows = PAD_ROWS if self.packed and weight.dtype == torch.bfloat16 else 0
         if quantization == "int8":
             if not int8_available():
                 raise ValueError("int8 weights need torch.ops.aten._weight_int8pack_mm, which this torch build lacks")
@@ -155,8 +157,8 @@ class Linear:
             return y if self.bias is None else y + self.bias
         if self.packed:
             rows = x.numel() // self.in_features
-            if rows < PAD_ROWS:
-                x2 = torch.cat([x.reshape(rows, self.in_features), x.new_zeros(PAD_ROWS - rows, self.in_features)])
+            if rows < self.pad_rows:
+                x2 = torch.cat([x.reshape(rows, self.in_features), x.new_zeros(self.pad_rows - rows, self.in_features)])
                 y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, self.bias, "none", [], "")
                 return y[:rows].reshape(*x.shape[:-1], self.out_features)
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")

@@ -111,7 +111,7 @@ class LlamaModel:
         self.vocab_size = config.vocab_size
         available = packing_available(self.device, dtype)
         if pack_weights and not available:
-            raise ValueError("weight prepacking needs a CPU with oneDNN and bfloat16 weights")
+            raise ValueError("weight prepacking needs a CPU with oneDNN and bfloat16 or float32 weights")
         self.packed = available if pack_weights is None else pack_weights
         self.quantization = quantization  # None, "int8" or "int4" (weight-only, every matrix multiply incl. the head)
 
@@ -200,23 +200,23 @@ class LlamaModel:
 
     # ---- forward -----------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # As transformers: normalise in fp32, scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
-        return weight * xf.to(x.dtype)
+        # As transformers: normalise in fp32, scale in the model dtype (one fused kernel for the normalising).
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps).to(x.dtype)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and the sign-folded sin [B, T, 1, D] of each position: x * cos + swap_halves(x) * sin is
+        transformers' x * cos + rotate_half(x) * sin (rotate_half negates the swapped first half)."""
         freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_scaling).to(self.dtype)
-        sin = (emb.sin() * self.attention_scaling).to(self.dtype)
-        return cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, D]
+        cos = freqs.cos() * self.attention_scaling
+        sin = freqs.sin() * self.attention_scaling
+        cos = torch.cat((cos, cos), dim=-1).to(self.dtype)
+        sin = torch.cat((-sin, sin), dim=-1).to(self.dtype)
+        return cos[:, :, None, :], sin[:, :, None, :]
 
     @staticmethod
     def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
 
     def build_attention_mask(
         self, cache: KVCache, rows: list[int], num_tokens: int, tree_mask: torch.Tensor | None, prior: int = 0,
@@ -355,10 +355,11 @@ class LlamaModel:
         layer = self.layers[li]
         x = self._rms_norm(h, layer.input_norm)
         qkv = layer.qkv(x)
-        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-        q = self._apply_rope(q.view(batch, num_tokens, c.num_heads, c.head_dim), cos, sin)
-        k = self._apply_rope(k.view(batch, num_tokens, c.num_kv_heads, c.head_dim), cos, sin)
-        v = v.view(batch, num_tokens, c.num_kv_heads, c.head_dim)
+        # RoPE on the query and key heads together: one set of kernels.
+        qk = self._apply_rope(qkv[..., : q_size + kv_size].view(batch, num_tokens, c.num_heads + c.num_kv_heads,
+                                                                c.head_dim), cos, sin)
+        q, k = qk[:, :, : c.num_heads], qk[:, :, c.num_heads :]
+        v = qkv[..., q_size + kv_size :].view(batch, num_tokens, c.num_kv_heads, c.head_dim)
         # Write the new keys/values into their slots ([B, S, H, D] views of the cache).
         cache.k[li].permute(0, 2, 1, 3)[write_rows, slots] = k
         cache.v[li].permute(0, 2, 1, 3)[write_rows, slots] = v
