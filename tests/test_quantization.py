@@ -9,16 +9,17 @@ from specgrove import LLM, SamplingParams
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
 from specgrove.models.linear import (PAD_ROWS, Linear, dequantize_int4, int4_available, int8_available, packing_available,
-                                     quantize_int4, quantize_int8)
+                                     quantize_int4, quantize_int8, w8a8_available)
 from specgrove.models.loader import load_model
 from specgrove.trees.shape import TreeShape
 
 from conftest import DEVICE
 from test_exactness import max_difference, speculative_sequence_distribution, target_sequence_distribution
 
-AVAILABLE = {"int8": int8_available(), "int4": int4_available(DEVICE)}
+AVAILABLE = {"int8": int8_available(), "int4": int4_available(DEVICE), "w8a8": w8a8_available(DEVICE)}
 needs_int8 = pytest.mark.skipif(not AVAILABLE["int8"], reason="this torch build has no _weight_int8pack_mm")
-QUANTS = [pytest.param(q, marks=pytest.mark.skipif(not AVAILABLE[q], reason=f"no {q} kernel here")) for q in ("int8", "int4")]
+QUANTS = [pytest.param(q, marks=pytest.mark.skipif(not AVAILABLE[q], reason=f"no {q} kernel here"))
+          for q in ("int8", "int4", "w8a8")]
 PROMPT = [1, 2, 3, 1, 2]
 
 
@@ -68,6 +69,27 @@ def test_int4_linear_matches_its_dequantized_weight(dtype, out_features):
     assert (out - ref).abs().max() <= tolerance * ref.abs().max()
     with pytest.raises(ValueError, match="multiple of the group size"):
         quantize_int4(torch.randn(16, 48))
+
+
+@pytest.mark.skipif(not AVAILABLE["w8a8"], reason="no x86/fbgemm quantized backend here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_linear_is_close_and_each_token_is_quantized_by_itself(dtype):
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(96, 64, generator=g) * 0.05).to(dtype)
+    bias = torch.randn(96, generator=g).to(dtype)
+    x = torch.randn(7, 64, generator=g).to(dtype)
+    x[3] *= 50  # one token with a much larger range than the others
+    w8a8 = Linear(weight, bias, packed=False, quantization="w8a8")
+    assert w8a8.nbytes < Linear(weight, bias, packed=False).nbytes * (0.35 if dtype == torch.float32 else 0.6)
+    out = w8a8(x[None])[0]
+    ref = x.float() @ weight.float().t() + bias.float()
+    assert out.shape == (7, 96) and out.dtype == dtype
+    assert ((out.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 0.05
+    # Bit-identical whatever else is in the forward: alone, in other batches, in another order.
+    for i in range(7):
+        assert torch.equal(w8a8(x[i : i + 1])[0], out[i])
+    assert torch.equal(w8a8(x.flip(0)), out.flip(0))
+    assert torch.equal(w8a8(x[2:5]), out[2:5])
 
 
 @pytest.mark.skipif(not packing_available(torch.device(DEVICE), torch.bfloat16), reason="no oneDNN prepacking here")

@@ -70,9 +70,9 @@ class LLM:
     LLM(target="qwen2.5-coder-1.5b-instruct", draft="qwen2.5-coder-0.5b-instruct",
         speculative={"method": "draft_model", "num_speculative_tokens": 4})
     `target` / `draft`: a built-in name, a Hugging Face directory, or a .gguf file.
-    `quantization` / `draft_quantization`: None, "int8" or "int4" (weight-only; speculation stays exact
-    with respect to the target as loaded, so a quantized draft never changes the output, a quantized target
-    does).
+    `quantization` / `draft_quantization`: None, "int8" or "int4" (weight-only) or "w8a8" (int8 weights and
+    activations, CPU; specgrove.models.linear). Speculation stays exact with respect to the target as
+    loaded, so a quantized draft never changes the output, a quantized target does.
     `max_num_seqs`: requests decoded together by `generate` (continuous batching; each holds a KV cache
     row of max_model_len positions); 1 decodes one prompt after the other.
     `enforce_eager`: never replay CUDA graphs (on a GPU they are on by default for forwards of up to 32 new

@@ -143,7 +143,7 @@ def load_model(
     if quantization == "none":
         quantization = None
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; use none, int8 or int4")
+        raise ValueError(f"unknown quantization {quantization!r}; use none, int8, int4 or w8a8")
     torch_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
     directory = resolve_model_dir(spec, expected_sha256)
