@@ -31,8 +31,11 @@ range for the whole tensor, which would make a token's output depend on the othe
 (the verification batch). So each token's activations are first scaled to max |x| = 1 and two
 constant rows (all +1, all -1) are appended: the range is then always exactly [-1, 1], every token is
 quantized by itself, and the integer products make the outputs bit-identical whatever else is in the
-forward (tested). Speculation over a w8a8 target therefore reproduces its plain decoding exactly. The
-product is scaled back per token. On this CPU, 1 / 4 / 8 rows: 151936x1536 8.2 / 10.3 / 9.7 ms against
+forward (tested). The product is scaled back per token. The rest of a bf16 forward (attention over a
+different number of new tokens) still rounds differently in a verification forward than in a one-token
+one, and int8 activations turn more of those roundings into different greedy tokens: on 20 Spec-Bench
+prompts (64 tokens, bf16) draft-model speculation over a w8a8 target matched its plain decoding token for
+token on 9 (over the bf16 target: 16). In fp32 they match (tested). On this CPU, 1 / 4 / 8 rows: 151936x1536 8.2 / 10.3 / 9.7 ms against
 15.5 / 16.3 / 17.8 prepacked bf16; 17920x1536 0.45 / 0.61 / 1.0 against 1.4 / 1.4 / 1.9 (relative error
 of the product about 1.2%). PyTorch marks its quantized tensor types as deprecated for a future release;
 torch 2.13, pinned here, has them.
