@@ -125,8 +125,15 @@ def tiny_bench(tiny_dirs):
 def test_run_bench_on_tiny_models(tiny_bench):
     result = json.loads(json.dumps(tiny_bench))  # JSON-serialisable as written by --json
     assert set(result) >= {"config", "machine", "methods", "baseline_weight_bandwidth_gbs"}
-    assert result["machine"]["memory_bandwidth_gbs"] > 0
+    assert result["machine"]["memory_bandwidth_gbs"] > 0 and result["machine"]["read_bandwidth_gbs"] > 0
+    assert [r["when"] for r in result["machine"]["bandwidth_runs"]] == ["start", "end"]
     assert result["baseline_weight_bandwidth_gbs"] > 0
+    for name in ("plain", "draft_model", "prompt_lookup"):  # every engine method: time and bandwidth per forward
+        entry = result["methods"][name]
+        assert entry["target_ms_per_forward"] > 0
+        assert entry["target_weight_gbs"] == pytest.approx(
+            result["config"]["target_weight_bytes"] / entry["target_ms_per_forward"] / 1e6)
+    assert result["config"]["draft_weight_bytes"] > 0
     assert result["config"]["categories"] == ["alpha", "beta"]
     methods = result["methods"]
     assert list(methods) == ["plain", "draft_model", "prompt_lookup", "hf_plain", "hf_assisted", "hf_prompt_lookup"]
@@ -163,6 +170,34 @@ def test_run_bench_adds_the_baseline_and_rejects_bad_input(tiny_dirs):
         run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["plain"], temperature=-1)
     with pytest.raises(ValueError, match="draft"):
         run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["draft_model"], measure_bandwidth=False)
+
+
+def test_llama_cpp_peer_needs_its_package_and_a_gguf_target(tiny_dirs, tmp_path, monkeypatch):
+    """llama_cpp runs the target's own GGUF file: a plain HF directory has none, and without
+    llama-cpp-python the method says how to get it. Both fail before any method runs."""
+    from specgrove.bench import llamacpp_peer
+    from specgrove.errors import SpecgroveError
+
+    with pytest.raises(SpecgroveError, match="GGUF|llama-cpp-python"):
+        run_bench(tiny_dirs["target"], prompts=[[1, 2, 3]], methods=["plain", "llama_cpp"], max_new_tokens=4,
+                  dtype="float32", device=DEVICE, warmup=0, measure_bandwidth=False, progress=False,
+                  log=lambda msg: None)
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
+    with pytest.raises(SpecgroveError, match="pip install llama-cpp-python"):
+        llamacpp_peer.require_llama_cpp()
+    # The GGUF a converted directory records: an absolute path, or a built-in file in the cache.
+    monkeypatch.setenv("SPECGROVE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "cache" / "gguf" / "m.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF")
+    model_dir = tmp_path / "converted"
+    model_dir.mkdir()
+    (model_dir / defaults.MARKER).write_text(json.dumps({"gguf": "m.gguf"}))
+    assert llamacpp_peer.gguf_of(model_dir) == gguf
+    (model_dir / defaults.MARKER).write_text(json.dumps({"gguf": str(gguf)}))
+    assert llamacpp_peer.gguf_of(model_dir) == gguf
+    with pytest.raises(SpecgroveError, match="GGUF"):
+        llamacpp_peer.gguf_of(tiny_dirs["target"])
 
 
 def test_bench_cli_prints_table_and_writes_json(tiny_bench, tmp_path, monkeypatch, capsys):
@@ -237,6 +272,7 @@ def test_real_spec_bench_file_mixes_all_categories(monkeypatch):
 def test_measure_memory_bandwidth_small():
     result = measure_memory_bandwidth(1 << 20, repeats=2)
     assert result.memory_bandwidth_gbs > 0 and result.bytes_per_copy == 2 * 4 * (1 << 20)
+    assert result.read_bandwidth_gbs > 0 and 0 < result.best_read_s
     with pytest.raises(ValueError):
         measure_memory_bandwidth(0)
 

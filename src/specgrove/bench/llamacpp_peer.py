@@ -37,17 +37,23 @@ def gguf_of(model_dir: str | Path) -> Path:
     )
 
 
+def require_llama_cpp() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        raise SpecgroveError(
+            "the llama_cpp method needs llama-cpp-python: `pip install llama-cpp-python` (it builds llama.cpp "
+            "from source, about 5 minutes on 2 cores), or leave llama_cpp out of --methods"
+        ) from e
+
+
 class LlamaCppPeer:
     """One llama.cpp model; call `close()` (or use `with`) to free it."""
 
     def __init__(self, gguf_path: str | Path, n_ctx: int, eos_token_ids: list[int], n_threads: int | None = None):
-        try:
-            from llama_cpp import Llama
-        except ImportError as e:
-            raise SpecgroveError(
-                "the llama_cpp method needs llama-cpp-python: `pip install llama-cpp-python` (it builds llama.cpp "
-                "from source, about 5 minutes on 2 cores), or leave llama_cpp out of --methods"
-            ) from e
+        require_llama_cpp()
+        from llama_cpp import Llama
+
         self.eos_token_ids = set(eos_token_ids)
         self.n_threads = n_threads or torch.get_num_threads()
         kwargs = dict(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=self.n_threads, n_batch=512, verbose=False)

@@ -425,6 +425,10 @@ def run_bench(
     if prompts is None:
         data_path = find_spec_bench(data)
         questions = load_questions(data_path, limit, categories)
+    if "llama_cpp" in methods:
+        from specgrove.bench.llamacpp_peer import require_llama_cpp
+
+        require_llama_cpp()
     drafted = [m for m in methods if needs_draft(m)]
     sorted_methods = [m for m in methods if is_sorted_method(m)]
     if sorted_methods and sorted_draft is None:
@@ -482,6 +486,10 @@ def run_bench(
     weight_bytes = target_model.model.weight_bytes()
     draft_weight_bytes = draft_model.model.weight_bytes() if draft_model is not None and draft_model.is_fast else None
     target_dir, draft_dir = target_model.path, draft_model.path if draft_model is not None else None
+    if "llama_cpp" in methods:
+        from specgrove.bench.llamacpp_peer import gguf_of
+
+        gguf_of(target_dir)  # fail now, not after the engine methods ran
     eos_ids = sorted(eos_token_ids(target_model))
     say(f"{len(bench_prompts)} prompts ({len(set(p.category for p in bench_prompts))} categories), "
         f"methods: {', '.join(methods)}; k={k}, max_new_tokens={max_new_tokens}, temperature={temperature}")
