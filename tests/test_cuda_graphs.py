@@ -88,6 +88,11 @@ def test_graphed_forwards_match_eager(models):
     before = graphed.graphs.replays
     both(models, caches, torch.randint(0, 50, (1, 40), generator=g), torch.arange(40)[None] + ce.lengths[0], rows=[0])
     assert graphed.graphs.replays == before
+    # Another cache: the graphs writing into the old one are dropped (they would hold it alive).
+    assert len(graphed.graphs.graphs) > 1
+    other = graphed.new_cache(1, 64)
+    graphed.forward(torch.tensor([[1]]), torch.tensor([[0]]), other)
+    assert len(graphed.graphs.graphs) == 1 and graphed.graphs.cache_in_use[0] is other
 
 
 def test_speculation_with_graphs_keeps_greedy_output(tiny_dirs):

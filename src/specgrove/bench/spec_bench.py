@@ -24,9 +24,10 @@ Figures (Spec-Bench's protocol, batch size 1): tokens/s = sum of generated token
 rate come from the merged SpecMetrics (see specgrove.engine.metrics); at temperature 0 every output
 is also compared token for token with its baseline's, which a lossless method must match.
 
-Weight bandwidth: for every engine method, the target's weight bytes x target forwards / time in target
-forwards (and the same for the draft), next to the machine's memory bandwidth measured before the first
-method and after the last (specgrove.bench.bandwidth): their ratio is how close a forward is to the limit.
+Weight bandwidth: for every engine method, the time per target forward and the target's weight bytes x
+target forwards / time in target forwards, next to the machine's memory bandwidth measured before the
+first method and after the last (specgrove.bench.bandwidth): their ratio is how close a forward is to
+the limit. The draft's weight bytes are in the config.
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ def _ordered_methods(methods: Sequence[str]) -> list[str]:
     unknown = [m for m in methods if m not in DEFAULT_METHODS + PEER_METHODS and not is_tree_method(m)
                and not is_sorted_method(m)]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS + PEER_METHODS)}, tree:SPEC, "
-                         "rrs:SPEC, rrs_wo:SPEC, spechub:SPEC, sorted or sorted@L")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS + PEER_METHODS)}, "
+                         "tree:SPEC, rrs:SPEC, rrs_wo:SPEC, spechub:SPEC, sorted or sorted@L")
     if not methods:
         raise ValueError(f"no methods given; use some of {', '.join(DEFAULT_METHODS)}")
     for m in methods:
@@ -284,7 +285,7 @@ def _merge(metrics: list[SpecMetrics | None]) -> SpecMetrics | None:
 
 
 def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: MethodRun | None, greedy: bool,
-             is_hf: bool = False, plain: MethodRun | None = None, weight_bytes: dict | None = None) -> dict:
+             is_hf: bool = False, plain: MethodRun | None = None, target_weight_bytes: int | None = None) -> dict:
     tokens = sum(len(run.outputs[i]) for i in idx)
     seconds = sum(run.seconds[i] for i in idx)
     tps = tokens / seconds if seconds > 0 else 0.0
@@ -323,16 +324,16 @@ def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: Met
         out["target_time_s"] = merged.target_time_s
         if merged.target_forwards and merged.target_time_s > 0:
             out["target_ms_per_forward"] = merged.target_time_s / merged.target_forwards * 1e3
-            if weight_bytes and weight_bytes.get("target"):
-                out["target_weight_gbs"] = weight_bytes["target"] * merged.target_forwards / merged.target_time_s / 1e9
+            if target_weight_bytes:
+                out["target_weight_gbs"] = target_weight_bytes * merged.target_forwards / merged.target_time_s / 1e9
     if is_hf:  # transformers methods: also against the engine's plain decoding
         out["speedup_vs_plain"] = speed_ratio(plain)
         out["identical_to_plain"], out["identical_to_plain_count"] = identical(plain)
     return out
 
 
-def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bool, weight_bytes: dict | None = None
-              ) -> dict:
+def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bool,
+              target_weight_bytes: int | None = None) -> dict:
     categories = list(dict.fromkeys(p.category for p in prompts))
     all_idx = list(range(len(prompts)))
     result = {}
@@ -341,7 +342,8 @@ def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bo
         speculative = method not in ("plain", "hf_plain") + PEER_METHODS
 
         def figures(idx: list[int]) -> dict:
-            return _figures(run, idx, speculative, baseline, greedy, method in HF_METHODS, runs.get("plain"), weight_bytes)
+            return _figures(run, idx, speculative, baseline, greedy, method in HF_METHODS, runs.get("plain"),
+                            target_weight_bytes)
 
         entry = {"baseline": baseline_of(method), **figures(all_idx)}
         entry["per_category"] = {c: figures([i for i, p in enumerate(prompts) if p.category == c]) for c in categories}
@@ -539,7 +541,7 @@ def run_bench(
         bandwidth("end")
 
     greedy = params.greedy
-    method_figures = summarize(runs, bench_prompts, greedy, {"target": weight_bytes, "draft": draft_weight_bytes})
+    method_figures = summarize(runs, bench_prompts, greedy, weight_bytes)
     for method, shape in shapes.items():
         if method in method_figures:
             fixed = isinstance(shape, TreeShape)

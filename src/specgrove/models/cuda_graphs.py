@@ -2,8 +2,9 @@
 
 On a GPU a 1.5B model's eager forward is bound by launching ~1,000 small kernels, not by reading its
 weights. A CUDA graph records the kernels of one forward once and replays them with one launch. A graph
-has fixed shapes and fixed memory addresses, so `GraphRunner` keeps one graph per (cache tensors, rows in
-the batch B, new tokens T, key span S) with static input buffers; the host-side work of a forward (the
+has fixed shapes and fixed memory addresses, so `GraphRunner` keeps one graph per (rows in the batch B,
+new tokens T, key span S) of the KV cache in use, with static input buffers (a new or grown cache drops
+the graphs of the old one, which they hold on to); the host-side work of a forward (the
 attention mask over the tree and the committed keys, the KV slots, which cache rows) stays outside the
 graph and is copied into those buffers before each replay. S is the attended key range rounded up to
 `SPAN_BUCKET`, the keys past each row's own ones masked, so one graph serves 256 consecutive lengths.
@@ -75,6 +76,7 @@ class GraphRunner:
             raise ValueError("CUDA graphs need a model on a CUDA device")
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.cache_in_use = None  # (cache, its K tensor's address): the graphs below write into it
         self.replays = 0
 
     def lookup(self, cache, rows: list[int], num_tokens: int, prior: int) -> _Graph | None:
@@ -82,9 +84,12 @@ class GraphRunner:
         `rows`, created on first use; None when the forward is too large for one."""
         if num_tokens > GRAPH_MAX_TOKENS:
             return None
+        if self.cache_in_use is None or self.cache_in_use[0] is not cache or self.cache_in_use[1] != cache.k.data_ptr():
+            self.graphs.clear()
+            self.cache_in_use = (cache, cache.k.data_ptr())
         needed = max(cache.lengths[r] for r in rows) + prior + num_tokens
         span = min(-(-needed // SPAN_BUCKET) * SPAN_BUCKET, cache.max_len)
-        key = (id(cache), cache.k.data_ptr(), len(rows), num_tokens, span)
+        key = (len(rows), num_tokens, span)
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = _Graph(self.model, cache, len(rows), num_tokens, span, self.pool, self.capture)

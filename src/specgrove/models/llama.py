@@ -6,8 +6,9 @@ Each new token has its own position id and sees (a) every committed token of its
 causal mask). Rows of a batch may have different committed lengths and different numbers of new
 tokens (the rest is padding). Logits match transformers' implementation of the same weights.
 
-Weights are kept as plain tensors; q/k/v and gate/up projections are fused at load time so a layer
-is four matrix multiplies.
+q/k/v and gate/up projections are fused at load time so a layer is four matrix multiplies, each a
+`specgrove.models.linear.Linear` (prepacked for oneDNN on CPU, or int8 / int4 / w8a8). On CUDA, forwards
+of up to 32 new tokens replay CUDA graphs (`specgrove.models.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class LlamaModel:
         if pack_weights and not available:
             raise ValueError("weight prepacking needs a CPU with oneDNN and bfloat16 or float32 weights")
         self.packed = available if pack_weights is None else pack_weights
-        self.quantization = quantization  # None, "int8" or "int4" (weight-only, every matrix multiply incl. the head)
+        self.quantization = quantization  # None, "int8", "int4" or "w8a8" (every matrix multiply incl. the head)
 
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
@@ -314,8 +315,10 @@ class LlamaModel:
             index = torch.tensor([[n - 1] for n in counts], device=self.device)
         else:
             index = logits_at.to(self.device)
-        if graph is not None:  # logits of every token were computed in the graph; copy out the ones asked for
-            return logits.clone() if index is None else torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+        if graph is not None:  # the graph computed every token's logits into its buffer: copy out the ones asked for
+            if index is None:
+                return logits.clone()
+            return torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
         if index is not None:
             h = torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
         return self.logits(h)
