@@ -86,6 +86,8 @@ class GraphRunner:
             return None
         if self.cache_in_use is None or self.cache_in_use[0] is not cache or self.cache_in_use[1] != cache.k.data_ptr():
             self.graphs.clear()
+            if self.capture:  # the old pool goes with its graphs; capturing into a freed pool is an error
+                self.pool = torch.cuda.graph_pool_handle()
             self.cache_in_use = (cache, cache.k.data_ptr())
         needed = max(cache.lengths[r] for r in rows) + prior + num_tokens
         span = min(-(-needed // SPAN_BUCKET) * SPAN_BUCKET, cache.max_len)
