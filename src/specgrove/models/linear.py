@@ -117,7 +117,7 @@ def dequantize_int4(q: torch.Tensor, scale_zero: torch.Tensor, group_size: int =
 
 
 class Linear:
-    """y = x W^T + b with W [out, in]: prepacked for oneDNN when `packed`, int8 or int4 by `quantization`."""
+    """y = x W^T + b with W [out, in]: prepacked for oneDNN when `packed`, int8 / int4 / w8a8 by `quantization`."""
 
     __slots__ = ("weight", "bias", "packed", "scales", "quantization", "out_features", "in_features", "nbytes",
                  "numel", "group_size", "pad_rows", "bounds")
@@ -129,6 +129,7 @@ class Linear:
         self.numel = weight.numel() + (bias.numel() if bias is not None else 0)
         self.bias = bias
         self.scales = None
+        self.bounds = None
         self.quantization = quantization
         self.group_size = None
         self.packed = packed and quantization is None
