@@ -134,6 +134,11 @@ def test_run_bench_on_tiny_models(tiny_bench):
         assert entry["target_weight_gbs"] == pytest.approx(
             result["config"]["target_weight_bytes"] / entry["target_ms_per_forward"] / 1e6)
     assert result["config"]["draft_weight_bytes"] > 0
+    draft = result["methods"]["draft_model"]
+    assert draft["draft_ms_per_forward"] > 0
+    assert draft["draft_weight_gbs"] == pytest.approx(
+        result["config"]["draft_weight_bytes"] / draft["draft_ms_per_forward"] / 1e6)
+    assert "draft_ms_per_forward" not in result["methods"]["prompt_lookup"]
     assert result["config"]["categories"] == ["alpha", "beta"]
     methods = result["methods"]
     assert list(methods) == ["plain", "draft_model", "prompt_lookup", "hf_plain", "hf_assisted", "hf_prompt_lookup"]

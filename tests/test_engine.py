@@ -42,6 +42,9 @@ def test_greedy_identical_to_plain(tiny_target, tiny_draft, k, max_tokens):
     if max_tokens > 1:
         assert outputs["self_draft"].metrics.acceptance_rate == 1.0
         assert outputs["self_draft"].metrics.target_forwards < max_tokens
+    for name in ("draft_model", "self_draft"):  # a chain of k: the catch-up forward + one per level but the last
+        m = outputs[name].metrics
+        assert m.draft_forwards == sum(m.proposed_per_step), name
 
 
 def test_greedy_eos_and_stop_token_inside_an_accepted_block(tiny_target, tiny_draft):

@@ -27,7 +27,8 @@ is also compared token for token with its baseline's, which a lossless method mu
 Weight bandwidth: for every engine method, the time per target forward and the target's weight bytes x
 target forwards / time in target forwards, next to the machine's memory bandwidth measured before the
 first method and after the last (specgrove.bench.bandwidth): their ratio is how close a forward is to
-the limit. The draft's weight bytes are in the config.
+the limit. Likewise for the draft model's forwards (time of the draft phase, sampling included, per
+draft forward).
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ def _merge(metrics: list[SpecMetrics | None]) -> SpecMetrics | None:
 
 
 def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: MethodRun | None, greedy: bool,
-             is_hf: bool = False, plain: MethodRun | None = None, target_weight_bytes: int | None = None) -> dict:
+             is_hf: bool = False, plain: MethodRun | None = None, weight_bytes: dict | None = None) -> dict:
     tokens = sum(len(run.outputs[i]) for i in idx)
     seconds = sum(run.seconds[i] for i in idx)
     tps = tokens / seconds if seconds > 0 else 0.0
@@ -324,8 +325,12 @@ def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: Met
         out["target_time_s"] = merged.target_time_s
         if merged.target_forwards and merged.target_time_s > 0:
             out["target_ms_per_forward"] = merged.target_time_s / merged.target_forwards * 1e3
-            if target_weight_bytes:
-                out["target_weight_gbs"] = target_weight_bytes * merged.target_forwards / merged.target_time_s / 1e9
+            if (weight_bytes or {}).get("target"):
+                out["target_weight_gbs"] = weight_bytes["target"] * merged.target_forwards / merged.target_time_s / 1e9
+        if merged.draft_forwards and merged.draft_time_s > 0:  # the draft phase's time (sampling included) per forward
+            out["draft_ms_per_forward"] = merged.draft_time_s / merged.draft_forwards * 1e3
+            if (weight_bytes or {}).get("draft"):
+                out["draft_weight_gbs"] = weight_bytes["draft"] * merged.draft_forwards / merged.draft_time_s / 1e9
     if is_hf:  # transformers methods: also against the engine's plain decoding
         out["speedup_vs_plain"] = speed_ratio(plain)
         out["identical_to_plain"], out["identical_to_plain_count"] = identical(plain)
@@ -333,7 +338,8 @@ def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: Met
 
 
 def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bool,
-              target_weight_bytes: int | None = None) -> dict:
+              weight_bytes: dict | None = None) -> dict:
+    """`weight_bytes`: {"target": bytes, "draft": bytes} for the weight bandwidth of each forward."""
     categories = list(dict.fromkeys(p.category for p in prompts))
     all_idx = list(range(len(prompts)))
     result = {}
@@ -343,7 +349,7 @@ def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bo
 
         def figures(idx: list[int]) -> dict:
             return _figures(run, idx, speculative, baseline, greedy, method in HF_METHODS, runs.get("plain"),
-                            target_weight_bytes)
+                            weight_bytes)
 
         entry = {"baseline": baseline_of(method), **figures(all_idx)}
         entry["per_category"] = {c: figures([i for i, p in enumerate(prompts) if p.category == c]) for c in categories}
@@ -541,7 +547,7 @@ def run_bench(
         bandwidth("end")
 
     greedy = params.greedy
-    method_figures = summarize(runs, bench_prompts, greedy, weight_bytes)
+    method_figures = summarize(runs, bench_prompts, greedy, {"target": weight_bytes, "draft": draft_weight_bytes})
     for method, shape in shapes.items():
         if method in method_figures:
             fixed = isinstance(shape, TreeShape)
@@ -625,7 +631,7 @@ def print_report(result: dict, console=None) -> None:
     )
     table = Table()
     for name in ("method", "tokens/s", "speedup", "vs plain", "tau", "pred. tau", "accept", "identical",
-                 "identical vs plain", "ms/target fwd", "target GB/s"):
+                 "identical vs plain", "ms/target fwd", "target GB/s", "ms/draft fwd", "draft GB/s"):
         table.add_column(name, justify="left" if name == "method" else "right")
     for method, e in methods.items():
         hf = "speedup_vs_plain" in e
@@ -636,6 +642,7 @@ def print_report(result: dict, console=None) -> None:
             _identical(e),
             _identical(e, "identical_to_plain", "identical_to_plain_count") if hf else _identical(e),
             _fmt(e.get("target_ms_per_forward"), ".1f"), _fmt(e.get("target_weight_gbs"), ".1f"),
+            _fmt(e.get("draft_ms_per_forward"), ".1f"), _fmt(e.get("draft_weight_gbs"), ".1f"),
         )
     console.print(table)
     for method, e in methods.items():

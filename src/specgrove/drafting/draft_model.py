@@ -132,17 +132,18 @@ class DraftModelProposer:
         state["tree"] = TokenTree()
         return tokens[common:]
 
-    def _catch_up(self, states: list[dict], token_lists: list[list[int]]) -> list[torch.Tensor]:
-        """Bring every state's row to its tokens; return the draft logits [V] after each last token.
-        Short catch-ups (the usual 1..k+1 tokens) run as one batched forward; long ones (a new
-        prompt) run alone, in chunks."""
+    def _catch_up(self, states: list[dict], token_lists: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:
+        """Bring every state's row to its tokens; return the draft logits [V] after each last token and
+        the forwards each took. Short catch-ups (the usual 1..k+1 tokens) run as one batched forward; long
+        ones (a new prompt) run alone, in chunks."""
         cache = self.pool.cache
         news = [self._reconcile(st, toks) for st, toks in zip(states, token_lists)]
         out: list[torch.Tensor | None] = [None] * len(states)
+        forwards = [1] * len(states)
         short = [i for i, n in enumerate(news) if len(n) <= BATCHED_CATCH_UP]
         for i in (i for i in range(len(states)) if len(news[i]) > BATCHED_CATCH_UP):
             start = len(token_lists[i]) - len(news[i])
-            out[i], _ = forward_chunked(self.model, cache, states[i]["row"], news[i], start, want_logits=True)
+            out[i], forwards[i] = forward_chunked(self.model, cache, states[i]["row"], news[i], start, want_logits=True)
         if short:
             width = max(len(news[i]) for i in short)
             ids = torch.zeros(len(short), width, dtype=torch.long)
@@ -158,7 +159,7 @@ class DraftModelProposer:
             for b, i in enumerate(short):
                 cache.commit(rows[b])
                 out[i] = logits[b, -1]
-        return out
+        return out, forwards
 
     # ---- drafting ------------------------------------------------------------------------------
     def propose(self, seq: Sequence, num_tokens: int) -> TokenTree:
@@ -174,7 +175,9 @@ class DraftModelProposer:
         if not active:
             return trees
         states = {i: self._state(seqs[i]) for i in active}
-        roots = self._catch_up([states[i] for i in active], [list(seqs[i].token_ids) for i in active])
+        roots, forwards = self._catch_up([states[i] for i in active], [list(seqs[i].token_ids) for i in active])
+        for i, n in zip(active, forwards):
+            seqs[i].metrics.draft_forwards += n
         drafts = {i: _Draft(shapes[i], len(seqs[i].token_ids) - 1, root) for i, root in zip(active, roots)}
         cache = self.pool.cache
         for depth in range(1, max(len(shapes[i].levels()) for i in active) + 1):
@@ -213,6 +216,7 @@ class DraftModelProposer:
                                             num_new=[len(drafts[i].tokens) - prior for i in members])
                 for b, i in enumerate(members):
                     d = drafts[i]
+                    seqs[i].metrics.draft_forwards += 1
                     for j, n in enumerate(range(prior, len(d.tokens))):
                         d.logits_of[n] = logits[b, j]
         for i in active:

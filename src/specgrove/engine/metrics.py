@@ -1,6 +1,7 @@
 """Speculation metrics, defined once.
 
   target_forwards       target forward passes in the decode phase (one per speculative step)
+  draft_forwards        draft model forward passes this sequence took part in (draft-model proposers)
   proposed_per_step[s]  draft tokens proposed at step s (tree nodes; 0 for a plain step)
   accepted_per_step[s]  draft tokens the verifier accepted at step s
   mean_accept_length    tau = mean over steps of (accepted + 1): the bonus/correction token counts
@@ -25,6 +26,7 @@ def _add_counts(a: list[int], b: list[int]) -> list[int]:
 class SpecMetrics:
     target_forwards: int = 0
     prefill_forwards: int = 0
+    draft_forwards: int = 0
     proposed_per_step: list[int] = field(default_factory=list)
     accepted_per_step: list[int] = field(default_factory=list)
     position_proposed: list[int] = field(default_factory=list)
@@ -91,7 +93,7 @@ class SpecMetrics:
 
     def merge(self, other: "SpecMetrics") -> "SpecMetrics":
         out = SpecMetrics()
-        for name in ("target_forwards", "prefill_forwards", "draft_time_s", "target_time_s", "verify_time_s",
+        for name in ("target_forwards", "prefill_forwards", "draft_forwards", "draft_time_s", "target_time_s", "verify_time_s",
                      "prefill_time_s", "total_time_s", "generated_tokens"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.proposed_per_step = self.proposed_per_step + other.proposed_per_step
@@ -103,6 +105,7 @@ class SpecMetrics:
     def to_dict(self) -> dict:
         return {
             "target_forwards": self.target_forwards,
+            "draft_forwards": self.draft_forwards,
             "generated_tokens": self.generated_tokens,
             "accepted_per_step": self.accepted_per_step,
             "proposed_per_step": self.proposed_per_step,
