@@ -494,10 +494,11 @@ def run_bench(
     weight_bytes = target_model.model.weight_bytes()
     draft_weight_bytes = draft_model.model.weight_bytes() if draft_model is not None and draft_model.is_fast else None
     target_dir, draft_dir = target_model.path, draft_model.path if draft_model is not None else None
+    gguf_path = None
     if "llama_cpp" in methods:
         from specgrove.bench.llamacpp_peer import gguf_of
 
-        gguf_of(target_dir)  # fail now, not after the engine methods ran
+        gguf_path = gguf_of(target_dir)  # fail now, not after the engine methods ran
     eos_ids = sorted(eos_token_ids(target_model))
     say(f"{len(bench_prompts)} prompts ({len(set(p.category for p in bench_prompts))} categories), "
         f"methods: {', '.join(methods)}; k={k}, max_new_tokens={max_new_tokens}, temperature={temperature}")
@@ -535,12 +536,12 @@ def run_bench(
         finally:
             peer.close()
     if "llama_cpp" in methods:
-        from specgrove.bench.llamacpp_peer import LlamaCppPeer, gguf_of
+        from specgrove.bench.llamacpp_peer import LlamaCppPeer
 
         engine = proposer = target_model = draft_model = sorted_model = None
         gc.collect()
         n_ctx = max(len(p.token_ids) for p in bench_prompts) + max_new_tokens + 8
-        with LlamaCppPeer(gguf_of(target_dir), n_ctx, eos_ids) as peer:
+        with LlamaCppPeer(gguf_path, n_ctx, eos_ids) as peer:
             runs["llama_cpp"] = _run_peer_method(peer.generate, bench_prompts, warmup, progress, "llama_cpp",
                                                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     if measure_bandwidth:

@@ -93,8 +93,8 @@ class SpecMetrics:
 
     def merge(self, other: "SpecMetrics") -> "SpecMetrics":
         out = SpecMetrics()
-        for name in ("target_forwards", "prefill_forwards", "draft_forwards", "draft_time_s", "target_time_s", "verify_time_s",
-                     "prefill_time_s", "total_time_s", "generated_tokens"):
+        for name in ("target_forwards", "prefill_forwards", "draft_forwards", "draft_time_s", "target_time_s",
+                     "verify_time_s", "prefill_time_s", "total_time_s", "generated_tokens"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.proposed_per_step = self.proposed_per_step + other.proposed_per_step
         out.accepted_per_step = self.accepted_per_step + other.accepted_per_step

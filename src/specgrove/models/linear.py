@@ -87,10 +87,15 @@ def _w8a8_engine() -> None:
         torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
 
 
+def int8_row_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-row symmetric int8 scales [N] (fp32): max |w_row| / 127."""
+    return weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127.0
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-row symmetric int8: (int8 weight [N, K], scales [N] in the weight's dtype)."""
     w = weight.float()
-    scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    scales = int8_row_scales(w)
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), scales.to(weight.dtype)
 
@@ -185,7 +190,7 @@ class Linear:
                              "on CUDA or elsewhere use int4, int8 or none")
         _w8a8_engine()
         w = weight.float()
-        scales = quantize_int8(w)[1]
+        scales = int8_row_scales(w)
         with warnings.catch_warnings():  # deprecated for a future torch; torch 2.13 (pinned) has it
             warnings.simplefilter("ignore")
             qweight = torch.quantize_per_channel(w, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0,

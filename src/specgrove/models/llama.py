@@ -308,11 +308,9 @@ class LlamaModel:
             cache.pending[r] = prior + (num_tokens if num_new is None else num_new[b])
         if logits_at is None:
             return None
-        if isinstance(logits_at, str) and logits_at == "all":
-            index = None
-        elif isinstance(logits_at, str):  # "last"
+        if isinstance(logits_at, str):
             counts = [num_tokens] * batch if num_new is None else num_new
-            index = torch.tensor([[n - 1] for n in counts], device=self.device)
+            index = None if logits_at == "all" else torch.tensor([[n - 1] for n in counts], device=self.device)
         else:
             index = logits_at.to(self.device)
         if graph is not None:  # the graph computed every token's logits into its buffer: copy out the ones asked for
