@@ -18,7 +18,7 @@ from specgrove.models.loader import load_model
 from specgrove.sampling import SamplingParams
 from specgrove.testing import make_tiny_model
 from specgrove.train import cli as train_cli
-from specgrove.train import data, soft
+from specgrove.train import data, soft, teacher
 
 VOCAB = 10
 EOS = 3
@@ -160,7 +160,8 @@ def test_examples_train_on_the_continuation_only():
     empty = data.Sample("t", [1, 2], [])
     examples = soft.build_examples([long, short, empty], max_len=8)
     assert [(e.ids, e.first) for e in examples] == [([16, 17, 18, 19, 20, 21, 22, 23], 4), ([1, 2, 3, 4, 5], 2)]
-    ids, labels = soft.collate(examples)
+    ids, labels, teachers = soft.collate(examples)
+    assert teachers is None
     assert ids.tolist() == [[16, 17, 18, 19, 20, 21, 22, 23], [1, 2, 3, 4, 5, 0, 0, 0]]
     assert labels.tolist() == [[-100] * 4 + [20, 21, 22, 23], [-100, -100, 3, 4, 5, -100, -100, -100]]
 
@@ -233,6 +234,111 @@ def test_interrupted_run_resumes_to_the_same_weights(dirs, samples, tmp_path, mo
     soft.train_soft(init, samples, tmp_path / "other", _settings(), progress=False, stop_after=2)
     with pytest.raises(Exception, match="other settings or data"):
         soft.train_soft(init, samples, tmp_path / "other", _settings(lr=1e-3), progress=False)
+
+
+# ---- (c2) KL to the targets' own distributions -------------------------------------------------------
+def _full_target_logprobs(target, s: data.Sample) -> torch.Tensor:
+    """log softmax of the target before each continuation token, from one plain forward [n, V]."""
+    ids = torch.tensor([s.prompt_ids + s.output_ids])
+    logits = target.model.forward(ids, torch.arange(ids.shape[1])[None], target.model.new_cache(1, ids.shape[1]))
+    return torch.log_softmax(logits[0].float(), -1)[len(s.prompt_ids) - 1:-1]
+
+
+def test_teacher_topk_is_the_targets_distribution(target, samples, monkeypatch):
+    """Teacher forcing in chunks of 3 gives the top-k of one plain forward; for a greedy sample its
+    first id is the token the target chose."""
+    s = max(samples, key=lambda s: len(s.prompt_ids) + len(s.output_ids))
+    assert len(s.prompt_ids) + len(s.output_ids) > 9
+    ref = _full_target_logprobs(target, s)
+    monkeypatch.setattr(teacher, "PREFILL_CHUNK", 3)
+    ids, lp = teacher.teacher_topk(target.model, s.prompt_ids, s.output_ids, 4)
+    assert ids.shape == lp.shape == (len(s.output_ids), 4)
+    torch.testing.assert_close(lp, ref.topk(4, -1).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref.gather(1, ids), lp, atol=1e-5, rtol=0)
+    assert ids[:, 0].tolist() == s.output_ids
+
+
+def test_teacher_file_resumes_and_loads_each_target_once(target, samples, tmp_path):
+    path = tmp_path / "teacher.jsonl"
+    loads = []
+
+    def loader(name):
+        assert name == target.name
+        loads.append(name)
+        return target
+
+    first = teacher.compute_teachers(samples[:5], path, loader, k=4, progress=False)
+    with open(path, "a") as f:
+        f.write('{"key": "cut off mid-wri')
+    both = teacher.compute_teachers(samples, path, loader, k=4, progress=False)
+    assert len(loads) == 2 and len(path.read_text().splitlines()) == len(samples)
+    for key, (ids, lp) in first.items():
+        assert torch.equal(both[key][0], ids) and torch.equal(both[key][1], lp)
+    again = teacher.compute_teachers(samples, path, loader, k=3, progress=False)  # fewer tokens: read, cut
+    assert len(loads) == 2 and all(v[0].shape[1] == 3 for v in again.values())
+    with pytest.raises(Exception, match="fewer than 6"):
+        teacher.compute_teachers(samples, path, loader, k=6, progress=False)
+
+
+@pytest.mark.parametrize("head", [None, [0, 1, 2, 3, 5, 8]])
+def test_kl_loss_is_the_kl_to_the_target(dirs, samples, target, tmp_path, head):
+    """With the teacher's whole distribution (k = vocabulary) the KL term is KL(p_target || q_exit) per
+    token; with a cut head, p renormalised over the head's tokens; w mixes it with the CE."""
+    init = soft.load_init(dirs["init"], EXITS)
+    weights = init.weights if head is None else soft.shrink_head(init.weights, head)
+    model = soft.SortedTrainModel(init.config, weights, EXITS)
+    batch_samples = samples[:6]
+    teachers = teacher.compute_teachers(batch_samples, tmp_path / "t.jsonl", lambda name: target, k=VOCAB,
+                                        progress=False)
+    ids, labels, soft_labels = soft.collate(soft.build_examples(batch_samples, 1024, teachers))
+    with torch.no_grad():
+        kl = model.loss(ids, labels, soft_labels, kl_weight=1.0)
+        ce = model.loss(ids, labels)
+        mixed = model.loss(ids, labels, soft_labels, kl_weight=0.25)
+    exit_logits = model.exit_logits(ids)
+    keep = torch.ones(VOCAB, dtype=torch.bool) if head is None else torch.isin(torch.arange(VOCAB), torch.tensor(head))
+    expected, count = torch.zeros(len(EXITS)), 0
+    for b, s in enumerate(batch_samples):
+        p = _full_target_logprobs(target, s).exp() * keep
+        p = p / p.sum(-1, keepdim=True)
+        first = len(s.prompt_ids)
+        valid = torch.tensor([keep[t].item() for t in s.output_ids])
+        count += int(valid.sum())
+        for e, logits in enumerate(exit_logits):
+            logq = torch.log_softmax(logits[b, first - 1:first - 1 + len(s.output_ids)], -1)
+            term = (torch.xlogy(p, p) - torch.where(p > 0, p * logq, 0.0)).sum(-1)
+            expected[e] += term[valid].sum()
+    assert kl[2] == ce[2] == count > 0
+    torch.testing.assert_close(kl[1], expected / count, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], 0.75 * ce[1] + 0.25 * kl[1], atol=1e-5, rtol=1e-5)
+
+
+def test_kl_training_moves_every_exit_toward_the_target_and_resumes(dirs, samples, target, tmp_path):
+    init = soft.load_init(dirs["init"], EXITS)
+    teachers = teacher.compute_teachers(samples, tmp_path / "t.jsonl", lambda name: target, k=5, progress=False)
+    settings = _settings(max_steps=30, save_every=100, kl_weight=1.0)
+    with pytest.raises(ValueError, match="distributions"):
+        soft.train_soft(init, samples, tmp_path / "none", settings, progress=False)
+    soft.train_soft(init, samples, tmp_path / "kl", settings, progress=False, teachers=teachers)
+    batch = soft.collate(soft.build_examples(samples, 1024, teachers))
+
+    def kl_of(directory):
+        trained = soft.load_init(directory, EXITS)
+        with torch.no_grad():
+            return soft.SortedTrainModel(trained.config, trained.weights, EXITS).loss(*batch, kl_weight=1.0)[1]
+
+    before, after = kl_of(dirs["init"]), kl_of(tmp_path / "kl")
+    assert (after < 0.5 * before).all(), (before, after)
+    # Stopped after 7 steps and run again: the weights of the uninterrupted run.
+    soft.train_soft(init, samples, tmp_path / "resumed", settings, progress=False, teachers=teachers, stop_after=7)
+    soft.train_soft(init, samples, tmp_path / "resumed", settings, progress=False, teachers=teachers)
+    a, b = load_file(str(tmp_path / "kl" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    # Other teacher distributions are other data: the checkpoint is not continued with them.
+    soft.train_soft(init, samples, tmp_path / "other", settings, progress=False, teachers=teachers, stop_after=2)
+    fewer = {k: (v[0][:, :4], v[1][:, :4]) for k, v in teachers.items()}
+    with pytest.raises(Exception, match="other settings or data"):
+        soft.train_soft(init, samples, tmp_path / "other", settings, progress=False, teachers=fewer)
 
 
 # ---- (d) the output loads and its sub-models are the trainer's exits -------------------------------
@@ -356,6 +462,16 @@ def test_train_sorted_command_end_to_end(dirs, tmp_path):
                    str(tmp_path / "again"), "--max-steps", "2", "--no-progress"])
     assert train_cli.cmd_train_sorted(args) == 0
     assert json.loads((tmp_path / "again" / "sorted.json").read_text())["exits"] == EXITS
+
+    # KL to the targets' distributions: the teacher pass loads each sample's target by its name.
+    args = _parse(["train-sorted", "--init", str(out), "--data", str(out / "samples.jsonl"), "--out",
+                   str(tmp_path / "kl"), "--max-steps", "2", "--kl-weight", "0.5", "--teacher-top-k", "4",
+                   "--target-dtype", "float32", "--no-progress"])
+    assert train_cli.cmd_train_sorted(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "kl" / "teacher.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(len(r["ids"][0]) == 4 for r in records)
+    config = json.loads((tmp_path / "kl" / "train_config.json").read_text())
+    assert config["settings"]["kl_weight"] == 0.5 and config["data"]["teacher"]["top_k"] == 4
 
 
 def test_train_sorted_rejects_bad_input_with_advice(dirs, tmp_path):

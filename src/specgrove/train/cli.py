@@ -25,6 +25,7 @@ from specgrove.train.data import SPEC_BENCH
 
 DEFAULT_MAX_NEW_TOKENS = 256
 SAMPLES_FILE = "samples.jsonl"
+TEACHER_FILE = "teacher.jsonl"
 
 
 def _say(msg: str) -> None:
@@ -74,6 +75,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: the trained sorted draft, logs and checkpoint")
     p.add_argument("--head-tokens", type=_positive_int, default=None,
                    help="shrink the output layer to the N most frequent tokens of the data plus the targets' EOS")
+    p.add_argument("--kl-weight", type=float, default=0.0,
+                   help="mix in KL to the targets' own distributions: loss = (1 - w) CE + w KL(target top-k || exit); "
+                        "w > 0 first computes each sample's target top-k by teacher forcing (default 0: CE only)")
+    p.add_argument("--teacher-top-k", type=_positive_int, default=None,
+                   help="tokens kept per position of the target's distribution (default 16)")
+    p.add_argument("--teacher", default=None,
+                   help="the teacher distributions file (default OUT/teacher.jsonl; resumable, reused across runs)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--epochs", type=_positive_int, default=1, help="passes over the data (default 1)")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="number of steps (overrides --epochs)")
@@ -84,6 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every N steps (default 50)")
     p.add_argument("--stop-after", type=_positive_int, default=None,
                    help="stop (checkpointed) after N steps of this run; run the same command again to continue")
+    p.add_argument("--data-only", action="store_true",
+                   help="only generate the distillation samples (resumable), no training")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep the last checkpoint's weights and optimizer state after training")
     p.add_argument("--seed", type=int, default=0, help="data order (and sampling) seed (default 0)")
@@ -169,6 +179,26 @@ def collect_samples(args, init) -> tuple[list, dict, set[int]]:
     return samples, info, eos
 
 
+def teacher_distributions(args, samples) -> tuple[dict, dict]:
+    """Every sample's target top-k (specgrove.train.teacher), computed where the teacher file lacks it;
+    and a description for train_config.json."""
+    from specgrove.models.loader import load_model
+    from specgrove.train.teacher import DEFAULT_TOP_K, compute_teachers
+
+    path = Path(args.teacher) if args.teacher else Path(args.out) / TEACHER_FILE
+    k = args.teacher_top_k or DEFAULT_TOP_K
+
+    def loader(name: str):
+        _say(f"loading target {name} (teacher)")
+        loaded = load_model(name, dtype=args.target_dtype, device=args.device)
+        if not loaded.is_fast:
+            raise SpecgroveError(f"target {name} is not a Llama-family model; the teacher pass runs on the fast runtime")
+        return loaded
+
+    teachers = compute_teachers(samples, path, loader, k, progress=args.progress)
+    return teachers, {"file": str(path), "top_k": k, "target_dtype": args.target_dtype}
+
+
 def cmd_train_sorted(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -179,6 +209,7 @@ def cmd_train_sorted(args: argparse.Namespace) -> int:
     settings = SoftSettings(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                             max_len=args.max_len, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed,
                             dtype=args.dtype, group_by_length=args.group_by_length, head_tokens=args.head_tokens,
+                            kl_weight=args.kl_weight,
                             save_every=args.save_every, save_dtype=args.save_dtype, keep_checkpoint=args.keep_checkpoint,
                             threads=args.threads, device=args.device)
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -190,9 +221,16 @@ def cmd_train_sorted(args: argparse.Namespace) -> int:
     init = load_init(args.init, args.exits)
     _say(f"init {args.init}: exits {init.spec.exits} of a {init.config.num_hidden_layers}-layer draft")
     samples, info, eos = collect_samples(args, init)
+    if args.data_only:
+        print(f"{len(samples)} samples ({sum(len(s.output_ids) for s in samples)} continuation tokens) in "
+              f"{info.get('samples_file')}")
+        return 0
     eos |= data.eos_ids_of(init.config, init.tokenizer)
+    teachers = None
+    if settings.kl_weight > 0:
+        teachers, info["teacher"] = teacher_distributions(args, samples)
     result = train_soft(init, samples, args.out, settings, eos_ids=eos, data_info=info, progress=args.progress,
-                        stop_after=args.stop_after)
+                        stop_after=args.stop_after, teachers=teachers)
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"train-sorted: {result['status']}", title_justify="left")

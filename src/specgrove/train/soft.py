@@ -92,6 +92,7 @@ class SoftSettings:
     dtype: str = "float32"  # compute dtype: float32, or bfloat16 autocast (fp32 master weights either way)
     group_by_length: bool = True
     head_tokens: int | None = None
+    kl_weight: float = 0.0  # loss = (1 - w) * CE on the target's tokens + w * KL(teacher top-k || exit)
     save_every: int = 50
     save_dtype: str = "float32"  # dtype of the output draft's weights
     keep_checkpoint: bool = False
@@ -114,6 +115,8 @@ class SoftSettings:
             raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.save_every < 1:
             raise ValueError(f"--save-every must be >= 1, got {self.save_every}")
+        if not 0.0 <= self.kl_weight <= 1.0:
+            raise ValueError(f"--kl-weight is a mixing weight in [0, 1], got {self.kl_weight}")
         if self.head_tokens is not None and self.head_tokens < 1:
             raise ValueError(f"--head-tokens must be >= 1, got {self.head_tokens}")
         for name in ("dtype", "save_dtype"):
@@ -269,21 +272,44 @@ class SortedTrainModel(torch.nn.Module):
             out.append(logits)
         return out
 
-    def _ce_sum(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.head_logits(h).float(), rows, reduction="sum")
+    def _to_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Vocabulary ids -> head rows (-100 stays -100, and so does a token outside a shrunk head)."""
+        if self.label_map is None:
+            return ids
+        return torch.where(ids >= 0, self.label_map[ids.clamp(min=0)], ids)
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(mean over exits of the token-mean CE, per-exit CE [E], number of loss tokens). labels [B, T] are
-        vocabulary ids, -100 where no loss is taken; position t predicts labels[t + 1]."""
+    def _loss_sum(self, h: torch.Tensor, rows: torch.Tensor, soft_rows: torch.Tensor | None = None,
+                  soft_p: torch.Tensor | None = None, kl_weight: float = 0.0) -> torch.Tensor:
+        """Summed loss of hidden states h [N, H]: (1 - w) CE against `rows` [N] + w KL(soft_p || q) over the
+        teacher's top-k head rows soft_rows [N, k] (-100 = not in the head; soft_p is 0 there)."""
+        logits = self.head_logits(h).float()
+        if soft_rows is None or kl_weight == 0.0:
+            return F.cross_entropy(logits, rows, reduction="sum")
+        logq = torch.log_softmax(logits, -1)
+        kl = (torch.xlogy(soft_p, soft_p) - soft_p * logq.gather(1, soft_rows.clamp(min=0))).sum()
+        if kl_weight == 1.0:
+            return kl
+        return (1.0 - kl_weight) * F.nll_loss(logq, rows, reduction="sum") + kl_weight * kl
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+             kl_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(mean over exits of the token-mean loss, per-exit loss [E], number of loss tokens). labels [B, T] are
+        vocabulary ids, -100 where no loss is taken; position t predicts labels[t + 1]. soft: the teacher's
+        top-k (vocabulary ids [B, T, k], -100 where none; log-probabilities [B, T, k]) aligned with labels;
+        with kl_weight w > 0 the loss is (1 - w) CE + w KL(teacher || exit), the teacher's top-k
+        renormalised over the tokens the head holds."""
         from torch.utils.checkpoint import checkpoint
 
         hidden = self.exit_hidden(input_ids)
-        targets = labels[:, 1:]
-        if self.label_map is not None:
-            targets = torch.where(targets >= 0, self.label_map[targets.clamp(min=0)], targets)
+        targets = self._to_rows(labels[:, 1:])
         mask = targets != -100
         rows = targets[mask]
         count = int(rows.numel())
+        soft_rows = soft_p = None
+        if soft is not None and kl_weight > 0.0:
+            soft_rows = self._to_rows(soft[0][:, 1:][mask])
+            soft_p = torch.where(soft_rows >= 0, soft[1][:, 1:][mask].float().exp(), 0.0)
+            soft_p = soft_p / soft_p.sum(-1, keepdim=True).clamp(min=1e-12)
         per_exit = []
         for h in hidden:
             selected = h[:, :-1][mask]
@@ -292,11 +318,13 @@ class SortedTrainModel(torch.nn.Module):
                 continue
             total = None
             for start in range(0, count, CE_CHUNK):
-                piece_h, piece_y = selected[start:start + CE_CHUNK], rows[start:start + CE_CHUNK]
+                piece = slice(start, start + CE_CHUNK)
+                args = (selected[piece], rows[piece], None if soft_rows is None else soft_rows[piece],
+                        None if soft_p is None else soft_p[piece], kl_weight)
                 if torch.is_grad_enabled() and count > CE_CHUNK:
-                    part = checkpoint(self._ce_sum, piece_h, piece_y, use_reentrant=False)
+                    part = checkpoint(self._loss_sum, *args, use_reentrant=False)
                 else:
-                    part = self._ce_sum(piece_h, piece_y)
+                    part = self._loss_sum(*args)
                 total = part if total is None else total + part
             per_exit.append(total / count)
         per_exit_t = torch.stack(per_exit)
@@ -317,12 +345,17 @@ class Example:
 
     ids: list[int]
     first: int
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None  # top-k ids, log-probs [len(ids) - first, k]
 
 
-def build_examples(samples: Iterable, max_len: int) -> list[Example]:
+def build_examples(samples: Iterable, max_len: int,
+                   teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[Example]:
     """Samples -> examples. A sequence longer than max_len keeps the end of its prompt (at least
     max_len // 2 tokens of it, or all of it) and the start of its continuation; samples with an empty
-    continuation give no example."""
+    continuation give no example. teachers: sample key (specgrove.train.teacher) -> its teacher top-k,
+    required for every sample when given."""
+    from specgrove.train.teacher import sample_key
+
     out = []
     for s in samples:
         prompt, output = list(s.prompt_ids), list(s.output_ids)
@@ -332,7 +365,12 @@ def build_examples(samples: Iterable, max_len: int) -> list[Example]:
             keep = min(len(prompt), max(max_len // 2, max_len - len(output)))
             prompt = prompt[len(prompt) - keep:]
         ids = (prompt + output)[:max_len]
-        out.append(Example(ids, len(prompt)))
+        teacher = None
+        if teachers is not None:
+            top_ids, top_lp = teachers[sample_key(s)]
+            n = len(ids) - len(prompt)
+            teacher = (top_ids[:n], top_lp[:n])
+        out.append(Example(ids, len(prompt), teacher))
     return out
 
 
@@ -342,18 +380,33 @@ def examples_digest(examples: Sequence[Example]) -> str:
     h = hashlib.sha256()
     for e in examples:
         h.update(json.dumps([e.first, e.ids]).encode())
+        if e.teacher is not None:
+            h.update(e.teacher[0].numpy().tobytes())
+            h.update(e.teacher[1].numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def collate(examples: Sequence[Example], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids [B, L] (pad id 0) and labels [B, L] (-100 on prompt and padding)."""
+def collate(examples: Sequence[Example], device: torch.device | str = "cpu"
+            ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Right-padded input ids [B, L] (pad id 0), labels [B, L] (-100 on prompt and padding) and, when the
+    examples have teachers, their top-k aligned with the labels (ids [B, L, k], -100 where no label;
+    log-probabilities [B, L, k])."""
     length = max(len(e.ids) for e in examples)
     ids = torch.zeros(len(examples), length, dtype=torch.int64)
     labels = torch.full((len(examples), length), -100, dtype=torch.int64)
+    with_teacher = examples[0].teacher is not None
+    if with_teacher:
+        k = examples[0].teacher[0].shape[1]
+        soft_ids = torch.full((len(examples), length, k), -100, dtype=torch.int64)
+        soft_lp = torch.zeros(len(examples), length, k)
     for b, e in enumerate(examples):
         ids[b, :len(e.ids)] = torch.tensor(e.ids)
         labels[b, e.first:len(e.ids)] = torch.tensor(e.ids[e.first:])
-    return ids.to(device), labels.to(device)
+        if with_teacher:
+            soft_ids[b, e.first:len(e.ids)] = e.teacher[0]
+            soft_lp[b, e.first:len(e.ids)] = e.teacher[1]
+    soft = (soft_ids.to(device), soft_lp.to(device)) if with_teacher else None
+    return ids.to(device), labels.to(device), soft
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True) -> list[list[int]]:
@@ -512,13 +565,15 @@ def _say(log, msg: str) -> None:
 def train_soft(init: InitModel | str | os.PathLike, samples: Sequence, out: str | os.PathLike,
                settings: SoftSettings | None = None, exits: Sequence[int] | str | None = None,
                eos_ids: Iterable[int] = (), data_info: dict | None = None, progress: bool = True,
-               log: Callable[[str], None] | None = None, stop_after: int | None = None) -> dict:
+               log: Callable[[str], None] | None = None, stop_after: int | None = None,
+               teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """Sorted fine-tuning of `init` on distillation `samples` (specgrove.train.data.Sample), writing the
     trained sorted draft to `out`, resuming from out/checkpoint when there is one.
 
     init: an InitModel (`load_init`) or what load_init takes, with `exits`. eos_ids: the targets' EOS
     tokens, kept in a shrunk head. data_info: provenance for train_config.json. stop_after: stop (with a
-    checkpoint) after that many steps of this call, as an interruption would (for tests).
+    checkpoint) after that many steps of this call, as an interruption would (for tests). teachers: every
+    sample's teacher top-k (specgrove.train.teacher.compute_teachers), needed when settings.kl_weight > 0.
     Returns a summary: status ("completed", "stopped" or "already-completed"), steps, losses, tokens, wall time."""
     settings = settings or SoftSettings()
     if not isinstance(init, InitModel):
@@ -538,7 +593,9 @@ def train_soft(init: InitModel | str | os.PathLike, samples: Sequence, out: str 
         if ids and (min(ids) < 0 or max(ids) >= init.vocab_size):
             raise ValueError(f"a sample of {s.target or 'the data'} has token ids outside the draft's vocabulary "
                              f"[0, {init.vocab_size}); the targets must share the draft's tokenizer")
-    examples = build_examples(samples, settings.max_len)
+    if settings.kl_weight > 0 and teachers is None:
+        raise ValueError("--kl-weight > 0 needs the targets' distributions (specgrove.train.teacher.compute_teachers)")
+    examples = build_examples(samples, settings.max_len, teachers if settings.kl_weight > 0 else None)
     if not examples:
         raise ValueError("the data has no continuation tokens to train on (no samples, or every output is empty); "
                          "check --data / --targets and raise --max-new-tokens")
@@ -653,12 +710,12 @@ def train_soft(init: InitModel | str | os.PathLike, samples: Sequence, out: str 
                 epoch_cache = {epoch: epoch_batches(lengths, settings.batch_size, settings.seed, epoch,
                                                     settings.group_by_length)}
             batch = [examples[i] for i in epoch_cache[epoch][position]]
-            input_ids, labels = collate(batch, device)
+            input_ids, labels, soft = collate(batch, device)
             lr = lr_at(step, total, settings.lr, settings.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
-                loss, per_exit, count = model.loss(input_ids, labels)
+                loss, per_exit, count = model.loss(input_ids, labels, soft, settings.kl_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
