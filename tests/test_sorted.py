@@ -146,7 +146,7 @@ def test_adaptive_drafting_is_exact(tiny_target, sorted_draft, shrunk_draft, dra
     assert error < 1e-6
 
 
-@pytest.mark.parametrize("exit_layer", [1, 2])
+@pytest.mark.parametrize("exit_layer", [1, 2, [1, 2]])
 def test_fixed_exit_drafting_is_exact(tiny_target, sorted_draft, exit_layer):
     proposer = sorted_proposer(sorted_draft, 64, exit_layer)
     error, _ = step_distribution(tiny_target, proposer, SamplingParams(max_tokens=3, temperature=1.0))
@@ -226,6 +226,12 @@ def test_adaptive_exit_follows_the_thresholds(tiny_target, sorted_draft):
         SortedDraftProposer(sorted_draft, 64, [0.5])
     with pytest.raises(ValueError, match="not one of the draft's exits"):
         sorted_proposer(sorted_draft, 64, 3)
+    # Adaptive over some exits: the last of them always emits.
+    proposer = sorted_proposer(sorted_draft, 256, [1, 2], thresholds=[1.0, 0.0])
+    run(SpecEngine(tiny_target, proposer, 3, 256), [1, 2, 3], SamplingParams(temperature=0, max_tokens=20))
+    assert set(proposer.exit_counts) == {2}
+    with pytest.raises(ValueError, match="among the draft's exits"):
+        sorted_proposer(sorted_draft, 64, [1, 3])
 
 
 def test_llm_api_method_sorted(tiny_dirs, sorted_dir, sorted_draft):
@@ -248,13 +254,14 @@ def test_bench_sorted_methods(tiny_dirs, sorted_draft):
     from specgrove.bench.spec_bench import print_report, run_bench
 
     result = run_bench(tiny_dirs["target"], prompts=[[1, 2, 3, 4, 1, 2, 3], [5, 6, 7]],
-                       methods=["plain", "sorted", "sorted@1", "sorted@4"], max_new_tokens=16, dtype="float32",
+                       methods=["plain", "sorted", "sorted@1", "sorted@4", "sorted@1+2"], max_new_tokens=16, dtype="float32",
                        device=DEVICE, measure_bandwidth=False, progress=False, log=lambda m: None, sorted_draft=sorted_draft)
     figures = result["methods"]
-    for method in ("sorted", "sorted@1", "sorted@4"):
+    for method in ("sorted", "sorted@1", "sorted@4", "sorted@1+2"):
         assert figures[method]["identical_to_baseline"] is True and figures[method]["mean_accept_length"] >= 1.0
     counts = figures["sorted"]["exit_counts"]
     assert set(counts) <= {"1", "2", "4"} and sum(counts.values()) > 0 and "exit_counts" not in figures["sorted@1"]
+    assert set(figures["sorted@1+2"]["exit_counts"]) <= {"1", "2"}
     assert result["config"]["sorted_draft"] == str(sorted_draft.path)
     print_report(result)
     with pytest.raises(ValueError, match="sorted draft"):

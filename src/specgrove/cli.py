@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=None)
     b.add_argument("--warmup", type=int, default=1, help="warm-up prompts per method, excluded from figures (default 1)")
     b.add_argument("--sorted-draft", default=None, metavar="DIR",
-                   help="the sorted draft (S2D) of the methods sorted and sorted@L (made by `specgrove train-sorted`)")
+                   help="the sorted draft (S2D) of the methods sorted, sorted@L and sorted@L1+L2 (made by `specgrove train-sorted`)")
     b.add_argument("--targets", type=_name_list, default=None,
                    help="several targets, one after the other in this process, sharing one loaded sorted draft "
                         "(S2D's multi-target report); overrides --target")

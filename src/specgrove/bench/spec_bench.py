@@ -13,6 +13,7 @@ Methods
   sorted            S2D: the sorted draft (`sorted_draft`, specgrove.models.sorted) drafting a chain of k
                     adaptively, each token from the first exit confident enough (its sorted.json thresholds)
   sorted@L          the same sorted draft's exit L alone (its first L layers + the shared head), a chain of k
+  sorted@L1+L2      adaptive over exits L1, L2 only (e.g. the shallow exits for a small target)
   hf_plain          transformers' generate() on the same weights: the baseline of the hf_* methods
   hf_assisted       transformers' assisted generation with the same draft, a fixed k
   hf_prompt_lookup  transformers' prompt lookup decoding, k tokens
@@ -79,18 +80,20 @@ def needs_draft(method: str) -> bool:
     return method in ("draft_model", "hf_assisted") or is_tree_method(method)
 
 
-def sorted_exit_of(method: str) -> int | None:
-    """None for `sorted` (adaptive), L for `sorted@L`; ValueError for anything else."""
+def sorted_exits_of(method: str) -> list[int] | None:
+    """None for `sorted` (adaptive over every exit), [L] for `sorted@L` (exit L alone), [a, b, ...] for
+    `sorted@a+b+...` (adaptive over those exits); ValueError for anything else."""
     if method == "sorted":
         return None
-    if method.startswith("sorted@") and method[len("sorted@"):].isdigit():
-        return int(method[len("sorted@"):])
-    raise ValueError(f"{method!r} is not a sorted-draft method; use sorted or sorted@L")
+    parts = method[len("sorted@"):].split("+") if method.startswith("sorted@") else []
+    if parts and all(p.isdigit() for p in parts):
+        return [int(p) for p in parts]
+    raise ValueError(f"{method!r} is not a sorted-draft method; use sorted, sorted@L or sorted@L1+L2")
 
 
 def is_sorted_method(method: str) -> bool:
     try:
-        sorted_exit_of(method)
+        sorted_exits_of(method)
         return True
     except ValueError:
         return False
@@ -208,7 +211,7 @@ def _ordered_methods(methods: Sequence[str]) -> list[str]:
                and not is_sorted_method(m)]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS + PEER_METHODS)}, "
-                         "tree:SPEC, rrs:SPEC, rrs_wo:SPEC, spechub:SPEC, sorted or sorted@L")
+                         "tree:SPEC, rrs:SPEC, rrs_wo:SPEC, spechub:SPEC, sorted, sorted@L or sorted@L1+L2")
     if not methods:
         raise ValueError(f"no methods given; use some of {', '.join(DEFAULT_METHODS)}")
     for m in methods:
@@ -515,7 +518,7 @@ def run_bench(
         elif is_sorted_method(method):
             from specgrove.drafting.sorted import sorted_proposer
 
-            proposer, num_draft = sorted_proposer(sorted_model, max_model_len, sorted_exit_of(method)), k
+            proposer, num_draft = sorted_proposer(sorted_model, max_model_len, sorted_exits_of(method)), k
         engine = SpecEngine(target_model, proposer, num_draft, max_model_len)
         runs[method] = _run_engine_method(engine, bench_prompts, params, warmup_params, warmup, progress, method)
         if hasattr(proposer, "exit_counts"):  # adaptive sorted drafting: how often each exit drafted (warm-up too)

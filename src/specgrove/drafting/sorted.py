@@ -87,15 +87,19 @@ class LayeredCache:
         """Compute the last position up to `depth` layers (filling earlier positions where they stop short)
         and return its hidden state."""
         t = len(self.tokens) - 1
+        device = self.model.device
+        prepared = {}  # chunk start -> positions, RoPE, cache rows, mask (shared by the layers that start there)
         for layer in range(self.depth_of(t), depth):
             start = self.filled[layer]
-            h = self.hidden[start : t + 1][None]
-            positions = torch.arange(start, t + 1, device=self.model.device)
-            keys = torch.arange(t + 1, device=self.model.device)
-            mask = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, T, t + 1]
-            h = self.model.layer_forward(layer, h, self.model.rope(positions[None]), self.kv,
-                                         torch.zeros(1, len(positions), dtype=torch.long, device=self.model.device),
-                                         positions[None], self.model.fold_groups(mask), t + 1)
+            if start not in prepared:
+                positions = torch.arange(start, t + 1, device=device)
+                mask = (torch.arange(t + 1, device=device)[None, :] <= positions[:, None])[None, None]  # [1, 1, T, t + 1]
+                prepared[start] = (positions[None], self.model.rope(positions[None]),
+                                   torch.zeros(1, len(positions), dtype=torch.long, device=device),
+                                   self.model.fold_groups(mask))
+            positions, rope, write_rows, mask = prepared[start]
+            h = self.model.layer_forward(layer, self.hidden[start : t + 1][None], rope, self.kv, write_rows,
+                                         positions, mask, t + 1)
             self.hidden[start : t + 1] = h[0]
             self.filled[layer] = t + 1
         return self.hidden[t]
@@ -148,10 +152,10 @@ class SortedDraftProposer:
     def next_logits(self, cache: LayeredCache) -> tuple[torch.Tensor, int]:
         """Logits after the last position from the first exit confident enough (the last exit always)."""
         for i, (exit_layer, threshold) in enumerate(zip(self.exits, self.thresholds)):
-            logits = self.model.logits(cache.run_to(exit_layer)[None])[0]
-            if i == len(self.exits) - 1 or confidence(logits) >= threshold:
+            rows = self.model.head_logits(cache.run_to(exit_layer)[None])[0]  # a cut head's rows: same softmax max
+            if i == len(self.exits) - 1 or confidence(rows) >= threshold:
                 self.exit_counts[exit_layer] += 1
-                return logits, exit_layer
+                return self.model.expand_head(rows), exit_layer
         raise AssertionError("unreachable")
 
     def propose(self, seq: Sequence, num_tokens: int) -> TokenTree:
@@ -185,9 +189,10 @@ class SortedDraftProposer:
         seq.proposer_state.pop(self.name, None)
 
 
-def sorted_proposer(draft: LoadedModel, max_model_len: int, exit_layer: int | None = None,
+def sorted_proposer(draft: LoadedModel, max_model_len: int, exit_layer: int | Seq[int] | None = None,
                     thresholds: Seq[float] | None = None):
-    """The proposer for method "sorted": adaptive (exit_layer None) or one fixed exit."""
-    if exit_layer is None:
-        return SortedDraftProposer(draft, max_model_len, thresholds)
-    return SortedDraftProposer.fixed(draft, exit_layer, max_model_len)
+    """The proposer for method "sorted": adaptive over every exit (exit_layer None) or over some of them
+    (a list of several, e.g. the shallow ones for a small target), or one fixed exit (an int)."""
+    if exit_layer is None or (not isinstance(exit_layer, int) and len(exit_layer) > 1):
+        return SortedDraftProposer(draft, max_model_len, thresholds, exit_layer)
+    return SortedDraftProposer.fixed(draft, exit_layer if isinstance(exit_layer, int) else exit_layer[0], max_model_len)

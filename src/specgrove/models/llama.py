@@ -386,7 +386,15 @@ class LlamaModel:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output layer, fp32 logits over the whole vocabulary. A head cut to some tokens
         (`lm_head.token_ids`, sorted drafts) gives -inf elsewhere, so their probability is exactly 0."""
-        out = self.lm_head(self._rms_norm(h, self.norm)).float()
+        return self.expand_head(self.head_logits(h))
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output layer, fp32, one logit per row of the head (for a cut head, the tokens
+        `head_token_ids`; their softmax equals the full-vocabulary softmax restricted to them)."""
+        return self.lm_head(self._rms_norm(h, self.norm)).float()
+
+    def expand_head(self, out: torch.Tensor) -> torch.Tensor:
+        """Head-row logits -> logits over the whole vocabulary (-inf outside a cut head)."""
         if self.head_token_ids is None:
             return out
         full = torch.full((*out.shape[:-1], self.vocab_size), float("-inf"), device=out.device)

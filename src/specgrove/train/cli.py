@@ -126,7 +126,7 @@ def collect_samples(args, init) -> tuple[list, dict, set[int]]:
 
     from transformers import AutoConfig
 
-    from specgrove.models.loader import load_model, load_tokenizer, resolve_model_dir
+    from specgrove.models.loader import load_tokenizer, resolve_model_dir
     from specgrove.train import data
 
     if args.data != SPEC_BENCH and data.is_sample_file(args.data):
@@ -161,15 +161,7 @@ def collect_samples(args, init) -> tuple[list, dict, set[int]]:
     samples_path = Path(args.samples) if args.samples else Path(args.out) / SAMPLES_FILE
     samples, eos = [], set()
     for name, directory, prompts, eos_ids in targets:
-        def loader(directory=directory, name=name):
-            _say(f"loading target {name}")
-            loaded = load_model(directory, dtype=args.target_dtype, device=args.device)
-            if not loaded.is_fast:
-                raise SpecgroveError(f"target {name} is not a Llama-family model; distillation runs on the fast runtime")
-            loaded.name = name
-            return loaded
-
-        samples += data.distill(loader, prompts, samples_path, max_new_tokens=args.max_new_tokens,
+        samples += data.distill(lambda directory=directory, name=name: load_target(args, name, directory), prompts, samples_path, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.gen_batch, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed, name=name, eos_ids=eos_ids, progress=args.progress)
         eos |= set(eos_ids)
@@ -179,23 +171,26 @@ def collect_samples(args, init) -> tuple[list, dict, set[int]]:
     return samples, info, eos
 
 
+def load_target(args, name: str, directory=None):
+    """A target for distillation or the teacher pass (both run on the fast runtime), named `name`."""
+    from specgrove.models.loader import load_model
+
+    _say(f"loading target {name}")
+    loaded = load_model(directory or name, dtype=args.target_dtype, device=args.device)
+    if not loaded.is_fast:
+        raise SpecgroveError(f"target {name} is not a Llama-family model; distillation runs on the fast runtime")
+    loaded.name = name
+    return loaded
+
+
 def teacher_distributions(args, samples) -> tuple[dict, dict]:
     """Every sample's target top-k (specgrove.train.teacher), computed where the teacher file lacks it;
     and a description for train_config.json."""
-    from specgrove.models.loader import load_model
     from specgrove.train.teacher import DEFAULT_TOP_K, compute_teachers
 
     path = Path(args.teacher) if args.teacher else Path(args.out) / TEACHER_FILE
     k = args.teacher_top_k or DEFAULT_TOP_K
-
-    def loader(name: str):
-        _say(f"loading target {name} (teacher)")
-        loaded = load_model(name, dtype=args.target_dtype, device=args.device)
-        if not loaded.is_fast:
-            raise SpecgroveError(f"target {name} is not a Llama-family model; the teacher pass runs on the fast runtime")
-        return loaded
-
-    teachers = compute_teachers(samples, path, loader, k, progress=args.progress)
+    teachers = compute_teachers(samples, path, lambda name: load_target(args, name), k, progress=args.progress)
     return teachers, {"file": str(path), "top_k": k, "target_dtype": args.target_dtype}
 
 

@@ -13,6 +13,13 @@ norm applied, so the deepest exit would be normed twice), x = prompt + continuat
 of a distillation sample (specgrove.train.data), and only continuation tokens count (the draft has to
 predict the target's answers, not its prompts). Every parameter is trained, shared ones included.
 
+KL to the targets (`kl_weight` w > 0): CE_l above becomes (1 - w) CE_l + w KL_l, KL_l = mean over the
+same tokens of KL(p_t || softmax(exit l's logits)), p_t = the sample's target's top-k distribution at
+that position (specgrove.train.teacher, teacher-forced), renormalised over the tokens the head holds.
+The target's whole distribution, not only its argmax, is what speculative acceptance depends on
+(acceptance = sum_x min(p, q)); a sample of the 0.5B target also anchors the deepest exit (cut from that
+same model) where it already is.
+
 With a shrunk head (`lm_head.token_ids`, `--head-tokens N`), head row i scores token token_ids[i];
 targets outside the head are left out of the loss: the draft gives them probability 0 anyway (which
 keeps speculative verification exact, see specgrove.models.sorted). `choose_head_tokens` picks the N
