@@ -147,7 +147,7 @@ def test_adaptive_drafting_is_exact(tiny_target, sorted_draft, shrunk_draft, dra
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2, [1, 2]])
-def test_fixed_exit_drafting_is_exact(tiny_target, sorted_draft, exit_layer):
+def test_fixed_exit_and_exit_subset_drafting_are_exact(tiny_target, sorted_draft, exit_layer):
     proposer = sorted_proposer(sorted_draft, 64, exit_layer)
     error, _ = step_distribution(tiny_target, proposer, SamplingParams(max_tokens=3, temperature=1.0))
     assert error < 1e-6
