@@ -120,4 +120,5 @@ def compute_teachers(samples: Sequence[Sample], path: str | os.PathLike, load_ta
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
                 bar.update()
         del loaded
-    return {sample_key(s): tuple(t[:, :k] for t in have[sample_key(s)]) for s in samples if s.output_ids}
+    keys = {sample_key(s) for s in samples if s.output_ids}
+    return {key: (have[key][0][:, :k], have[key][1][:, :k]) for key in keys}
