@@ -153,6 +153,24 @@ def test_fixed_exit_and_exit_subset_drafting_are_exact(tiny_target, sorted_draft
     assert error < 1e-6
 
 
+@pytest.mark.parametrize("sampling", ["without_replacement", "iid"])
+def test_fixed_exit_tree_drafting_is_exact(tiny_target, sorted_draft, sampling):
+    """A fixed exit drafts token trees as any draft model (Sequoia's children without replacement, or
+    SpecInfer's i.i.d. children): one engine step of a 3-node tree, enumerated."""
+    from specgrove.trees.shape import TreeShape
+
+    shape = TreeShape.parse("widths:2,1")
+    proposer = sorted_proposer(sorted_draft, 64, 2, shape=shape, sampling=sampling)
+    engine = SpecEngine(tiny_target, proposer, len(shape), max_model_len=64)
+    params = SamplingParams(max_tokens=3, temperature=0.9)
+    spec, emitted = speculative_sequence_distribution(engine, tiny_target, PROMPT, params, 3, tiny_target.vocab_size)
+    exact = target_sequence_distribution(tiny_target, PROMPT, 3, params, tiny_target.vocab_size)
+    assert any(len(s) > 1 for s in emitted)
+    assert max_difference(spec, exact) < 1e-6
+    with pytest.raises(ValueError, match="adaptive sorted drafting makes chains"):
+        sorted_proposer(sorted_draft, 64, None, shape=shape)
+
+
 class ReportsTheLastExit(SortedDraftProposer):
     """The known trap: sample each token from the exit that was confident enough, but report the
     distribution of the deepest exit (as if the draft had run in full)."""
@@ -179,9 +197,13 @@ def test_reporting_another_exits_q_fails(tiny_target, sorted_draft):
 
 
 def test_greedy_identical_to_plain(tiny_target, sorted_draft):
+    from specgrove.trees.shape import TreeShape
+
     plain = SpecEngine(tiny_target, None, 0, 256)
-    for exit_layer in (None, 1, 4):
-        engine = SpecEngine(tiny_target, sorted_proposer(sorted_draft, 256, exit_layer), 4, 256)
+    tree = TreeShape.parse("widths:3,2,1")
+    for exit_layer, shape in ((None, None), (1, None), (4, None), (1, tree), (4, tree)):
+        engine = SpecEngine(tiny_target, sorted_proposer(sorted_draft, 256, exit_layer, shape=shape),
+                            4 if shape is None else len(shape), 256)
         for prompt in ([1, 2, 3, 4, 1, 2, 3], [5], [7, 7, 0, 1]):
             params = SamplingParams(temperature=0, max_tokens=40)
             assert run(engine, prompt, params).output_ids == run(plain, prompt, params).output_ids
@@ -241,12 +263,20 @@ def test_llm_api_method_sorted(tiny_dirs, sorted_dir, sorted_draft):
                    speculative={"method": "sorted", "num_speculative_tokens": 3})
     fixed = LLM(target=target, draft=sorted_draft, dtype="float32", device=DEVICE,  # an already loaded draft, shared
                 speculative={"method": "sorted", "num_speculative_tokens": 3, "sorted_exit": 2})
-    for llm in (adaptive, fixed):
+    tree = LLM(target=target, draft=sorted_draft, dtype="float32", device=DEVICE,
+               speculative={"method": "sorted", "sorted_exit": 1, "tree": "widths:3,1"})
+    assert tree.speculative.num_speculative_tokens == 6  # 3 children of the root, one child each
+    for llm in (adaptive, fixed, tree):
         out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12))[0]
         assert out.token_ids == reference[0].token_ids and sum(out.metrics.proposed_per_step) > 0
+    assert max(tree.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12))[0].metrics.proposed_per_step) == 6
     assert fixed.draft is sorted_draft
     with pytest.raises(ValueError, match="options of method 'sorted'"):
         LLM(target=target, speculative={"method": "draft_model", "sorted_exit": 2})
+    with pytest.raises(ValueError, match="one fixed exit"):
+        LLM(target=target, speculative={"method": "sorted", "tree": "widths:2"})
+    with pytest.raises(ValueError, match="'auto' is tuned for a draft model"):
+        LLM(target=target, speculative={"method": "sorted", "sorted_exit": 1, "tree": "auto"})
 
 
 # ---- the benchmark: sorted methods, several targets sharing one draft -----------------------------------
@@ -254,11 +284,14 @@ def test_bench_sorted_methods(tiny_dirs, sorted_draft):
     from specgrove.bench.spec_bench import print_report, run_bench
 
     result = run_bench(tiny_dirs["target"], prompts=[[1, 2, 3, 4, 1, 2, 3], [5, 6, 7]],
-                       methods=["plain", "sorted", "sorted@1", "sorted@4", "sorted@1+2"], max_new_tokens=16, dtype="float32",
-                       device=DEVICE, measure_bandwidth=False, progress=False, log=lambda m: None, sorted_draft=sorted_draft)
+                       methods=["plain", "sorted", "sorted@1", "sorted@4", "sorted@1+2", "sorted@2:widths:3,1"],
+                       max_new_tokens=16, dtype="float32", device=DEVICE, measure_bandwidth=False, progress=False,
+                       log=lambda m: None, sorted_draft=sorted_draft)
     figures = result["methods"]
-    for method in ("sorted", "sorted@1", "sorted@4", "sorted@1+2"):
+    for method in ("sorted", "sorted@1", "sorted@4", "sorted@1+2", "sorted@2:widths:3,1"):
         assert figures[method]["identical_to_baseline"] is True and figures[method]["mean_accept_length"] >= 1.0
+    assert figures["sorted@2:widths:3,1"]["tree"]["num_nodes"] == 6
+    assert figures["sorted@2:widths:3,1"]["predicted_accept_length"] is None
     counts = figures["sorted"]["exit_counts"]
     assert set(counts) <= {"1", "2", "4"} and sum(counts.values()) > 0 and "exit_counts" not in figures["sorted@1"]
     assert set(figures["sorted@1+2"]["exit_counts"]) <= {"1", "2"}
@@ -268,6 +301,10 @@ def test_bench_sorted_methods(tiny_dirs, sorted_draft):
         run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted"], measure_bandwidth=False)
     with pytest.raises(ValueError, match="unknown method"):
         run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@x"], measure_bandwidth=False)
+    with pytest.raises(ValueError, match="unknown method"):  # a tree is drafted by one fixed exit
+        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1+2:widths:2"], measure_bandwidth=False)
+    with pytest.raises(ValueError, match="bad tree spec"):
+        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1:widths:x"], measure_bandwidth=False)
 
 
 def test_bench_cli_several_targets_share_one_sorted_draft(tiny_dirs, sorted_dir, monkeypatch, capsys, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from specgrove.engine.engine import SpecEngine
-from specgrove.errors import IncompatibleModelsError, ModelNotFoundError
+from specgrove.errors import IncompatibleModelsError, ModelNotFoundError, SpecgroveError
 from specgrove.models.loader import load_model
 from specgrove.sampling import SamplingParams
 from specgrove.testing import make_tiny_model
@@ -152,6 +152,38 @@ def test_soft_loss_goes_down(dirs, samples, tmp_path):
     assert sum(r["loss"] for r in log[-10:]) / 10 < 0.7 * sum(r["loss"] for r in log[:4]) / 4
     assert log[-1]["tokens"] > log[0]["tokens"] > 0
     assert max(r["lr"] for r in log) == pytest.approx(3e-3) and log[-1]["lr"] < 3e-4
+
+
+def test_exit_weights_weigh_the_exits_losses(dirs, samples, tmp_path):
+    """The loss is sum w_l L_l / sum w_l; training on the deepest exit alone (weights 0, 0, 1) leaves it
+    lower than the equal-weight run does, and a checkpoint of other weights is not resumed."""
+    init = soft.load_init(dirs["init"], EXITS)
+    model = soft.SortedTrainModel(init.config, init.weights, EXITS)
+    batch = soft.collate(soft.build_examples(samples[:8], 1024))
+    with torch.no_grad():
+        equal, per_exit, _ = model.loss(*batch)
+        weighted, per_exit_w, _ = model.loss(*batch, exit_weights=[1.0, 0.0, 3.0])
+    torch.testing.assert_close(per_exit_w, per_exit)
+    torch.testing.assert_close(equal, per_exit.mean())
+    torch.testing.assert_close(weighted, (per_exit[0] + 3 * per_exit[2]) / 4)
+
+    soft.train_soft(init, samples, tmp_path / "equal", _settings(max_steps=30, save_every=100), progress=False)
+    deep = _settings(max_steps=30, save_every=10, exit_weights=[0, 0, 1])
+    soft.train_soft(init, samples, tmp_path / "deep", deep, progress=False, stop_after=10)
+    with pytest.raises(SpecgroveError, match="other settings"):  # the same OUT with other weights
+        soft.train_soft(init, samples, tmp_path / "deep", _settings(max_steps=30, save_every=10, exit_weights=[1, 1, 1]),
+                        progress=False)
+    soft.train_soft(init, samples, tmp_path / "deep", deep, progress=False)
+    after_equal = _data_loss(soft.load_init(tmp_path / "equal"), samples)
+    after_deep = _data_loss(soft.load_init(tmp_path / "deep"), samples)
+    assert after_deep[-1] < after_equal[-1], (after_deep, after_equal)
+
+    with pytest.raises(ValueError, match="one per exit"):
+        soft.train_soft(init, samples, tmp_path / "bad", _settings(exit_weights=[1, 1]), progress=False)
+    for bad in ([1, -1, 1], [0, 0, 0]):
+        with pytest.raises(ValueError, match="exit-weights"):
+            _settings(exit_weights=bad)
+    assert "exit_weights" not in _settings().fingerprint()  # checkpoints from before the option still resume
 
 
 def test_examples_train_on_the_continuation_only():

@@ -117,7 +117,7 @@ class LLM:
                                         quantization=draft_quantization, cuda_graphs=graphs)
             check_compatible(self.target, self.draft)
             shape = None
-            if self.speculative.method == "tree":
+            if self.speculative.tree is not None:
                 if self.speculative.tree == "auto":
                     from specgrove.trees.tuning import AutoTree
 
@@ -128,7 +128,7 @@ class LLM:
                     self.speculative.num_speculative_tokens = len(shape)
             if self.speculative.method == "sorted":
                 proposer = sorted_proposer(self.draft, max_model_len, self.speculative.sorted_exit,
-                                           self.speculative.sorted_thresholds)
+                                           self.speculative.sorted_thresholds, shape, self.speculative.tree_sampling)
             else:
                 proposer = DraftModelProposer(self.draft, max_model_len, shape, self.speculative.tree_sampling)
         elif self.speculative.method == "prompt_lookup":

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method", choices=("draft_model", "prompt_lookup", "tree", "sorted", "none"), default=default_method)
         p.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
         p.add_argument("--tree", default=None, help="method tree: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
-                                                    "from `specgrove tune`, or auto")
+                                                    "from `specgrove tune`, or auto; method sorted with --sorted-exit: "
+                                                    "that exit drafts this tree")
         p.add_argument("--tree-sampling", choices=TREE_SAMPLING, default="without_replacement",
                        help="how a node's children are drawn and verified: without_replacement (Sequoia, RRS "
                             "without replacement), iid (SpecInfer's RRS) or hub (SpecHub's pairs)")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=None)
     b.add_argument("--warmup", type=int, default=1, help="warm-up prompts per method, excluded from figures (default 1)")
     b.add_argument("--sorted-draft", default=None, metavar="DIR",
-                   help="the sorted draft (S2D) of the methods sorted, sorted@L and sorted@L1+L2 (made by `specgrove train-sorted`)")
+                   help="the sorted draft (S2D) of the methods sorted, sorted@L, sorted@L:TREE and sorted@L1+L2 (made by `specgrove train-sorted`)")
     b.add_argument("--targets", type=_name_list, default=None,
                    help="several targets, one after the other in this process, sharing one loaded sorted draft "
                         "(S2D's multi-target report); overrides --target")

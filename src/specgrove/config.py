@@ -22,7 +22,8 @@ class SpeculativeConfig:
     tree_sampling: str = "without_replacement"
     # method "sorted" (S2D): the draft is a sorted draft (specgrove.models.sorted); `sorted_exit` None drafts
     # adaptively (each token from the first exit whose confidence reaches its threshold; `sorted_thresholds`
-    # overrides the draft's sorted.json, one per exit), an int drafts with that exit's sub-model alone.
+    # overrides the draft's sorted.json, one per exit), an int drafts with that exit's sub-model alone, a chain
+    # of num_speculative_tokens or the token tree `tree` (drawn and verified as `tree_sampling` says).
     sorted_exit: int | None = None
     sorted_thresholds: list[float] | None = None
 
@@ -48,12 +49,20 @@ class SpeculativeConfig:
             if not self.tree:
                 raise ValueError("speculative method 'tree' needs a tree: 'chain:5', 'kary:2x3', 'widths:4,2,1', "
                                  "a tree .json written by `specgrove tune`, or 'auto'")
-            if self.tree != "auto":
-                from specgrove.trees.shape import TreeShape
-
-                self.num_speculative_tokens = len(TreeShape.parse(self.tree))
+        elif self.method == "sorted" and self.tree is not None:
+            if self.sorted_exit is None:
+                raise ValueError("a sorted draft drafts a tree with one fixed exit: give sorted_exit too "
+                                 "(adaptive drafting makes chains)")
+            if self.tree == "auto":
+                raise ValueError("tree 'auto' is tuned for a draft model, not a sorted draft's exit: give a shape, "
+                                 "e.g. 'widths:4,2'")
         elif self.tree is not None:
-            raise ValueError(f"a tree ({self.tree!r}) is given but the method is {self.method!r}; use method 'tree'")
+            raise ValueError(f"a tree ({self.tree!r}) is given but the method is {self.method!r}; use method 'tree' "
+                             "(or 'sorted' with a sorted_exit)")
+        if self.tree is not None and self.tree != "auto":
+            from specgrove.trees.shape import TreeShape
+
+            self.num_speculative_tokens = len(TreeShape.parse(self.tree))
         if self.method != "sorted" and (self.sorted_exit is not None or self.sorted_thresholds is not None):
             raise ValueError(f"sorted_exit / sorted_thresholds are options of method 'sorted', not {self.method!r}")
         if self.sorted_exit is not None and self.sorted_thresholds is not None:

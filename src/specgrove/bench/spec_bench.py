@@ -13,6 +13,7 @@ Methods
   sorted            S2D: the sorted draft (`sorted_draft`, specgrove.models.sorted) drafting a chain of k
                     adaptively, each token from the first exit confident enough (its sorted.json thresholds)
   sorted@L          the same sorted draft's exit L alone (its first L layers + the shared head), a chain of k
+  sorted@L:SPEC     exit L alone drafting the token tree SPEC (as tree:SPEC; e.g. sorted@6:widths:4,2)
   sorted@L1+L2      adaptive over exits L1, L2 only (e.g. the shallow exits for a small target)
   hf_plain          transformers' generate() on the same weights: the baseline of the hf_* methods
   hf_assisted       transformers' assisted generation with the same draft, a fixed k
@@ -80,15 +81,22 @@ def needs_draft(method: str) -> bool:
     return method in ("draft_model", "hf_assisted") or is_tree_method(method)
 
 
-def sorted_exits_of(method: str) -> list[int] | None:
-    """None for `sorted` (adaptive over every exit), [L] for `sorted@L` (exit L alone), [a, b, ...] for
-    `sorted@a+b+...` (adaptive over those exits); ValueError for anything else."""
+def sorted_method_of(method: str) -> tuple[list[int] | None, str | None]:
+    """(exits, tree spec) of a sorted-draft method: (None, None) for `sorted` (adaptive over every exit),
+    ([L], None) for `sorted@L` (exit L alone, a chain of k), ([L], SPEC) for `sorted@L:SPEC` (exit L alone
+    drafting the tree SPEC, as tree:SPEC), ([a, b, ...], None) for `sorted@a+b+...` (adaptive over those
+    exits); ValueError for anything else."""
     if method == "sorted":
-        return None
-    parts = method[len("sorted@"):].split("+") if method.startswith("sorted@") else []
-    if parts and all(p.isdigit() for p in parts):
-        return [int(p) for p in parts]
-    raise ValueError(f"{method!r} is not a sorted-draft method; use sorted, sorted@L or sorted@L1+L2")
+        return None, None
+    exits, _, spec = method[len("sorted@"):].partition(":") if method.startswith("sorted@") else ("", "", "")
+    parts = exits.split("+")
+    if exits and all(p.isdigit() for p in parts) and (not spec or len(parts) == 1):
+        return [int(p) for p in parts], spec or None
+    raise ValueError(f"{method!r} is not a sorted-draft method; use sorted, sorted@L, sorted@L:TREE or sorted@L1+L2")
+
+
+def sorted_exits_of(method: str) -> list[int] | None:
+    return sorted_method_of(method)[0]
 
 
 def is_sorted_method(method: str) -> bool:
@@ -211,12 +219,13 @@ def _ordered_methods(methods: Sequence[str]) -> list[str]:
                and not is_sorted_method(m)]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS + PEER_METHODS)}, "
-                         "tree:SPEC, rrs:SPEC, rrs_wo:SPEC, spechub:SPEC, sorted, sorted@L or sorted@L1+L2")
+                         "tree:SPEC, rrs:SPEC, rrs_wo:SPEC, spechub:SPEC, sorted, sorted@L, sorted@L:SPEC or sorted@L1+L2")
     if not methods:
         raise ValueError(f"no methods given; use some of {', '.join(DEFAULT_METHODS)}")
     for m in methods:
-        if is_tree_method(m) and m[len(_tree_prefix(m)):] != "auto":
-            TreeShape.parse(m[len(_tree_prefix(m)):])  # a bad spec fails now, before any model loads
+        spec = m[len(_tree_prefix(m)):] if is_tree_method(m) else sorted_method_of(m)[1] if is_sorted_method(m) else None
+        if spec is not None and (spec != "auto" or is_sorted_method(m)):
+            TreeShape.parse(spec)  # a bad spec fails now, before any model loads
     # Speedups are relative to a baseline, so a method's baseline always runs too.
     for m in list(methods):
         if baseline_of(m) not in methods:
@@ -492,6 +501,7 @@ def run_bench(
     k = num_speculative_tokens
     shapes = {m: _tree_shape(m, target_model, draft_model) for m in methods if is_tree_method(m)}
     shapes["draft_model"] = TreeShape.chain(k)
+    shapes.update({m: TreeShape.parse(sorted_method_of(m)[1]) for m in sorted_methods if sorted_method_of(m)[1]})
     longest = max([k] + [_max_nodes(shape) for shape in shapes.values()])
     max_model_len = max(len(p.token_ids) for p in bench_prompts) + max_new_tokens + longest + 8
     weight_bytes = target_model.model.weight_bytes()
@@ -512,13 +522,14 @@ def run_bench(
         proposer, num_draft = None, 0
         if method == "prompt_lookup":
             proposer, num_draft = PromptLookupProposer(prompt_lookup_min, prompt_lookup_max), k
-        elif method in shapes:
-            proposer = DraftModelProposer(draft_model, max_model_len, shapes[method], tree_sampling_of(method))
-            num_draft = _max_nodes(shapes[method])
         elif is_sorted_method(method):
             from specgrove.drafting.sorted import sorted_proposer
 
-            proposer, num_draft = sorted_proposer(sorted_model, max_model_len, sorted_exits_of(method)), k
+            proposer = sorted_proposer(sorted_model, max_model_len, sorted_exits_of(method), shape=shapes.get(method))
+            num_draft = _max_nodes(shapes[method]) if method in shapes else k
+        elif method in shapes:
+            proposer = DraftModelProposer(draft_model, max_model_len, shapes[method], tree_sampling_of(method))
+            num_draft = _max_nodes(shapes[method])
         engine = SpecEngine(target_model, proposer, num_draft, max_model_len)
         runs[method] = _run_engine_method(engine, bench_prompts, params, warmup_params, warmup, progress, method)
         if hasattr(proposer, "exit_counts"):  # adaptive sorted drafting: how often each exit drafted (warm-up too)
@@ -557,7 +568,8 @@ def run_bench(
             fixed = isinstance(shape, TreeShape)
             method_figures[method]["tree"] = shape.to_dict() if fixed else "auto"
             # P[rank] is measured for siblings drawn without replacement: it predicts only those trees
-            predicted = fixed and acceptance is not None and tree_sampling_of(method) == "without_replacement"
+            predicted = (fixed and acceptance is not None and tree_sampling_of(method) == "without_replacement"
+                         and not is_sorted_method(method))  # the vector is the draft model's, not an exit's
             method_figures[method]["predicted_accept_length"] = (
                 shape.expected_accept_length(acceptance.values) if predicted else None)
     baseline_bandwidth = None

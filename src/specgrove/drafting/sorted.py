@@ -34,6 +34,7 @@ from specgrove.engine.sequence import Sequence
 from specgrove.models.loader import LoadedModel
 from specgrove.models.sorted import SortedSpec
 from specgrove.sampling import SamplingParams, process_logits
+from specgrove.trees.shape import TreeShape
 from specgrove.trees.tree import TokenTree
 
 
@@ -190,9 +191,13 @@ class SortedDraftProposer:
 
 
 def sorted_proposer(draft: LoadedModel, max_model_len: int, exit_layer: int | Seq[int] | None = None,
-                    thresholds: Seq[float] | None = None):
+                    thresholds: Seq[float] | None = None, shape=None, sampling: str = "without_replacement"):
     """The proposer for method "sorted": adaptive over every exit (exit_layer None) or over some of them
-    (a list of several, e.g. the shallow ones for a small target), or one fixed exit (an int)."""
+    (a list of several, e.g. the shallow ones for a small target), drafting chains; or one fixed exit (an
+    int, or a list of one), drafting chains or the token tree `shape` (siblings drawn as `sampling` says)."""
     if exit_layer is None or (not isinstance(exit_layer, int) and len(exit_layer) > 1):
+        if shape is not None and not (isinstance(shape, TreeShape) and shape.is_chain()):
+            raise ValueError("adaptive sorted drafting makes chains; draft a tree with one fixed exit")
         return SortedDraftProposer(draft, max_model_len, thresholds, exit_layer)
-    return SortedDraftProposer.fixed(draft, exit_layer if isinstance(exit_layer, int) else exit_layer[0], max_model_len)
+    return SortedDraftProposer.fixed(draft, exit_layer if isinstance(exit_layer, int) else exit_layer[0], max_model_len,
+                                     shape, sampling)

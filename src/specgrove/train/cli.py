@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from specgrove.cli import _float_list
 from specgrove.errors import IncompatibleModelsError, SpecgroveError
 from specgrove.train.data import SPEC_BENCH
 
@@ -78,6 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=0.0,
                    help="mix in KL to the targets' own distributions: loss = (1 - w) CE + w KL(target top-k || exit); "
                         "w > 0 first computes each sample's target top-k by teacher forcing (default 0: CE only)")
+    p.add_argument("--exit-weights", type=_float_list, default=None,
+                   help="weights of the exits' losses, one per exit, e.g. 1,1,4 to keep the deepest exit accurate "
+                        "(default: equal)")
     p.add_argument("--teacher-top-k", type=_positive_int, default=None,
                    help="tokens kept per position of the target's distribution (default 16)")
     p.add_argument("--teacher", default=None,
@@ -204,7 +208,7 @@ def cmd_train_sorted(args: argparse.Namespace) -> int:
     settings = SoftSettings(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                             max_len=args.max_len, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed,
                             dtype=args.dtype, group_by_length=args.group_by_length, head_tokens=args.head_tokens,
-                            kl_weight=args.kl_weight,
+                            kl_weight=args.kl_weight, exit_weights=args.exit_weights,
                             save_every=args.save_every, save_dtype=args.save_dtype, keep_checkpoint=args.keep_checkpoint,
                             threads=args.threads, device=args.device)
     if args.temperature < 0 or not 0 < args.top_p <= 1:
