@@ -223,6 +223,10 @@ def test_bench_cli_prints_table_and_writes_json(tiny_bench, tmp_path, monkeypatc
     assert json.loads(path.read_text())["methods"].keys() == tiny_bench["methods"].keys()
     for word in ("plain", "draft_model", "hf_assisted", "tokens/s", "speedup", "alpha", "beta", "GB/s"):
         assert word in out
+    # a tree spec's own comma list stays with its method
+    code, _, err = run_cli(["bench", "--methods", "plain,tree:widths:4,2,1,sorted@6:widths:3,2,sorted@6+12"], capsys)
+    assert code == 0, err
+    assert seen["methods"] == ["plain", "tree:widths:4,2,1", "sorted@6:widths:3,2", "sorted@6+12"]
 
 
 def test_bench_cli_bad_input_exit_2(tiny_dirs, tmp_path, capsys):

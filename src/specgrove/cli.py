@@ -36,6 +36,18 @@ def _name_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _method_list(text: str) -> list[str]:
+    """Comma-separated methods, where a tree spec's own list stays whole: 'plain,tree:widths:4,2,sorted@6'
+    is plain, tree:widths:4,2 and sorted@6 (a piece that is only a number continues the method before it)."""
+    methods: list[str] = []
+    for piece in _name_list(text):
+        if piece.isdigit() and methods:
+            methods[-1] += "," + piece
+        else:
+            methods.append(piece)
+    return methods
+
+
 # ---- parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from specgrove.bench.spec_bench import DEFAULT_METHODS
@@ -101,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "shared/data/spec_bench/question.jsonl in a parent directory)")
     b.add_argument("--limit", type=int, default=20, help="number of prompts, mixed categories round-robin (default 20)")
     b.add_argument("--categories", type=_name_list, default=None, help="comma list of categories to keep")
-    b.add_argument("--methods", type=_name_list, default=list(DEFAULT_METHODS),
+    b.add_argument("--methods", type=_method_list, default=list(DEFAULT_METHODS),
                    help=f"comma list (default {','.join(DEFAULT_METHODS)})")
     model_options(b)
     b.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
