@@ -186,6 +186,18 @@ def test_exit_weights_weigh_the_exits_losses(dirs, samples, tmp_path):
     assert "exit_weights" not in _settings().fingerprint()  # checkpoints from before the option still resume
 
 
+def test_freeze_head_keeps_the_norm_and_head(dirs, samples, tmp_path):
+    init = soft.load_init(dirs["init"], EXITS)
+    soft.train_soft(init, samples, tmp_path / "frozen", _settings(max_steps=6, freeze_head=True), progress=False)
+    trained = soft.load_init(tmp_path / "frozen")
+    for name in soft.HEAD_PARAMETERS:
+        assert name in trained.weights and torch.equal(trained.weights[name], init.weights[name].float()), name
+    moved = [n for n in init.weights if not torch.equal(trained.weights[n], init.weights[n].float())]
+    assert moved and all(n.startswith("model.layers.") or n == "model.embed_tokens.weight" for n in moved), moved
+    assert _data_loss(trained, samples)[0] < _data_loss(init, samples)[0]  # the shallow exit still learns
+    assert "freeze_head" not in _settings().fingerprint() and _settings(freeze_head=True).fingerprint()["freeze_head"]
+
+
 def test_examples_train_on_the_continuation_only():
     long = data.Sample("t", list(range(10, 20)), list(range(20, 30)))
     short = data.Sample("t", [1, 2], [3, 4, 5])

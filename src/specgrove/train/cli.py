@@ -82,6 +82,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--exit-weights", type=_float_list, default=None,
                    help="weights of the exits' losses, one per exit, e.g. 1,1,4 to keep the deepest exit accurate "
                         "(default: equal)")
+    p.add_argument("--freeze-head", action="store_true",
+                   help="keep the final norm and output layer fixed: the shallow exits learn to feed the head the "
+                        "deepest exit was trained for")
     p.add_argument("--teacher-top-k", type=_positive_int, default=None,
                    help="tokens kept per position of the target's distribution (default 16)")
     p.add_argument("--teacher", default=None,
@@ -209,6 +212,7 @@ def cmd_train_sorted(args: argparse.Namespace) -> int:
                             max_len=args.max_len, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed,
                             dtype=args.dtype, group_by_length=args.group_by_length, head_tokens=args.head_tokens,
                             kl_weight=args.kl_weight, exit_weights=args.exit_weights,
+                            freeze_head=args.freeze_head,
                             save_every=args.save_every, save_dtype=args.save_dtype, keep_checkpoint=args.keep_checkpoint,
                             threads=args.threads, device=args.device)
     if args.temperature < 0 or not 0 < args.top_p <= 1:

@@ -23,7 +23,9 @@ same model) where it already is.
 Exit weights (`exit_weights`, `--exit-weights 1,1,4`): the exits share their first layers, and with
 equal weights the shallow exits' large losses pull those layers their way, which costs the deepest
 exit accuracy (measured: draft C's exit 24 fell from 88% to 78% top-1 agreement with the targets).
-A larger weight on the deepest exit keeps it where the targets need it.
+A larger weight on the deepest exit keeps it where the targets need it. `freeze_head` (`--freeze-head`)
+keeps the shared final norm and output layer as they are: the shallow exits then have to learn to feed
+the head the deepest exit was trained for, instead of pulling the head toward their own hidden states.
 
 With a shrunk head (`lm_head.token_ids`, `--head-tokens N`), head row i scores token token_ids[i];
 targets outside the head are left out of the loss: the draft gives them probability 0 anyway (which
@@ -82,6 +84,7 @@ TRAIN_LOG = "train_log.jsonl"
 TRAIN_CONFIG = "train_config.json"
 CE_CHUNK = 2048  # loss tokens whose logits exist at once (recomputed in backward): a 150k-token head stays cheap
 GROUP_WINDOW = 32  # batches per length-grouping window
+HEAD_PARAMETERS = ("model.norm.weight", "lm_head.weight")  # what --freeze-head keeps fixed
 TRAIN_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -106,6 +109,7 @@ class SoftSettings:
     head_tokens: int | None = None
     kl_weight: float = 0.0  # loss = (1 - w) * CE on the target's tokens + w * KL(teacher top-k || exit)
     exit_weights: tuple[float, ...] | None = None  # one per exit, the weights of the exits' losses (None: equal)
+    freeze_head: bool = False  # keep the final norm and the output layer as the init model has them
     save_every: int = 50
     save_dtype: str = "float32"  # dtype of the output draft's weights
     keep_checkpoint: bool = False
@@ -145,10 +149,13 @@ class SoftSettings:
         for name in ("save_every", "keep_checkpoint", "threads", "device"):
             d.pop(name)
         d["betas"] = list(d["betas"])
+        # Left at their defaults, the newer options stay out: checkpoints written before them still resume.
         if d["exit_weights"] is None:
-            d.pop("exit_weights")  # equal weights: the fingerprint of checkpoints written before the option
+            d.pop("exit_weights")
         else:
             d["exit_weights"] = list(d["exit_weights"])
+        if not d["freeze_head"]:
+            d.pop("freeze_head")
         d["dtype"] = str(TRAIN_DTYPES[self.dtype.lower()]).removeprefix("torch.")
         d["save_dtype"] = str(TRAIN_DTYPES[self.save_dtype.lower()]).removeprefix("torch.")
         return d
@@ -674,7 +681,12 @@ def train_soft(init: InitModel | str | os.PathLike, samples: Sequence, out: str 
     model = SortedTrainModel(init.config, weights, exits_).to(device)
     model.train()
     del weights
-    named = list(model.lm.named_parameters())
+    named = []
+    for name, param in model.lm.named_parameters():
+        if settings.freeze_head and name in HEAD_PARAMETERS:
+            param.requires_grad_(False)
+        else:
+            named.append((name, param))
     names = [n for n, _ in named]
     optimizer = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=settings.betas, eps=settings.eps,
                                   weight_decay=settings.weight_decay)
