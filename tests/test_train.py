@@ -567,6 +567,19 @@ def test_calibration_statistics_and_rule(dirs, samples, tmp_path):
     first = calibrate.exit_statistics(draft, [sample], EXITS)[0]
     torch.testing.assert_close(first.confidence, probs.max(-1).values, atol=1e-5, rtol=0)
     assert first.agrees.tolist() == (probs.argmax(-1) == torch.tensor(sample.output_ids)).tolist()
+    nxt = torch.tensor(sample.output_ids)
+    assert first.in_top.tolist() == (probs.topk(4, -1).indices == nxt[:, None]).any(-1).tolist()
+    assert all(s.in_top_rate() >= s.agreement for s in stats)
+    # per target: two targets' samples (the same text under two names), each rate over its own positions
+    from dataclasses import replace
+
+    twin = [replace(s, target="other") for s in samples[:12]]
+    mixed = calibrate.exit_statistics(draft, samples[:12] + twin, EXITS, top_n=2)
+    for s, plain in zip(mixed, stats):
+        groups = s.by_target()
+        assert set(groups) == {samples[0].target, "other"} and groups["other"][2] == positions
+        assert groups["other"][0] == pytest.approx(plain.agreement) == pytest.approx(groups[samples[0].target][0])
+        assert groups["other"][1] == pytest.approx(s.in_top_rate())
     # the rule: the smallest grid threshold whose precision reaches the deepest exit's agreement
     thresholds = calibrate.choose_thresholds(stats)
     assert len(thresholds) == len(EXITS) and thresholds[-1] == 0.0
@@ -593,6 +606,9 @@ def test_calibrate_sorted_command_writes_thresholds(dirs, samples, tmp_path, cap
     assert main(["calibrate-sorted", "--draft", str(draft), "--samples", str(path), "--limit", "8", "--dtype",
                  "float32", "--write"]) == 0
     spec = SortedSpec.load(draft)
-    assert spec.thresholds[-1] == 0.0 and spec.extra["calibration"]["num_samples"] == 8
-    assert "agreement" in capsys.readouterr().out
+    calibration = spec.extra["calibration"]
+    assert spec.thresholds[-1] == 0.0 and calibration["num_samples"] == 8
+    assert set(calibration["in_top_4"]) == set(calibration["per_target"]) == {str(e) for e in EXITS}
+    out = capsys.readouterr().out
+    assert "agreement" in out and "in top-4" in out
     assert main(["calibrate-sorted", "--draft", str(draft), "--samples", str(tmp_path / "none.jsonl")]) == 2

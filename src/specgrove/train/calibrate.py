@@ -12,6 +12,11 @@ exit's top token is the target's next token, and choose
 1.0 (never stop there) when no t qualifies; the deepest exit's threshold is 0 (it always emits). The
 agreement rate is the greedy acceptance of a draft token, so a token taken early is as likely to be
 accepted as one from the whole draft, at a fraction of the cost.
+
+Also recorded, for reading rather than for the rule: whether the target's token is among the exit's top-n
+tokens (the greedy acceptance of the first level of a token tree whose root has n children, as
+`bench --methods sorted@L:widths:n` drafts), and both rates per target, since one sorted draft serves
+several targets and agrees with each differently.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class ExitStatistics:
     exit_layer: int
     confidence: torch.Tensor  # [N] over continuation positions
     agrees: torch.Tensor  # [N] bool: the exit's top token is the target's next token
+    in_top: torch.Tensor | None = None  # [N] bool: the target's next token is among the exit's top-n
+    target_index: torch.Tensor | None = None  # [N] the position's target, an index into target_names
+    target_names: tuple[str, ...] = ()
 
     @property
     def agreement(self) -> float:
@@ -42,19 +50,39 @@ class ExitStatistics:
         share = float(chosen.float().mean()) if len(chosen) else 0.0
         return (float(self.agrees[chosen].float().mean()) if bool(chosen.any()) else 0.0), share
 
+    def in_top_rate(self) -> float | None:
+        return float(self.in_top.float().mean()) if self.in_top is not None and len(self.in_top) else None
+
+    def by_target(self) -> dict[str, tuple[float, float | None, int]]:
+        """target -> (agreement, in-top-n rate, positions) over that target's positions."""
+        out = {}
+        for index, name in enumerate(self.target_names):
+            rows = self.target_index == index
+            n = int(rows.sum())
+            if n:
+                out[name] = (float(self.agrees[rows].float().mean()),
+                             None if self.in_top is None else float(self.in_top[rows].float().mean()), n)
+        return out
+
 
 @torch.inference_mode()
-def exit_statistics(draft, samples: Sequence, exits: Sequence[int], limit: int | None = None) -> list[ExitStatistics]:
-    """Teacher-forced confidence and agreement of every exit over the samples' continuations."""
+def exit_statistics(draft, samples: Sequence, exits: Sequence[int], limit: int | None = None,
+                    top_n: int = 4) -> list[ExitStatistics]:
+    """Teacher-forced confidence, agreement and top-`top_n` hits of every exit over the samples'
+    continuations, each position labelled with its sample's target."""
     model = draft.model
     conf = {e: [] for e in exits}
     agree = {e: [] for e in exits}
+    in_top = {e: [] for e in exits}
+    names: dict[str, int] = {}
+    index = []
     for sample in list(samples)[:limit]:
         ids = list(sample.prompt_ids) + list(sample.output_ids)
         if not sample.output_ids or len(ids) < 2:
             continue
         start = len(sample.prompt_ids) - 1  # logits at position i predict token i + 1
         nxt = torch.tensor(ids[start + 1 :], device=model.device)
+        index.append(torch.full((len(nxt),), names.setdefault(sample.target or "", len(names))))
         cache = LayeredCache(model, len(ids))  # every position computed layer by layer, one causal chunk each
         cache.append(ids)
         for e in exits:
@@ -63,9 +91,12 @@ def exit_statistics(draft, samples: Sequence, exits: Sequence[int], limit: int |
             top, arg = probs.max(-1)
             conf[e].append(top.cpu())
             agree[e].append((arg == nxt).cpu())
+            in_top[e].append((probs.topk(min(top_n, probs.shape[-1]), -1).indices == nxt[:, None]).any(-1).cpu())
     if not conf[exits[0]]:
         raise ValueError("no sample has a continuation to calibrate on")
-    return [ExitStatistics(e, torch.cat(conf[e]), torch.cat(agree[e])) for e in exits]
+    target_index = torch.cat(index)
+    return [ExitStatistics(e, torch.cat(conf[e]), torch.cat(agree[e]), torch.cat(in_top[e]), target_index,
+                           tuple(names)) for e in exits]
 
 
 def choose_thresholds(stats: Sequence[ExitStatistics]) -> list[float]:

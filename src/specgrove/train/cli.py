@@ -268,6 +268,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, help="a samples JSONL (train-sorted's OUT/samples.jsonl)")
     p.add_argument("--limit", type=_positive_int, default=64, help="samples to use (default 64, from the end of the file)")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--top-n", type=_positive_int, default=4,
+                   help="also report how often the target's token is among an exit's top N (default 4: the first "
+                        "level of a tree with N children at the root)")
     p.add_argument("--write", action="store_true", help="write the chosen thresholds into sorted.json")
     p.set_defaults(func=cmd_calibrate_sorted)
     return p
@@ -290,20 +293,35 @@ def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
     spec = sorted_spec(draft)
     if SortedSpec.load(draft.path) is None and args.write:
         raise ValueError(f"{args.draft} has no sorted.json to write thresholds into; make it with train-sorted")
-    stats = exit_statistics(draft, samples[-args.limit:], spec.exits)
+    stats = exit_statistics(draft, samples[-args.limit:], spec.exits, top_n=args.top_n)
     thresholds = choose_thresholds(stats)
+    top = f"in top-{args.top_n}"
     table = Table(title=f"{len(stats[0].agrees)} positions of {min(args.limit, len(samples))} samples", title_justify="left")
-    for name in ("exit", "agreement", "threshold", "agreement above it", "share above it", "was"):
+    for name in ("exit", "agreement", top, "threshold", "agreement above it", "share above it", "was"):
         table.add_column(name, justify="right")
     for s, t, old in zip(stats, thresholds, spec.thresholds):
         precision, share = s.precision_at(t)
-        table.add_row(str(s.exit_layer), f"{s.agreement:.3f}", f"{t:.2f}", f"{precision:.3f}", f"{share:.1%}", f"{old:.2f}")
-    Console().print(table)
+        table.add_row(str(s.exit_layer), f"{s.agreement:.3f}", f"{s.in_top_rate():.3f}", f"{t:.2f}", f"{precision:.3f}",
+                      f"{share:.1%}", f"{old:.2f}")
+    console = Console()
+    console.print(table)
+    per_target = {str(s.exit_layer): s.by_target() for s in stats}
+    if len(stats[0].target_names) > 1:
+        table = Table(title="per target", title_justify="left")
+        for name in ("target", "positions", *(f"exit {s.exit_layer}: agreement / {top}" for s in stats)):
+            table.add_column(name, justify="right")
+        for name in stats[0].target_names:
+            cells = [per_target[str(s.exit_layer)][name] for s in stats]
+            table.add_row(name or "(unnamed)", str(cells[0][2]), *(f"{a:.3f} / {t:.3f}" for a, t, _ in cells))
+        console.print(table)
     if args.write:
         spec.thresholds = thresholds
         spec.extra["calibration"] = {"samples": str(args.samples), "num_samples": min(args.limit, len(samples)),
                                      "positions": len(stats[0].agrees),
-                                     "agreement": {str(s.exit_layer): s.agreement for s in stats}}
+                                     "agreement": {str(s.exit_layer): s.agreement for s in stats},
+                                     f"in_top_{args.top_n}": {str(s.exit_layer): s.in_top_rate() for s in stats},
+                                     "per_target": {e: {t: {"agreement": a, f"in_top_{args.top_n}": r, "positions": n}
+                                                        for t, (a, r, n) in v.items()} for e, v in per_target.items()}}
         spec.save(draft.path)
         print(f"wrote thresholds {thresholds} to {draft.path / 'sorted.json'}")
     return 0
