@@ -303,7 +303,7 @@ def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
         precision, share = s.precision_at(t)
         table.add_row(str(s.exit_layer), f"{s.agreement:.3f}", f"{s.in_top_rate():.3f}", f"{t:.2f}", f"{precision:.3f}",
                       f"{share:.1%}", f"{old:.2f}")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     per_target = {str(s.exit_layer): s.by_target() for s in stats}
     if len(stats[0].target_names) > 1:
