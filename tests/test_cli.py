@@ -177,6 +177,31 @@ def test_run_bench_adds_the_baseline_and_rejects_bad_input(tiny_dirs):
         run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["draft_model"], measure_bandwidth=False)
 
 
+def test_interleaved_bench_runs_every_method_on_every_prompt(tiny_dirs, tiny_bench, monkeypatch):
+    """Methods taking turns prompt by prompt give the same outputs and counts as one method at a time, and
+    the prompts really alternate between the methods."""
+    import specgrove.bench.spec_bench as spec_bench
+
+    order = []
+    timed = spec_bench._timed_prompt
+
+    def recording(engine, prompt, params, run):
+        order.append((engine.proposer is None, tuple(prompt.token_ids)))
+        return timed(engine, prompt, params, run)
+
+    monkeypatch.setattr(spec_bench, "_timed_prompt", recording)
+    result = run_bench(tiny_dirs["target"], tiny_dirs["draft"], prompts=PROMPTS, methods=["plain", "draft_model", "prompt_lookup"],
+                       num_speculative_tokens=3, max_new_tokens=16, dtype="float32", device=DEVICE,
+                       measure_bandwidth=False, progress=False, log=lambda msg: None, interleave=True)
+    assert result["config"]["interleave"] is True and tiny_bench["config"]["interleave"] is False
+    assert [p for _, p in order] == [tuple(p.token_ids) for p in PROMPTS for _ in range(3)]
+    assert [plain for plain, _ in order[:3]] == [True, False, False]
+    for name in ("plain", "draft_model", "prompt_lookup"):
+        entry, alone = result["methods"][name], tiny_bench["methods"][name]
+        assert entry["num_prompts"] == alone["num_prompts"] == len(PROMPTS)
+        assert entry["generated_tokens"] == alone["generated_tokens"] and entry["identical_to_baseline"] is not False
+
+
 def test_llama_cpp_peer_needs_its_package_and_a_gguf_target(tiny_dirs, tmp_path, monkeypatch):
     """llama_cpp runs the target's own GGUF file: a plain HF directory has none, and without
     llama-cpp-python the method says how to get it. Both fail before any method runs."""

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=None)
     b.add_argument("--warmup", type=int, default=1, help="warm-up prompts per method, excluded from figures (default 1)")
+    b.add_argument("--interleave", action="store_true",
+                   help="the engine methods take turns prompt by prompt, so a machine whose speed drifts slows them "
+                        "alike (default: one method over every prompt, then the next)")
     b.add_argument("--sorted-draft", default=None, metavar="DIR",
                    help="the sorted draft (S2D) of the methods sorted, sorted@L, sorted@L:TREE and sorted@L1+L2 (made by `specgrove train-sorted`)")
     b.add_argument("--targets", type=_name_list, default=None,
@@ -304,7 +307,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seed=args.seed, dtype=args.dtype, device=args.device, warmup=args.warmup,
             measure_bandwidth=not args.no_bandwidth, tree_acceptance=args.tree_acceptance,
             quantization=args.quantization, draft_quantization=args.draft_quantization, sorted_draft=sorted_draft,
-            enforce_eager=args.enforce_eager,
+            enforce_eager=args.enforce_eager, interleave=args.interleave,
         )
         print_report(results[target])
     result = {"targets": results} if args.targets else results[args.target]

@@ -21,6 +21,10 @@ Methods
   llama_cpp         llama.cpp (llama-cpp-python, optional) decoding the target's own GGUF file plainly: an
                     outside reference for the runtime; its speedup is over the engine's plain decoding
 
+Order: one method over every prompt, then the next; with `interleave`, the engine methods take turns
+prompt by prompt (prompt 1 under every method, then prompt 2, ...), which on a machine whose speed drifts
+over minutes keeps the drift out of the ratios between methods.
+
 Figures (Spec-Bench's protocol, batch size 1): tokens/s = sum of generated tokens / sum of wall time
 (prefill included) over the prompts; speedup = tokens/s over the baseline's; tau and the acceptance
 rate come from the merged SpecMetrics (see specgrove.engine.metrics); at temperature 0 every output
@@ -242,28 +246,59 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
-def _run_engine_method(engine, prompts: list[BenchPrompt], params, warmup_params, warmup: int, progress: bool,
-                       desc: str) -> MethodRun:
-    sync = torch.cuda.synchronize if engine.target.device.type == "cuda" else (lambda: None)
+def _warm_up(engine, prompts: list[BenchPrompt], warmup_params, warmup: int) -> None:
     for i in range(warmup):
         engine.generate(engine.new_sequence(prompts[i % len(prompts)].token_ids, warmup_params))
+
+
+def _timed_prompt(engine, prompt: BenchPrompt, params, run: "MethodRun"):
+    """Generate one prompt's answer, timed (prefill included), into `run`."""
+    cuda = engine.target.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    seq = engine.generate(engine.new_sequence(prompt.token_ids, params))
+    if cuda:
+        torch.cuda.synchronize()
+    run.outputs.append(list(seq.output_ids))
+    run.seconds.append(time.perf_counter() - t0)
+    run.metrics.append(seq.metrics)
+    return seq
+
+
+def _run_engine_method(engine, prompts: list[BenchPrompt], params, warmup_params, warmup: int, progress: bool,
+                       desc: str) -> MethodRun:
+    _warm_up(engine, prompts, warmup_params, warmup)
     run = MethodRun()
-    tokens, seconds = 0, 0.0
     with _progress(len(prompts), desc, progress) as bar:
         for p in prompts:
-            sync()
-            t0 = time.perf_counter()
-            seq = engine.generate(engine.new_sequence(p.token_ids, params))
-            sync()
-            dt = time.perf_counter() - t0
-            run.outputs.append(list(seq.output_ids))
-            run.seconds.append(dt)
-            run.metrics.append(seq.metrics)
-            tokens += len(seq.output_ids)
-            seconds += dt
-            bar.set_postfix(tok_s=f"{tokens / seconds:.2f}", tau=f"{seq.metrics.mean_accept_length:.2f}")
+            seq = _timed_prompt(engine, p, params, run)
+            bar.set_postfix(tok_s=f"{sum(map(len, run.outputs)) / sum(run.seconds):.2f}",
+                            tau=f"{seq.metrics.mean_accept_length:.2f}")
             bar.update()
     return run
+
+
+def _run_interleaved(engines: dict, prompts: list[BenchPrompt], params, warmup_params, warmup: int,
+                     progress: bool) -> dict[str, "MethodRun"]:
+    """Every method on prompt 1, then every method on prompt 2, ...: a machine whose speed drifts over
+    minutes (memory bandwidth here swings 35-65 GB/s) then slows all methods alike instead of whichever
+    ran during a slow spell, so the ratios between methods are what differs between them."""
+    for engine in engines.values():
+        _warm_up(engine, prompts, warmup_params, warmup)
+    runs = {m: MethodRun() for m in engines}
+    with _progress(len(prompts) * len(engines), "interleaved", progress) as bar:
+        for p in prompts:
+            for method, engine in engines.items():
+                _timed_prompt(engine, p, params, runs[method])
+                bar.update()
+    return runs
+
+
+def _record_exit_counts(run: "MethodRun", engine) -> None:
+    """Adaptive sorted drafting: how often each exit drafted (warm-up included)."""
+    if hasattr(engine.proposer, "exit_counts"):
+        run.exit_counts = {str(e): n for e, n in sorted(engine.proposer.exit_counts.items())}
 
 
 def _run_peer_method(generate, prompts: list[BenchPrompt], warmup: int, progress: bool, desc: str,
@@ -401,6 +436,7 @@ def run_bench(
     bandwidth_num_floats: int | None = None,
     progress: bool = True,
     log=None,
+    interleave: bool = False,
     tree_acceptance: str | os.PathLike | None = None,
     quantization: str | None = None,
     draft_quantization: str | None = None,
@@ -412,7 +448,8 @@ def run_bench(
     `prompts`: token-id prompts (BenchPrompt, or plain lists of ids, category "custom") instead of
     Spec-Bench questions; then `data`, `limit` and `categories` are unused and no tokenizer is needed.
     `sorted_draft` (a path or an already loaded LoadedModel, so one copy can serve several targets) is
-    the draft of the sorted / sorted@L methods.
+    the draft of the sorted / sorted@L methods. `interleave`: the engine methods take turns prompt by
+    prompt (`_run_interleaved`) instead of one method over every prompt, then the next.
     The target (and the draft, when a method needs one) are loaded once and shared by the engine methods;
     the hf_* methods load transformers models from the same converted directories afterwards.
     """
@@ -516,9 +553,7 @@ def run_bench(
     say(f"{len(bench_prompts)} prompts ({len(set(p.category for p in bench_prompts))} categories), "
         f"methods: {', '.join(methods)}; k={k}, max_new_tokens={max_new_tokens}, temperature={temperature}")
 
-    runs: dict[str, MethodRun] = {}
-    engine = proposer = None
-    for method in [m for m in methods if m not in HF_METHODS]:
+    def engine_for(method: str) -> SpecEngine:
         proposer, num_draft = None, 0
         if method == "prompt_lookup":
             proposer, num_draft = PromptLookupProposer(prompt_lookup_min, prompt_lookup_max), k
@@ -530,15 +565,26 @@ def run_bench(
         elif method in shapes:
             proposer = DraftModelProposer(draft_model, max_model_len, shapes[method], tree_sampling_of(method))
             num_draft = _max_nodes(shapes[method])
-        engine = SpecEngine(target_model, proposer, num_draft, max_model_len)
-        runs[method] = _run_engine_method(engine, bench_prompts, params, warmup_params, warmup, progress, method)
-        if hasattr(proposer, "exit_counts"):  # adaptive sorted drafting: how often each exit drafted (warm-up too)
-            runs[method].exit_counts = {str(e): n for e, n in sorted(proposer.exit_counts.items())}
+        return SpecEngine(target_model, proposer, num_draft, max_model_len)
+
+    runs: dict[str, MethodRun] = {}
+    engine_methods = [m for m in methods if m not in HF_METHODS + PEER_METHODS]
+    if interleave:
+        engines = {m: engine_for(m) for m in engine_methods}
+        runs.update(_run_interleaved(engines, bench_prompts, params, warmup_params, warmup, progress))
+        for method, engine in engines.items():
+            _record_exit_counts(runs[method], engine)
+    else:
+        for method in engine_methods:
+            engine = engine_for(method)  # one method's engine (and draft caches) alive at a time
+            runs[method] = _run_engine_method(engine, bench_prompts, params, warmup_params, warmup, progress, method)
+            _record_exit_counts(runs[method], engine)
+    engine = engines = None
 
     hf_methods = [m for m in methods if m in HF_METHODS]
     if hf_methods:
         # Free the engine's copies before transformers loads its own: one set of weights in memory at a time.
-        engine = proposer = target_model = draft_model = sorted_model = None
+        target_model = draft_model = sorted_model = None
         gc.collect()
         peer = HFPeer(target_dir, draft_dir if "hf_assisted" in hf_methods else None, dtype, device or "cpu", eos_ids)
         try:
@@ -552,7 +598,7 @@ def run_bench(
     if "llama_cpp" in methods:
         from specgrove.bench.llamacpp_peer import LlamaCppPeer
 
-        engine = proposer = target_model = draft_model = sorted_model = None
+        target_model = draft_model = sorted_model = None
         gc.collect()
         n_ctx = max(len(p.token_ids) for p in bench_prompts) + max_new_tokens + 8
         with LlamaCppPeer(gguf_path, n_ctx, eos_ids) as peer:
@@ -585,6 +631,7 @@ def run_bench(
         "config": {
             "target": str(target), "draft": str(draft) if draft is not None else None, "methods": methods,
             "sorted_draft": None if sorted_draft is None else str(getattr(sorted_draft, "path", sorted_draft)),
+            "interleave": interleave,
             "num_speculative_tokens": k, "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max,
             "tree_acceptance": None if acceptance is None else {"file": str(tree_acceptance), **acceptance.to_dict()},
             "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "dtype": str(dtype),
