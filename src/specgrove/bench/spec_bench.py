@@ -282,8 +282,8 @@ def _run_engine_method(engine, prompts: list[BenchPrompt], params, warmup_params
 def _run_interleaved(engines: dict, prompts: list[BenchPrompt], params, warmup_params, warmup: int,
                      progress: bool) -> dict[str, "MethodRun"]:
     """Every method on prompt 1, then every method on prompt 2, ...: a machine whose speed drifts over
-    minutes (memory bandwidth here swings 35-65 GB/s) then slows all methods alike instead of whichever
-    ran during a slow spell, so the ratios between methods are what differs between them."""
+    minutes (the bandwidth probe read 31-67 GB/s in runs of 2026-11-26) then slows all methods alike,
+    not whichever ran during a slow spell, so the ratios between methods are what differs between them."""
     for engine in engines.values():
         _warm_up(engine, prompts, warmup_params, warmup)
     runs = {m: MethodRun() for m in engines}
