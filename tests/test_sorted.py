@@ -156,7 +156,7 @@ def test_fixed_exit_and_exit_subset_drafting_are_exact(tiny_target, sorted_draft
 @pytest.mark.parametrize("sampling", ["without_replacement", "iid"])
 def test_fixed_exit_tree_drafting_is_exact(tiny_target, sorted_draft, sampling):
     """A fixed exit drafts token trees as any draft model (Sequoia's children without replacement, or
-    SpecInfer's i.i.d. children): one engine step of a 3-node tree, enumerated."""
+    SpecInfer's i.i.d. children): one engine step of a 4-node tree (2 children, one child each), enumerated."""
     from specgrove.trees.shape import TreeShape
 
     shape = TreeShape.parse("widths:2,1")
