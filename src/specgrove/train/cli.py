@@ -80,7 +80,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="mix in KL to the targets' own distributions: loss = (1 - w) CE + w KL(target top-k || exit); "
                         "w > 0 first computes each sample's target top-k by teacher forcing (default 0: CE only)")
     p.add_argument("--exit-weights", type=_float_list, default=None,
-                   help="weights of the exits' losses, one per exit, e.g. 1,1,4 to keep the deepest exit accurate "
+                   help="weights of the exits' losses, one per exit, e.g. 1,1,4 to favour the deepest exit "
                         "(default: equal)")
     p.add_argument("--freeze-head", action="store_true",
                    help="keep the final norm and output layer fixed: the shallow exits learn to feed the head the "
