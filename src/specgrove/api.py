@@ -84,7 +84,7 @@ class LLM:
         target: str | os.PathLike = defaults.DEFAULT_TARGET,
         draft: str | os.PathLike | None = None,
         speculative: dict | SpeculativeConfig | None = None,
-        dtype: str | torch.dtype = "bfloat16",
+        dtype: str | torch.dtype = "auto",
         draft_dtype: str | torch.dtype | None = None,
         device: str | None = "cpu",
         max_model_len: int = 4096,

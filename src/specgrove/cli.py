@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"built-in name, HF directory or .gguf file (default: {defaults.DEFAULT_TARGET})")
         p.add_argument("--draft", default=None,
                        help=f"draft model (default with the default target: {defaults.DEFAULT_DRAFT})")
-        p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+        p.add_argument("--dtype", default="auto",
+                       help="auto (default: bfloat16 on a GPU or a CPU with AVX-512 BF16 / AMX, else float32), "
+                            "bfloat16, float32 or float16")
         p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
         p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--quantization", choices=("none", "int8", "int4", "w8a8"), default="none",
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(p, q) pairs next to the OTM bound; binary-tree tau by depth")
     md.add_argument("--target", default=defaults.DEFAULT_TARGET)
     md.add_argument("--draft", default=None)
-    md.add_argument("--dtype", default="bfloat16")
+    md.add_argument("--dtype", default="auto")
     md.add_argument("--device", default="cpu")
     md.add_argument("--temperatures", type=_float_list, default=[0.6, 1.0], help="default 0.6,1.0")
     md.add_argument("--prompts", type=int, default=4, help="prompts whose target text gives the (p, q) pairs (default 4)")
@@ -376,7 +378,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if data.get("profile") is None:
             raise ValueError(f"{args.profile} has no machine profile to reuse")
         profile = HardwareProfile.from_dict(data["profile"])
-        if profile.dtype != args.dtype:
+        if args.dtype == "auto":
+            args.dtype = profile.dtype  # the profile's own dtype (it was measured on this machine)
+        elif profile.dtype != args.dtype:
             raise ValueError(f"{args.profile} was profiled in {profile.dtype}, not {args.dtype}; profile again")
     if acceptance is not None and profile is not None:  # nothing to measure: no model needed
         target = SimpleNamespace(name=args.target, dtype=args.dtype)

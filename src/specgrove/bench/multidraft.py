@@ -131,7 +131,7 @@ def depth_spread(bench_result: dict, depths: Sequence[int]) -> dict:
 
 def run_report(target=None, draft=None, *, temperatures: Sequence[float] = (0.6, 1.0), num_prompts: int = 4,
                max_new_tokens: int = 64, top: int = DEFAULT_TOP, depths: Sequence[int] = (), bench_limit: int = 20,
-               bench_max_new_tokens: int = 64, seed: int = 0, dtype: str = "bfloat16", device: str = "cpu",
+               bench_max_new_tokens: int = 64, seed: int = 0, dtype: str = "auto", device: str = "cpu",
                data=None, log=None) -> dict:
     from specgrove.api import check_compatible
     from specgrove.bench.spec_bench import run_bench

@@ -429,7 +429,7 @@ def run_bench(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     seed: int | None = None,
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     device: str | None = "cpu",
     warmup: int = 1,
     measure_bandwidth: bool = True,
@@ -504,8 +504,11 @@ def run_bench(
             say(f"note: the acceptance vector in {tree_acceptance} was measured at temperature {acceptance.temperature}, "
                 f"top_p {acceptance.top_p}; this run samples at temperature {temperature}")
 
+    from specgrove.cpu import cpu_features
+
     machine = {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "platform": platform.platform(), "memory_bandwidth_gbs": None, "read_bandwidth_gbs": None}
+               "platform": platform.platform(), "cpu": cpu_features().as_dict(),
+               "memory_bandwidth_gbs": None, "read_bandwidth_gbs": None}
 
     def bandwidth(when: str) -> None:
         bw = measure_memory_bandwidth(bandwidth_num_floats or DEFAULT_NUM_FLOATS, device=device or "cpu")
@@ -634,7 +637,8 @@ def run_bench(
             "interleave": interleave,
             "num_speculative_tokens": k, "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max,
             "tree_acceptance": None if acceptance is None else {"file": str(tree_acceptance), **acceptance.to_dict()},
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "dtype": str(dtype),
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+            "dtype": str(target_model.dtype).removeprefix("torch."),
             "device": str(device), "quantization": quantization, "draft_quantization": draft_quantization,
             "cuda_graphs": str(device).startswith("cuda") and not enforce_eager,
             "warmup": warmup, "warmup_max_new_tokens": min(max_new_tokens, WARMUP_MAX_NEW_TOKENS),

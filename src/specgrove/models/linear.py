@@ -46,8 +46,12 @@ to the target as loaded), or knowingly for a target (then the output is exactly 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+from specgrove.cpu import UnsupportedOnCpuError, cpu_features
 
 QUANTIZATIONS = (None, "int8", "int4", "w8a8")
 INT4_GROUP_SIZE = 32
@@ -55,9 +59,12 @@ PAD_ROWS = 4  # oneDNN prepacked bf16: fewer rows are padded up to this many (se
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN prepacking: fp32 on any x86 CPU, bf16 only where oneDNN can reorder bf16 weights
+    (`CpuFeatures.bf16_prepack`; elsewhere bf16 weights stay plain tensors for F.linear)."""
     return (
         device.type == "cpu"
         and dtype in (torch.bfloat16, torch.float32)
+        and (dtype != torch.bfloat16 or cpu_features().bf16_prepack)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -77,8 +84,24 @@ def int4_available(device: torch.device | str = "cpu") -> bool:
 
 
 def w8a8_available(device: torch.device | str = "cpu") -> bool:
+    """fbgemm's int8 kernel is present and sums its products exactly here (AVX-512 VNNI; see `check_w8a8`)."""
     return (torch.device(device).type == "cpu" and hasattr(torch.ops.quantized, "linear_dynamic")
-            and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm")))
+            and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+            and cpu_features().int8_exact)
+
+
+def check_w8a8(device: torch.device | str = "cpu") -> None:
+    """Refuse w8a8 where fbgemm would compute it wrongly: without AVX-512 VNNI its u8 x s8 products are
+    summed in saturating 16-bit pairs (a token with a large range came out 17% wrong, silently)."""
+    if torch.device(device).type != "cpu" or not hasattr(torch.ops.quantized, "linear_dynamic") or not any(
+            e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm")):
+        raise ValueError("w8a8 needs PyTorch's x86/fbgemm quantized CPU backend (quantized::linear_dynamic); "
+                         "on CUDA or elsewhere use int4, int8 or none")
+    features = cpu_features()
+    if not features.int8_exact:
+        raise UnsupportedOnCpuError(
+            f"w8a8 needs AVX-512 VNNI, which this CPU ({features.describe()}) lacks: fbgemm's int8 kernel would sum "
+            "its products in saturating 16-bit pairs and give wrong outputs. Use int8 / int4 weight-only, or none.")
 
 
 def _w8a8_engine() -> None:
@@ -138,6 +161,11 @@ class Linear:
         self.quantization = quantization
         self.group_size = None
         self.packed = packed and quantization is None
+        if self.packed and not packing_available(weight.device, weight.dtype):
+            raise UnsupportedOnCpuError(
+                f"oneDNN cannot prepack {weight.dtype} weights on this CPU ({cpu_features().describe()}): bf16 "
+                "prepacking needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; load with pack_weights=None (chosen per CPU) "
+                "or dtype float32")
         self.pad_rows = PAD_ROWS if self.packed and weight.dtype == torch.bfloat16 else 0
         if quantization == "int8":
             if not int8_available():
@@ -160,6 +188,9 @@ class Linear:
 
     def _init_int4(self, weight: torch.Tensor) -> None:
         device = weight.device
+        if device.type == "cpu" and not cpu_features().has("avx512"):
+            warnings.warn(f"int4 on this CPU ({cpu_features().describe()}): PyTorch's int4 CPU kernel has no fast path "
+                          "without AVX-512 (correct, but slower than fp32)", RuntimeWarning, stacklevel=4)
         if not int4_available(device):
             raise ValueError(f"int4 weights need PyTorch's int4 kernel for {device.type} "
                              "(_weight_int4pack_mm_for_cpu on CPU; _weight_int4pack_mm on a CUDA GPU of compute "
@@ -183,11 +214,7 @@ class Linear:
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
 
     def _init_w8a8(self, weight: torch.Tensor) -> None:
-        import warnings
-
-        if not w8a8_available(weight.device):
-            raise ValueError("w8a8 needs PyTorch's x86/fbgemm quantized CPU backend (quantized::linear_dynamic); "
-                             "on CUDA or elsewhere use int4, int8 or none")
+        check_w8a8(weight.device)
         _w8a8_engine()
         w = weight.float()
         scales = int8_row_scales(w)

@@ -112,7 +112,8 @@ class LlamaModel:
         self.vocab_size = config.vocab_size
         available = packing_available(self.device, dtype)
         if pack_weights and not available:
-            raise ValueError("weight prepacking needs a CPU with oneDNN and bfloat16 or float32 weights")
+            raise ValueError("weight prepacking needs a CPU with oneDNN and float32 weights, or bfloat16 weights on a CPU "
+                             "whose oneDNN can reorder them (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
         self.packed = available if pack_weights is None else pack_weights
         self.quantization = quantization  # None, "int8", "int4" or "w8a8" (every matrix multiply incl. the head)
 

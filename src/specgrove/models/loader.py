@@ -16,23 +16,35 @@ from pathlib import Path
 
 import torch
 
+from specgrove.cpu import cpu_features
 from specgrove.errors import ModelNotFoundError, SpecgroveError
 from specgrove.models import defaults
 from specgrove.models.hf_fallback import HFCausalLM
-from specgrove.models.linear import QUANTIZATIONS
+from specgrove.models.linear import QUANTIZATIONS, check_w8a8
 from specgrove.models.llama import SUPPORTED_MODEL_TYPES, LlamaConfig, LlamaModel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def default_dtype(device: str | torch.device | None = "cpu") -> torch.dtype:
+    """The fastest correct dtype here: bf16 on a GPU and on CPUs with native bf16 dot products (AVX-512 BF16,
+    AMX); float32 elsewhere (on AVX2 bf16 matmuls convert to fp32 and are slower, and oneDNN cannot prepack them)."""
+    if resolve_device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_features().fast_bf16 else torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device | None = "cpu") -> torch.dtype:
+    """A dtype name (or "auto": `default_dtype(device)`) as a torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype.lower() == "auto":
+        return default_dtype(device)
     try:
         return DTYPES[dtype.lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -127,14 +139,15 @@ def load_tokenizer(directory: Path):
 
 def load_model(
     spec: str | os.PathLike,
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = "cpu",
     expected_sha256: str | None = None,
     force_fallback: bool = False,
     quantization: str | None = None,
     cuda_graphs: bool | None = None,
 ) -> LoadedModel:
-    """Load a built-in name, HF directory or .gguf file; `quantization="int8"` / `"int4"` stores the
+    """Load a built-in name, HF directory or .gguf file in `dtype` ("auto": the fastest correct one on this
+    machine, `default_dtype`); `quantization="int8"` / `"int4"` stores the
     fast runtime's matrices as weight-only int8 / int4 (see specgrove.models.linear). `cuda_graphs`: replay
     small forwards as CUDA graphs (None: on CUDA; False: always eager; specgrove.models.cuda_graphs)."""
     from transformers import AutoConfig
@@ -144,8 +157,10 @@ def load_model(
         quantization = None
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; use none, int8, int4 or w8a8")
-    torch_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, torch_device)
+    if quantization == "w8a8":
+        check_w8a8(torch_device)  # before reading any weights: refused where fbgemm would be wrong
     directory = resolve_model_dir(spec, expected_sha256)
     hf_config = AutoConfig.from_pretrained(str(directory))
     if hf_config.model_type in SUPPORTED_MODEL_TYPES and not force_fallback:
