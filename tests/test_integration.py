@@ -23,7 +23,7 @@ def test_default_models_are_pinned_and_verified():
 def test_real_draft_runtime_matches_transformers_with_a_tree():
     from transformers import AutoModelForCausalLM
 
-    ours = load_model(defaults.DEFAULT_DRAFT, dtype="float32")
+    ours = load_model(defaults.DEFAULT_DRAFT, dtype="float32", quantization="none")  # dequantized, as transformers
     ref = AutoModelForCausalLM.from_pretrained(str(ours.path), dtype=torch.float32).eval()
     prefix = ours.tokenizer.encode("def fibonacci(n):\n    ")
     tree = TokenTree([422, 470, 421, 11, 470], [-1, -1, 0, 0, 1])
@@ -44,7 +44,8 @@ def test_real_draft_runtime_matches_transformers_with_a_tree():
 
 @pytest.fixture(scope="module")
 def fp32_llm():
-    llm = LLM(speculative={"method": "draft_model", "num_speculative_tokens": 4}, dtype="float32", max_model_len=1024)
+    llm = LLM(speculative={"method": "draft_model", "num_speculative_tokens": 4}, dtype="float32", max_model_len=1024,
+              quantization="none", draft_quantization="none")
     yield llm
     del llm
     gc.collect()
@@ -89,3 +90,99 @@ def test_sampling_on_real_models_runs_and_reports(fp32_llm):
     out = fp32_llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=16))
     assert out.outputs[0].finish_reason in ("stop", "length") and out.text
     assert out.metrics.target_forwards >= 1 and 0 <= out.metrics.acceptance_rate <= 1
+
+
+# ---- the default format: the GGUF files' own blocks (specgrove.models.gguf_weights, specgrove.kernels) ----
+
+@pytest.fixture(scope="module")
+def default_llm():
+    llm = LLM(speculative={"method": "draft_model", "num_speculative_tokens": 4}, max_model_len=1024)
+    yield llm
+    del llm
+    gc.collect()
+
+
+def test_builtin_models_run_on_their_gguf_blocks_by_default(default_llm):
+    from specgrove.kernels.ggml import ggml_dequantize
+    from specgrove.models.gguf_weights import GGUFWeights
+    from specgrove.models.loader import gguf_source, read_safetensors
+
+    for loaded in (default_llm.target, default_llm.draft):
+        model = loaded.model
+        assert model.quantization == "gguf" and model.batch_invariant and loaded.dtype == torch.float32
+        source = gguf_source(loaded.name)
+        assert model.weight_bytes() < 1.05 * source.stat().st_size  # the file's bytes, no dequantized copy
+        # The blocks are the weights the converted directory holds (transformers dequantized the same file).
+        dense = read_safetensors(loaded.path)
+        gguf = GGUFWeights(source)
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+                     "model.layers.2.mlp.down_proj.weight", "lm_head.weight"):
+            m = gguf.matrix(name)
+            assert torch.equal(ggml_dequantize(m.data, m.type, m.n, m.k), dense[name]), (loaded.name, name)
+
+
+def test_forward_is_batch_invariant_on_the_real_target(default_llm):
+    """A token's logits are bit-identical whether it is decoded alone, verified in a chain or a tree, or shares
+    the forward with another sequence's tokens."""
+    model = default_llm.target.model
+    prompt = default_llm.target.tokenizer.encode("def fibonacci(n):\n    ")
+    chain = [422, 470, 421, 11, 470]
+    cache = model.new_cache(2, 128)
+
+    def prefill(row, tokens):
+        cache.truncate(row, 0)
+        model.forward(torch.tensor([tokens]), torch.arange(len(tokens))[None], cache, rows=[row], logits_at=None)
+        cache.commit(row)
+
+    prefill(0, prompt[:-1])
+    one_by_one = []
+    for i, token in enumerate([prompt[-1]] + chain):
+        one_by_one.append(model.forward(torch.tensor([[token]]), torch.tensor([[len(prompt) - 1 + i]]), cache,
+                                        rows=[0])[0, 0])
+        cache.commit(row=0)
+    one_by_one = torch.stack(one_by_one)
+
+    prefill(0, prompt[:-1])
+    together = model.forward(torch.tensor([[prompt[-1]] + chain]),
+                             (len(prompt) - 1 + torch.arange(len(chain) + 1))[None], cache, rows=[0])[0]
+    assert torch.equal(together, one_by_one)
+
+    # The chain as a path of a tree with other branches, and beside another sequence in the batch.
+    tree = TokenTree([422, 9, 470, 421, 13, 11, 470], [-1, -1, 0, 2, 2, 3, 5])
+    path = [0, 2, 3, 5, 6]
+    assert [tree.tokens[n] for n in path] == chain
+    prefill(0, prompt[:-1])
+    prefill(1, prompt[3:20])
+    mask = torch.zeros(2, len(tree) + 1, len(tree) + 1, dtype=torch.bool)
+    mask[0] = tree.attention_mask()
+    mask[1, :3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()
+    ids = torch.zeros(2, len(tree) + 1, dtype=torch.long)
+    ids[0] = torch.tensor([prompt[-1]] + tree.tokens)
+    ids[1, :3] = torch.tensor([5, 6, 7])
+    positions = torch.zeros_like(ids)
+    positions[0] = len(prompt) - 1 + torch.tensor(tree.position_offsets())
+    positions[1] = 17 + torch.arange(len(tree) + 1).clamp(max=2)
+    batched = model.forward(ids, positions, cache, tree_mask=mask, rows=[0, 1], num_new=[len(tree) + 1, 3])
+    assert torch.equal(batched[0, [0] + [n + 1 for n in path]], one_by_one)
+
+
+@pytest.mark.parametrize("method", ["draft_model", "prompt_lookup", "tree"])
+def test_greedy_speculation_is_identical_to_plain_greedy_in_the_default_format(default_llm, method):
+    from specgrove.drafting.draft_model import DraftModelProposer
+    from specgrove.drafting.prompt_lookup import PromptLookupProposer
+    from specgrove.engine.engine import SpecEngine
+    from specgrove.trees.shape import TreeShape
+
+    llm = default_llm
+    proposer = {"draft_model": lambda: DraftModelProposer(llm.draft, 1024),
+                "prompt_lookup": lambda: PromptLookupProposer(1, 3),
+                "tree": lambda: DraftModelProposer(llm.draft, 1024, TreeShape.parse("widths:3,2,1"))}[method]()
+    engine = SpecEngine(llm.target, proposer, 12 if method == "tree" else 4, 1024)
+    plain = SpecEngine(llm.target, None, 0, 1024)
+    params = SamplingParams(temperature=0, max_tokens=48)
+    for question in ("Write a Python function that reverses a string.", "Explain what a hash map is in two sentences."):
+        prompt = llm.apply_chat_template([{"role": "user", "content": question}])
+        reference = plain.generate(plain.new_sequence(prompt, params))
+        spec = engine.generate(engine.new_sequence(prompt, params))
+        assert spec.output_ids == reference.output_ids, (method, question)
+        assert spec.metrics.target_forwards < reference.metrics.target_forwards

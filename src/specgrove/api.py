@@ -70,8 +70,9 @@ class LLM:
     LLM(target="qwen2.5-coder-1.5b-instruct", draft="qwen2.5-coder-0.5b-instruct",
         speculative={"method": "draft_model", "num_speculative_tokens": 4})
     `target` / `draft`: a built-in name, a Hugging Face directory, or a .gguf file.
-    `quantization` / `draft_quantization`: None, "int8" or "int4" (weight-only) or "w8a8" (int8 weights and
-    activations, CPU; specgrove.models.linear). Speculation stays exact with respect to the target as
+    `quantization` / `draft_quantization`: "auto" (default: a model from a GGUF file, e.g. a built-in one, runs on
+    its own quantized blocks, "gguf", where a kernel exists; others dense), "gguf", None (dense), "int8" or "int4"
+    (weight-only) or "w8a8" (int8 weights and activations, CPUs with AVX-512 VNNI; specgrove.models.linear). Speculation stays exact with respect to the target as
     loaded, so a quantized draft never changes the output, a quantized target does.
     `max_num_seqs`: requests decoded together by `generate` (continuous batching; each holds a KV cache
     row of max_model_len positions); 1 decodes one prompt after the other.
@@ -91,8 +92,8 @@ class LLM:
         target_sha256: str | None = None,
         draft_sha256: str | None = None,
         num_threads: int | None = None,
-        quantization: str | None = None,
-        draft_quantization: str | None = None,
+        quantization: str | None = "auto",
+        draft_quantization: str | None = "auto",
         max_num_seqs: int | None = 8,
         enforce_eager: bool = False,
     ):

@@ -66,13 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "bfloat16, float32 or float16")
         p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
         p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-        p.add_argument("--quantization", choices=("none", "int8", "int4", "w8a8"), default="none",
-                       help="target weights: none (default), int8 or int4 weight-only, or w8a8 (int8 weights and "
-                            "activations, CPU) (the output is then exactly "
-                            "the quantized target's)")
-        p.add_argument("--draft-quantization", choices=("none", "int8", "int4", "w8a8"), default="none",
-                       help="draft weights: none (default), int8, int4 or w8a8 (output unchanged, drafting "
-                            "cheaper)")
+        p.add_argument("--quantization", choices=("auto", "gguf", "none", "int8", "int4", "w8a8"), default="auto",
+                       help="target weights: auto (default: the GGUF file's own quantized blocks where the model "
+                            "comes from one and a kernel exists, else none), gguf, none (dense), int8 or int4 "
+                            "weight-only, or w8a8 (int8 weights and activations, CPUs with AVX-512 VNNI); the output "
+                            "is exactly the target's as loaded")
+        p.add_argument("--draft-quantization", choices=("auto", "gguf", "none", "int8", "int4", "w8a8"), default="auto",
+                       help="draft weights: auto (default, as --quantization), gguf, none, int8, int4 or w8a8 "
+                            "(output unchanged, drafting cheaper)")
         p.add_argument("--enforce-eager", action="store_true",
                        help="CUDA: never replay small forwards as CUDA graphs (default: graphs on a GPU)")
 

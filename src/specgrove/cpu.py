@@ -161,15 +161,23 @@ def detect(flags: set[str], model_name: str = "", environ: dict[str, str] | None
                        caps=tuple(caps))
 
 
-@functools.cache
+_CAP_VARIABLES = ("SPECGROVE_MAX_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
 def cpu_features() -> CpuFeatures:
-    """This CPU's features after the caps in the environment (detected once per process)."""
+    """This CPU's features after the caps in the environment (the CPU is read once per process; the caps
+    are looked up on every call, so a test that sets one sees it)."""
+    return _features(tuple(os.environ.get(name) for name in _CAP_VARIABLES))
+
+
+@functools.cache
+def _features(caps: tuple) -> CpuFeatures:
     flags, model = _read_cpuinfo()
     if not flags and platform.machine().lower() in ("x86_64", "amd64"):
         # No /proc/cpuinfo (not Linux): ATen's own detection is the best we have.
         aten = torch.backends.cpu.get_cpu_capability().lower()
         flags = set(_LEVEL_FLAGS["avx2"]) | (set(_LEVEL_FLAGS["avx512"]) if aten.startswith("avx512") else set())
-    return detect(flags, model)
+    return detect(flags, model, {k: v for k, v in zip(_CAP_VARIABLES, caps) if v})
 
 
 def isa_cap_env(level: str) -> dict[str, str]:

@@ -438,8 +438,8 @@ def run_bench(
     log=None,
     interleave: bool = False,
     tree_acceptance: str | os.PathLike | None = None,
-    quantization: str | None = None,
-    draft_quantization: str | None = None,
+    quantization: str | None = "auto",
+    draft_quantization: str | None = "auto",
     sorted_draft=None,
     enforce_eager: bool = False,
 ) -> dict:
@@ -505,7 +505,6 @@ def run_bench(
                 f"top_p {acceptance.top_p}; this run samples at temperature {temperature}")
 
     from specgrove.cpu import cpu_features
-
     machine = {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "platform": platform.platform(), "cpu": cpu_features().as_dict(),
                "memory_bandwidth_gbs": None, "read_bandwidth_gbs": None}
@@ -639,7 +638,8 @@ def run_bench(
             "tree_acceptance": None if acceptance is None else {"file": str(tree_acceptance), **acceptance.to_dict()},
             "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
             "dtype": str(target_model.dtype).removeprefix("torch."),
-            "device": str(device), "quantization": quantization, "draft_quantization": draft_quantization,
+            "device": str(device), "quantization": getattr(target_model.model, "quantization", None),
+            "draft_quantization": None if draft_model is None else getattr(draft_model.model, "quantization", None),
             "cuda_graphs": str(device).startswith("cuda") and not enforce_eager,
             "warmup": warmup, "warmup_max_new_tokens": min(max_new_tokens, WARMUP_MAX_NEW_TOKENS),
             "data": str(data_path) if data_path else None, "num_prompts": len(bench_prompts),

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from specgrove.cpu import UnsupportedOnCpuError, cpu_features
 
-QUANTIZATIONS = (None, "int8", "int4", "w8a8")
+QUANTIZATIONS = (None, "int8", "int4", "w8a8", "gguf")
 INT4_GROUP_SIZE = 32
 PAD_ROWS = 4  # oneDNN prepacked bf16: fewer rows are padded up to this many (see above)
 
@@ -101,7 +101,8 @@ def check_w8a8(device: torch.device | str = "cpu") -> None:
     if not features.int8_exact:
         raise UnsupportedOnCpuError(
             f"w8a8 needs AVX-512 VNNI, which this CPU ({features.describe()}) lacks: fbgemm's int8 kernel would sum "
-            "its products in saturating 16-bit pairs and give wrong outputs. Use int8 / int4 weight-only, or none.")
+            "its products in saturating 16-bit pairs and give wrong outputs. Use the model's own GGUF weights "
+            "(quantization='gguf'), or int8 / int4 weight-only, or none.")
 
 
 def _w8a8_engine() -> None:
@@ -144,6 +145,57 @@ def dequantize_int4(q: torch.Tensor, scale_zero: torch.Tensor, group_size: int =
     return w.reshape(n, k)
 
 
+class GGUFLinear:
+    """y = x W^T + b where W is llama.cpp's quantized blocks (`quantization="gguf"`), multiplied as they are by
+    `specgrove.kernels.ggml`: each token's activations quantized to int8 by itself, exact integer dot products,
+    one fp32 accumulation order, so a token's output is bit-identical whatever else shares the forward.
+
+    `parts` are the GGUF matrices stacked along the output (a fused q/k/v or gate/up); parts of one type are
+    concatenated into one matrix, so a fused layer is one kernel call per type. Output is fp32 cast to the input's
+    dtype."""
+
+    __slots__ = ("groups", "bias", "out_features", "in_features", "nbytes", "numel", "quantization", "isa")
+
+    def __init__(self, parts: list, bias: torch.Tensor | None):
+        from specgrove.kernels import ggml
+
+        if not parts or any(p.k != parts[0].k for p in parts):
+            raise ValueError("a GGUF linear needs one or more matrices of the same input size")
+        self.in_features = parts[0].k
+        self.out_features = sum(p.n for p in parts)
+        self.quantization = "gguf"
+        self.bias = None if bias is None else bias.float()
+        self.isa = ggml.ISA_AVX2 if cpu_features().has("avx2") else ggml.ISA_SCALAR
+        self.groups: list[tuple[torch.Tensor, int, int]] = []  # (raw rows, type, rows)
+        i = 0
+        while i < len(parts):  # consecutive parts of one type become one matrix
+            j = i
+            while j + 1 < len(parts) and parts[j + 1].type == parts[i].type:
+                j += 1
+            run = parts[i : j + 1]
+            if run[0].type not in ggml.MATMUL_TYPES:
+                raise UnsupportedOnCpuError(
+                    f"GGML type {ggml.TYPE_NAMES.get(run[0].type, run[0].type)} has no kernel here (supported: "
+                    f"{', '.join(ggml.TYPE_NAMES[t] for t in ggml.MATMUL_TYPES)}); load the model with "
+                    "quantization='none' (dequantized) instead")
+            data = run[0].data if len(run) == 1 else torch.cat([p.data for p in run])
+            self.groups.append((data.contiguous(), run[0].type, sum(p.n for p in run)))
+            i = j + 1
+        self.nbytes = sum(d.numel() for d, _, _ in self.groups) + (0 if bias is None else bias.numel() * 4)
+        self.numel = self.out_features * self.in_features + (0 if bias is None else bias.numel())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from specgrove.kernels.ggml import load_extension
+
+        kernel = load_extension()
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        outs = [kernel.matmul(x2, data, type_, n, self.in_features, self.isa) for data, type_, n in self.groups]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
 class Linear:
     """y = x W^T + b with W [out, in]: prepacked for oneDNN when `packed`, int8 / int4 / w8a8 by `quantization`."""
 
@@ -153,6 +205,8 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, quantization: str | None = None):
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS}")
+        if quantization == "gguf":
+            raise ValueError("gguf weights are read from a GGUF file as they are stored: use GGUFLinear")
         self.out_features, self.in_features = weight.shape
         self.numel = weight.numel() + (bias.numel() if bias is not None else 0)
         self.bias = bias
@@ -190,7 +244,8 @@ class Linear:
         device = weight.device
         if device.type == "cpu" and not cpu_features().has("avx512"):
             warnings.warn(f"int4 on this CPU ({cpu_features().describe()}): PyTorch's int4 CPU kernel has no fast path "
-                          "without AVX-512 (correct, but slower than fp32)", RuntimeWarning, stacklevel=4)
+                          "without AVX-512 (correct, but slower than fp32); the GGUF format (quantization='gguf') is "
+                          "the fast quantized path here", RuntimeWarning, stacklevel=4)
         if not int4_available(device):
             raise ValueError(f"int4 weights need PyTorch's int4 kernel for {device.type} "
                              "(_weight_int4pack_mm_for_cpu on CPU; _weight_int4pack_mm on a CUDA GPU of compute "

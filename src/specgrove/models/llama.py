@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from specgrove.models.kv_cache import KVCache
-from specgrove.models.linear import Linear, packing_available
+from specgrove.models.linear import GGUFLinear, Linear, packing_available
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -104,18 +104,24 @@ class LlamaModel:
     supports_batching = True
 
     def __init__(self, config: LlamaConfig, hf_config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device,
-                 pack_weights: bool | None = None, quantization: str | None = None, cuda_graphs: bool | None = None):
+                 pack_weights: bool | None = None, quantization: str | None = None, cuda_graphs: bool | None = None,
+                 gguf_weights=None):
         self.config = config
         self.hf_config = hf_config
         self.dtype = dtype
         self.device = torch.device(device)
         self.vocab_size = config.vocab_size
+        if (quantization == "gguf") != (gguf_weights is not None):
+            raise ValueError("quantization='gguf' needs the model's GGUF file (gguf_weights), and only it")
+        if quantization == "gguf" and self.device.type != "cpu":
+            raise ValueError("the gguf weight format runs on CPU; on a GPU use int4 or none")
         available = packing_available(self.device, dtype)
         if pack_weights and not available:
             raise ValueError("weight prepacking needs a CPU with oneDNN and float32 weights, or bfloat16 weights on a CPU "
                              "whose oneDNN can reorder them (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
         self.packed = available if pack_weights is None else pack_weights
-        self.quantization = quantization  # None, "int8", "int4" or "w8a8" (every matrix multiply incl. the head)
+        # None, "int8", "int4", "w8a8" or "gguf" (every matrix multiply incl. the head)
+        self.quantization = quantization
 
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
@@ -127,12 +133,15 @@ class LlamaModel:
             return torch.cat([weights.pop(n).to(dtype) for n in names], dim=0).to(self.device).contiguous()
 
         def fuse_optional(*names: str) -> torch.Tensor | None:
-            if not all(n in weights for n in names):
-                return None
-            return fuse(*names)
+            return fuse(*names) if all(n in weights for n in names) else None
 
-        def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-            return Linear(weight, bias, self.packed, quantization)
+        def linear(names: tuple[str, ...], bias: torch.Tensor | None, tied: bool = False) -> Linear | GGUFLinear:
+            """The matrices `names` stacked along the output (fused), from the GGUF file or the dense weights."""
+            if gguf_weights is not None:
+                for n in names:
+                    weights.pop(n, None)
+                return GGUFLinear([gguf_weights.matrix(n, tied=tied) for n in names], bias)
+            return Linear(fuse(*names), bias, self.packed, quantization)
 
         self.embed = take("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
@@ -142,29 +151,45 @@ class LlamaModel:
             self.layers.append(
                 LayerWeights(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=linear(fuse(attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+                    qkv=linear((attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
                                fuse_optional(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")),
-                    o=linear(take(attn + "o_proj.weight"), maybe(attn + "o_proj.bias")),
+                    o=linear((attn + "o_proj.weight",), maybe(attn + "o_proj.bias")),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=linear(fuse(mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+                    gate_up=linear((mlp + "gate_proj.weight", mlp + "up_proj.weight"),
                                    fuse_optional(mlp + "gate_proj.bias", mlp + "up_proj.bias")),
-                    down=linear(take(mlp + "down_proj.weight"), maybe(mlp + "down_proj.bias")),
+                    down=linear((mlp + "down_proj.weight",), maybe(mlp + "down_proj.bias")),
                 )
             )
         self.norm = take("model.norm.weight")
         self.head_token_ids = None  # a head cut to some tokens (sorted drafts, specgrove.models.sorted)
         if "lm_head.token_ids" in weights:
+            if gguf_weights is not None:
+                raise ValueError("a head cut to some tokens (lm_head.token_ids) cannot come from a GGUF file")
             self.head_token_ids = weights.pop("lm_head.token_ids").to(self.device, torch.int64)
             if "lm_head.weight" not in weights:
                 raise ValueError("lm_head.token_ids needs its own lm_head.weight")
-        if "lm_head.weight" in weights and (not config.tie_word_embeddings or self.head_token_ids is not None):
-            head = take("lm_head.weight")
+        if gguf_weights is not None:
+            self.lm_head = linear(("lm_head.weight",), None, tied=config.tie_word_embeddings)
         else:
-            weights.pop("lm_head.weight", None)
-            head = self.embed
-        if self.head_token_ids is not None and head.shape[0] != len(self.head_token_ids):
-            raise ValueError(f"lm_head.weight has {head.shape[0]} rows but lm_head.token_ids names {len(self.head_token_ids)}")
-        self.lm_head = linear(head, None)
+            if "lm_head.weight" in weights and (not config.tie_word_embeddings or self.head_token_ids is not None):
+                head = take("lm_head.weight")
+            else:
+                weights.pop("lm_head.weight", None)
+                head = self.embed
+            if self.head_token_ids is not None and head.shape[0] != len(self.head_token_ids):
+                raise ValueError(f"lm_head.weight has {head.shape[0]} rows but lm_head.token_ids names "
+                                 f"{len(self.head_token_ids)}")
+            self.lm_head = Linear(head, None, self.packed, quantization)
+        # Batch-invariant attention (specgrove.kernels.attention) where every matrix multiply is too: then a
+        # token's logits do not depend on which other tokens share the forward, and speculative greedy output
+        # equals plain greedy output bit for bit.
+        self.batch_invariant = quantization == "gguf" and dtype == torch.float32
+        self._attention = None
+        if self.batch_invariant:
+            from specgrove.kernels.attention import load_extension
+            from specgrove.kernels.build import best_isa
+
+            self._attention, self._attention_isa = load_extension().attention, best_isa()
         inv_freq, self.attention_scaling = rope_inverse_frequencies(hf_config)
         self.inv_freq = inv_freq.to(self.device, torch.float32)
         # Small forwards (decode, verification, drafting) replayed as CUDA graphs: on by default on CUDA.
@@ -184,7 +209,7 @@ class LlamaModel:
         return total
 
     def num_parameters(self) -> int:
-        tied = self.config.tie_word_embeddings or self.lm_head.weight is self.embed
+        tied = self.config.tie_word_embeddings or getattr(self.lm_head, "weight", None) is self.embed
         n = self.embed.numel() + self.norm.numel() + (0 if tied else self.lm_head.numel)
         for layer in self.layers:
             n += layer.qkv.numel + layer.o.numel + layer.gate_up.numel + layer.down.numel
@@ -202,6 +227,8 @@ class LlamaModel:
 
     # ---- forward -----------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one kernel, weight included
+            return F.rms_norm(x, (x.shape[-1],), weight, eps=self.config.rms_norm_eps)
         # As transformers: normalise in fp32, scale in the model dtype (one fused kernel for the normalising).
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps).to(x.dtype)
 
@@ -365,21 +392,28 @@ class LlamaModel:
         # Write the new keys/values into their slots ([B, S, H, D] views of the cache).
         cache.k[li].permute(0, 2, 1, 3)[write_rows, slots] = k
         cache.v[li].permute(0, 2, 1, 3)[write_rows, slots] = v
-        if row_index is None:
-            keys, values = cache.k[li, :, :, :span], cache.v[li, :, :, :span]
+        if self._attention is not None:  # specgrove.kernels.attention.invariant_attention, called directly
+            attn = self._attention(q.contiguous(), cache.k[li], cache.v[li], write_rows[:, 0].contiguous(), mask,
+                                   c.head_dim ** -0.5, self._attention_isa)
         else:
-            keys, values = cache.k[li, row_index, :, :span], cache.v[li, row_index, :, :span]
-        qg = q.view(batch, num_tokens, c.num_kv_heads, groups, c.head_dim).permute(0, 2, 3, 1, 4)
-        qg = qg.reshape(batch, c.num_kv_heads, groups * num_tokens, c.head_dim)
-        attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-        attn = attn.view(batch, c.num_kv_heads, groups, num_tokens, c.head_dim).permute(0, 3, 1, 2, 4)
+            if row_index is None:
+                keys, values = cache.k[li, :, :, :span], cache.v[li, :, :, :span]
+            else:
+                keys, values = cache.k[li, row_index, :, :span], cache.v[li, row_index, :, :span]
+            qg = q.view(batch, num_tokens, c.num_kv_heads, groups, c.head_dim).permute(0, 2, 3, 1, 4)
+            qg = qg.reshape(batch, c.num_kv_heads, groups * num_tokens, c.head_dim)
+            attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+            attn = attn.view(batch, c.num_kv_heads, groups, num_tokens, c.head_dim).permute(0, 3, 1, 2, 4)
         h = h + layer.o(attn.reshape(batch, num_tokens, q_size))
         x = self._rms_norm(h, layer.post_norm)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return h + layer.down(F.silu(gate) * up)
 
     def fold_groups(self, mask: torch.Tensor) -> torch.Tensor:
-        """[B, 1, T, S] boolean mask -> [B, 1, groups * T, S], as layer_forward takes it (GQA folded)."""
+        """[B, 1, T, S] boolean mask -> [B, 1, groups * T, S], as layer_forward takes it (GQA folded); the
+        batch-invariant attention takes [B, T, S] (no folding)."""
+        if self.batch_invariant:
+            return mask[:, 0]
         groups = self.config.num_heads // self.config.num_kv_heads
         batch, _, num_tokens, span = mask.shape
         return mask.unsqueeze(2).expand(batch, 1, groups, num_tokens, span).reshape(batch, 1, groups * num_tokens, span)

@@ -112,8 +112,9 @@ def resolve_model_dir(spec: str | os.PathLike, expected_sha256: str | None = Non
     return path
 
 
-def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def read_safetensors(directory: Path, skip=None) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's *.safetensors files, except the names `skip(name)` is true for."""
+    from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -124,8 +125,55 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         )
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(load_file(str(f)))
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                if skip is None or not skip(name):
+                    weights[name] = handle.get_tensor(name)
     return weights
+
+
+def gguf_source(spec: str | os.PathLike) -> Path | None:
+    """The GGUF file a model spec comes from (a built-in name or a .gguf path), None for a directory."""
+    text = str(spec)
+    if defaults.resolve_builtin(text) is not None:
+        return defaults.fetch_gguf(text)
+    path = Path(text).expanduser()
+    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
+def resolve_quantization(quantization: str | None, spec, device: torch.device, fast: bool) -> str | None:
+    """"auto": the model's own GGUF blocks (`gguf`) where it comes from a GGUF file whose matrix types have a kernel
+    and runs on CPU in the fast runtime, else none. An explicit "gguf" that cannot run raises, saying why."""
+    if quantization == "none":
+        return None
+    if quantization not in (*QUANTIZATIONS, "auto"):
+        raise ValueError(f"unknown quantization {quantization!r}; use auto, none, int8, int4, w8a8 or gguf")
+    if quantization not in ("auto", "gguf"):
+        return quantization
+    source = gguf_source(spec)
+    reason = None
+    if source is None:
+        reason = f"{spec} is not a GGUF model (a built-in name or a .gguf file)"
+    elif device.type != "cpu":
+        reason = "the gguf format runs on CPU"
+    elif not fast:
+        reason = "the model is not in the Llama family (it runs through the transformers fallback)"
+    else:
+        from specgrove.kernels import ggml
+        from specgrove.models.gguf_weights import GGUFWeights
+
+        unsupported = sorted({ggml.TYPE_NAMES.get(t, str(t)) for t in GGUFWeights(source).types().values()
+                              if t not in ggml.MATMUL_TYPES})
+        if unsupported:
+            reason = (f"{source.name} holds {', '.join(unsupported)} matrices, which have no kernel here "
+                      f"(supported: {', '.join(ggml.TYPE_NAMES[t] for t in ggml.MATMUL_TYPES)})")
+        else:
+            ggml.load_extension()  # built once; a missing compiler raises here with what to install
+    if reason is None:
+        return "gguf"
+    if quantization == "gguf":
+        raise ValueError(f"quantization='gguf' cannot be used: {reason}; use quantization='none' (dequantized)")
+    return None
 
 
 def load_tokenizer(directory: Path):
@@ -143,29 +191,38 @@ def load_model(
     device: str | torch.device | None = "cpu",
     expected_sha256: str | None = None,
     force_fallback: bool = False,
-    quantization: str | None = None,
+    quantization: str | None = "auto",
     cuda_graphs: bool | None = None,
 ) -> LoadedModel:
     """Load a built-in name, HF directory or .gguf file in `dtype` ("auto": the fastest correct one on this
-    machine, `default_dtype`); `quantization="int8"` / `"int4"` stores the
+    machine, `default_dtype`; float32 for the gguf format). `quantization`: "auto" (default) runs a model that comes
+    from a GGUF file on its own quantized blocks (`gguf`, specgrove.models.gguf_weights) where a kernel exists, else
+    dense; None / "none" dense; `"gguf"` insists on the blocks; `"int8"` / `"int4"` stores the
     fast runtime's matrices as weight-only int8 / int4 (see specgrove.models.linear). `cuda_graphs`: replay
     small forwards as CUDA graphs (None: on CUDA; False: always eager; specgrove.models.cuda_graphs)."""
     from transformers import AutoConfig
 
     t0 = time.perf_counter()
-    if quantization == "none":
-        quantization = None
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; use none, int8, int4 or w8a8")
     torch_device = resolve_device(device)
-    torch_dtype = parse_dtype(dtype, torch_device)
     if quantization == "w8a8":
         check_w8a8(torch_device)  # before reading any weights: refused where fbgemm would be wrong
     directory = resolve_model_dir(spec, expected_sha256)
     hf_config = AutoConfig.from_pretrained(str(directory))
-    if hf_config.model_type in SUPPORTED_MODEL_TYPES and not force_fallback:
-        model = LlamaModel(LlamaConfig.from_hf(hf_config), hf_config, read_safetensors(directory), torch_dtype, torch_device,
-                           quantization=quantization, cuda_graphs=cuda_graphs)
+    fast = hf_config.model_type in SUPPORTED_MODEL_TYPES and not force_fallback
+    quantization = resolve_quantization(quantization, spec, torch_device, fast)
+    # The gguf kernels compute in fp32: other dtypes would only round their inputs and outputs.
+    torch_dtype = parse_dtype("float32" if quantization == "gguf" and dtype == "auto" else dtype, torch_device)
+    if fast:
+        gguf_weights = None
+        if quantization == "gguf":
+            from specgrove.models.gguf_weights import GGUFWeights, gguf_name
+
+            gguf_weights = GGUFWeights(gguf_source(spec))
+            weights = read_safetensors(directory, skip=lambda name: gguf_name(name) is not None)
+        else:
+            weights = read_safetensors(directory)
+        model = LlamaModel(LlamaConfig.from_hf(hf_config), hf_config, weights, torch_dtype, torch_device,
+                           quantization=quantization, cuda_graphs=cuda_graphs, gguf_weights=gguf_weights)
     else:
         if quantization is not None:
             raise ValueError(f"quantization={quantization!r} needs a Llama-family model (fast runtime); "

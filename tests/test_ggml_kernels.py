@@ -1,0 +1,287 @@
+"""The GGUF block kernels (specgrove.kernels.ggml): layouts against gguf-py's numpy reference, exact integer
+dot products against a float64 reference, scalar == AVX2 bit for bit, and batch invariance."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from specgrove.kernels import ggml
+
+ggml.load_extension()  # the default CPU path: a machine that cannot build it fails here, it is not skipped
+
+TYPES = [ggml.Q8_0, ggml.Q5_0, ggml.Q4_K, ggml.Q6_K]
+NAMES = [ggml.TYPE_NAMES[t] for t in TYPES]
+HAS_AVX2 = ggml.cpu_isa_level() >= ggml.ISA_AVX2  # honours SPECGROVE_MAX_ISA
+ISAS = [ggml.ISA_SCALAR, pytest.param(ggml.ISA_AVX2, marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 here"))]
+needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 here (or SPECGROVE_MAX_ISA caps it)")
+
+
+def _fp16_bytes(rng, shape, lo, hi):
+    """Random fp16 values in [lo, hi) as bytes: block scales that are finite and normal."""
+    return rng.uniform(lo, hi, size=shape).astype(np.float16).view(np.uint8).reshape(*shape[:-1], -1)
+
+
+def random_blocks(type_, n, k, seed=0, fill=None):
+    """n rows of random ggml blocks (random bytes, or every byte `fill`) with sane fp16 scales."""
+    rng = np.random.default_rng(seed)
+    nb, size = k // ggml.BLOCK_SIZE[type_], ggml.TYPE_SIZE[type_]
+    shape = (n, nb, size)
+    b = rng.integers(0, 256, size=shape, dtype=np.uint8) if fill is None else np.full(shape, fill, np.uint8)
+    if type_ == ggml.Q4_K:
+        b[..., 0:4] = _fp16_bytes(rng, (n, nb, 2), 1e-4, 1e-2)  # d, dmin
+    elif type_ == ggml.Q6_K:
+        b[..., 208:210] = _fp16_bytes(rng, (n, nb, 1), 1e-4, 1e-2)
+    else:
+        b[..., 0:2] = _fp16_bytes(rng, (n, nb, 1), -1e-2, 1e-2)
+    return b.reshape(n, nb * size)
+
+
+def gguf_dequantize(w, type_):
+    return quants.dequantize(w, GGMLQuantizationType(type_))
+
+
+def dequantized_activations(x, type_):
+    """The int8 activations the kernel uses, as float64 values q * d."""
+    block = ggml.ACT_BLOCK[type_]
+    q, d, _ = ggml.quantize_activations(x, block)
+    return (q.double().reshape(x.shape[0], -1, block) * d.double()[..., None]).reshape(x.shape)
+
+
+def assert_exact_up_to_rounding(y, x_deq, w_deq, rtol=1e-5):
+    """y against the float64 product of the dequantized activations and weights. The bound is relative to
+    the sum of |terms| (the kernel's float32 rounding scales with it), so one wrong product in a row fails."""
+    ref = x_deq @ torch.from_numpy(w_deq).double().T
+    scale = x_deq.abs() @ torch.from_numpy(np.abs(w_deq)).double().T
+    err = (y.double() - ref).abs()
+    worst = float((err / (scale + 1e-30)).max())
+    assert worst <= rtol, f"error {worst:.3g} x sum|terms| (allowed {rtol})"
+
+
+# --- layouts ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("type_", TYPES, ids=NAMES)
+def test_dequantize_matches_gguf_bitwise(type_):
+    w = random_blocks(type_, 7, 512, seed=type_)
+    np.testing.assert_array_equal(ggml.ggml_dequantize(w, type_, 7, 512).numpy(), gguf_dequantize(w, type_))
+
+
+@pytest.mark.parametrize("type_", [ggml.Q8_0, ggml.Q5_0], ids=["Q8_0", "Q5_0"])
+def test_dequantize_of_gguf_quantized_floats(type_):
+    x = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
+    w = quants.quantize(x, GGMLQuantizationType(type_))
+    np.testing.assert_array_equal(ggml.ggml_dequantize(w, type_, 5, 256).numpy(), gguf_dequantize(w, type_))
+
+
+def test_dequantize_f32_f16():
+    x = np.random.default_rng(2).standard_normal((3, 40)).astype(np.float32)
+    x[0, :4] = [0.0, -0.0, 6e-8, 65504.0]  # zero, a half subnormal, the largest half
+    for type_, raw in ((ggml.F32, x), (ggml.F16, x.astype(np.float16))):
+        got = ggml.ggml_dequantize(raw.view(np.uint8), type_, 3, 40).numpy()
+        np.testing.assert_array_equal(got, raw.astype(np.float32))
+
+
+def q6_k_reference(w, offset=32):
+    """Q6_K decoded from llama.cpp's layout as written in block_q6_K's description; `offset` is the -32."""
+    b = w.reshape(-1, 210)
+    ql, qh, sc = b[:, :128].astype(np.int32), b[:, 128:192].astype(np.int32), b[:, 192:208].view(np.int8)
+    d = b[:, 208:210].copy().view(np.float16).astype(np.float32)[:, 0]
+    y = np.zeros((b.shape[0], 256), np.float32)
+    for h in range(2):
+        lo, hi, hh = ql[:, 64 * h:64 * h + 32], ql[:, 64 * h + 32:64 * h + 64], qh[:, 32 * h:32 * h + 32]
+        parts = [(lo & 15) | ((hh & 3) << 4), (hi & 15) | (((hh >> 2) & 3) << 4),
+                 (lo >> 4) | (((hh >> 4) & 3) << 4), (hi >> 4) | (((hh >> 6) & 3) << 4)]
+        for g, q in enumerate(parts):
+            for half16 in range(2):
+                scale = d * sc[:, 8 * h + 2 * g + half16].astype(np.float32)
+                cols = slice(128 * h + 32 * g + 16 * half16, 128 * h + 32 * g + 16 * half16 + 16)
+                y[:, cols] = scale[:, None] * (q[:, 16 * half16:16 * half16 + 16] - offset).astype(np.float32)
+    return y.reshape(w.shape[0], -1)
+
+
+def test_checks_can_fail_on_a_wrong_layout():
+    """The Q6_K layout read as documented matches gguf-py; read without its -32 offset it does not, and the
+    kernel check above rejects the matmul that the wrong weights would give."""
+    w = random_blocks(ggml.Q6_K, 4, 512, seed=3)
+    np.testing.assert_allclose(q6_k_reference(w), gguf_dequantize(w, ggml.Q6_K), rtol=1e-6, atol=0)
+    wrong = q6_k_reference(w, offset=0)
+    assert np.abs(wrong - gguf_dequantize(w, ggml.Q6_K)).max() > 1e-2
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+    y = ggml.ggml_matmul(x, w, ggml.Q6_K, 4, 512, ggml.ISA_SCALAR)
+    x_deq = dequantized_activations(x, ggml.Q6_K)
+    assert_exact_up_to_rounding(y, x_deq, gguf_dequantize(w, ggml.Q6_K))
+    with pytest.raises(AssertionError):
+        assert_exact_up_to_rounding(y, x_deq, wrong)
+
+
+# --- activations --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
+@pytest.mark.parametrize("block", [32, 256])
+def test_quantize_activations_formula(block, isa):
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(4)) * torch.logspace(-3, 2, 512)
+    x[1, :block] = 0.0  # an all-zero block: d = 0, q = 0
+    x[2, :32] = torch.arange(32) - 15.5  # with amax = 127 (so x * 127/amax = x), ties go to even (as np.rint)
+    x[2, 0] = 127.0
+    q, d, bsums = ggml.quantize_activations(x, block, isa)
+    xb = x.numpy().reshape(3, -1, block)
+    amax = np.abs(xb).max(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q_ref = np.where(amax[..., None] > 0, np.rint(xb * (np.float32(127) / amax)[..., None]), 0).clip(-127, 127)
+    np.testing.assert_array_equal(q.numpy(), q_ref.reshape(3, -1).astype(np.int8))
+    np.testing.assert_array_equal(d.numpy(), amax / np.float32(127))
+    np.testing.assert_array_equal(bsums.numpy(), q_ref.reshape(3, -1, 16).sum(-1).astype(np.int16))
+    assert d[1, 0] == 0 and not q[1, :block].any()
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
+def test_quantize_activations_edge_blocks(isa):
+    """A block of subnormals (127/amax overflows: q = +-127 where x != 0), and NaN / inf (d = NaN)."""
+    x = torch.zeros(3, 64)
+    x[0, :32:2] = 1e-39
+    x[0, 1] = -3e-40
+    x[1, 3], x[2, 40] = float("nan"), float("inf")
+    q, d, _ = ggml.quantize_activations(x, 32, isa)
+    expected = torch.zeros(32, dtype=torch.int8)
+    expected[::2], expected[1] = 127, -127
+    assert torch.equal(q[0, :32], expected) and d[0, 0] == torch.tensor(1e-39) / 127
+    assert torch.isnan(d[1, 0]) and torch.isnan(d[2, 1]) and d[1, 1] == 0 and d[2, 0] == 0
+    assert not q[1:].any()
+
+
+# --- matmul -------------------------------------------------------------------------------------
+
+def _x(m, k, seed=0):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
+@pytest.mark.parametrize("type_", TYPES, ids=NAMES)
+def test_matmul_exact_against_float64_reference(type_, isa):
+    n, k = 40, 768
+    w = random_blocks(type_, n, k, seed=10 + type_)
+    x = _x(6, k, seed=1)
+    y = ggml.ggml_matmul(x, w, type_, n, k, isa)
+    assert y.dtype == torch.float32 and y.shape == (6, n)
+    w_deq = gguf_dequantize(w, type_)
+    assert_exact_up_to_rounding(y, dequantized_activations(x, type_), w_deq)
+    # and near the plain float product (what int8 activations cost)
+    full = x @ torch.from_numpy(w_deq).T
+    assert float((y - full).norm() / full.norm()) < 3e-2
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
+@pytest.mark.parametrize("type_", TYPES, ids=NAMES)
+@pytest.mark.parametrize("fill", [0x00, 0x80, 0xFF])
+def test_matmul_extreme_blocks_do_not_saturate(type_, isa, fill):
+    """Every weight byte at 0x00 / 0x80 / 0xFF (Q8_0's -128, Q6_K's scale -128 and q = +31, Q4_K's 63 scales
+    and 15s, Q5_0's 31s) against activations at +-127: the 16-bit pair sums' worst cases."""
+    n, k = 8, 512
+    w = random_blocks(type_, n, k, seed=5, fill=fill)
+    x = torch.ones(4, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    x[3] = torch.linspace(-1, 1, k)
+    y = ggml.ggml_matmul(x, w, type_, n, k, isa)
+    assert_exact_up_to_rounding(y, dequantized_activations(x, type_), gguf_dequantize(w, type_))
+
+
+@needs_avx2
+@pytest.mark.parametrize("type_", TYPES, ids=NAMES)
+@pytest.mark.parametrize("k_blocks", [1, 3, 7])  # 32-blocks: groups of 4 / 2 blocks with a tail
+def test_scalar_equals_avx2_bitwise(type_, k_blocks):
+    k = k_blocks * ggml.BLOCK_SIZE[type_]
+    n = 33
+    w = random_blocks(type_, n, k, seed=20 + k_blocks)
+    x = _x(9, k, seed=k_blocks) * torch.logspace(-2, 2, k)
+    x[4] = 0.0
+    for m in range(1, 10):
+        y0 = ggml.ggml_matmul(x[:m], w, type_, n, k, ggml.ISA_SCALAR)
+        y1 = ggml.ggml_matmul(x[:m], w, type_, n, k, ggml.ISA_AVX2)
+        assert torch.equal(y0, y1), f"M={m}: max diff {float((y0 - y1).abs().max())}"
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
+@pytest.mark.parametrize("type_", TYPES, ids=NAMES)
+def test_batch_invariance(type_, isa):
+    n, k = 24, 512
+    w = random_blocks(type_, n, k, seed=30)
+    x = _x(9, k, seed=2)
+    alone = torch.cat([ggml.ggml_matmul(x[i:i + 1], w, type_, n, k, isa) for i in range(9)])
+    for m in range(1, 10):
+        assert torch.equal(ggml.ggml_matmul(x[:m], w, type_, n, k, isa), alone[:m]), f"M={m}"
+    # a token's output also ignores which tokens come before it
+    assert torch.equal(ggml.ggml_matmul(x.flip(0), w, type_, n, k, isa), alone.flip(0))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
+@pytest.mark.parametrize("type_", TYPES, ids=NAMES)
+def test_batch_invariance_over_tiles_and_row_chunks(type_, isa):
+    """19 tokens (tiles of 8 + 8 + 3) over 300 rows (the AVX2 path then walks the rows in chunks)."""
+    n, k = 300, 512
+    w = random_blocks(type_, n, k, seed=31)
+    x = _x(19, k, seed=3)
+    together = ggml.ggml_matmul(x, w, type_, n, k, isa)
+    for i in (0, 7, 8, 16, 18):
+        assert torch.equal(together[i], ggml.ggml_matmul(x[i:i + 1], w, type_, n, k, isa)[0]), f"token {i}"
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
+def test_nan_stays_in_its_token(isa):
+    w = random_blocks(ggml.Q4_K, 8, 256, seed=6)
+    x = _x(3, 256)
+    x[1, 7] = float("nan")
+    y = ggml.ggml_matmul(x, w, ggml.Q4_K, 8, 256, isa)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
+
+
+def test_any_float_dtype_and_leading_dims():
+    n, k = 16, 256
+    w = torch.from_numpy(random_blocks(ggml.Q8_0, n, k, seed=7)).reshape(-1)  # flat bytes are fine too
+    x = _x(6, k).to(torch.bfloat16).reshape(2, 3, k)
+    y = ggml.ggml_matmul(x, w, ggml.Q8_0, n, k)
+    assert y.shape == (2, 3, n) and y.dtype == torch.float32
+    assert ggml.ggml_matmul(torch.zeros(0, k), w, ggml.Q8_0, n, k).shape == (0, n)
+    assert torch.equal(y.reshape(6, n), ggml.ggml_matmul(x.float().reshape(6, k), w, ggml.Q8_0, n, k))
+
+
+@pytest.mark.parametrize("type_, k", [(ggml.Q4_K, 384), (ggml.Q6_K, 128), (ggml.Q8_0, 48), (ggml.Q5_0, 0)])
+def test_k_not_whole_blocks_is_refused(type_, k):
+    with pytest.raises(ValueError, match="multiple of"):
+        ggml.ggml_matmul(torch.zeros(1, k), np.zeros(64, np.uint8), type_, 1, k)
+
+
+def test_bad_arguments_are_refused():
+    w = random_blocks(ggml.Q8_0, 4, 64)
+    with pytest.raises(ValueError, match="bytes"):
+        ggml.ggml_matmul(torch.zeros(1, 64), w[:3], ggml.Q8_0, 4, 64)
+    with pytest.raises(ValueError, match="inputs per token"):
+        ggml.ggml_matmul(torch.zeros(1, 32), w, ggml.Q8_0, 4, 64)
+    with pytest.raises(ValueError, match="supports"):
+        ggml.ggml_matmul(torch.zeros(1, 64), w, ggml.F16, 4, 64)
+
+
+# --- CPU level ----------------------------------------------------------------------------------
+
+def test_isa_cap_from_environment(monkeypatch):
+    monkeypatch.delenv("SPECGROVE_MAX_ISA", raising=False)
+    best = ggml.cpu_isa_level()
+    assert best in (ggml.ISA_SCALAR, ggml.ISA_AVX2)
+    assert ggml.cpu_isa_level(max_level=ggml.ISA_SCALAR) == ggml.ISA_SCALAR
+    monkeypatch.setenv("SPECGROVE_MAX_ISA", "scalar")
+    assert ggml.cpu_isa_level() == ggml.ISA_SCALAR
+    with pytest.raises(ValueError, match="not available"):  # the capped path is not taken even when asked for
+        ggml.ggml_matmul(torch.zeros(1, 32), random_blocks(ggml.Q8_0, 1, 32), ggml.Q8_0, 1, 32, ggml.ISA_AVX2)
+    monkeypatch.setenv("SPECGROVE_MAX_ISA", "avx512")
+    assert ggml.cpu_isa_level() == best
+    monkeypatch.setenv("SPECGROVE_MAX_ISA", "sse9")
+    with pytest.raises(ValueError, match="SPECGROVE_MAX_ISA"):
+        ggml.cpu_isa_level()
+
+
+def test_missing_compiler_is_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(ggml.GGML, "_module", None)  # as in a fresh process, with nothing built yet
+    monkeypatch.setenv("SPECGROVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-c++")
+    with pytest.raises(RuntimeError, match="C\\+\\+17 compiler"):
+        ggml.load_extension()
