@@ -56,3 +56,23 @@ def test_parameters_that_cannot_be_honoured_raise():
 def test_max_new_tokens_alias():
     assert SamplingParams(max_new_tokens=9).max_tokens == 9
     assert SamplingParams(stop="x").stop == ["x"]
+
+
+def test_processed_rows_are_computed_only_where_the_walk_goes():
+    from specgrove.sampling import ProcessedRows, Sampler
+    from specgrove.trees.tree import TokenTree
+    from specgrove.verify.speculative import verify_tree
+
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=6)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g) * 3
+    full = process_logits(logits, params)
+    tree = TokenTree([1, 2, 3, 4, 5], [-1, 0, 1, 2, 3], draft_probs=torch.softmax(torch.randn(5, 50, generator=g), -1))
+    for seed in range(20):
+        lazy = ProcessedRows(logits, params)
+        expected = verify_tree(tree, full, Sampler(seed))
+        got = verify_tree(tree, lazy, Sampler(seed))
+        assert (got.accepted_nodes, got.next_token) == (expected.accepted_nodes, expected.next_token)
+        assert lazy.rows_processed == got.num_accepted + 1  # the root and the accepted path, nothing else
+        for row in lazy._rows:
+            assert torch.allclose(lazy[row], full[row], atol=1e-7)

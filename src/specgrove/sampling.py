@@ -110,6 +110,29 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
+class ProcessedRows:
+    """The processed distributions of the rows of `logits` [N, V], each computed (`process_logits`) only when
+    first indexed: a verification walk visits the root and the accepted path, not every node of the tree, and
+    processing a row over the whole vocabulary (softmax, the top-p sort) is not free."""
+
+    def __init__(self, logits: torch.Tensor, params: SamplingParams):
+        self.logits = logits
+        self.params = params
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        if row not in self._rows:
+            self._rows[row] = process_logits(self.logits[row], self.params)
+        return self._rows[row]
+
+    @property
+    def rows_processed(self) -> int:
+        return len(self._rows)
+
+
 class Sampler:
     """The randomness a speculative step consumes: categorical draws and biased coins.
 

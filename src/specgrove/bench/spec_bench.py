@@ -523,10 +523,13 @@ def run_bench(
     graphs = False if enforce_eager else None  # CUDA graphs (on a GPU only)
     target_model = load_model(target, dtype=dtype, device=device, quantization=quantization, cuda_graphs=graphs)
     say(f"loaded target {target_model.name} ({target_model.dtype}) in {target_model.load_seconds:.1f} s")
+    loaded_as = {"dtype": str(target_model.dtype).removeprefix("torch."),
+                 "quantization": getattr(target_model.model, "quantization", None), "draft_quantization": None}
     draft_model = None
     if drafted:
         draft_model = load_model(draft, dtype=dtype, device=device, quantization=draft_quantization, cuda_graphs=graphs)
         check_compatible(target_model, draft_model)
+        loaded_as["draft_quantization"] = getattr(draft_model.model, "quantization", None)
         say(f"loaded draft {draft_model.name} in {draft_model.load_seconds:.1f} s")
     sorted_model = None
     if sorted_methods:
@@ -637,9 +640,9 @@ def run_bench(
             "num_speculative_tokens": k, "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max,
             "tree_acceptance": None if acceptance is None else {"file": str(tree_acceptance), **acceptance.to_dict()},
             "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-            "dtype": str(target_model.dtype).removeprefix("torch."),
-            "device": str(device), "quantization": getattr(target_model.model, "quantization", None),
-            "draft_quantization": None if draft_model is None else getattr(draft_model.model, "quantization", None),
+            "dtype": loaded_as["dtype"],
+            "device": str(device), "quantization": loaded_as["quantization"],
+            "draft_quantization": loaded_as["draft_quantization"],
             "cuda_graphs": str(device).startswith("cuda") and not enforce_eager,
             "warmup": warmup, "warmup_max_new_tokens": min(max_new_tokens, WARMUP_MAX_NEW_TOKENS),
             "data": str(data_path) if data_path else None, "num_prompts": len(bench_prompts),

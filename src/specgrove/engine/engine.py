@@ -16,7 +16,7 @@ from specgrove.drafting.base import Proposer
 from specgrove.engine.sequence import Sequence
 from specgrove.models.kv_cache import CachePool
 from specgrove.models.loader import LoadedModel
-from specgrove.sampling import Sampler, SamplingParams, process_logits
+from specgrove.sampling import ProcessedRows, Sampler, SamplingParams
 from specgrove.trees.tree import TokenTree
 from specgrove.verify.speculative import rejection_select, verify_tree, verify_tree_greedy
 
@@ -176,7 +176,8 @@ class SpecEngine:
                 result = verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
             else:
                 node_rule = getattr(self.proposer, "node_rule", rejection_select)
-                result = verify_tree(tree, process_logits(row_logits, seq.params), seq.sampler, node_rule)
+                # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
+                result = verify_tree(tree, ProcessedRows(row_logits, seq.params), seq.sampler, node_rule)
             cache.commit(rows[b], [0] + [node + 1 for node in result.accepted_nodes])
             metrics = seq.metrics
             # Every sequence of the batch waited for the whole draft phase and target forward.

@@ -74,7 +74,8 @@ NodeRule = Callable[[torch.Tensor, Sequence[int], Sequence["torch.Tensor | None"
 
 
 def verify_tree(tree: TokenTree, target_probs: torch.Tensor, sampler, node_rule: NodeRule = rejection_select) -> VerifyResult:
-    """Walk `tree` with the target distributions `target_probs` [N+1, V] (row 0 = root, row i+1 = node i)."""
+    """Walk `tree` with the target distributions `target_probs` [N+1, V] (row 0 = root, row i+1 = node i; any
+    object indexable by row, e.g. `specgrove.sampling.ProcessedRows`, which processes only the rows visited)."""
     accepted: list[int] = []
     decisions: list[tuple[int, int]] = []
     node = -1

@@ -415,11 +415,11 @@ SG_AVX2_INLINE __m256 spread_rows(__m256 w) {
   if constexpr (R == 1 || NT == 1) return w;  // R == 1: gather_f16 broadcasts
   else return _mm256_permutevar8x32_ps(w, row_lanes<NT, R>());
 }
-// Lane p of the activation scales of block b: token p % NT's.
-template <int NT>
+// Lane p of the activation scales of block b: token p % NT's (lanes past R * NT: unspecified).
+template <int NT, int R = 2>
 SG_AVX2_INLINE __m256 spread_tokens(const float* da) {
-  if constexpr (NT == 1) return _mm256_broadcast_ss(da);
-  else if constexpr (NT == 8) return _mm256_loadu_ps(da);
+  if constexpr (NT == 1 && R > 1) return _mm256_broadcast_ss(da);
+  else if constexpr (NT == 8 || R == 1) return _mm256_loadu_ps(da);
   else return _mm256_permutevar8x32_ps(_mm256_loadu_ps(da), token_lanes<NT>());
 }
 
@@ -524,7 +524,7 @@ __attribute__((noinline)) SG_AVX2 __m256 pass_32(const uint8_t* row, int64_t row
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * Q::kBytes;
-    prefetch_step<R * Q::kBytes>(row + R * row_bytes, b);
+    if constexpr (R > 1) prefetch_step<R * Q::kBytes>(row + R * row_bytes, b);  // one row: the hardware prefetcher does
     Sums8 sums;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -532,18 +532,19 @@ __attribute__((noinline)) SG_AVX2 __m256 pass_32(const uint8_t* row, int64_t row
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) {
         const int p = r * NT + t;
-        sums.put(p, Q::dot(w, opaque(tile.a[t]) + b * 32), p == P - 1 && P % 2 == 1);
+        sums.put(p, Q::dot(w, tile.a[t] + b * 32), p == P - 1 && P % 2 == 1);
       }
     }
     __m256i sumi = sums.total();
     if constexpr (Q::kOffset16) {
       const __m256i as = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile.asum + kTile * b));
-      const __m256i asp = NT == 1 ? _mm256_broadcastd_epi32(_mm256_castsi256_si128(as))
-                        : NT == 8 ? as : _mm256_permutevar8x32_epi32(as, token_lanes<NT>());
+      const __m256i asp = R == 1 || NT == 8 ? as
+                        : NT == 1 ? _mm256_broadcastd_epi32(_mm256_castsi256_si128(as))
+                                  : _mm256_permutevar8x32_epi32(as, token_lanes<NT>());
       sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(asp, 4));
     }
     const __m256 dw = spread_rows<NT, R>(gather_f16<R>(blk, row_bytes));
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(dw, spread_tokens<NT>(tile.da + kTile * b)), _mm256_cvtepi32_ps(sumi)));
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(dw, spread_tokens<NT, R>(tile.da + kTile * b)), _mm256_cvtepi32_ps(sumi)));
   }
   return acc;
 }
@@ -560,7 +561,7 @@ __attribute__((noinline)) SG_AVX2 __m256 pass_q4k(const uint8_t* row, int64_t ro
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * 144;
-    prefetch_step<R * 144>(row + R * row_bytes, b);
+    if constexpr (R > 1) prefetch_step<R * 144>(row + R * row_bytes, b);  // one row: the hardware prefetcher does
     Sums8 si, sm;  // sm: only when the pairs do not fit one reduction
     uint32_t ddm[4] = {0, 0, 0, 0};
 #pragma GCC unroll 4
@@ -642,7 +643,7 @@ __attribute__((noinline)) SG_AVX2 __m256 pass_q6k(const uint8_t* row, int64_t ro
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * 210;
-    prefetch_step<R * 210>(row + R * row_bytes, b);
+    if constexpr (R > 1) prefetch_step<R * 210>(row + R * row_bytes, b);  // one row: the hardware prefetcher does
     Sums8 sums;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -697,7 +698,7 @@ __attribute__((noinline)) SG_AVX2 __m256 pass_q6k(const uint8_t* row, int64_t ro
       }
     }
     const __m256 dw = spread_rows<NT, R>(gather_f16<R>(blk + 208, row_bytes));
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(dw, spread_tokens<NT>(tile.da + kTile * b)), _mm256_cvtepi32_ps(sums.total())));
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(dw, spread_tokens<NT, R>(tile.da + kTile * b)), _mm256_cvtepi32_ps(sums.total())));
   }
   return acc;
 }
