@@ -87,10 +87,6 @@ def _weight_tensor(weight: torch.Tensor | np.ndarray, type_: int, n: int, k: int
     return w
 
 
-def _isa(isa: int | None) -> int:
-    return check_isa(isa)
-
-
 def ggml_dequantize(weight: torch.Tensor | np.ndarray, type_: int, n: int, k: int) -> torch.Tensor:
     """The float32 [n, k] values of `n` rows of ggml type `type_` (F32, F16, Q8_0, Q5_0, Q4_K, Q6_K)."""
     return load_extension().dequantize(_weight_tensor(weight, type_, n, k), type_, k)
@@ -106,7 +102,7 @@ def quantize_activations(x: torch.Tensor, block: int,
         raise ValueError(f"activation block must be 32 or 256, got {block}")
     if x.dim() != 2 or x.shape[1] % block:
         raise ValueError(f"x must be [M, K] with K a multiple of {block}, got {tuple(x.shape)}")
-    return load_extension().quantize_activations(x.detach(), block, _isa(isa))
+    return load_extension().quantize_activations(x.detach(), block, check_isa(isa))
 
 
 def ggml_matmul(x: torch.Tensor, weight: torch.Tensor | np.ndarray, type_: int, n: int, k: int,
@@ -123,5 +119,5 @@ def ggml_matmul(x: torch.Tensor, weight: torch.Tensor | np.ndarray, type_: int, 
     w = _weight_tensor(weight, type_, n, k)
     ext = load_extension()
     if x.dim() == 2:
-        return ext.matmul(x.detach(), w, type_, n, k, _isa(isa))  # the extension converts to contiguous fp32
-    return ext.matmul(x.detach().reshape(-1, k), w, type_, n, k, _isa(isa)).reshape(*x.shape[:-1], n)
+        return ext.matmul(x.detach(), w, type_, n, k, check_isa(isa))  # the extension converts to contiguous fp32
+    return ext.matmul(x.detach().reshape(-1, k), w, type_, n, k, check_isa(isa)).reshape(*x.shape[:-1], n)

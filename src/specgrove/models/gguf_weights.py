@@ -99,4 +99,4 @@ class GGUFWeights:
         rows = np.asarray(tensor.data).reshape(n, -1)
         if self.architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             rows = _unpermute_rows(rows, self._heads if "attn_q" in name else self._heads_kv)
-        return GGUFMatrix(torch.from_numpy(np.ascontiguousarray(rows).copy()), int(tensor.tensor_type), n, k)
+        return GGUFMatrix(torch.from_numpy(np.array(rows)), int(tensor.tensor_type), n, k)

@@ -154,7 +154,7 @@ class GGUFLinear:
     concatenated into one matrix, so a fused layer is one kernel call per type. Output is fp32 cast to the input's
     dtype."""
 
-    __slots__ = ("groups", "bias", "out_features", "in_features", "nbytes", "numel", "quantization", "isa")
+    __slots__ = ("groups", "bias", "out_features", "in_features", "nbytes", "numel", "quantization", "isa", "matmul")
 
     def __init__(self, parts: list, bias: torch.Tensor | None):
         from specgrove.kernels import ggml
@@ -165,7 +165,8 @@ class GGUFLinear:
         self.out_features = sum(p.n for p in parts)
         self.quantization = "gguf"
         self.bias = None if bias is None else bias.float()
-        self.isa = ggml.ISA_AVX2 if cpu_features().has("avx2") else ggml.ISA_SCALAR
+        self.isa = ggml.best_isa()
+        self.matmul = ggml.load_extension().matmul
         self.groups: list[tuple[torch.Tensor, int, int]] = []  # (raw rows, type, rows)
         i = 0
         while i < len(parts):  # consecutive parts of one type become one matrix
@@ -185,11 +186,8 @@ class GGUFLinear:
         self.numel = self.out_features * self.in_features + (0 if bias is None else bias.numel())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from specgrove.kernels.ggml import load_extension
-
-        kernel = load_extension()
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        outs = [kernel.matmul(x2, data, type_, n, self.in_features, self.isa) for data, type_, n in self.groups]
+        outs = [self.matmul(x2, data, type_, n, self.in_features, self.isa) for data, type_, n in self.groups]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if self.bias is not None:
             y = y + self.bias

@@ -141,17 +141,18 @@ def gguf_source(spec: str | os.PathLike) -> Path | None:
     return path if path.is_file() and path.suffix.lower() == ".gguf" else None
 
 
-def resolve_quantization(quantization: str | None, spec, device: torch.device, fast: bool) -> str | None:
+def resolve_quantization(quantization: str | None, spec, device: torch.device, fast: bool):
     """"auto": the model's own GGUF blocks (`gguf`) where it comes from a GGUF file whose matrix types have a kernel
-    and runs on CPU in the fast runtime, else none. An explicit "gguf" that cannot run raises, saying why."""
+    and runs on CPU in the fast runtime, else none. An explicit "gguf" that cannot run raises, saying why.
+    Returns (the format, the parsed GGUF file when the format is gguf, else None)."""
     if quantization == "none":
-        return None
+        return None, None
     if quantization not in (*QUANTIZATIONS, "auto"):
         raise ValueError(f"unknown quantization {quantization!r}; use auto, none, int8, int4, w8a8 or gguf")
     if quantization not in ("auto", "gguf"):
-        return quantization
+        return quantization, None
     source = gguf_source(spec)
-    reason = None
+    reason = weights = None
     if source is None:
         reason = f"{spec} is not a GGUF model (a built-in name or a .gguf file)"
     elif device.type != "cpu":
@@ -162,7 +163,8 @@ def resolve_quantization(quantization: str | None, spec, device: torch.device, f
         from specgrove.kernels import ggml
         from specgrove.models.gguf_weights import GGUFWeights
 
-        unsupported = sorted({ggml.TYPE_NAMES.get(t, str(t)) for t in GGUFWeights(source).types().values()
+        weights = GGUFWeights(source)
+        unsupported = sorted({ggml.TYPE_NAMES.get(t, str(t)) for t in weights.types().values()
                               if t not in ggml.MATMUL_TYPES})
         if unsupported:
             reason = (f"{source.name} holds {', '.join(unsupported)} matrices, which have no kernel here "
@@ -170,10 +172,10 @@ def resolve_quantization(quantization: str | None, spec, device: torch.device, f
         else:
             ggml.load_extension()  # built once; a missing compiler raises here with what to install
     if reason is None:
-        return "gguf"
+        return "gguf", weights
     if quantization == "gguf":
         raise ValueError(f"quantization='gguf' cannot be used: {reason}; use quantization='none' (dequantized)")
-    return None
+    return None, None
 
 
 def load_tokenizer(directory: Path):
@@ -209,15 +211,13 @@ def load_model(
     directory = resolve_model_dir(spec, expected_sha256)
     hf_config = AutoConfig.from_pretrained(str(directory))
     fast = hf_config.model_type in SUPPORTED_MODEL_TYPES and not force_fallback
-    quantization = resolve_quantization(quantization, spec, torch_device, fast)
+    quantization, gguf_weights = resolve_quantization(quantization, spec, torch_device, fast)
     # The gguf kernels compute in fp32: other dtypes would only round their inputs and outputs.
     torch_dtype = parse_dtype("float32" if quantization == "gguf" and dtype == "auto" else dtype, torch_device)
     if fast:
-        gguf_weights = None
         if quantization == "gguf":
-            from specgrove.models.gguf_weights import GGUFWeights, gguf_name
+            from specgrove.models.gguf_weights import gguf_name
 
-            gguf_weights = GGUFWeights(gguf_source(spec))
             weights = read_safetensors(directory, skip=lambda name: gguf_name(name) is not None)
         else:
             weights = read_safetensors(directory)
