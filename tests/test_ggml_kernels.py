@@ -285,3 +285,39 @@ def test_missing_compiler_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-c++")
     with pytest.raises(RuntimeError, match="C\\+\\+17 compiler"):
         ggml.load_extension()
+
+
+# --- the fused linear layer (GGUFLinear's one call) --------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
+def test_linear_is_the_matmuls_plus_bias_plus_residual_bitwise(isa):
+    """One call over matrices of several types (a Q4_K_M q/k/v: Q4_K and Q6_K rows; with a 32-block type too) with
+    a bias and a residual gives, bit for bit, the separate matmuls concatenated, then + bias, then residual + it."""
+    k, ext = 512, ggml.load_extension()
+    parts = [(ggml.Q4_K, 24), (ggml.Q6_K, 8), (ggml.Q8_0, 5), (ggml.Q4_K, 3)]
+    weights = [torch.from_numpy(random_blocks(t, n, k, seed=i)) for i, (t, n) in enumerate(parts)]
+    types = [t for t, _ in parts]
+    x = _x(5, k, seed=3)
+    n = sum(p[1] for p in parts)
+    bias, residual = torch.randn(n), torch.randn(5, n)
+    separate = torch.cat([ggml.ggml_matmul(x, w, t, w.shape[0], k, isa) for w, t in zip(weights, types)], dim=1)
+    assert torch.equal(ext.linear(x, weights, types, None, None, isa), separate)
+    assert torch.equal(ext.linear(x, weights, types, bias, None, isa), separate + bias)
+    assert torch.equal(ext.linear(x, weights, types, bias, residual, isa), residual + (separate + bias))
+    assert torch.equal(ext.linear(x, weights, types, None, residual, isa), residual + separate)
+    # and a wrong combination is caught by the same comparison
+    assert not torch.equal(ext.linear(x, weights, types, bias, residual, isa), separate + bias)
+
+
+def test_linear_refuses_bad_shapes():
+    k, ext = 256, ggml.load_extension()
+    w = torch.from_numpy(random_blocks(ggml.Q4_K, 4, k))
+    x = _x(2, k)
+    with pytest.raises(ValueError, match="bias must be"):
+        ext.linear(x, [w], [ggml.Q4_K], torch.zeros(5), None, 0)
+    with pytest.raises(ValueError, match="residual must be"):
+        ext.linear(x, [w], [ggml.Q4_K], None, torch.zeros(3, 4), 0)
+    with pytest.raises(ValueError, match="one type per weight"):
+        ext.linear(x, [w], [ggml.Q4_K, ggml.Q6_K], None, None, 0)
+    with pytest.raises(ValueError, match="not a positive multiple"):
+        ext.linear(_x(2, 200), [w], [ggml.Q4_K], None, None, 0)

@@ -368,8 +368,10 @@ def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: Met
     if merged is not None:
         out["target_forwards"] = merged.target_forwards
         out["per_position_acceptance"] = merged.per_position_acceptance if is_speculative else []
-        out["draft_time_s"] = merged.draft_time_s
-        out["target_time_s"] = merged.target_time_s
+        out["draft_time_s"] = merged.draft_time_s  # the draft phase, the draft's own prompt prefill included
+        out["target_time_s"] = merged.target_time_s  # the target's step forwards
+        out["prefill_time_s"] = merged.prefill_time_s  # the target's prompt prefill
+        out["verify_time_s"] = merged.verify_time_s  # verification, KV commit and appending, after the forwards
         if merged.target_forwards and merged.target_time_s > 0:
             out["target_ms_per_forward"] = merged.target_time_s / merged.target_forwards * 1e3
             if (weight_bytes or {}).get("target"):

@@ -2,7 +2,7 @@
 
 Each kernel is one C++ file under `csrc/`, compiled on first use by torch's JIT extension builder (a C++17
 compiler and ninja) into `$SPECGROVE_CACHE/kernels/<stem>-<hash>` (default `~/.cache/specgrove`), the hash
-covering the source, the flags and the torch and Python versions; an already built library is loaded
+covering the source, the headers of `csrc/`, the flags and the torch and Python versions; an already built library is loaded
 directly, without the compiler. `scripts/bootstrap.sh` builds them ahead of time (`build_all`).
 
 The files are compiled for baseline x86-64; their AVX2 functions carry a GCC target attribute and run only
@@ -69,6 +69,8 @@ class CppExtension:
 
     def build_key(self) -> str:
         h = hashlib.sha256(self.source.read_bytes())
+        for header in sorted(self.source.parent.glob("*.h")):  # the shared headers a source may include
+            h.update(header.name.encode() + header.read_bytes())
         h.update(repr((_CFLAGS, _LDFLAGS, torch.__version__, sys.version_info[:2], platform.machine())).encode())
         return h.hexdigest()[:16]
 
@@ -122,13 +124,15 @@ class CppExtension:
 
 GGML = CppExtension("ggml", "ggml_matmul.cpp")
 ATTENTION = CppExtension("attention", "attention.cpp")
+LAYER_OPS = CppExtension("layer_ops", "layer_ops.cpp")
+EXTENSIONS = (GGML, ATTENTION, LAYER_OPS)
 
 
 def build_all() -> list[Path]:
     """Build (or find built) every kernel; what the set-up script runs."""
-    for extension in (GGML, ATTENTION):
+    for extension in EXTENSIONS:
         extension.load()
-    return [GGML.build_directory(), ATTENTION.build_directory()]
+    return [extension.build_directory() for extension in EXTENSIONS]
 
 
 if __name__ == "__main__":

@@ -151,10 +151,11 @@ class GGUFLinear:
     one fp32 accumulation order, so a token's output is bit-identical whatever else shares the forward.
 
     `parts` are the GGUF matrices stacked along the output (a fused q/k/v or gate/up); parts of one type are
-    concatenated into one matrix, so a fused layer is one kernel call per type. Output is fp32 cast to the input's
-    dtype."""
+    concatenated into one matrix, and the whole layer (bias and an optional residual included) is one kernel call
+    that quantizes the activations once per block size. Output is fp32 cast to the input's dtype."""
 
-    __slots__ = ("groups", "bias", "out_features", "in_features", "nbytes", "numel", "quantization", "isa", "matmul")
+    __slots__ = ("groups", "bias", "out_features", "in_features", "nbytes", "numel", "quantization", "isa", "linear",
+                 "_weights", "_types")
 
     def __init__(self, parts: list, bias: torch.Tensor | None):
         from specgrove.kernels import ggml
@@ -166,7 +167,7 @@ class GGUFLinear:
         self.quantization = "gguf"
         self.bias = None if bias is None else bias.float()
         self.isa = ggml.best_isa()
-        self.matmul = ggml.load_extension().matmul
+        self.linear = ggml.load_extension().linear
         self.groups: list[tuple[torch.Tensor, int, int]] = []  # (raw rows, type, rows)
         i = 0
         while i < len(parts):  # consecutive parts of one type become one matrix
@@ -182,15 +183,16 @@ class GGUFLinear:
             data = run[0].data if len(run) == 1 else torch.cat([p.data for p in run])
             self.groups.append((data.contiguous(), run[0].type, sum(p.n for p in run)))
             i = j + 1
+        self._weights = [d for d, _, _ in self.groups]
+        self._types = [t for _, t, _ in self.groups]
         self.nbytes = sum(d.numel() for d, _, _ in self.groups) + (0 if bias is None else bias.numel() * 4)
         self.numel = self.out_features * self.in_features + (0 if bias is None else bias.numel())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        outs = [self.matmul(x2, data, type_, n, self.in_features, self.isa) for data, type_, n in self.groups]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        if self.bias is not None:
-            y = y + self.bias
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + b, plus `residual` (shaped as the output) when given: `residual + (x W^T + b)` in one call."""
+        x2 = x.reshape(-1, self.in_features)
+        r2 = None if residual is None else residual.reshape(-1, self.out_features)
+        y = self.linear(x2, self._weights, self._types, self.bias, r2, self.isa)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -183,13 +183,16 @@ class LlamaModel:
         # Batch-invariant attention (specgrove.kernels.attention) where every matrix multiply is too: then a
         # token's logits do not depend on which other tokens share the forward, and speculative greedy output
         # equals plain greedy output bit for bit.
+        # The layer's small operations (norms, RoPE with the KV store, SiLU * up, residual adds) are then fused
+        # C++ calls too (specgrove.kernels.layer_ops): the same per-token arithmetic in any batch, fewer dispatches.
         self.batch_invariant = quantization == "gguf" and dtype == torch.float32
-        self._attention = None
+        self._attention = self._ops = None
         if self.batch_invariant:
-            from specgrove.kernels.attention import load_extension
+            from specgrove.kernels import attention, layer_ops
             from specgrove.kernels.build import best_isa
 
-            self._attention, self._attention_isa = load_extension().attention, best_isa()
+            self._attention, self._attention_isa = attention.load_extension().attention, best_isa()
+            self._ops = layer_ops.load_extension()
         inv_freq, self.attention_scaling = rope_inverse_frequencies(hf_config)
         self.inv_freq = inv_freq.to(self.device, torch.float32)
         # Small forwards (decode, verification, drafting) replayed as CUDA graphs: on by default on CUDA.
@@ -227,6 +230,8 @@ class LlamaModel:
 
     # ---- forward -----------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._ops is not None:  # batch-invariant fp32: specgrove.kernels.layer_ops
+            return self._ops.rms_norm(x, weight, self.config.rms_norm_eps, self._attention_isa)
         if x.dtype == torch.float32:  # one kernel, weight included
             return F.rms_norm(x, (x.shape[-1],), weight, eps=self.config.rms_norm_eps)
         # As transformers: normalise in fp32, scale in the model dtype (one fused kernel for the normalising).
@@ -382,6 +387,16 @@ class LlamaModel:
         kv_size = c.num_kv_heads * c.head_dim
         cos, sin = rope
         layer = self.layers[li]
+        if self._ops is not None:  # batch-invariant fp32: fused C++ calls (same operations, fewer dispatches)
+            ops, isa = self._ops, self._attention_isa
+            rows0 = write_rows[:, 0].contiguous()
+            qkv = layer.qkv(ops.rms_norm(h, layer.input_norm, c.rms_norm_eps, isa))
+            q = ops.rope_store(qkv, cos[:, :, 0], sin[:, :, 0], cache.k[li], cache.v[li], rows0, slots,
+                               c.num_heads, c.num_kv_heads)
+            attn = self._attention(q, cache.k[li], cache.v[li], rows0, mask, c.head_dim ** -0.5, isa)
+            h = layer.o(attn.view(batch, num_tokens, q_size), residual=h)
+            x = ops.rms_norm(h, layer.post_norm, c.rms_norm_eps, isa)
+            return layer.down(ops.silu_mul(layer.gate_up(x), isa), residual=h)
         x = self._rms_norm(h, layer.input_norm)
         qkv = layer.qkv(x)
         # RoPE on the query and key heads together: one set of kernels.
@@ -392,18 +407,14 @@ class LlamaModel:
         # Write the new keys/values into their slots ([B, S, H, D] views of the cache).
         cache.k[li].permute(0, 2, 1, 3)[write_rows, slots] = k
         cache.v[li].permute(0, 2, 1, 3)[write_rows, slots] = v
-        if self._attention is not None:  # specgrove.kernels.attention.invariant_attention, called directly
-            attn = self._attention(q.contiguous(), cache.k[li], cache.v[li], write_rows[:, 0].contiguous(), mask,
-                                   c.head_dim ** -0.5, self._attention_isa)
+        if row_index is None:
+            keys, values = cache.k[li, :, :, :span], cache.v[li, :, :, :span]
         else:
-            if row_index is None:
-                keys, values = cache.k[li, :, :, :span], cache.v[li, :, :, :span]
-            else:
-                keys, values = cache.k[li, row_index, :, :span], cache.v[li, row_index, :, :span]
-            qg = q.view(batch, num_tokens, c.num_kv_heads, groups, c.head_dim).permute(0, 2, 3, 1, 4)
-            qg = qg.reshape(batch, c.num_kv_heads, groups * num_tokens, c.head_dim)
-            attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-            attn = attn.view(batch, c.num_kv_heads, groups, num_tokens, c.head_dim).permute(0, 3, 1, 2, 4)
+            keys, values = cache.k[li, row_index, :, :span], cache.v[li, row_index, :, :span]
+        qg = q.view(batch, num_tokens, c.num_kv_heads, groups, c.head_dim).permute(0, 2, 3, 1, 4)
+        qg = qg.reshape(batch, c.num_kv_heads, groups * num_tokens, c.head_dim)
+        attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        attn = attn.view(batch, c.num_kv_heads, groups, num_tokens, c.head_dim).permute(0, 3, 1, 2, 4)
         h = h + layer.o(attn.reshape(batch, num_tokens, q_size))
         x = self._rms_norm(h, layer.post_norm)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)

@@ -868,29 +868,17 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_activations(tor
   return {q, d, bsums};
 }
 
-torch::Tensor matmul(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t N, int64_t K, int64_t isa) {
-  Format f;
-  int64_t row_bytes;
-  check_weight(weight, type, K, f, row_bytes);
-  TORCH_CHECK_VALUE(type == T_Q8_0 || type == T_Q5_0 || type == T_Q4_K || type == T_Q6_K,
-                    "matmul supports Q8_0, Q5_0, Q4_K and Q6_K, not ggml type ", type);
-  TORCH_CHECK_VALUE(weight.size(0) == N, "weight has ", weight.size(0), " rows, expected N=", N);
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K, "x must be [M, K=", K, "]");
-  check_isa(isa);
-  weight = weight.contiguous();
-  const QuantizedActs qa = quantize_acts(x, f.block, isa);  // once per call, shared by every row
-  const Acts acts = qa.view();
-  const int64_t M = acts.M;
-  auto out = torch::empty({M, N}, torch::kFloat32);
-  if (M == 0 || N == 0) return out;
-  const uint8_t* W = weight.data_ptr<uint8_t>();
-  float* y = out.data_ptr<float>();
+// out[m * stride + n] = row m of the activations times weight row n, for the N rows of W.
+void matmul_into(const Acts& acts, const uint8_t* W, int64_t type, int64_t N, int64_t row_bytes, int64_t isa,
+                 float* y, int64_t stride) {
+  const int64_t M = acts.M, K = acts.K;
+  if (M == 0 || N == 0) return;
   // Contiguous row ranges of at least ~64 KiB of weights each; parallel_for gives each thread one
   // range of equal length, so two threads split the rows evenly.
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / row_bytes);
   if (isa == ISA_SCALAR) {
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { matmul_rows_scalar(type, W, row_bytes, K, acts, n0, n1, y, N); });
-    return out;
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { matmul_rows_scalar(type, W, row_bytes, K, acts, n0, n1, y, stride); });
+    return;
   }
 #if SG_X86
   std::vector<Tile> tiles;
@@ -913,10 +901,81 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weight, int64_t type, int64_
     tiles[i].da = da_slots[i].data();
     tiles[i].asum = asum_slots[i].data();
   }
-  const int64_t nb = K / f.block;
+  const int64_t nb = K / acts.block;
   // The lambda itself is not compiled for AVX2; it only calls the AVX2 function.
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { matmul_rows_avx2(type, W, row_bytes, nb, tiles, n0, n1, y, N); });
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { matmul_rows_avx2(type, W, row_bytes, nb, tiles, n0, n1, y, stride); });
 #endif
+}
+
+void check_matmul_type(int64_t type) {
+  TORCH_CHECK_VALUE(type == T_Q8_0 || type == T_Q5_0 || type == T_Q4_K || type == T_Q6_K,
+                    "matmul supports Q8_0, Q5_0, Q4_K and Q6_K, not ggml type ", type);
+}
+
+torch::Tensor matmul(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t N, int64_t K, int64_t isa) {
+  Format f;
+  int64_t row_bytes;
+  check_weight(weight, type, K, f, row_bytes);
+  check_matmul_type(type);
+  TORCH_CHECK_VALUE(weight.size(0) == N, "weight has ", weight.size(0), " rows, expected N=", N);
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K, "x must be [M, K=", K, "]");
+  check_isa(isa);
+  weight = weight.contiguous();
+  const QuantizedActs qa = quantize_acts(x, f.block, isa);  // once per call, shared by every row
+  auto out = torch::empty({qa.M, N}, torch::kFloat32);
+  matmul_into(qa.view(), weight.data_ptr<uint8_t>(), type, N, row_bytes, isa, out.data_ptr<float>(), N);
+  return out;
+}
+
+// A whole linear layer in one call: y = x W^T (+ bias) (+ residual), W the row-wise concatenation of
+// `weights` (each [n_i, row_bytes_i] of ggml type types[i]). The activations are quantized once per
+// block size and shared by the matrices that use it. The bias and then the residual are added to each
+// output as one float addition each (the same operations as adding them after the product).
+torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<int64_t> types,
+                     c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK_VALUE(!weights.empty() && weights.size() == types.size(), "linear needs one type per weight matrix");
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> row_bytes(weights.size());
+  int64_t N = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    Format f;
+    check_weight(weights[i], types[i], K, f, row_bytes[i]);
+    check_matmul_type(types[i]);
+    TORCH_CHECK_VALUE(weights[i].is_contiguous(), "weight matrices must be contiguous");
+    N += weights[i].size(0);
+  }
+  torch::Tensor b, r;
+  if (bias.has_value()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, "bias must be [", N, "], got ", b.sizes());
+  }
+  if (residual.has_value()) {
+    r = residual->to(torch::kFloat32).contiguous();
+    TORCH_CHECK_VALUE(r.dim() == 2 && r.size(0) == M && r.size(1) == N, "residual must be [", M, ", ", N, "], got ",
+                      r.sizes());
+  }
+  auto out = torch::empty({M, N}, torch::kFloat32);
+  float* y = out.data_ptr<float>();
+  QuantizedActs by_block[2];  // activation blocks of 32 and of 256
+  int64_t col = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const int64_t block = format_of(types[i]).block;
+    QuantizedActs& qa = by_block[block == 32 ? 0 : 1];
+    if (qa.block == 0) qa = quantize_acts(x, block, isa);
+    matmul_into(qa.view(), weights[i].data_ptr<uint8_t>(), types[i], weights[i].size(0), row_bytes[i], isa, y + col, N);
+    col += weights[i].size(0);
+  }
+  if (b.defined() || r.defined()) {
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    const float* rp = r.defined() ? r.data_ptr<float>() : nullptr;
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = y + m * N;
+      if (bp) for (int64_t n = 0; n < N; ++n) row[n] = row[n] + bp[n];
+      if (rp) for (int64_t n = 0; n < N; ++n) row[n] = rp[m * N + n] + row[n];
+    }
+  }
   return out;
 }
 
@@ -927,6 +986,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "weight uint8 [N, row_bytes], ggml type, K -> float32 [N, K]");
   m.def("quantize_activations", &quantize_activations,
         "x float32 [M, K], block 32|256, isa -> (int8 q [M, K], float32 d [M, K/block], int16 bsums [M, K/16])");
+  m.def("linear", &linear,
+        "x float32 [M, K], weights [uint8 [n_i, row_bytes_i]], types, bias [N] or None, residual [M, N] or None, isa "
+        "-> x W^T + bias + residual, float32 [M, N]");
   m.def("matmul", &matmul, "x float32 [M, K], weight uint8 [N, row_bytes], type, N, K, isa (0 scalar, 1 avx2) -> [M, N]");
   m.def("cpu_has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2 path (AVX2, FMA and F16C)");
 }
