@@ -159,7 +159,7 @@ def test_rope_store_writes_into_a_strided_cache_view():
 
 
 def test_rope_store_refuses_out_of_range_slots_and_bad_shapes():
-    qkv, cos, sin, k_layer, v_layer, rows, slots, Hq, Hkv, D = _rope_case()
+    qkv, cos, sin, k_layer, v_layer, rows, slots, Hq, Hkv, _ = _rope_case()
     with pytest.raises(ValueError, match="slot"):
         ops.rope_store(qkv, cos, sin, k_layer, v_layer, rows, slots + 10, Hq, Hkv)
     with pytest.raises(ValueError, match="row"):

@@ -11,7 +11,14 @@ from types import ModuleType
 
 import torch
 
-from specgrove.kernels.build import LAYER_OPS, ISA_AVX2, ISA_NAMES, ISA_SCALAR, best_isa, check_isa  # noqa: F401
+from specgrove.kernels.build import (  # noqa: F401
+    ISA_AVX2,
+    ISA_NAMES,
+    ISA_SCALAR,
+    LAYER_OPS,
+    best_isa,
+    check_isa,
+)
 
 
 def load_extension() -> ModuleType:
