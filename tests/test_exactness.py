@@ -173,3 +173,54 @@ def test_wrong_draft_distribution_fails(tiny_target, tiny_draft, monkeypatch):
     spec, _ = speculative_sequence_distribution(engine, tiny_target, PROMPT, params, k + 1, vocab)
     exact = target_sequence_distribution(tiny_target, PROMPT, k + 1, params, vocab)
     assert max_difference(spec, exact) > 1e-3
+
+
+def tiny_draft_device() -> str:
+    import os
+
+    return os.environ.get("SPECGROVE_TEST_DEVICE", "cpu")  # as conftest's tiny models
+
+
+@pytest.fixture(scope="module")
+def cut_head_draft(tiny_dirs):
+    """The tiny draft with its output layer cut to token ids 0..3 (and the special tokens): `head_vocab`."""
+    from specgrove.models.loader import load_model
+
+    draft = load_model(tiny_dirs["draft"], dtype="float32", device=tiny_draft_device(), head_vocab=4)
+    assert draft.model.head_token_ids is not None and len(draft.model.head_token_ids) < draft.vocab_size
+    return draft
+
+
+@pytest.mark.parametrize("setting", SETTINGS[:3])
+def test_cut_head_draft_step_is_exact(setting, tiny_target, cut_head_draft):
+    """A draft that can propose only some tokens (q = 0 elsewhere) still gives the target's distribution."""
+    k = 2
+    params = SamplingParams(max_tokens=k + 1, **setting)
+    engine = make_engine("draft_model", tiny_target, cut_head_draft, k)
+    vocab = tiny_target.vocab_size
+    spec, emitted = speculative_sequence_distribution(engine, tiny_target, PROMPT, params, k + 1, vocab)
+    exact = target_sequence_distribution(tiny_target, PROMPT, k + 1, params, vocab)
+    assert any(len(s) > 1 for s in emitted), "the test would be vacuous"
+    kept = set(cut_head_draft.model.head_token_ids.tolist())
+    assert all(t in kept for s in emitted if len(s) > 1 for t in s[:-1]), "accepted drafts come from the cut head"
+    assert max_difference(spec, exact) < 1e-6
+
+
+def test_cut_head_draft_with_wrong_verifier_fails(tiny_target, cut_head_draft, monkeypatch):
+    monkeypatch.setattr(speculative, "residual_distribution", wrong_residual)
+    k = 2
+    params = SamplingParams(temperature=1.0, max_tokens=k + 1)
+    engine = make_engine("draft_model", tiny_target, cut_head_draft, k)
+    vocab = tiny_target.vocab_size
+    spec, _ = speculative_sequence_distribution(engine, tiny_target, PROMPT, params, k + 1, vocab)
+    exact = target_sequence_distribution(tiny_target, PROMPT, k + 1, params, vocab)
+    assert max_difference(spec, exact) > 1e-3
+
+
+def test_cut_head_draft_greedy_is_plain_greedy(tiny_target, cut_head_draft):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    plain = SpecEngine(tiny_target, None, 0, max_model_len=64)
+    spec = make_engine("draft_model", tiny_target, cut_head_draft, 3)
+    a = plain.generate(plain.new_sequence(PROMPT, params))
+    b = spec.generate(spec.new_sequence(PROMPT, params))
+    assert b.output_ids == a.output_ids and sum(b.metrics.accepted_per_step) > 0

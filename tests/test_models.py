@@ -86,3 +86,47 @@ def test_ci_runs_the_readme_test_command():
     readme_commands = [line for line in (root / "README.md").read_text().splitlines() if line.startswith("bash scripts/")]
     assert len(readme_commands) >= 2
     assert readme_commands[1] in (root / ".ci" / "run").read_text().splitlines()
+
+
+def test_head_vocab_cuts_the_output_layer(tiny_dirs):
+    """`head_vocab`: the kept tokens' logits are the full head's, every other token's is -inf."""
+    import torch
+
+    full = load_model(tiny_dirs["draft"], dtype="float32")
+    cut = load_model(tiny_dirs["draft"], dtype="float32", head_vocab=5)
+    assert cut.model.head_token_ids.tolist() == [0, 1, 2, 3, 4]  # the tiny tokenizer has no special tokens
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    a = full.model.forward(ids, torch.arange(5)[None], full.model.new_cache(1, 8))
+    b = cut.model.forward(ids, torch.arange(5)[None], cut.model.new_cache(1, 8))
+    assert torch.allclose(b[..., :5], a[..., :5], atol=1e-5, rtol=1e-5)
+    assert bool(torch.isneginf(b[..., 5:]).all())
+    assert not torch.isneginf(a[..., 5:]).any()  # (the comparison is not vacuous)
+
+
+def test_head_vocabulary_keeps_special_tokens_and_checks_its_size():
+    import pytest
+    from types import SimpleNamespace
+
+    from specgrove.models.loader import head_vocabulary
+
+    tok = SimpleNamespace(all_special_ids=[100, 7], added_tokens_decoder={101: None, 500: None})
+    assert head_vocabulary(tok, 200, 3).tolist() == [0, 1, 2, 7, 100, 101]  # 500 is past the model's vocabulary
+    with pytest.raises(ValueError, match="positive"):
+        head_vocabulary(tok, 200, 0)
+
+
+def test_head_tokens_are_checked(tiny_dirs):
+    import pytest
+
+    from specgrove.models.llama import LlamaModel
+
+    model = load_model(tiny_dirs["draft"], dtype="float32").model
+    for bad in ([3, 1], [0, 8], []):
+        with pytest.raises(ValueError, match="head_tokens"):
+            LlamaModel(model.config, model.hf_config, {}, torch_float32(), "cpu", head_tokens=bad)
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32

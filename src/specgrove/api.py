@@ -74,6 +74,8 @@ class LLM:
     its own quantized blocks, "gguf", where a kernel exists; others dense), "gguf", None (dense), "int8" or "int4"
     (weight-only) or "w8a8" (int8 weights and activations, CPUs with AVX-512 VNNI; specgrove.models.linear). Speculation stays exact with respect to the target as
     loaded, so a quantized draft never changes the output, a quantized target does.
+    `draft_vocab`: the draft's output layer keeps only token ids below it and the special tokens
+    (`load_model`'s `head_vocab`): cheaper draft steps, the same output.
     `max_num_seqs`: requests decoded together by `generate` (continuous batching; each holds a KV cache
     row of max_model_len positions); 1 decodes one prompt after the other.
     `enforce_eager`: never replay CUDA graphs (on a GPU they are on by default for forwards of up to 32 new
@@ -94,6 +96,7 @@ class LLM:
         num_threads: int | None = None,
         quantization: str | None = "auto",
         draft_quantization: str | None = "auto",
+        draft_vocab: int | None = None,
         max_num_seqs: int | None = 8,
         enforce_eager: bool = False,
     ):
@@ -115,7 +118,7 @@ class LLM:
                 self.draft = draft
             else:
                 self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256,
-                                        quantization=draft_quantization, cuda_graphs=graphs)
+                                        quantization=draft_quantization, cuda_graphs=graphs, head_vocab=draft_vocab)
             check_compatible(self.target, self.draft)
             shape = None
             if self.speculative.tree is not None:

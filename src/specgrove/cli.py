@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--draft-quantization", choices=("auto", "gguf", "none", "int8", "int4", "w8a8"), default="auto",
                        help="draft weights: auto (default, as --quantization), gguf, none, int8, int4 or w8a8 "
                             "(output unchanged, drafting cheaper)")
+        p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                       help="the draft's output layer keeps only token ids below N and the special tokens (the "
+                            "draft never proposes others; output unchanged, drafting cheaper). Default: all")
         p.add_argument("--enforce-eager", action="store_true",
                        help="CUDA: never replay small forwards as CUDA graphs (default: graphs on a GPU)")
 
@@ -227,7 +230,8 @@ def build_llm(args: argparse.Namespace, max_num_seqs: int | None = None):
                          f"({defaults.DEFAULT_TARGET}); or use --method prompt_lookup or --method none")
     llm = LLM(target=args.target, draft=args.draft, speculative=spec, dtype=args.dtype, device=args.device,
               max_model_len=args.max_model_len, num_threads=args.num_threads, quantization=args.quantization,
-              draft_quantization=args.draft_quantization, max_num_seqs=max_num_seqs, enforce_eager=args.enforce_eager)
+              draft_quantization=args.draft_quantization, draft_vocab=args.draft_vocab, max_num_seqs=max_num_seqs,
+              enforce_eager=args.enforce_eager)
     return llm, spec
 
 
@@ -310,7 +314,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seed=args.seed, dtype=args.dtype, device=args.device, warmup=args.warmup,
             measure_bandwidth=not args.no_bandwidth, tree_acceptance=args.tree_acceptance,
             quantization=args.quantization, draft_quantization=args.draft_quantization, sorted_draft=sorted_draft,
-            enforce_eager=args.enforce_eager, interleave=args.interleave,
+            enforce_eager=args.enforce_eager, interleave=args.interleave, draft_vocab=args.draft_vocab,
         )
         print_report(results[target])
     result = {"targets": results} if args.targets else results[args.target]
@@ -391,7 +395,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         target = load_model(args.target, dtype=args.dtype, device=args.device, quantization=args.quantization,
                             cuda_graphs=graphs)
         draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device,
-                           quantization=args.draft_quantization, cuda_graphs=graphs)
+                           quantization=args.draft_quantization, cuda_graphs=graphs, head_vocab=args.draft_vocab)
         check_compatible(target, draft)
     result = tune(target, draft, params, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                   width=args.width, budgets=args.budgets, max_depth=args.max_depth, repeats=args.repeats,

@@ -442,6 +442,7 @@ def run_bench(
     tree_acceptance: str | os.PathLike | None = None,
     quantization: str | None = "auto",
     draft_quantization: str | None = "auto",
+    draft_vocab: int | None = None,
     sorted_draft=None,
     enforce_eager: bool = False,
 ) -> dict:
@@ -529,7 +530,8 @@ def run_bench(
                  "quantization": getattr(target_model.model, "quantization", None), "draft_quantization": None}
     draft_model = None
     if drafted:
-        draft_model = load_model(draft, dtype=dtype, device=device, quantization=draft_quantization, cuda_graphs=graphs)
+        draft_model = load_model(draft, dtype=dtype, device=device, quantization=draft_quantization, cuda_graphs=graphs,
+                                 head_vocab=draft_vocab)
         check_compatible(target_model, draft_model)
         loaded_as["draft_quantization"] = getattr(draft_model.model, "quantization", None)
         say(f"loaded draft {draft_model.name} in {draft_model.load_seconds:.1f} s")
@@ -645,6 +647,7 @@ def run_bench(
             "dtype": loaded_as["dtype"],
             "device": str(device), "quantization": loaded_as["quantization"],
             "draft_quantization": loaded_as["draft_quantization"],
+            "draft_vocab": draft_vocab,
             "cuda_graphs": str(device).startswith("cuda") and not enforce_eager,
             "warmup": warmup, "warmup_max_new_tokens": min(max_new_tokens, WARMUP_MAX_NEW_TOKENS),
             "data": str(data_path) if data_path else None, "num_prompts": len(bench_prompts),

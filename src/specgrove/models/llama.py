@@ -13,6 +13,8 @@ of up to 32 new tokens replay CUDA graphs (`specgrove.models.cuda_graphs`).
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -105,12 +107,18 @@ class LlamaModel:
 
     def __init__(self, config: LlamaConfig, hf_config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device,
                  pack_weights: bool | None = None, quantization: str | None = None, cuda_graphs: bool | None = None,
-                 gguf_weights=None):
+                 gguf_weights=None, head_tokens: torch.Tensor | None = None):
         self.config = config
         self.hf_config = hf_config
         self.dtype = dtype
         self.device = torch.device(device)
         self.vocab_size = config.vocab_size
+        if head_tokens is not None:  # the output layer cut to these tokens (load_model's head_vocab)
+            if "lm_head.token_ids" in weights:
+                raise ValueError("this checkpoint's head is already cut to some tokens (lm_head.token_ids)")
+            ids = torch.as_tensor(head_tokens, dtype=torch.int64).flatten()
+            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size or bool((ids.diff() <= 0).any()):
+                raise ValueError(f"head_tokens must be increasing token ids in [0, {config.vocab_size})")
         if (quantization == "gguf") != (gguf_weights is not None):
             raise ValueError("quantization='gguf' needs the model's GGUF file (gguf_weights), and only it")
         if quantization == "gguf" and self.device.type != "cpu":
@@ -161,7 +169,9 @@ class LlamaModel:
                 )
             )
         self.norm = take("model.norm.weight")
-        self.head_token_ids = None  # a head cut to some tokens (sorted drafts, specgrove.models.sorted)
+        self.head_token_ids = None  # a head cut to some tokens (sorted drafts, specgrove.models.sorted; drafts' head_vocab)
+        if head_tokens is not None:
+            self.head_token_ids = ids.to(self.device)
         if "lm_head.token_ids" in weights:
             if gguf_weights is not None:
                 raise ValueError("a head cut to some tokens (lm_head.token_ids) cannot come from a GGUF file")
@@ -169,13 +179,19 @@ class LlamaModel:
             if "lm_head.weight" not in weights:
                 raise ValueError("lm_head.token_ids needs its own lm_head.weight")
         if gguf_weights is not None:
-            self.lm_head = linear(("lm_head.weight",), None, tied=config.tie_word_embeddings)
+            weights.pop("lm_head.weight", None)
+            head = gguf_weights.matrix("lm_head.weight", tied=config.tie_word_embeddings)
+            if head_tokens is not None:  # the rows of those tokens, as they are stored
+                head = dataclasses.replace(head, data=head.data[ids].contiguous(), n=int(ids.numel()))
+            self.lm_head = GGUFLinear([head], None)
         else:
             if "lm_head.weight" in weights and (not config.tie_word_embeddings or self.head_token_ids is not None):
                 head = take("lm_head.weight")
             else:
                 weights.pop("lm_head.weight", None)
                 head = self.embed
+            if head_tokens is not None:
+                head = head[ids.to(head.device)].contiguous()
             if self.head_token_ids is not None and head.shape[0] != len(self.head_token_ids):
                 raise ValueError(f"lm_head.weight has {head.shape[0]} rows but lm_head.token_ids names "
                                  f"{len(self.head_token_ids)}")

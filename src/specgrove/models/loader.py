@@ -187,6 +187,18 @@ def load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(str(directory))
 
 
+def head_vocabulary(tokenizer, vocab_size: int, size: int) -> torch.Tensor:
+    """Token ids 0..size-1 plus every special and added token of `tokenizer` (below `vocab_size`), increasing.
+    Byte-level BPE vocabularies (Qwen, Llama 3, GPT-2) number their tokens in merge order, so low ids are the
+    frequent ones; the special tokens (end of turn, end of text) are kept wherever they sit."""
+    if int(size) < 1:
+        raise ValueError(f"head_vocab must be a positive number of tokens, got {size}")
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    ids = set(range(min(int(size), vocab_size))) | {int(i) for i in special if 0 <= int(i) < vocab_size}
+    return torch.tensor(sorted(ids), dtype=torch.int64)
+
+
 def load_model(
     spec: str | os.PathLike,
     dtype: str | torch.dtype = "auto",
@@ -195,13 +207,17 @@ def load_model(
     force_fallback: bool = False,
     quantization: str | None = "auto",
     cuda_graphs: bool | None = None,
+    head_vocab: int | None = None,
 ) -> LoadedModel:
     """Load a built-in name, HF directory or .gguf file in `dtype` ("auto": the fastest correct one on this
     machine, `default_dtype`; float32 for the gguf format). `quantization`: "auto" (default) runs a model that comes
     from a GGUF file on its own quantized blocks (`gguf`, specgrove.models.gguf_weights) where a kernel exists, else
     dense; None / "none" dense; `"gguf"` insists on the blocks; `"int8"` / `"int4"` stores the
     fast runtime's matrices as weight-only int8 / int4 (see specgrove.models.linear). `cuda_graphs`: replay
-    small forwards as CUDA graphs (None: on CUDA; False: always eager; specgrove.models.cuda_graphs)."""
+    small forwards as CUDA graphs (None: on CUDA; False: always eager; specgrove.models.cuda_graphs).
+    `head_vocab`: keep only the first `head_vocab` token ids (and the tokenizer's special and added tokens) in the
+    output layer, `head_vocabulary`; every other token gets logit -inf, probability 0. Meant for drafts: their
+    output layer is a large part of their step, and speculation stays exact whatever the draft proposes."""
     from transformers import AutoConfig
 
     t0 = time.perf_counter()
@@ -221,9 +237,16 @@ def load_model(
             weights = read_safetensors(directory, skip=lambda name: gguf_name(name) is not None)
         else:
             weights = read_safetensors(directory)
+        head_tokens = None
+        if head_vocab is not None:
+            head_tokens = head_vocabulary(load_tokenizer(directory), hf_config.vocab_size, head_vocab)
         model = LlamaModel(LlamaConfig.from_hf(hf_config), hf_config, weights, torch_dtype, torch_device,
-                           quantization=quantization, cuda_graphs=cuda_graphs, gguf_weights=gguf_weights)
+                           quantization=quantization, cuda_graphs=cuda_graphs, gguf_weights=gguf_weights,
+                           head_tokens=head_tokens)
     else:
+        if head_vocab is not None:
+            raise ValueError(f"head_vocab needs a Llama-family model (fast runtime); {hf_config.model_type!r} runs "
+                             "through the transformers fallback")
         if quantization is not None:
             raise ValueError(f"quantization={quantization!r} needs a Llama-family model (fast runtime); "
                              f"{hf_config.model_type!r} runs through the transformers fallback")
