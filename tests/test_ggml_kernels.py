@@ -321,3 +321,64 @@ def test_linear_refuses_bad_shapes():
         ext.linear(x, [w], [ggml.Q4_K, ggml.Q6_K], None, None, 0)
     with pytest.raises(ValueError, match="not a positive multiple"):
         ext.linear(_x(2, 200), [w], [ggml.Q4_K], None, None, 0)
+
+
+# --- Q4_K x8: eight rows interleaved for the AVX2 path ----------------------------------------------
+
+@needs_avx2
+@pytest.mark.parametrize("k_blocks", [1, 3, 6])
+def test_q4k_x8_equals_the_scalar_q4k_bitwise(k_blocks):
+    """The repacked rows on the AVX2 path give the plain Q4_K rows' scalar results bit for bit, for 1 to 9 tokens
+    (groups of 4 tokens and a remainder), with extreme activations, and with a bias and a residual."""
+    k, n, ext = 256 * k_blocks, 48, ggml.load_extension()
+    w = torch.from_numpy(random_blocks(ggml.Q4_K, n, k, seed=40 + k_blocks))
+    wx = ggml.repack_q4k_x8(w, n, k)
+    assert wx.shape == (n // 8, k_blocks * ggml.X8_RECORD_BYTES)
+    x = _x(9, k, seed=k_blocks) * torch.logspace(-2, 2, k)
+    x[4] = 0.0
+    bias, residual = torch.randn(n), torch.randn(9, n)
+    for m in range(1, 10):
+        plain = ext.linear(x[:m], [w], [ggml.Q4_K], bias, residual[:m], ggml.ISA_SCALAR)
+        assert torch.equal(ext.linear(x[:m], [wx], [ggml.Q4_K_X8], bias, residual[:m], ggml.ISA_AVX2), plain), f"M={m}"
+
+
+@needs_avx2
+@pytest.mark.parametrize("fill", [0x00, 0x80, 0xFF])
+def test_q4k_x8_extreme_blocks_do_not_overflow(fill):
+    """Every 4-bit value 15 and every scale 63 against activations of +-127: the int16 sums of 8 maddubs per
+    sub-block at their largest (8 * 3810)."""
+    n, k, ext = 16, 512, ggml.load_extension()
+    w = random_blocks(ggml.Q4_K, n, k, seed=5, fill=fill)
+    x = torch.ones(4, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    x[3] = torch.linspace(-1, 1, k)
+    y = ext.linear(x, [ggml.repack_q4k_x8(w, n, k)], [ggml.Q4_K_X8], None, None, ggml.ISA_AVX2)
+    assert_exact_up_to_rounding(y, dequantized_activations(x, ggml.Q4_K), gguf_dequantize(w, ggml.Q4_K))
+
+
+@needs_avx2
+def test_q4k_x8_batch_invariance_and_mixed_matrices():
+    n, k, ext = 64, 512, ggml.load_extension()
+    w = torch.from_numpy(random_blocks(ggml.Q4_K, n, k, seed=50))
+    w6 = torch.from_numpy(random_blocks(ggml.Q6_K, 8, k, seed=51))
+    weights, types = [ggml.repack_q4k_x8(w, n, k), w6], [ggml.Q4_K_X8, ggml.Q6_K]
+    x = _x(11, k, seed=4)
+    together = ext.linear(x, weights, types, None, None, ggml.ISA_AVX2)
+    for i in range(11):
+        assert torch.equal(together[i], ext.linear(x[i : i + 1], weights, types, None, None, ggml.ISA_AVX2)[0])
+    # and a wrongly repacked matrix (the rows of two groups swapped) is caught by the same kind of comparison
+    swapped = torch.cat([w[8:16], w[:8], w[16:]])
+    assert not torch.equal(ext.linear(x, [ggml.repack_q4k_x8(swapped, n, k)], [ggml.Q4_K_X8], None, None,
+                                      ggml.ISA_AVX2), together[:, :n])
+
+
+def test_q4k_x8_is_refused_where_it_cannot_run():
+    ext = ggml.load_extension()
+    w = torch.from_numpy(random_blocks(ggml.Q4_K, 8, 256))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ggml.repack_q4k_x8(torch.from_numpy(random_blocks(ggml.Q4_K, 12, 256)), 12, 256)
+    with pytest.raises(RuntimeError, match="AVX2 path only"):
+        ext.linear(_x(1, 256), [ggml.repack_q4k_x8(w, 8, 256)], [ggml.Q4_K_X8], None, None, ggml.ISA_SCALAR)
+    with pytest.raises(ValueError, match="x8 matrix must be"):
+        ext.linear(_x(1, 256), [w], [ggml.Q4_K_X8], None, None, ggml.ISA_SCALAR)

@@ -6,7 +6,11 @@ import zipfile
 import pytest
 
 from specgrove import LLM
-from specgrove.errors import ChecksumMismatchError, IncompatibleModelsError, ModelNotFoundError
+from specgrove.errors import (
+    ChecksumMismatchError,
+    IncompatibleModelsError,
+    ModelNotFoundError,
+)
 from specgrove.models import defaults
 from specgrove.models.loader import load_model
 
@@ -104,8 +108,9 @@ def test_head_vocab_cuts_the_output_layer(tiny_dirs):
 
 
 def test_head_vocabulary_keeps_special_tokens_and_checks_its_size():
-    import pytest
     from types import SimpleNamespace
+
+    import pytest
 
     from specgrove.models.loader import head_vocabulary
 

@@ -34,6 +34,18 @@ BLOCK_SIZE = {t: gguf.constants.GGML_QUANT_SIZES[_T(t)][0] for t in DEQUANT_TYPE
 TYPE_SIZE = {t: gguf.constants.GGML_QUANT_SIZES[_T(t)][1] for t in DEQUANT_TYPES}
 # Block of the activations' int8 quantization for each weight type.
 ACT_BLOCK = {Q8_0: 32, Q5_0: 32, Q4_K: 256, Q6_K: 256}
+# Not a ggml type: Q4_K rows interleaved by 8 (`repack_q4k_x8`), which the AVX2 path of the extension's
+# `linear` multiplies with one register holding 4 values of 8 rows: the Q4_K sums and float operations, so
+# the same bits, with fewer instructions (no horizontal sums; one scale multiply per 8 rows' sub-block).
+Q4_K_X8 = 1012
+X8_RECORD_BYTES = 1184  # one block of 8 rows
+
+
+def repack_q4k_x8(weight: torch.Tensor | np.ndarray, n: int, k: int) -> torch.Tensor:
+    """`n` Q4_K rows (n a multiple of 8) as the Q4_K x8 layout: uint8 [n / 8, k / 256 * X8_RECORD_BYTES]."""
+    if n % 8:
+        raise ValueError(f"Q4_K x8 needs a multiple of 8 rows, got {n}")
+    return load_extension().repack_q4k_x8(_weight_tensor(weight, Q4_K, n, k).contiguous(), k)
 
 
 
