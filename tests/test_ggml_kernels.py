@@ -382,3 +382,24 @@ def test_q4k_x8_is_refused_where_it_cannot_run():
         ext.linear(_x(1, 256), [ggml.repack_q4k_x8(w, 8, 256)], [ggml.Q4_K_X8], None, None, ggml.ISA_SCALAR)
     with pytest.raises(ValueError, match="x8 matrix must be"):
         ext.linear(_x(1, 256), [w], [ggml.Q4_K_X8], None, None, ggml.ISA_SCALAR)
+
+
+def test_gguf_linear_q4k_layouts_agree_bitwise(monkeypatch):
+    """GGUFLinear keeps Q4_K as the file's rows by default and as Q4_K x8 with SPECGROVE_Q4K_LAYOUT=x8 (AVX2
+    path): the same outputs bit for bit; an unknown layout is refused."""
+    from specgrove.models.gguf_weights import GGUFMatrix
+    from specgrove.models.linear import GGUFLinear
+
+    n, k = 32, 512
+    parts = [GGUFMatrix(torch.from_numpy(random_blocks(ggml.Q4_K, n, k, seed=60)), ggml.Q4_K, n, k),
+             GGUFMatrix(torch.from_numpy(random_blocks(ggml.Q6_K, 8, k, seed=61)), ggml.Q6_K, 8, k)]
+    x, bias = _x(3, k, seed=6), torch.randn(n + 8)
+    rows = GGUFLinear(parts, bias)
+    assert rows._types == [ggml.Q4_K, ggml.Q6_K]
+    monkeypatch.setenv("SPECGROVE_Q4K_LAYOUT", "x8")
+    x8 = GGUFLinear(parts, bias)
+    assert x8._types[0] == (ggml.Q4_K_X8 if HAS_AVX2 else ggml.Q4_K)
+    assert torch.equal(x8(x), rows(x))
+    monkeypatch.setenv("SPECGROVE_Q4K_LAYOUT", "x16")
+    with pytest.raises(ValueError, match="SPECGROVE_Q4K_LAYOUT"):
+        GGUFLinear(parts, bias)

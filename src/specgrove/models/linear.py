@@ -46,6 +46,7 @@ to the target as loaded), or knowingly for a target (then the output is exactly 
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -145,6 +146,20 @@ def dequantize_int4(q: torch.Tensor, scale_zero: torch.Tensor, group_size: int =
     return w.reshape(n, k)
 
 
+Q4K_LAYOUTS = ("rows", "x8")
+
+
+def q4k_layout() -> str:
+    """How GGUFLinear keeps Q4_K matrices on the AVX2 path: `SPECGROVE_Q4K_LAYOUT`, "rows" (default: the file's
+    rows) or "x8" (`ggml.repack_q4k_x8`, eight rows interleaved). Both give the same bits. Measured on an AVX2-only
+    Zen 3 (docs/benchmarks.md, 2026-11-30): x8 makes forwards of 4-5 tokens ~0.9x as long but a one-token step
+    ~1.1x as long, so it is for runs dominated by verification or prefill."""
+    layout = os.environ.get("SPECGROVE_Q4K_LAYOUT", "rows")
+    if layout not in Q4K_LAYOUTS:
+        raise ValueError(f"SPECGROVE_Q4K_LAYOUT must be one of {Q4K_LAYOUTS}, got {layout!r}")
+    return layout
+
+
 class GGUFLinear:
     """y = x W^T + b where W is llama.cpp's quantized blocks (`quantization="gguf"`), multiplied as they are by
     `specgrove.kernels.ggml`: each token's activations quantized to int8 by itself, exact integer dot products,
@@ -182,8 +197,8 @@ class GGUFLinear:
                     "quantization='none' (dequantized) instead")
             data = run[0].data if len(run) == 1 else torch.cat([p.data for p in run])
             rows, type_ = sum(p.n for p in run), run[0].type
-            if type_ == ggml.Q4_K and self.isa >= ggml.ISA_AVX2 and rows % 8 == 0:
-                # rows interleaved by 8 for the AVX2 kernel (ggml.Q4_K_X8): the same sums, fewer instructions
+            if type_ == ggml.Q4_K and self.isa >= ggml.ISA_AVX2 and rows % 8 == 0 and q4k_layout() == "x8":
+                # rows interleaved by 8 for the AVX2 kernel (ggml.Q4_K_X8): the same bits, fewer instructions
                 data, type_ = ggml.repack_q4k_x8(data, rows, self.in_features), ggml.Q4_K_X8
             self.groups.append((data.contiguous(), type_, rows))
             i = j + 1
