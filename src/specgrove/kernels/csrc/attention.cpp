@@ -237,14 +237,6 @@ void attend_avx2(const Task& w) {
 }
 #endif
 
-bool cpu_has_avx2() {
-#if SG_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 // The softmax's exp (meant for x <= 0) on every element of x, by the path `isa`: for the tests.
 torch::Tensor exp_approx(torch::Tensor x, int64_t isa) {
   TORCH_CHECK_VALUE(x.scalar_type() == torch::kFloat32 && x.device().is_cpu(), "x must be a CPU float32 tensor");

@@ -34,14 +34,6 @@ namespace {
 
 enum : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1 };
 
-bool cpu_has_avx2() {
-#if SG_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 void check_isa(int64_t isa) {
   TORCH_CHECK_VALUE(isa == ISA_SCALAR || isa == ISA_AVX2, "isa must be 0 (scalar) or 1 (avx2), got ", isa);
   TORCH_CHECK(isa != ISA_AVX2 || cpu_has_avx2(), "isa=1 (avx2) asked for, but this CPU lacks AVX2/FMA");

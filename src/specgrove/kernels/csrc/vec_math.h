@@ -1,5 +1,5 @@
-// Float helpers shared by the batch-invariant kernels (attention.cpp, layer_ops.cpp): an exp for x <= 0
-// and an 8-lane horizontal sum, each with a scalar and an AVX2 version that give the same bits.
+// Helpers shared by the batch-invariant kernels (attention.cpp, layer_ops.cpp): an exp for x <= 0 and an
+// 8-lane horizontal sum, each with a scalar and an AVX2 version that give the same bits, and the AVX2 check.
 // Include inside the including file's anonymous namespace, after SG_X86 / SG_AVX2 are defined.
 #pragma once
 
@@ -67,3 +67,11 @@ SG_AVX2 inline __m256 exp8(__m256 x) {
 
 #endif  // SG_X86
 
+// Whether this CPU runs the AVX2 path of these kernels (AVX2 and FMA).
+inline bool cpu_has_avx2() {
+#if SG_X86
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
