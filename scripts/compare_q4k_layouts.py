@@ -1,6 +1,6 @@
 """The target loaded twice in one process, its Q4_K matrices as Q4_K x8 (SPECGROVE_Q4K_LAYOUT=x8) and as the file's
-rows (the default), timed in turns: `python scripts/compare_q4k_layouts.py [MODEL]`. Forward sizes 1, 4 and 5 at
-context 100 (12 rounds, each a median of 7 forwards, the two models' order alternating) and a 256-token prefill;
+rows (SPECGROVE_Q4K_LAYOUT=rows), timed in turns: `python scripts/compare_q4k_layouts.py [MODEL]`. The default layout,
+"auto", is the rows for one token and x8 for more. Forward sizes 1 to 5 at context 100 (12 rounds, each a median of 7 forwards, the two models' order alternating) and a 256-token prefill;
 prints the ratio of the medians and each round's ratio, and checks that both give the same logits bit for bit.
 The Q4_K x8 figures in docs/benchmarks.md (2026-11-30) came from this script."""
 import os
@@ -25,10 +25,11 @@ for key, m in models.items():
     m.forward(torch.randint(0, 1000, (1, 100)), torch.arange(100)[None], c, logits_at=None)
     c.commit(0)
     caches[key] = c
+SIZES = (1, 2, 3, 4, 5)
 times = {}
 keys = list(models)
 for rnd in range(12):
-    for T in (1, 4, 5):
+    for T in SIZES:
         for key in keys if rnd % 2 == 0 else keys[::-1]:
             m = models[key]
             ts = []
@@ -38,7 +39,7 @@ for rnd in range(12):
                 ts.append(time.perf_counter() - t)
                 caches[key].pending[0] = 0
             times.setdefault((T, key), []).append(statistics.median(ts))
-for T in (1, 4, 5):
+for T in SIZES:
     a, b = statistics.median(times[(T, "rows")]), statistics.median(times[(T, "x8")])
     rounds = [round(y / x, 2) for x, y in zip(times[(T, "rows")], times[(T, "x8")])]
     print(f"T={T}: rows {a * 1e3:.1f} ms, x8 {b * 1e3:.1f} ms ({b / a:.3f}x); per round {rounds}")

@@ -385,8 +385,9 @@ def test_q4k_x8_is_refused_where_it_cannot_run():
 
 
 def test_gguf_linear_q4k_layouts_agree_bitwise(monkeypatch):
-    """GGUFLinear keeps Q4_K as the file's rows by default and as Q4_K x8 with SPECGROVE_Q4K_LAYOUT=x8 (AVX2
-    path): the same outputs bit for bit; an unknown layout is refused."""
+    """GGUFLinear's Q4_K layouts on the AVX2 path (SPECGROVE_Q4K_LAYOUT): "auto" (default) multiplies one token
+    by the file's rows and several by Q4_K x8, "rows" and "x8" use one layout for all. Every layout gives the same
+    outputs bit for bit, for one token and for several; an unknown layout is refused."""
     from specgrove.models.gguf_weights import GGUFMatrix
     from specgrove.models.linear import GGUFLinear
 
@@ -394,12 +395,21 @@ def test_gguf_linear_q4k_layouts_agree_bitwise(monkeypatch):
     parts = [GGUFMatrix(torch.from_numpy(random_blocks(ggml.Q4_K, n, k, seed=60)), ggml.Q4_K, n, k),
              GGUFMatrix(torch.from_numpy(random_blocks(ggml.Q6_K, 8, k, seed=61)), ggml.Q6_K, 8, k)]
     x, bias = _x(3, k, seed=6), torch.randn(n + 8)
-    rows = GGUFLinear(parts, bias)
-    assert rows._types == [ggml.Q4_K, ggml.Q6_K]
-    monkeypatch.setenv("SPECGROVE_Q4K_LAYOUT", "x8")
-    x8 = GGUFLinear(parts, bias)
-    assert x8._types[0] == (ggml.Q4_K_X8 if HAS_AVX2 else ggml.Q4_K)
-    assert torch.equal(x8(x), rows(x))
+    x8_type = ggml.Q4_K_X8 if HAS_AVX2 else ggml.Q4_K
+    layers = {}
+    for layout, one, many in (("rows", ggml.Q4_K, ggml.Q4_K), ("x8", x8_type, x8_type), ("auto", ggml.Q4_K, x8_type)):
+        monkeypatch.setenv("SPECGROVE_Q4K_LAYOUT", layout)
+        layer = layers[layout] = GGUFLinear(parts, bias)
+        assert (layer._types[0], layer._types_many[0]) == (one, many) and layer._types[1] == ggml.Q6_K
+        assert layer.nbytes <= layer.resident_bytes
+    monkeypatch.delenv("SPECGROVE_Q4K_LAYOUT")
+    assert GGUFLinear(parts, bias)._types_many[0] == x8_type  # "auto" is the default
+    rows_bytes = layers["rows"].resident_bytes
+    assert layers["auto"].nbytes == rows_bytes  # a one-token forward reads the rows
+    assert layers["auto"].resident_bytes > rows_bytes if HAS_AVX2 else layers["auto"].resident_bytes == rows_bytes
+    for tokens in (x[:1], x):
+        assert torch.equal(layers["x8"](tokens), layers["rows"](tokens))
+        assert torch.equal(layers["auto"](tokens), layers["rows"](tokens))
     monkeypatch.setenv("SPECGROVE_Q4K_LAYOUT", "x16")
     with pytest.raises(ValueError, match="SPECGROVE_Q4K_LAYOUT"):
         GGUFLinear(parts, bias)

@@ -146,15 +146,18 @@ def dequantize_int4(q: torch.Tensor, scale_zero: torch.Tensor, group_size: int =
     return w.reshape(n, k)
 
 
-Q4K_LAYOUTS = ("rows", "x8")
+Q4K_LAYOUTS = ("auto", "rows", "x8")
 
 
 def q4k_layout() -> str:
-    """How GGUFLinear keeps Q4_K matrices on the AVX2 path: `SPECGROVE_Q4K_LAYOUT`, "rows" (default: the file's
-    rows) or "x8" (`ggml.repack_q4k_x8`, eight rows interleaved). Both give the same bits. Measured on an AVX2-only
-    Zen 3 (docs/benchmarks.md, 2026-11-30): x8 makes forwards of 4-5 tokens ~0.9x as long but a one-token step
-    ~1.1x as long, so it is for runs dominated by verification or prefill."""
-    layout = os.environ.get("SPECGROVE_Q4K_LAYOUT", "rows")
+    """How GGUFLinear keeps Q4_K matrices on the AVX2 path: `SPECGROVE_Q4K_LAYOUT`.
+    - "auto" (default): both the file's rows, for forwards of one token, and `ggml.repack_q4k_x8` (eight rows
+      interleaved), for forwards of two or more tokens (verification, prefill). A one-token step streams the rows
+      faster; several tokens share the x8 layout's cheaper products. It costs a second copy of the Q4_K matrices
+      in memory (about 0.76 GB for the default 1.5B target).
+    - "rows": the file's rows only. "x8": the x8 layout only.
+    All give the same bits; measurements in docs/benchmarks.md."""
+    layout = os.environ.get("SPECGROVE_Q4K_LAYOUT", "auto")
     if layout not in Q4K_LAYOUTS:
         raise ValueError(f"SPECGROVE_Q4K_LAYOUT must be one of {Q4K_LAYOUTS}, got {layout!r}")
     return layout
@@ -169,8 +172,8 @@ class GGUFLinear:
     concatenated into one matrix, and the whole layer (bias and an optional residual included) is one kernel call
     that quantizes the activations once per block size. Output is fp32 cast to the input's dtype."""
 
-    __slots__ = ("groups", "bias", "out_features", "in_features", "nbytes", "numel", "quantization", "isa", "linear",
-                 "_weights", "_types")
+    __slots__ = ("bias", "out_features", "in_features", "nbytes", "resident_bytes", "numel", "quantization", "isa",
+                 "linear", "_weights", "_types", "_weights_many", "_types_many")
 
     def __init__(self, parts: list, bias: torch.Tensor | None):
         from specgrove.kernels import ggml
@@ -183,7 +186,12 @@ class GGUFLinear:
         self.bias = None if bias is None else bias.float()
         self.isa = ggml.best_isa()
         self.linear = ggml.load_extension().linear
-        self.groups: list[tuple[torch.Tensor, int, int]] = []  # (raw rows, type, rows)
+        layout = q4k_layout()
+        # The matrices (raw blocks) and their types for a forward of one token, and for one of several tokens.
+        self._weights: list[torch.Tensor] = []
+        self._types: list[int] = []
+        self._weights_many: list[torch.Tensor] = []
+        self._types_many: list[int] = []
         i = 0
         while i < len(parts):  # consecutive parts of one type become one matrix
             j = i
@@ -195,23 +203,30 @@ class GGUFLinear:
                     f"GGML type {ggml.TYPE_NAMES.get(run[0].type, run[0].type)} has no kernel here (supported: "
                     f"{', '.join(ggml.TYPE_NAMES[t] for t in ggml.MATMUL_TYPES)}); load the model with "
                     "quantization='none' (dequantized) instead")
-            data = run[0].data if len(run) == 1 else torch.cat([p.data for p in run])
+            data = (run[0].data if len(run) == 1 else torch.cat([p.data for p in run])).contiguous()
             rows, type_ = sum(p.n for p in run), run[0].type
-            if type_ == ggml.Q4_K and self.isa >= ggml.ISA_AVX2 and rows % 8 == 0 and q4k_layout() == "x8":
+            one, many = (data, type_), (data, type_)
+            if type_ == ggml.Q4_K and self.isa >= ggml.ISA_AVX2 and rows % 8 == 0 and layout != "rows":
                 # rows interleaved by 8 for the AVX2 kernel (ggml.Q4_K_X8): the same bits, fewer instructions
-                data, type_ = ggml.repack_q4k_x8(data, rows, self.in_features), ggml.Q4_K_X8
-            self.groups.append((data.contiguous(), type_, rows))
+                many = (ggml.repack_q4k_x8(data, rows, self.in_features), ggml.Q4_K_X8)
+                one = many if layout == "x8" else one
+            for (d, t), weights, types in ((one, self._weights, self._types), (many, self._weights_many,
+                                                                               self._types_many)):
+                weights.append(d)
+                types.append(t)
             i = j + 1
-        self._weights = [d for d, _, _ in self.groups]
-        self._types = [t for _, t, _ in self.groups]
-        self.nbytes = sum(d.numel() for d, _, _ in self.groups) + (0 if bias is None else bias.numel() * 4)
+        extra = 0 if bias is None else bias.numel() * 4
+        self.nbytes = sum(d.numel() for d in self._weights) + extra  # read by a one-token forward
+        distinct = {id(d): d.numel() for d in self._weights + self._weights_many}
+        self.resident_bytes = sum(distinct.values()) + extra  # held in memory (both layouts under "auto")
         self.numel = self.out_features * self.in_features + (0 if bias is None else bias.numel())
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + b, plus `residual` (shaped as the output) when given: `residual + (x W^T + b)` in one call."""
         x2 = x.reshape(-1, self.in_features)
         r2 = None if residual is None else residual.reshape(-1, self.out_features)
-        y = self.linear(x2, self._weights, self._types, self.bias, r2, self.isa)
+        weights, types = (self._weights, self._types) if x2.shape[0] == 1 else (self._weights_many, self._types_many)
+        y = self.linear(x2, weights, types, self.bias, r2, self.isa)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
