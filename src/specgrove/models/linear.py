@@ -172,8 +172,21 @@ class GGUFLinear:
     concatenated into one matrix, and the whole layer (bias and an optional residual included) is one kernel call
     that quantizes the activations once per block size. Output is fp32 cast to the input's dtype."""
 
-    __slots__ = ("bias", "out_features", "in_features", "nbytes", "resident_bytes", "numel", "quantization", "isa",
-                 "linear", "_weights", "_types", "_weights_many", "_types_many")
+    __slots__ = (
+        "_types",
+        "_types_many",
+        "_weights",
+        "_weights_many",
+        "bias",
+        "in_features",
+        "isa",
+        "linear",
+        "nbytes",
+        "numel",
+        "out_features",
+        "quantization",
+        "resident_bytes",
+    )
 
     def __init__(self, parts: list, bias: torch.Tensor | None):
         from specgrove.kernels import ggml
@@ -233,8 +246,20 @@ class GGUFLinear:
 class Linear:
     """y = x W^T + b with W [out, in]: prepacked for oneDNN when `packed`, int8 / int4 / w8a8 by `quantization`."""
 
-    __slots__ = ("weight", "bias", "packed", "scales", "quantization", "out_features", "in_features", "nbytes",
-                 "numel", "group_size", "pad_rows", "bounds")
+    __slots__ = (
+        "bias",
+        "bounds",
+        "group_size",
+        "in_features",
+        "nbytes",
+        "numel",
+        "out_features",
+        "packed",
+        "pad_rows",
+        "quantization",
+        "scales",
+        "weight",
+    )
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, quantization: str | None = None):
         if quantization not in QUANTIZATIONS:
