@@ -343,6 +343,17 @@ def test_q4k_x8_equals_the_scalar_q4k_bitwise(k_blocks):
 
 
 @needs_avx2
+def test_q4k_x8_many_tokens_and_chunks_equal_the_scalar_q4k_bitwise():
+    """More than 8 tokens (groups of 8 and a remainder) over a matrix larger than one L2 chunk of records per thread
+    (256 groups of 8 rows with K=512: chunks of 110), as in a prompt's prefill: the scalar results bit for bit."""
+    n, k, ext = 2048, 512, ggml.load_extension()
+    w = torch.from_numpy(random_blocks(ggml.Q4_K, n, k, seed=47))
+    x = _x(19, k, seed=9)
+    plain = ext.linear(x, [w], [ggml.Q4_K], None, None, ggml.ISA_SCALAR)
+    assert torch.equal(ext.linear(x, [ggml.repack_q4k_x8(w, n, k)], [ggml.Q4_K_X8], None, None, ggml.ISA_AVX2), plain)
+
+
+@needs_avx2
 @pytest.mark.parametrize("fill", [0x00, 0x80, 0xFF])
 def test_q4k_x8_extreme_blocks_do_not_overflow(fill):
     """Every 4-bit value 15 and every scale 63 against activations of +-127: the int16 sums of 8 maddubs per
