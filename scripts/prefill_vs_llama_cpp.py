@@ -6,15 +6,14 @@ import sys
 import time
 
 import torch
-from llama_cpp import Llama
 
+from specgrove.bench.llamacpp_peer import LlamaCppPeer
 from specgrove.models.defaults import DEFAULT_TARGET, fetch_gguf
 from specgrove.models.loader import load_model
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 256
 model = load_model(DEFAULT_TARGET).model
-llm = Llama(model_path=str(fetch_gguf(DEFAULT_TARGET)), n_ctx=T + 64, n_threads=torch.get_num_threads(),
-            n_batch=512, verbose=False, use_extra_bufts=False)  # as the bench's llama_cpp method
+llm = LlamaCppPeer(fetch_gguf(DEFAULT_TARGET), n_ctx=T + 64, eos_token_ids=[]).llm  # as the bench's llama_cpp method
 ids = torch.randint(100, 20000, (1, T))
 ours, theirs = [], []
 for r in range(3):
