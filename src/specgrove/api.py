@@ -8,17 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specgrove.config import SpeculativeConfig
-from specgrove.drafting.draft_model import DraftModelProposer
-from specgrove.drafting.prompt_lookup import PromptLookupProposer
-from specgrove.drafting.sorted import sorted_proposer
+from specgrove.config import SpeculativeConfig, uses_draft
+from specgrove.drafting.factory import build_proposer
 from specgrove.engine.engine import SpecEngine
 from specgrove.engine.metrics import SpecMetrics
 from specgrove.errors import IncompatibleModelsError
 from specgrove.models import defaults
 from specgrove.models.loader import LoadedModel, load_model
 from specgrove.sampling import SamplingParams
-from specgrove.trees.shape import TreeShape
 
 
 @dataclass
@@ -103,8 +100,7 @@ class LLM:
         self.speculative = SpeculativeConfig.from_any(speculative)
         if num_threads:
             torch.set_num_threads(num_threads)
-        uses_draft = self.speculative.method in ("draft_model", "tree", "sorted")
-        if uses_draft and draft is None:
+        if uses_draft(self.speculative) and draft is None:
             if str(target) != defaults.DEFAULT_TARGET:
                 raise ValueError(f"method {self.speculative.method!r} needs a draft model: pass draft=<name, directory or .gguf>")
             draft = defaults.DEFAULT_DRAFT
@@ -112,36 +108,20 @@ class LLM:
         self.target = load_model(target, dtype=dtype, device=device, expected_sha256=target_sha256,
                                  quantization=quantization, cuda_graphs=graphs)
         self.draft: LoadedModel | None = None
-        proposer = None
-        if uses_draft:
+        if uses_draft(self.speculative):
             if isinstance(draft, LoadedModel):  # one loaded draft serving several targets (S2D)
                 self.draft = draft
             else:
                 self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256,
                                         quantization=draft_quantization, cuda_graphs=graphs, head_vocab=draft_vocab)
             check_compatible(self.target, self.draft)
-            shape = None
-            if self.speculative.tree is not None:
-                if self.speculative.tree == "auto":
-                    from specgrove.trees.tuning import AutoTree
-
-                    shape = AutoTree(self.target, self.draft)  # tuned per sampling setting, cached
-                    self.speculative.num_speculative_tokens = shape.max_nodes
-                else:
-                    shape = TreeShape.parse(self.speculative.tree)
-                    self.speculative.num_speculative_tokens = len(shape)
-            if self.speculative.method == "sorted":
-                proposer = sorted_proposer(self.draft, max_model_len, self.speculative.sorted_exit,
-                                           self.speculative.sorted_thresholds, shape, self.speculative.tree_sampling)
-            else:
-                proposer = DraftModelProposer(self.draft, max_model_len, shape, self.speculative.tree_sampling)
-        elif self.speculative.method == "prompt_lookup":
-            proposer = PromptLookupProposer(self.speculative.prompt_lookup_min, self.speculative.prompt_lookup_max)
+        proposer, num_draft = build_proposer(self.speculative, self.target, self.draft, max_model_len)
+        if self.speculative.tree is not None:
+            self.speculative.num_speculative_tokens = num_draft
         if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or max_num_seqs < 1):
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         self.max_num_seqs = max_num_seqs or 1
-        self.engine = SpecEngine(self.target, proposer, self.speculative.num_speculative_tokens if proposer else 0,
-                                 max_model_len, max_num_seqs=self.max_num_seqs)
+        self.engine = SpecEngine(self.target, proposer, num_draft, max_model_len, max_num_seqs=self.max_num_seqs)
 
     @property
     def tokenizer(self):

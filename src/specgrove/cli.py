@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from specgrove.config import TREE_SAMPLING
+from specgrove.config import GRAMMAR, TREE_SAMPLING, method_name
 
 EXAMPLE_CHAT = "Write a Python function that checks whether a number is prime."
 EXIT_BAD_INPUT = 2
@@ -81,14 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CUDA: never replay small forwards as CUDA graphs (default: graphs on a GPU)")
 
     def speculative_options(p: argparse.ArgumentParser, default_method: str = "draft_model") -> None:
-        p.add_argument("--method", choices=("draft_model", "prompt_lookup", "tree", "sorted", "none"), default=default_method)
+        p.add_argument("--method", default=default_method, metavar="METHOD",
+                       help=f"speculative method (default {default_method}): {GRAMMAR}")
         p.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
         p.add_argument("--tree", default=None, help="method tree: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
                                                     "from `specgrove tune`, or auto; method sorted with --sorted-exit: "
                                                     "that exit drafts this tree")
-        p.add_argument("--tree-sampling", choices=TREE_SAMPLING, default="without_replacement",
-                       help="how a node's children are drawn and verified: without_replacement (Sequoia, RRS "
-                            "without replacement), iid (SpecInfer's RRS) or hub (SpecHub's pairs)")
+        p.add_argument("--tree-sampling", choices=TREE_SAMPLING, default=None,
+                       help="how a node's children are drawn and verified: without_replacement (default; Sequoia, "
+                            "RRS without replacement), iid (SpecInfer's RRS) or hub (SpecHub's pairs); the methods "
+                            "rrs:SHAPE and spechub:SHAPE set it")
         p.add_argument("--sorted-exit", type=int, default=None,
                        help="method sorted (S2D; --draft is a sorted draft): draft with this exit alone (default: adaptive)")
         p.add_argument("--sorted-thresholds", type=_float_list, default=None,
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=20, help="number of prompts, mixed categories round-robin (default 20)")
     b.add_argument("--categories", type=_name_list, default=None, help="comma list of categories to keep")
     b.add_argument("--methods", type=_method_list, default=list(DEFAULT_METHODS),
-                   help=f"comma list (default {','.join(DEFAULT_METHODS)})")
+                   help=f"comma list (default {','.join(DEFAULT_METHODS)}); also llama_cpp and any speculative "
+                        f"method but none: {GRAMMAR.removeprefix('none, ')}")
     model_options(b)
     b.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     b.add_argument("--tree-acceptance", default=None, metavar="TREE_JSON",
@@ -187,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the report")
     md.set_defaults(func=cmd_multidraft)
 
-    from specgrove.train.cli import add_calibrate_parser, add_parser as add_train_sorted
+    from specgrove.train.cli import add_calibrate_parser
+    from specgrove.train.cli import add_parser as add_train_sorted
 
     add_train_sorted(sub)
     add_calibrate_parser(sub)
@@ -209,24 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- generate --------------------------------------------------------------------------------------
+def speculative_config(args: argparse.Namespace):
+    """The SpeculativeConfig of the speculative options: --method (any method string of
+    `specgrove.config`) with -k, --tree, --tree-sampling, --sorted-exit, ... (ValueError on a conflict)."""
+    from specgrove.config import parse_method
+
+    return parse_method(args.method, num_speculative_tokens=args.num_speculative_tokens,
+                        prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
+                        tree=args.tree, tree_sampling=args.tree_sampling, sorted_exit=args.sorted_exit,
+                        sorted_thresholds=args.sorted_thresholds)
+
+
 def build_llm(args: argparse.Namespace, max_num_seqs: int | None = None):
     """The LLM of the model and speculative options (generate, serve, loadtest)."""
     from specgrove.api import LLM
-    from specgrove.config import SpeculativeConfig
+    from specgrove.config import uses_draft
     from specgrove.models import defaults
     from specgrove.models.loader import resolve_model_dir
 
-    spec = SpeculativeConfig.from_any({
-        "method": None if args.method == "none" else args.method,
-        "num_speculative_tokens": args.num_speculative_tokens,
-        "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max,
-        "tree": args.tree, "tree_sampling": args.tree_sampling,
-        "sorted_exit": args.sorted_exit, "sorted_thresholds": args.sorted_thresholds,
-    })
+    spec = speculative_config(args)
     # A missing target is the more basic mistake: report it before the draft-model requirement.
     resolve_model_dir(args.target)
-    if spec.method in ("draft_model", "tree", "sorted") and args.draft is None and args.target != defaults.DEFAULT_TARGET:
-        raise ValueError(f"--method {spec.method} needs --draft when the target is not the default "
+    if uses_draft(spec) and args.draft is None and args.target != defaults.DEFAULT_TARGET:
+        raise ValueError(f"--method {args.method} needs --draft when the target is not the default "
                          f"({defaults.DEFAULT_TARGET}); or use --method prompt_lookup or --method none")
     llm = LLM(target=args.target, draft=args.draft, speculative=spec, dtype=args.dtype, device=args.device,
               max_model_len=args.max_model_len, num_threads=args.num_threads, quantization=args.quantization,
@@ -249,7 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         out = llm.chat([{"role": "user", "content": args.chat if args.chat is not None else EXAMPLE_CHAT}], params)
     k = llm.engine.num_speculative_tokens
-    method = spec.method or "none"
+    method = method_name(spec)  # canonical: "spechub:kary:2x2", not "tree"
     completion = out.outputs[0]
     if args.json:
         print(json.dumps({
@@ -357,7 +366,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from specgrove.models import defaults
     from specgrove.models.loader import load_model, resolve_model_dir
     from specgrove.sampling import SamplingParams
-    from specgrove.trees.sequoia import AcceptanceVector, HardwareProfile, load_tree_file
+    from specgrove.trees.sequoia import (
+        AcceptanceVector,
+        HardwareProfile,
+        load_tree_file,
+    )
     from specgrove.trees.tuning import budget_tree, tune, write_tree_file
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

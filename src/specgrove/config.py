@@ -1,9 +1,32 @@
-"""The `speculative` configuration of LLM(...), validated at the edge."""
+"""The `speculative` configuration of LLM(...), validated at the edge, and the one language for naming a
+method, shared by every entry point.
+
+`LLM(speculative=...)`, `specgrove generate --method`, `serve --method`, `loadtest --method` and
+`bench --methods` all read these strings through `parse_method`, which turns one into a
+`SpeculativeConfig`; `method_name` writes a config back as its canonical string.
+
+    none | plain          no speculation
+    draft_model           a chain of k tokens from the draft model
+    prompt_lookup         n-grams of the prompt and output so far (no draft model)
+    tree:SHAPE            a token tree from the draft model, siblings drawn without replacement (Sequoia)
+    rrs_wo:SHAPE          the same (RRS without replacement)
+    rrs:SHAPE             siblings drawn independently, verified by SpecInfer's recursive rejection sampling
+    spechub:SHAPE         SpecHub: pairs of siblings verified jointly, without replacement elsewhere
+    sorted                a sorted draft (S2D), each token from the first exit confident enough
+    sorted@L              exit L alone, a chain of k
+    sorted@L:SHAPE        exit L alone drafting the tree SHAPE (siblings without replacement)
+    sorted@A+B+...        adaptive over the exits A, B, ... only
+
+SHAPE is `chain:N`, `kary:BxD`, `widths:W1,W2,...`, a tree .json written by `specgrove tune`, or
+`auto` (tuned for this target, draft and temperature on first use; draft models only).
+`tree` alone also works, with the shape given apart (`--tree`, or `tree=` in the config).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+# the methods with a proposer (specgrove.drafting.factory.BUILDERS); a new drafter adds its name here
 METHODS = ("draft_model", "prompt_lookup", "tree", "sorted")
 TREE_SAMPLING = ("without_replacement", "iid", "hub")
 
@@ -24,23 +47,37 @@ class SpeculativeConfig:
     # adaptively (each token from the first exit whose confidence reaches its threshold; `sorted_thresholds`
     # overrides the draft's sorted.json, one per exit), an int drafts with that exit's sub-model alone, a chain
     # of num_speculative_tokens or the token tree `tree` (drawn and verified as `tree_sampling` says).
+    # `sorted_exits`: adaptive drafting over these exits only (several layer counts), e.g. the shallow ones.
     sorted_exit: int | None = None
+    sorted_exits: list[int] | None = None
     sorted_thresholds: list[float] | None = None
 
     @classmethod
-    def from_any(cls, value) -> "SpeculativeConfig":
+    def from_any(cls, value) -> SpeculativeConfig:
+        """A validated config from None, a config, a method string of `specgrove.config` ('spechub:kary:2x2',
+        'sorted@6+12', ...) or a dict of fields whose 'method' may be such a string."""
         if value is None:
             return cls()
         if isinstance(value, SpeculativeConfig):
             value.validate()
             return value
+        if isinstance(value, str):
+            return parse_method(value)
         if not isinstance(value, dict):
-            raise TypeError(f"speculative must be a dict like {{'method': 'draft_model', 'num_speculative_tokens': 4}}, got {value!r}")
+            raise TypeError("speculative must be a method string like 'tree:kary:2x3' or a dict like "
+                            f"{{'method': 'draft_model', 'num_speculative_tokens': 4}}, got {value!r}")
+        options = dict(value)
+        method = options.pop("method", None)
+        return parse_method("none" if method is None else method, **options)
+
+    @classmethod
+    def of_fields(cls, values: dict) -> SpeculativeConfig:
+        """The validated config of plain field values (no method string parsing); ValueError naming unknown keys."""
         known = {f.name for f in fields(cls)}
-        unknown = set(value) - known
+        unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown speculative option(s) {sorted(unknown)}; known: {sorted(known)}")
-        config = cls(**value)
+        config = cls(**values)
         config.validate()
         return config
 
@@ -63,8 +100,21 @@ class SpeculativeConfig:
             from specgrove.trees.shape import TreeShape
 
             self.num_speculative_tokens = len(TreeShape.parse(self.tree))
-        if self.method != "sorted" and (self.sorted_exit is not None or self.sorted_thresholds is not None):
-            raise ValueError(f"sorted_exit / sorted_thresholds are options of method 'sorted', not {self.method!r}")
+        sorted_options = (self.sorted_exit, self.sorted_exits, self.sorted_thresholds)
+        if self.method != "sorted" and any(o is not None for o in sorted_options):
+            raise ValueError(f"sorted_exit / sorted_exits / sorted_thresholds are options of method 'sorted', "
+                             f"not {self.method!r}")
+        if self.sorted_exits is not None:
+            exits = self.sorted_exits
+            if (not isinstance(exits, (list, tuple)) or len(exits) < 2
+                    or not all(isinstance(e, int) and e >= 1 for e in exits)):
+                raise ValueError(f"sorted_exits must be two or more exit layer counts >= 1 (adaptive drafting over "
+                                 f"them), got {exits!r}; for one exit use sorted_exit")
+            if self.sorted_exit is not None:
+                raise ValueError("give sorted_exit (one fixed exit) or sorted_exits (adaptive over several), not both")
+            if self.tree is not None:
+                raise ValueError("adaptive drafting over several exits makes chains; draft a tree with one sorted_exit")
+            self.sorted_exits = list(exits)
         if self.sorted_exit is not None and self.sorted_thresholds is not None:
             raise ValueError("sorted_thresholds are for adaptive drafting; a fixed sorted_exit uses none")
         if self.sorted_exit is not None and (not isinstance(self.sorted_exit, int) or self.sorted_exit < 1):
@@ -86,3 +136,90 @@ class SpeculativeConfig:
     @property
     def enabled(self) -> bool:
         return self.method is not None and self.num_speculative_tokens > 0
+
+
+# prefix -> how a tree's siblings are drawn and verified (SpeculativeConfig.tree_sampling)
+TREE_PREFIXES = {"tree:": "without_replacement", "rrs_wo:": "without_replacement", "rrs:": "iid",
+                 "spechub:": "hub"}
+# the prefix method_name writes for each sampling
+_PREFIX_OF_SAMPLING = {"without_replacement": "tree:", "iid": "rrs:", "hub": "spechub:"}
+NO_SPECULATION = ("none", "plain")
+# methods whose proposer runs a draft model (a sorted draft is one too)
+DRAFT_METHODS = ("draft_model", "tree", "sorted")
+
+GRAMMAR = ("none, draft_model, prompt_lookup, tree:SHAPE, rrs:SHAPE, rrs_wo:SHAPE, spechub:SHAPE, sorted, "
+           "sorted@L, sorted@L:SHAPE or sorted@A+B (SHAPE: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
+           "from `specgrove tune`, or auto)")
+
+
+def _sorted_parts(rest: str, text: str) -> dict:
+    exits, _, shape = rest.partition(":")
+    parts = exits.split("+")
+    if not exits or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"method {text!r}: after 'sorted@' come exit layer counts, e.g. sorted@6, sorted@6:kary:2x2 "
+                         "or sorted@6+12")
+    if len(parts) > 1:
+        if shape:
+            raise ValueError(f"method {text!r}: adaptive drafting over several exits makes chains; draft a tree "
+                             "with one exit (sorted@L:SHAPE)")
+        return {"sorted_exits": [int(p) for p in parts]}
+    out: dict = {"sorted_exit": int(parts[0])}
+    if shape:
+        out["tree"] = shape
+    return out
+
+
+def method_fields(text: str) -> dict:
+    """The SpeculativeConfig fields a method string sets (method, tree, tree_sampling, sorted_exit(s)).
+    ValueError, naming the grammar, for a string that is not a method."""
+    if not isinstance(text, str):
+        raise TypeError(f"a method is a string like 'draft_model' or 'tree:kary:2x3', got {text!r}")
+    t = text.strip()
+    if t in NO_SPECULATION:
+        return {"method": None}
+    if t in METHODS:
+        return {"method": t}
+    for prefix, sampling in TREE_PREFIXES.items():
+        if t.startswith(prefix):
+            shape = t[len(prefix):]
+            if not shape:
+                raise ValueError(f"method {text!r} needs a tree shape after {prefix!r}, e.g. {prefix}kary:2x3")
+            return {"method": "tree", "tree": shape, "tree_sampling": sampling}
+    if t.startswith("sorted@"):
+        return {"method": "sorted", **_sorted_parts(t[len("sorted@"):], text)}
+    raise ValueError(f"unknown speculative method {text!r}; use {GRAMMAR}")
+
+
+def parse_method(text: str, **options) -> SpeculativeConfig:
+    """The validated SpeculativeConfig of a method string plus other options (num_speculative_tokens,
+    prompt_lookup_min, ...). An option the string already sets must agree with it: 'tree:kary:2x3' with
+    tree='chain:4' is refused, naming both."""
+    fields = method_fields(text)
+    merged = dict(fields)
+    for key, value in options.items():
+        if value is None or key == "method":
+            continue
+        if key in fields and fields[key] != value:
+            raise ValueError(f"method {text!r} sets {key}={fields[key]!r}, but {key}={value!r} is given too; "
+                             "give it once")
+        merged[key] = value
+    return SpeculativeConfig.of_fields(merged)
+
+
+def method_name(config: SpeculativeConfig) -> str:
+    """The canonical method string of a config (what parse_method reads back to the same fields)."""
+    if config.method is None:
+        return "none"
+    if config.method == "tree":
+        return _PREFIX_OF_SAMPLING[config.tree_sampling] + str(config.tree)
+    if config.method == "sorted":
+        if config.sorted_exits:
+            return "sorted@" + "+".join(str(e) for e in config.sorted_exits)
+        if config.sorted_exit is not None:
+            return f"sorted@{config.sorted_exit}" + (f":{config.tree}" if config.tree else "")
+        return "sorted"
+    return config.method
+
+
+def uses_draft(config: SpeculativeConfig) -> bool:
+    return config.method in DRAFT_METHODS

@@ -51,6 +51,7 @@ from typing import Sequence
 
 import torch
 
+from specgrove.config import GRAMMAR, SpeculativeConfig, method_fields
 from specgrove.engine.metrics import SpecMetrics
 from specgrove.errors import SpecgroveError
 from specgrove.models import defaults
@@ -60,21 +61,37 @@ ENGINE_METHODS = ("plain", "draft_model", "prompt_lookup")
 HF_METHODS = ("hf_plain", "hf_assisted", "hf_prompt_lookup")
 DEFAULT_METHODS = ENGINE_METHODS + HF_METHODS
 PEER_METHODS = ("llama_cpp",)  # optional outside peers, run only when asked for
-# method prefix -> how the tree's siblings are drawn and verified (DraftModelProposer's sampling)
-TREE_PREFIXES = {"tree:": "without_replacement", "rrs:": "iid", "rrs_wo:": "without_replacement", "spechub:": "hub"}
 
 
-def _tree_prefix(method: str) -> str | None:
-    return next((prefix for prefix in TREE_PREFIXES if method.startswith(prefix)), None)
+def engine_fields(method: str) -> dict | None:
+    """The SpeculativeConfig fields of an engine method, read by the one method language
+    (`specgrove.config`): 'plain', 'draft_model', 'prompt_lookup', 'tree:SHAPE', 'rrs:SHAPE', 'sorted@6',
+    ...; None for the HF and peer methods and for what is not a bench method ('tree' needs its SHAPE here)."""
+    if method in HF_METHODS + PEER_METHODS or method == "none":
+        return None
+    try:
+        fields = method_fields(method)
+    except ValueError:
+        return None
+    if fields["method"] == "tree" and "tree" not in fields:
+        return None
+    return fields
 
 
 def is_tree_method(method: str) -> bool:
-    return _tree_prefix(method) is not None
+    fields = engine_fields(method)
+    return fields is not None and fields["method"] == "tree"
+
+
+def is_sorted_method(method: str) -> bool:
+    fields = engine_fields(method)
+    return fields is not None and fields["method"] == "sorted"
 
 
 def tree_sampling_of(method: str) -> str:
     """How a drafted method's siblings are drawn (draft_model: a chain, nothing to choose)."""
-    return TREE_PREFIXES[_tree_prefix(method)] if is_tree_method(method) else "without_replacement"
+    fields = engine_fields(method) or {}
+    return fields.get("tree_sampling", "without_replacement")
 
 
 def baseline_of(method: str) -> str:
@@ -82,33 +99,22 @@ def baseline_of(method: str) -> str:
 
 
 def needs_draft(method: str) -> bool:
+    """Whether a method runs the draft model (--draft); the sorted methods run the sorted draft instead."""
     return method in ("draft_model", "hf_assisted") or is_tree_method(method)
 
 
-def sorted_method_of(method: str) -> tuple[list[int] | None, str | None]:
-    """(exits, tree spec) of a sorted-draft method: (None, None) for `sorted` (adaptive over every exit),
-    ([L], None) for `sorted@L` (exit L alone, a chain of k), ([L], SPEC) for `sorted@L:SPEC` (exit L alone
-    drafting the tree SPEC, as tree:SPEC), ([a, b, ...], None) for `sorted@a+b+...` (adaptive over those
-    exits); ValueError for anything else."""
-    if method == "sorted":
-        return None, None
-    exits, _, spec = method[len("sorted@"):].partition(":") if method.startswith("sorted@") else ("", "", "")
-    parts = exits.split("+")
-    if exits and all(p.isdigit() for p in parts) and (not spec or len(parts) == 1):
-        return [int(p) for p in parts], spec or None
-    raise ValueError(f"{method!r} is not a sorted-draft method; use sorted, sorted@L, sorted@L:TREE or sorted@L1+L2")
+def engine_config(method: str, num_speculative_tokens: int, prompt_lookup_min: int = 1,
+                  prompt_lookup_max: int = 3) -> SpeculativeConfig:
+    """The validated config of an engine method with the bench's k and prompt-lookup settings."""
+    fields = engine_fields(method)
+    if fields is None:
+        raise ValueError(f"{method!r} is not an engine method of the bench; use {BENCH_GRAMMAR}")
+    return SpeculativeConfig.of_fields({**fields, "num_speculative_tokens": num_speculative_tokens,
+                                        "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max})
 
 
-def sorted_exits_of(method: str) -> list[int] | None:
-    return sorted_method_of(method)[0]
+BENCH_GRAMMAR = f"{', '.join(DEFAULT_METHODS + PEER_METHODS)}, or a method: {GRAMMAR.removeprefix('none, ')}"
 
-
-def is_sorted_method(method: str) -> bool:
-    try:
-        sorted_exits_of(method)
-        return True
-    except ValueError:
-        return False
 
 SPEC_BENCH_ENV = "SPECGROVE_SPEC_BENCH"
 SPEC_BENCH_RELATIVE = Path("shared/data/spec_bench/question.jsonl")
@@ -219,17 +225,14 @@ def _as_prompts(prompts: Sequence[BenchPrompt | Sequence[int]]) -> list[BenchPro
 
 def _ordered_methods(methods: Sequence[str]) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
-    unknown = [m for m in methods if m not in DEFAULT_METHODS + PEER_METHODS and not is_tree_method(m)
-               and not is_sorted_method(m)]
+    unknown = [m for m in methods if m not in DEFAULT_METHODS + PEER_METHODS and engine_fields(m) is None]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {', '.join(DEFAULT_METHODS + PEER_METHODS)}, "
-                         "tree:SPEC, rrs:SPEC, rrs_wo:SPEC, spechub:SPEC, sorted, sorted@L, sorted@L:SPEC or sorted@L1+L2")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; use {BENCH_GRAMMAR}")
     if not methods:
         raise ValueError(f"no methods given; use some of {', '.join(DEFAULT_METHODS)}")
     for m in methods:
-        spec = m[len(_tree_prefix(m)):] if is_tree_method(m) else sorted_method_of(m)[1] if is_sorted_method(m) else None
-        if spec is not None and (spec != "auto" or is_sorted_method(m)):
-            TreeShape.parse(spec)  # a bad spec fails now, before any model loads
+        if engine_fields(m) is not None:
+            engine_config(m, 1)  # a bad tree spec fails now, before any model loads
     # Speedups are relative to a baseline, so a method's baseline always runs too.
     for m in list(methods):
         if baseline_of(m) not in methods:
@@ -297,7 +300,7 @@ def _run_interleaved(engines: dict, prompts: list[BenchPrompt], params, warmup_p
 
 def _record_exit_counts(run: "MethodRun", engine) -> None:
     """Adaptive sorted drafting: how often each exit drafted (warm-up included)."""
-    if hasattr(engine.proposer, "exit_counts"):
+    if engine.proposer is not None and engine.proposer.exit_counts is not None:
         run.exit_counts = {str(e): n for e, n in sorted(engine.proposer.exit_counts.items())}
 
 
@@ -459,8 +462,7 @@ def run_bench(
     from specgrove.api import check_compatible
     from specgrove.bench.bandwidth import DEFAULT_NUM_FLOATS, measure_memory_bandwidth
     from specgrove.bench.hf_peer import HFPeer
-    from specgrove.drafting.draft_model import DraftModelProposer
-    from specgrove.drafting.prompt_lookup import PromptLookupProposer
+    from specgrove.drafting.factory import build_proposer, resolve_shape, shape_size
     from specgrove.engine.engine import SpecEngine, eos_token_ids
     from specgrove.models.loader import load_model
     from specgrove.sampling import SamplingParams
@@ -545,10 +547,11 @@ def run_bench(
 
     bench_prompts = encode_questions(questions, target_model.tokenizer) if prompts is None else _as_prompts(prompts)
     k = num_speculative_tokens
-    shapes = {m: _tree_shape(m, target_model, draft_model) for m in methods if is_tree_method(m)}
+    configs = {m: engine_config(m, k, prompt_lookup_min, prompt_lookup_max) for m in methods if engine_fields(m)}
+    draft_of = {m: sorted_model if is_sorted_method(m) else draft_model for m in configs}
+    shapes = {m: resolve_shape(c, target_model, draft_of[m]) for m, c in configs.items() if c.tree is not None}
     shapes["draft_model"] = TreeShape.chain(k)
-    shapes.update({m: TreeShape.parse(sorted_method_of(m)[1]) for m in sorted_methods if sorted_method_of(m)[1]})
-    longest = max([k] + [_max_nodes(shape) for shape in shapes.values()])
+    longest = max([k] + [shape_size(shape) for shape in shapes.values()])
     max_model_len = max(len(p.token_ids) for p in bench_prompts) + max_new_tokens + longest + 8
     weight_bytes = target_model.model.weight_bytes()
     draft_weight_bytes = draft_model.model.weight_bytes() if draft_model is not None and draft_model.is_fast else None
@@ -563,17 +566,8 @@ def run_bench(
         f"methods: {', '.join(methods)}; k={k}, max_new_tokens={max_new_tokens}, temperature={temperature}")
 
     def engine_for(method: str) -> SpecEngine:
-        proposer, num_draft = None, 0
-        if method == "prompt_lookup":
-            proposer, num_draft = PromptLookupProposer(prompt_lookup_min, prompt_lookup_max), k
-        elif is_sorted_method(method):
-            from specgrove.drafting.sorted import sorted_proposer
-
-            proposer = sorted_proposer(sorted_model, max_model_len, sorted_exits_of(method), shape=shapes.get(method))
-            num_draft = _max_nodes(shapes[method]) if method in shapes else k
-        elif method in shapes:
-            proposer = DraftModelProposer(draft_model, max_model_len, shapes[method], tree_sampling_of(method))
-            num_draft = _max_nodes(shapes[method])
+        proposer, num_draft = build_proposer(configs[method], target_model, draft_of[method], max_model_len,
+                                             shape=shapes.get(method))
         return SpecEngine(target_model, proposer, num_draft, max_model_len)
 
     runs: dict[str, MethodRun] = {}
@@ -663,20 +657,6 @@ def run_bench(
         "baseline_weight_bandwidth_gbs": baseline_bandwidth,
         "methods": method_figures,
     }
-
-
-def _tree_shape(method: str, target_model, draft_model):
-    """The shape of a tree:SPEC method; tree:auto is the per-setting tuned tree (specgrove.trees.tuning)."""
-    spec = method[len(_tree_prefix(method)):]
-    if spec == "auto":
-        from specgrove.trees.tuning import AutoTree
-
-        return AutoTree(target_model, draft_model)
-    return TreeShape.parse(spec)
-
-
-def _max_nodes(shape) -> int:
-    return len(shape) if isinstance(shape, TreeShape) else shape.max_nodes
 
 
 # ---- report ----------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from collections.abc import Callable
 
 import torch
 
-from specgrove.engine.engine import forward_chunked
+from specgrove.drafting.base import Proposer
 from specgrove.engine.sequence import Sequence
-from specgrove.models.kv_cache import CachePool
+from specgrove.models.kv_cache import CachePool, forward_chunked
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import SamplingParams, process_logits
 from specgrove.trees.shape import TreeShape
@@ -68,7 +68,7 @@ def draw_children(logits: torch.Tensor, count: int, params, sampler, sampling: s
     return children
 
 
-class DraftModelProposer:
+class DraftModelProposer(Proposer):
     name = "draft_model"
 
     def __init__(self, draft: LoadedModel, max_model_len: int,

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from specgrove.drafting.base import Proposer
 from specgrove.engine.sequence import Sequence
 from specgrove.trees.tree import TokenTree
 
 
-class PromptLookupProposer:
+class PromptLookupProposer(Proposer):
     name = "prompt_lookup"
 
     def __init__(self, min_ngram: int = 1, max_ngram: int = 3):

@@ -29,6 +29,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from specgrove.drafting.base import Proposer
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.sequence import Sequence
 from specgrove.models.loader import LoadedModel
@@ -106,7 +107,7 @@ class LayeredCache:
         return self.hidden[t]
 
 
-class SortedDraftProposer:
+class SortedDraftProposer(Proposer):
     """Adaptive S2D drafting of a chain (see the module docstring). `exit_counts` counts the exit each
     draft token came from, over the proposer's life."""
 

@@ -14,30 +14,11 @@ import torch
 
 from specgrove.drafting.base import Proposer
 from specgrove.engine.sequence import Sequence
-from specgrove.models.kv_cache import CachePool
+from specgrove.models.kv_cache import CachePool, forward_chunked
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import ProcessedRows, Sampler, SamplingParams
 from specgrove.trees.tree import TokenTree
-from specgrove.verify.speculative import rejection_select, verify_tree, verify_tree_greedy
-
-PREFILL_CHUNK = 512
-
-
-def forward_chunked(model, cache, row: int, tokens: list[int], start: int, want_logits: bool = False
-                    ) -> tuple[torch.Tensor | None, int]:
-    """Run `tokens` (positions start..) through `model` into cache row `row`, PREFILL_CHUNK at a time,
-    committing each chunk. Returns (the logits [V] after the last token when asked, the forwards run)."""
-    logits, forwards = None, 0
-    end = start + len(tokens)
-    for begin in range(start, end, PREFILL_CHUNK):
-        stop = min(begin + PREFILL_CHUNK, end)
-        out = model.forward(torch.tensor([tokens[begin - start : stop - start]]), torch.arange(begin, stop)[None], cache,
-                            rows=[row], logits_at="last" if want_logits and stop == end else None)
-        cache.commit(row)
-        forwards += 1
-        if out is not None:
-            logits = out[0, -1]
-    return logits, forwards
+from specgrove.verify.speculative import verify_tree, verify_tree_greedy
 
 
 def eos_token_ids(loaded: LoadedModel) -> set[int]:
@@ -67,7 +48,7 @@ class SpecEngine:
         self.num_speculative_tokens = num_speculative_tokens if proposer is not None else 0
         self.max_model_len = max_model_len
         self.eos_ids = eos_token_ids(target)
-        draft_model = getattr(proposer, "model", None)
+        draft_model = proposer.model if proposer is not None else None
         if not all(getattr(m, "supports_batching", True) for m in (self.model, draft_model) if m is not None):
             max_num_seqs = 1  # the transformers fallback runs one sequence at a time
         self.pool = CachePool(self.model, max_model_len, max_num_seqs)
@@ -120,18 +101,14 @@ class SpecEngine:
         return [max(0, min(k, self.num_speculative_tokens, s.remaining - 1)) for k, s in zip(asked, seqs)]
 
     def propose(self, seqs: list[Sequence], num_draft: list[int]) -> list[TokenTree]:
-        """The draft phase: one batched call where the proposer has one, else one call per sequence."""
+        """The draft phase: one `propose_batch` call (a draft model batches the sequences; other proposers
+        propose for each in turn)."""
         wanted = [i for i, k in enumerate(num_draft) if k > 0]
         trees = [TokenTree() for _ in seqs]
         if not wanted:
             return trees
-        batch = getattr(self.proposer, "propose_batch", None)
-        if batch is not None:
-            for i, tree in zip(wanted, batch([seqs[i] for i in wanted], [num_draft[i] for i in wanted])):
-                trees[i] = tree
-        else:
-            for i in wanted:
-                trees[i] = self.proposer.propose(seqs[i], num_draft[i])
+        for i, tree in zip(wanted, self.proposer.propose_batch([seqs[i] for i in wanted], [num_draft[i] for i in wanted])):
+            trees[i] = tree
         return trees
 
     def step_batch(self, seqs: list[Sequence], num_draft: list[int] | None = None) -> list[list[int]]:
@@ -175,7 +152,7 @@ class SpecEngine:
             if seq.params.greedy:
                 result = verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
             else:
-                node_rule = getattr(self.proposer, "node_rule", rejection_select)
+                node_rule = self.proposer.node_rule
                 # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
                 result = verify_tree(tree, ProcessedRows(row_logits, seq.params), seq.sampler, node_rule)
             cache.commit(rows[b], [0] + [node + 1 for node in result.accepted_nodes])

@@ -110,8 +110,7 @@ class GoodputPolicy:
     # ---- the choice ------------------------------------------------------------------------------
     @staticmethod
     def _shape(engine, seq, k: int) -> TreeShape:
-        shape_for = getattr(engine.proposer, "shape_for", None)
-        return shape_for(k, seq.params) if shape_for is not None else TreeShape.chain(k)
+        return TreeShape.chain(k) if engine.proposer is None else engine.proposer.shape_for(k, seq.params)
 
     def step_estimate(self, seqs, engine, k: int) -> tuple[float, float]:
         """(expected tokens of the batch, predicted step seconds) if every request proposes up to k."""

@@ -144,3 +144,23 @@ class CachePool:
             raise ValueError(f"cache row {row} is not in use")
         self.free.append(row)
         self.free.sort()
+
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward
+
+
+def forward_chunked(model, cache, row: int, tokens: list[int], start: int, want_logits: bool = False
+                    ) -> tuple[torch.Tensor | None, int]:
+    """Run `tokens` (positions start..) through `model` into cache row `row`, PREFILL_CHUNK at a time,
+    committing each chunk. Returns (the logits [V] after the last token when asked, the forwards run)."""
+    logits, forwards = None, 0
+    end = start + len(tokens)
+    for begin in range(start, end, PREFILL_CHUNK):
+        stop = min(begin + PREFILL_CHUNK, end)
+        out = model.forward(torch.tensor([tokens[begin - start : stop - start]]), torch.arange(begin, stop)[None], cache,
+                            rows=[row], logits_at="last" if want_logits and stop == end else None)
+        cache.commit(row)
+        forwards += 1
+        if out is not None:
+            logits = out[0, -1]
+    return logits, forwards

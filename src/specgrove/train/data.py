@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from specgrove.errors import SpecgroveError
+from specgrove.models.kv_cache import PREFILL_CHUNK
 
-PREFILL_CHUNK = 512  # prompt tokens per prefill forward (as the engine)
 SPEC_BENCH = "spec-bench"
 
 

@@ -47,7 +47,11 @@ def _say(log, msg: str) -> None:
 # ---- 1. text ---------------------------------------------------------------------------------------
 def tune_prompts(target: LoadedModel, num_prompts: int, data=None) -> list[list[int]]:
     """Spec-Bench questions TUNE_PROMPT_OFFSET.. in the benchmark's mixed-category order, chat-templated."""
-    from specgrove.bench.spec_bench import encode_questions, find_spec_bench, load_questions
+    from specgrove.bench.spec_bench import (
+        encode_questions,
+        find_spec_bench,
+        load_questions,
+    )
 
     questions = load_questions(find_spec_bench(data), TUNE_PROMPT_OFFSET + num_prompts)[TUNE_PROMPT_OFFSET:]
     if not questions:
@@ -58,11 +62,13 @@ def tune_prompts(target: LoadedModel, num_prompts: int, data=None) -> list[list[
 def generate_text(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], params: SamplingParams,
                   max_new_tokens: int) -> list[TextSample]:
     """The target's own continuations (a chain draft speeds this up; the output is the target's)."""
-    from specgrove.drafting.draft_model import DraftModelProposer
+    from specgrove.config import parse_method
+    from specgrove.drafting.factory import build_proposer
     from specgrove.engine.engine import SpecEngine
 
     max_len = max(len(p) for p in prompts) + max_new_tokens + 8
-    engine = SpecEngine(target, DraftModelProposer(draft, max_len), 4, max_len)
+    proposer, k = build_proposer(parse_method("draft_model", num_speculative_tokens=4), target, draft, max_len)
+    engine = SpecEngine(target, proposer, k, max_len)
     samples = []
     for i, prompt in enumerate(prompts):
         seed = None if params.seed is None else params.seed + i

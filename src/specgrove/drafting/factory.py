@@ -1,0 +1,105 @@
+"""The one place that turns a SpeculativeConfig into a proposer (`build_proposer`).
+
+`LLM`, the CLI commands built on it (`generate`, `serve`, `loadtest`) and `bench` all call it, so a
+method string means the same proposer everywhere. Each method has one builder in `BUILDERS`; a new
+drafter is a module with its proposer plus one entry there (and its name in `config.METHODS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from specgrove.config import SpeculativeConfig
+from specgrove.models.loader import LoadedModel
+from specgrove.trees.shape import TreeShape
+
+_UNSET = object()
+
+
+@dataclass
+class ProposerSpec:
+    """What a builder gets: the config, the models, the longest sequence the engine will hold, and the
+    config's tree resolved (`resolve_shape`)."""
+
+    config: SpeculativeConfig
+    target: LoadedModel
+    draft: LoadedModel | None
+    max_model_len: int
+    shape: object = None
+
+
+def resolve_shape(config: SpeculativeConfig, target: LoadedModel, draft: LoadedModel | None):
+    """The config's tree: a TreeShape, an AutoTree for 'auto' (tuned per sampling setting on first use), or
+    None (a chain of whatever length the engine asks for)."""
+    if config.tree is None:
+        return None
+    if config.tree == "auto":
+        from specgrove.trees.tuning import AutoTree
+
+        return AutoTree(target, draft)
+    return TreeShape.parse(config.tree)
+
+
+def draft_tokens(config: SpeculativeConfig, shape) -> int:
+    """Draft tokens per step for the engine: 0 without speculation, a fixed tree's size, the largest tree
+    'auto' may choose, else the config's num_speculative_tokens."""
+    if config.method is None:
+        return 0
+    return config.num_speculative_tokens if shape is None else shape_size(shape)
+
+
+def shape_size(shape) -> int:
+    """Nodes of a TreeShape; the most an AutoTree may choose."""
+    return len(shape) if isinstance(shape, TreeShape) else shape.max_nodes
+
+
+def _needs_draft(spec: ProposerSpec) -> LoadedModel:
+    if spec.draft is None:
+        raise ValueError(f"speculative method {spec.config.method!r} needs a draft model")
+    return spec.draft
+
+
+def _draft_model(spec: ProposerSpec):
+    from specgrove.drafting.draft_model import DraftModelProposer
+
+    return DraftModelProposer(_needs_draft(spec), spec.max_model_len, spec.shape, spec.config.tree_sampling)
+
+
+def _sorted(spec: ProposerSpec):
+    from specgrove.drafting.sorted import sorted_proposer
+
+    c = spec.config
+    exits = c.sorted_exits if c.sorted_exits is not None else c.sorted_exit
+    return sorted_proposer(_needs_draft(spec), spec.max_model_len, exits, c.sorted_thresholds, spec.shape,
+                           c.tree_sampling)
+
+
+def _prompt_lookup(spec: ProposerSpec):
+    from specgrove.drafting.prompt_lookup import PromptLookupProposer
+
+    return PromptLookupProposer(spec.config.prompt_lookup_min, spec.config.prompt_lookup_max)
+
+
+# method -> builder; one line per drafter ("tree" is the draft model drafting the config's tree)
+BUILDERS: dict[str, Callable[[ProposerSpec], object]] = {
+    "draft_model": _draft_model,
+    "tree": _draft_model,
+    "sorted": _sorted,
+    "prompt_lookup": _prompt_lookup,
+}
+
+
+def build_proposer(config: SpeculativeConfig, target: LoadedModel, draft: LoadedModel | None,
+                   max_model_len: int, shape=_UNSET):
+    """(proposer, draft tokens per step) of a validated config; (None, 0) without speculation. `shape`: the
+    config's tree if the caller resolved it already (`resolve_shape`), e.g. to size max_model_len."""
+    if config.method is None:
+        return None, 0
+    builder = BUILDERS.get(config.method)
+    if builder is None:
+        raise ValueError(f"no proposer is registered for method {config.method!r}; known: {', '.join(BUILDERS)}")
+    if shape is _UNSET:
+        shape = resolve_shape(config, target, draft)
+    proposer = builder(ProposerSpec(config, target, draft, max_model_len, shape))
+    return proposer, draft_tokens(config, shape)
