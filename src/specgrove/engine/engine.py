@@ -18,7 +18,7 @@ from specgrove.models.kv_cache import CachePool, forward_chunked
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import ProcessedRows, Sampler, SamplingParams
 from specgrove.trees.tree import TokenTree
-from specgrove.verify.speculative import verify_tree, verify_tree_greedy
+from specgrove.verify.speculative import rejection_select, verify_tree, verify_tree_greedy
 
 
 def eos_token_ids(loaded: LoadedModel) -> set[int]:
@@ -152,7 +152,8 @@ class SpecEngine:
             if seq.params.greedy:
                 result = verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
             else:
-                node_rule = self.proposer.node_rule
+                # a plain engine (no proposer) verifies empty trees: the standard rule, never consulted
+                node_rule = self.proposer.node_rule if self.proposer is not None else rejection_select
                 # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
                 result = verify_tree(tree, ProcessedRows(row_logits, seq.params), seq.sampler, node_rule)
             cache.commit(rows[b], [0] + [node + 1 for node in result.accepted_nodes])
