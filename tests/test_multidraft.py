@@ -284,7 +284,7 @@ def test_multidraft_cli(tiny_dirs, tmp_path, monkeypatch, capsys):
     import json
 
     from specgrove.cli import main
-    from specgrove.trees import tuning
+    from specgrove import tuning
 
     monkeypatch.setattr(tuning, "tune_prompts", lambda target, n, data=None: PROMPTS[:n])  # tiny models: no chat template
     out = tmp_path / "r.json"

@@ -17,7 +17,7 @@ from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
 from specgrove.engine.policy import FixedPolicy
 from specgrove.sampling import SamplingParams
-from specgrove.serve.cli import build_server
+from specgrove.serve.server import build_server
 from specgrove.serve.loadtest import ServerThread
 
 MODEL = "tiny"

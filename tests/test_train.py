@@ -451,7 +451,7 @@ def test_head_tokens_keep_the_most_frequent_tokens_and_eos(dirs, samples, tmp_pa
 def test_spec_bench_prompts_skip_the_benchmark_questions(monkeypatch):
     """`--data spec-bench` without --num-prompts asks tune_prompts (questions 21..) for all the rest."""
     from specgrove.bench.spec_bench import find_spec_bench, load_questions
-    from specgrove.trees import tuning
+    from specgrove import tuning
 
     try:
         total = len(load_questions(find_spec_bench(), None))

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from specgrove import LLM, SamplingParams
+from specgrove import LLM, SamplingParams, tuning
 from specgrove.bench.spec_bench import BenchPrompt, run_bench
 from specgrove.cli import main
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
-from specgrove.trees import sequoia, tuning
+from specgrove.trees import sequoia
 from specgrove.trees.shape import TreeShape
 
 from conftest import DEVICE

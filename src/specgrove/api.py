@@ -10,11 +10,12 @@ import torch
 
 from specgrove.config import SpeculativeConfig, uses_draft
 from specgrove.drafting.factory import build_proposer
+from specgrove.tuning import resolve_shape
 from specgrove.engine.engine import SpecEngine
 from specgrove.engine.metrics import SpecMetrics
 from specgrove.errors import IncompatibleModelsError
 from specgrove.models import defaults
-from specgrove.models.loader import LoadedModel, load_model
+from specgrove.models.loader import LoadedModel, check_compatible, load_model  # noqa: F401 (check_compatible: API)
 from specgrove.sampling import SamplingParams
 
 
@@ -43,22 +44,6 @@ class RequestOutput:
     @property
     def token_ids(self) -> list[int]:
         return self.outputs[0].token_ids
-
-
-def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
-    """A draft must share the target's vocabulary: same size and, where both have tokenizers, same tokens."""
-    if target.vocab_size != draft.vocab_size:
-        raise IncompatibleModelsError(
-            f"the draft's vocabulary ({draft.vocab_size} tokens, {draft.name}) differs from the target's "
-            f"({target.vocab_size} tokens, {target.name}); speculative decoding needs a draft with the same tokenizer. "
-            f"Use a draft from the target's model family, or method='prompt_lookup'."
-        )
-    if target.tokenizer is not None and draft.tokenizer is not None:
-        if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
-            raise IncompatibleModelsError(
-                f"the draft's tokenizer ({draft.name}) maps tokens differently from the target's ({target.name}); "
-                f"speculative decoding needs identical vocabularies."
-            )
 
 
 class LLM:
@@ -115,7 +100,8 @@ class LLM:
                 self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256,
                                         quantization=draft_quantization, cuda_graphs=graphs, head_vocab=draft_vocab)
             check_compatible(self.target, self.draft)
-        proposer, num_draft = build_proposer(self.speculative, self.target, self.draft, max_model_len)
+        shape = resolve_shape(self.speculative, self.target, self.draft)
+        proposer, num_draft = build_proposer(self.speculative, self.target, self.draft, max_model_len, shape=shape)
         if self.speculative.tree is not None:
             self.speculative.num_speculative_tokens = num_draft
         if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or max_num_seqs < 1):

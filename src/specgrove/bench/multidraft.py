@@ -44,7 +44,7 @@ def real_pairs(target, draft, params: SamplingParams, *, num_prompts: int = 4, m
                top: int = DEFAULT_TOP, data=None, prompts: list[list[int]] | None = None
                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float]]:
     """(p, q) pairs restricted to `top` tokens, one per position of the target's own continuations."""
-    from specgrove.trees import tuning
+    from specgrove import tuning
 
     if prompts is None:
         prompts = tuning.tune_prompts(target, num_prompts, data)
@@ -133,10 +133,9 @@ def run_report(target=None, draft=None, *, temperatures: Sequence[float] = (0.6,
                max_new_tokens: int = 64, top: int = DEFAULT_TOP, depths: Sequence[int] = (), bench_limit: int = 20,
                bench_max_new_tokens: int = 64, seed: int = 0, dtype: str = "auto", device: str = "cpu",
                data=None, log=None) -> dict:
-    from specgrove.api import check_compatible
     from specgrove.bench.spec_bench import run_bench
     from specgrove.models import defaults
-    from specgrove.models.loader import load_model
+    from specgrove.models.loader import check_compatible, load_model
 
     say = log or (lambda msg: print(f"[specgrove] {msg}", file=sys.stderr, flush=True))
     if any(t <= 0 for t in temperatures):

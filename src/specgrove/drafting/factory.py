@@ -29,15 +29,14 @@ class ProposerSpec:
     shape: object = None
 
 
-def resolve_shape(config: SpeculativeConfig, target: LoadedModel, draft: LoadedModel | None):
-    """The config's tree: a TreeShape, an AutoTree for 'auto' (tuned per sampling setting on first use), or
-    None (a chain of whatever length the engine asks for)."""
+def resolve_shape(config: SpeculativeConfig):
+    """The config's fixed tree as a TreeShape, or None (a chain of whatever length the engine asks for).
+    'auto' is tuned by running the engine, above this layer: `specgrove.tuning.resolve_shape` resolves it."""
     if config.tree is None:
         return None
     if config.tree == "auto":
-        from specgrove.trees.tuning import AutoTree
-
-        return AutoTree(target, draft)
+        raise ValueError("tree 'auto' is tuned on this machine: resolve it with specgrove.tuning.resolve_shape "
+                         "(LLM and bench do) and pass the shape")
     return TreeShape.parse(config.tree)
 
 
@@ -93,13 +92,14 @@ BUILDERS: dict[str, Callable[[ProposerSpec], object]] = {
 def build_proposer(config: SpeculativeConfig, target: LoadedModel, draft: LoadedModel | None,
                    max_model_len: int, shape=_UNSET):
     """(proposer, draft tokens per step) of a validated config; (None, 0) without speculation. `shape`: the
-    config's tree if the caller resolved it already (`resolve_shape`), e.g. to size max_model_len."""
+    config's tree resolved by the caller (`resolve_shape`, or `specgrove.tuning.resolve_shape` for 'auto');
+    by default a fixed tree is parsed here."""
     if config.method is None:
         return None, 0
     builder = BUILDERS.get(config.method)
     if builder is None:
         raise ValueError(f"no proposer is registered for method {config.method!r}; known: {', '.join(BUILDERS)}")
     if shape is _UNSET:
-        shape = resolve_shape(config, target, draft)
+        shape = resolve_shape(config)
     proposer = builder(ProposerSpec(config, target, draft, max_model_len, shape))
     return proposer, draft_tokens(config, shape)

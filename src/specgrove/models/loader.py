@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from specgrove.cpu import cpu_features
-from specgrove.errors import ModelNotFoundError, SpecgroveError
+from specgrove.errors import IncompatibleModelsError, ModelNotFoundError, SpecgroveError
 from specgrove.models import defaults
 from specgrove.models.hf_fallback import HFCausalLM
 from specgrove.models.linear import QUANTIZATIONS, check_w8a8
@@ -263,3 +263,19 @@ def load_model(
         name=str(spec), path=directory, model=model, tokenizer=tokenizer, hf_config=hf_config,
         dtype=torch_dtype, device=torch_device, load_seconds=time.perf_counter() - t0, info=info,
     )
+
+
+def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
+    """A draft must share the target's vocabulary: same size and, where both have tokenizers, same tokens."""
+    if target.vocab_size != draft.vocab_size:
+        raise IncompatibleModelsError(
+            f"the draft's vocabulary ({draft.vocab_size} tokens, {draft.name}) differs from the target's "
+            f"({target.vocab_size} tokens, {target.name}); speculative decoding needs a draft with the same tokenizer. "
+            f"Use a draft from the target's model family, or method='prompt_lookup'."
+        )
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+            raise IncompatibleModelsError(
+                f"the draft's tokenizer ({draft.name}) maps tokens differently from the target's ({target.name}); "
+                f"speculative decoding needs identical vocabularies."
+            )

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from specgrove.cli_options import build_llm, model_options, speculative_options
+from specgrove.serve.server import build_server, make_policy, policy_k
 
-def add_parsers(sub, model_options, speculative_options) -> None:
+
+def add_parsers(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and speculation",
                        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics. "
                                    "Requests are batched continuously; every step the policy chooses how far to "
@@ -68,53 +71,8 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
     return values
 
 
-def policy_k(text: str) -> int | None:
-    """The K of "fixed:K", None for "goodput"; anything else is an error (checked before models load)."""
-    if text == "goodput":
-        return None
-    if text.startswith("fixed:"):
-        try:
-            k = int(text.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"--policy fixed:K takes an integer K >= 0, got {text!r}") from None
-        if k < 0:
-            raise ValueError(f"--policy fixed:K takes an integer K >= 0, got {text!r}")
-        return k
-    raise ValueError(f"--policy is goodput or fixed:K, got {text!r}")
-
-
-def make_policy(text: str, llm, profile_path: str | None):
-    from specgrove.engine.latency import LatencyModel, profile
-    from specgrove.engine.policy import FixedPolicy, GoodputPolicy
-
-    k = policy_k(text)
-    if k is not None:
-        if k > llm.engine.num_speculative_tokens:
-            raise ValueError(f"--policy {text}: K is above -k {llm.engine.num_speculative_tokens}; raise -k")
-        return FixedPolicy(k)
-    if profile_path is not None:
-        latency = LatencyModel.load(profile_path)
-    else:
-        print("[specgrove] no --profile: measuring this machine (about a minute)", file=sys.stderr)
-        latency = profile(llm.target.model, llm.draft.model if llm.draft is not None else None,
-                          rows=(1, 2, 4), tokens_per_row=(1, 4), contexts=(128,), repeats=2)
-    return GoodputPolicy(latency, llm.engine.num_speculative_tokens)
-
-
-def build_server(llm, policy, max_num_seqs: int, max_waiting: int, model_name: str):
-    from specgrove.engine.scheduler import Scheduler
-    from specgrove.serve.app import build_app
-    from specgrove.serve.async_engine import AsyncEngine
-
-    scheduler = Scheduler(llm.engine, policy, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
-    engine = AsyncEngine(scheduler)
-    return build_app(engine, model_name), engine
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from specgrove.cli import build_llm
 
     if args.max_num_seqs < 1 or args.max_waiting < 0:
         raise ValueError("--max-num-seqs must be >= 1 and --max-waiting >= 0")
@@ -131,7 +89,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     import json
 
-    from specgrove.cli import build_llm
     from specgrove.serve.loadtest import plot, run_loadtest
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]

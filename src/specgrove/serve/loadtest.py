@@ -117,8 +117,8 @@ def summarize(results: list[dict]) -> dict:
 def run_loadtest(llm, policies: list[str], rates: list[float], num_requests: int, max_tokens: int,
                  profile_path: str | None, max_num_seqs: int, seed: int = 0, data: str | None = None,
                  log=print) -> dict:
-    from specgrove.bench.spec_bench import find_spec_bench, load_questions
-    from specgrove.serve.cli import build_server, make_policy
+    from specgrove.bench.questions import find_spec_bench, load_questions
+    from specgrove.serve.server import build_server, make_policy
 
     questions = load_questions(find_spec_bench(data), limit=num_requests)
     if len(questions) < num_requests:

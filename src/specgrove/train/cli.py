@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from specgrove.cli import _float_list
+from specgrove.cli_options import _float_list
 from specgrove.errors import IncompatibleModelsError, SpecgroveError
 from specgrove.train.data import SPEC_BENCH
 

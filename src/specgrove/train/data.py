@@ -60,11 +60,11 @@ class Sample:
 # ---- prompts ---------------------------------------------------------------------------------------
 def spec_bench_prompts(target, num_prompts: int | None, data: str | os.PathLike | None = None) -> list[list[int]]:
     """Spec-Bench questions 21.. (disjoint from the benchmark's first 20), chat-templated for `target`
-    (a LoadedModel): `specgrove.trees.tuning.tune_prompts`. None = every question past the first 20."""
-    from specgrove.trees.tuning import TUNE_PROMPT_OFFSET, tune_prompts
+    (a LoadedModel): `specgrove.tuning.tune_prompts`. None = every question past the first 20."""
+    from specgrove.tuning import TUNE_PROMPT_OFFSET, tune_prompts
 
     if num_prompts is None:
-        from specgrove.bench.spec_bench import find_spec_bench, load_questions
+        from specgrove.bench.questions import find_spec_bench, load_questions
 
         num_prompts = max(0, len(load_questions(find_spec_bench(data), None)) - TUNE_PROMPT_OFFSET)
     return tune_prompts(target, num_prompts, data)
@@ -72,7 +72,7 @@ def spec_bench_prompts(target, num_prompts: int | None, data: str | os.PathLike 
 
 def is_spec_bench_file(path: str | os.PathLike) -> bool:
     """Whether `path` is the shared Spec-Bench question file (then its first 20 questions are held out)."""
-    from specgrove.bench.spec_bench import find_spec_bench
+    from specgrove.bench.questions import find_spec_bench
 
     try:
         return Path(path).resolve().samefile(find_spec_bench())
@@ -125,7 +125,7 @@ def read_prompt_records(path: str | os.PathLike, limit: int | None = None) -> li
 def encode_prompt_records(records: Sequence[dict], tokenizer) -> list[list[int]]:
     """Token ids of prompt records: "prompt" raw (no template), "turns" through the chat template
     (specgrove.bench.spec_bench.encode_questions), "prompt_ids" as given."""
-    from specgrove.bench.spec_bench import encode_questions
+    from specgrove.bench.questions import encode_questions
 
     out = []
     for r in records:

@@ -47,7 +47,7 @@ def _say(log, msg: str) -> None:
 # ---- 1. text ---------------------------------------------------------------------------------------
 def tune_prompts(target: LoadedModel, num_prompts: int, data=None) -> list[list[int]]:
     """Spec-Bench questions TUNE_PROMPT_OFFSET.. in the benchmark's mixed-category order, chat-templated."""
-    from specgrove.bench.spec_bench import (
+    from specgrove.bench.questions import (
         encode_questions,
         find_spec_bench,
         load_questions,
@@ -232,6 +232,16 @@ def auto_tree_path(target: LoadedModel, draft: LoadedModel, params: SamplingPara
     dtype = str(target.dtype).removeprefix("torch.")
     name = f"{Path(str(target.name)).name}__{Path(str(draft.name)).name}__{dtype}__{target.device.type}__{setting}.json"
     return cache_root() / "trees" / name
+
+
+def resolve_shape(config, target: LoadedModel, draft: LoadedModel | None):
+    """A config's tree for `drafting.factory.build_proposer`: an AutoTree for 'auto' (tuned per sampling setting
+    on first use, cached), else the fixed TreeShape or None (`drafting.factory.resolve_shape`)."""
+    from specgrove.drafting.factory import resolve_shape as fixed_shape
+
+    if config.tree == "auto":
+        return AutoTree(target, draft)
+    return fixed_shape(config)
 
 
 class AutoTree:
