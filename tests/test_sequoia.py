@@ -23,6 +23,7 @@ from specgrove.trees.sequoia import (
     measure_acceptance_offline,
     optimal_scores,
     optimal_tree,
+    parse_tree,
     sibling_acceptance,
     sibling_acceptance_greedy,
     tree_file_dict,
@@ -416,19 +417,19 @@ def test_tree_file_round_trip(tmp_path):
     path = tmp_path / "tree.json"
     path.write_text(json.dumps(tree_file_dict(chosen, vec, prof, choices)))
     shape, data = load_tree_file(path)
-    assert shape == chosen.shape == TreeShape.parse(str(path))
+    assert shape == chosen.shape == parse_tree(str(path))
     assert data["num_nodes"] == len(shape) and data["depth"] == shape.depth and data["budget"] == chosen.num_nodes
     assert data["predicted_accept_length"] == pytest.approx(shape.expected_accept_length(P16))
     assert AcceptanceVector.from_dict(data["acceptance"]) == vec
     assert HardwareProfile.from_dict(data["profile"]) == prof
     assert [c["budget"] for c in data["choices"]] == [4, 16]
     # 'sequoia:N[xD]:FILE': the DP's accept-length-optimal tree from the file's acceptance vector
-    assert TreeShape.parse(f"sequoia:12:{path}") == optimal_tree(P16, 12, 12)[1]
-    assert TreeShape.parse(f"sequoia:12x3:{path}") == optimal_tree(P16, 12, 3)[1]
-    assert TreeShape.parse(f"sequoia:12x3:{path}").depth <= 3
+    assert parse_tree(f"sequoia:12:{path}") == optimal_tree(P16, 12, 12)[1]
+    assert parse_tree(f"sequoia:12x3:{path}") == optimal_tree(P16, 12, 3)[1]
+    assert parse_tree(f"sequoia:12x3:{path}").depth <= 3
     for bad in ("sequoia:12", f"sequoia:x:{path}", f"sequoia:4xy:{path}"):
         with pytest.raises(ValueError, match="sequoia:N"):
-            TreeShape.parse(bad)
+            parse_tree(bad)
     # without a profile: the optimal tree for a budget, untimed
     plain = choice_for_budget(P16, 6, 3)
     assert isinstance(plain, TreeChoice) and plain.step_time_ms is None

@@ -13,6 +13,7 @@ from specgrove import LLM, SamplingParams
 from specgrove.drafting.draft_model import DraftModelProposer, draw_children
 from specgrove.engine.engine import SpecEngine
 from specgrove.sampling import process_logits
+from specgrove.trees.sequoia import parse_tree
 from specgrove.trees.shape import TreeShape
 from specgrove.trees.tree import TokenTree
 from specgrove.verify import speculative
@@ -40,7 +41,7 @@ def test_shape_specs():
         with pytest.raises(ValueError, match="tree"):
             TreeShape.parse(bad)
     with pytest.raises(ValueError, match="does not exist"):
-        TreeShape.parse("/nonexistent/tree.json")
+        parse_tree("/nonexistent/tree.json")
     with pytest.raises(ValueError, match="breadth-first"):
         TreeShape((-1, 0, -1))
 

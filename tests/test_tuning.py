@@ -95,7 +95,7 @@ def test_tune_cli(tiny_dirs, tmp_path, monkeypatch, capsys):
     assert code == 0
     assert "acceptance vector" in printed and "best tree per node budget" in printed
     assert json.loads(out.read_text())["tune"]["budgets"] == [2, 4]
-    assert TreeShape.parse(str(tmp_path / "tree_b2.json")) is not None and (tmp_path / "tree_b4.json").is_file()
+    assert sequoia.parse_tree(str(tmp_path / "tree_b2.json")) is not None and (tmp_path / "tree_b4.json").is_file()
     # reusing the measured acceptance vector and profile: no model is loaded, the same choice comes out
     again = tmp_path / "again.json"
     reuse = ["tune", "--target", "/no/such/model", "--draft", "/no/such/draft", "--dtype", "float32",

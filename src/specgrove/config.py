@@ -97,9 +97,9 @@ class SpeculativeConfig:
             raise ValueError(f"a tree ({self.tree!r}) is given but the method is {self.method!r}; use method 'tree' "
                              "(or 'sorted' with a sorted_exit)")
         if self.tree is not None and self.tree != "auto":
-            from specgrove.trees.shape import TreeShape
+            from specgrove.trees.sequoia import parse_tree
 
-            self.num_speculative_tokens = len(TreeShape.parse(self.tree))
+            self.num_speculative_tokens = len(parse_tree(self.tree))
         sorted_options = (self.sorted_exit, self.sorted_exits, self.sorted_thresholds)
         if self.method != "sorted" and any(o is not None for o in sorted_options):
             raise ValueError(f"sorted_exit / sorted_exits / sorted_thresholds are options of method 'sorted', "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from specgrove.config import SpeculativeConfig
 from specgrove.models.loader import LoadedModel
+from specgrove.trees.sequoia import parse_tree
 from specgrove.trees.shape import TreeShape
 
 _UNSET = object()
@@ -37,7 +38,7 @@ def resolve_shape(config: SpeculativeConfig):
     if config.tree == "auto":
         raise ValueError("tree 'auto' is tuned on this machine: resolve it with specgrove.tuning.resolve_shape "
                          "(LLM and bench do) and pass the shape")
-    return TreeShape.parse(config.tree)
+    return parse_tree(config.tree)
 
 
 def draft_tokens(config: SpeculativeConfig, shape) -> int:

@@ -19,7 +19,7 @@ What `specgrove tune` does with this file, top to bottom:
   1. measure P: `measure_acceptance_offline` (teacher-forced text) or `acceptance_from_counts` (live);
   2. score every (node budget, depth) in one DP run: `optimal_scores` / `optimal_tree`;
   3. pick the size the hardware rewards: `HardwareProfile`, `choose_tree`, `best_choice`;
-  4. write the tree: `tree_file_dict` -> JSON; `TreeShape.parse` / `load_tree_file` read it back.
+  4. write the tree: `tree_file_dict` -> JSON; `parse_tree` / `load_tree_file` read it back.
 
 Budgets: in this project "a budget of n nodes" counts DRAFT nodes. The DP counts the root too, so a
 budget of n is the DP's n + 1.
@@ -580,7 +580,7 @@ def tree_file_dict(
     profile: HardwareProfile | None,
     choices: Sequence[TreeChoice] | None = None,
 ) -> dict:
-    """The JSON object `specgrove tune` writes; "parents" is all TreeShape.parse needs. "num_nodes" is
+    """The JSON object `specgrove tune` writes; "parents" is all parse_tree needs. "num_nodes" is
     the shape's node count, "budget" the budget it was chosen for; "choices" summarises every budget
     considered (just this one when `choices` is not given)."""
     return {
@@ -624,3 +624,33 @@ def load_tree_file(path: str | Path) -> tuple[TreeShape, dict]:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
     return shape, data
+
+
+def parse_tree(spec: str) -> TreeShape:
+    """Every tree spec: `TreeShape.parse`'s ('chain:5', 'kary:2x3', 'widths:4,2,1', 'SPEC@N'), a tree .json file
+    written by `specgrove tune`, or 'sequoia:N:FILE.json' / 'sequoia:NxD:FILE.json': the DP's tree of at most N
+    nodes (depth <= D) that maximises the expected accepted tokens under FILE's acceptance vector, with no regard
+    to time."""
+    text = str(spec).strip()
+    if text.startswith("sequoia:"):
+        return _sequoia_tree(text)
+    if text.endswith(".json"):
+        return load_tree_file(text)[0]
+    if "@" in text:
+        base, _, count = text.rpartition("@")
+        if count.isdigit():
+            return parse_tree(base).truncated(int(count))
+    return TreeShape.parse(text)
+
+
+def _sequoia_tree(text: str) -> TreeShape:
+    _, size, path = text.split(":", 2) if text.count(":") >= 2 else (None, "", "")
+    nodes, _, depth = size.lower().partition("x")
+    if not nodes.isdigit() or (depth and not depth.isdigit()) or not path:
+        raise ValueError(f"bad tree spec {text!r}: use sequoia:N:FILE.json or sequoia:NxD:FILE.json "
+                         "(N nodes, depth <= D, FILE written by `specgrove tune`)")
+    _, data = load_tree_file(path)
+    if data.get("acceptance") is None:
+        raise ValueError(f"{path} has no acceptance vector; write it with `specgrove tune --out {path}`")
+    acceptance = AcceptanceVector.from_dict(data["acceptance"])
+    return optimal_tree(acceptance.values, int(nodes), int(depth or nodes))[1]

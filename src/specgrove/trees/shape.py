@@ -83,14 +83,13 @@ class TreeShape:
 
     @classmethod
     def parse(cls, spec: str) -> "TreeShape":
-        """'chain:5', 'kary:2x3', 'widths:4,2,1' or a tree .json file; 'SPEC@N' keeps the first N nodes
-        in breadth-first order (e.g. 'kary:2x3@8': a binary tree cut to 8 nodes, to compare equal budgets);
-        'sequoia:N:FILE.json' (or 'sequoia:NxD:FILE.json') is the DP's tree of at most N nodes (depth <= D)
-        that maximises the expected accepted tokens under FILE's acceptance vector, with no regard to time."""
+        """'chain:5', 'kary:2x3' or 'widths:4,2,1'; 'SPEC@N' keeps the first N nodes in breadth-first order
+        (e.g. 'kary:2x3@8': a binary tree cut to 8 nodes, to compare equal budgets). Tree files and Sequoia's
+        'sequoia:N:FILE' specs are read by `specgrove.trees.sequoia.parse_tree`, which takes every spec."""
         text = str(spec).strip()
-        if text.startswith("sequoia:"):
-            return cls._parse_sequoia(text)
-        if "@" in text and not text.endswith(".json"):
+        if text.startswith("sequoia:") or text.endswith(".json"):
+            raise ValueError(f"tree spec {spec!r} names a tree file: read it with specgrove.trees.sequoia.parse_tree")
+        if "@" in text:
             base, _, count = text.rpartition("@")
             if not count.isdigit():
                 raise ValueError(f"bad tree spec {spec!r}: after '@' comes a node count, e.g. kary:2x3@8")
@@ -106,27 +105,8 @@ class TreeShape:
                 return cls.from_widths([int(w) for w in arg.split(",") if w.strip()])
         except ValueError as e:
             raise ValueError(f"bad tree spec {spec!r}: {e}") from None
-        if text.endswith(".json"):
-            from specgrove.trees.sequoia import load_tree_file  # a tuned tree file (checked there)
-
-            return load_tree_file(text)[0]
         raise ValueError(f"bad tree spec {spec!r}; use chain:N, kary:BxD, widths:W1,W2,..., "
                          "sequoia:N:FILE.json or a tree .json file")
-
-    @classmethod
-    def _parse_sequoia(cls, text: str) -> "TreeShape":
-        from specgrove.trees.sequoia import AcceptanceVector, load_tree_file, optimal_tree
-
-        _, size, path = text.split(":", 2) if text.count(":") >= 2 else (None, "", "")
-        nodes, _, depth = size.lower().partition("x")
-        if not nodes.isdigit() or (depth and not depth.isdigit()) or not path:
-            raise ValueError(f"bad tree spec {text!r}: use sequoia:N:FILE.json or sequoia:NxD:FILE.json "
-                             "(N nodes, depth <= D, FILE written by `specgrove tune`)")
-        _, data = load_tree_file(path)
-        if data.get("acceptance") is None:
-            raise ValueError(f"{path} has no acceptance vector; write it with `specgrove tune --out {path}`")
-        acceptance = AcceptanceVector.from_dict(data["acceptance"])
-        return optimal_tree(acceptance.values, int(nodes), int(depth or nodes))[1]
 
     # ---- structure ---------------------------------------------------------------------------
     def __len__(self) -> int:
