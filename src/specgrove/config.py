@@ -194,20 +194,23 @@ def parse_method(text: str, **options) -> SpeculativeConfig:
     """The validated SpeculativeConfig of a method string plus other options (num_speculative_tokens,
     prompt_lookup_min, ...). An option the string already sets must agree with it: 'tree:kary:2x3' with
     tree='chain:4' is refused, naming both."""
-    fields = method_fields(text)
-    merged = dict(fields)
+    given = method_fields(text)
+    merged = dict(given)
     for key, value in options.items():
         if value is None or key == "method":
             continue
-        if key in fields and fields[key] != value:
-            raise ValueError(f"method {text!r} sets {key}={fields[key]!r}, but {key}={value!r} is given too; "
+        if key in given and given[key] != value:
+            raise ValueError(f"method {text!r} sets {key}={given[key]!r}, but {key}={value!r} is given too; "
                              "give it once")
         merged[key] = value
     return SpeculativeConfig.of_fields(merged)
 
 
 def method_name(config: SpeculativeConfig) -> str:
-    """The canonical method string of a config (what parse_method reads back to the same fields)."""
+    """The canonical method string of a config (what parse_method reads back to the same fields). One
+    setting has no string of its own: a sorted exit's tree drawn other than without replacement
+    (sorted_exit + tree + tree_sampling 'iid' / 'hub'); its name is that of the same tree drawn without
+    replacement, and the options say the rest."""
     if config.method is None:
         return "none"
     if config.method == "tree":
