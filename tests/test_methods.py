@@ -8,7 +8,8 @@ import pytest
 
 from specgrove import LLM, SamplingParams
 from specgrove.bench.spec_bench import engine_config, engine_fields, run_bench
-from specgrove.cli import build_parser, speculative_config
+from specgrove.cli import build_parser
+from specgrove.cli_options import speculative_config
 from specgrove.config import SpeculativeConfig, method_fields, method_name, parse_method
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.drafting.factory import BUILDERS, build_proposer

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from specgrove.cli_options import (  # noqa: F401 (build_llm, speculative_config: the CLI's API)
+from specgrove.cli_options import (
     _budget_list,
     _float_list,
     _int_list,
@@ -24,7 +24,6 @@ from specgrove.cli_options import (  # noqa: F401 (build_llm, speculative_config
     _name_list,
     build_llm,
     model_options,
-    speculative_config,
     speculative_options,
 )
 from specgrove.config import GRAMMAR, method_name

@@ -37,6 +37,3 @@ class PromptLookupProposer(Proposer):
 
     def propose(self, seq: Sequence, num_tokens: int) -> TokenTree:
         return TokenTree.chain(self.lookup(seq.token_ids, num_tokens))
-
-    def release(self, seq: Sequence) -> None:
-        pass

@@ -187,10 +187,6 @@ class SortedDraftProposer(Proposer):
         draft_probs = None if params.greedy else torch.stack(out_probs)
         return TokenTree(out_tokens, list(range(-1, len(out_tokens) - 1)), draft_probs)
 
-    def release(self, seq: Sequence) -> None:
-        seq.proposer_state.pop(self.name, None)
-
-
 def sorted_proposer(draft: LoadedModel, max_model_len: int, exit_layer: int | Seq[int] | None = None,
                     thresholds: Seq[float] | None = None, shape=None, sampling: str = "without_replacement"):
     """The proposer for method "sorted": adaptive over every exit (exit_layer None) or over some of them
