@@ -114,6 +114,30 @@ def test_tune_cli(tiny_dirs, tmp_path, monkeypatch, capsys):
     assert code == 2 and "temperature" in capsys.readouterr().err
 
 
+def test_tune_cli_fills_the_cache_that_auto_reads(tiny_dirs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPECGROVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "tune_prompts", lambda target, n, data=None: PROMPTS[:n])
+    base = ["tune", "--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--dtype", "float32",
+            "--device", DEVICE, "--prompts", "1", "--max-new-tokens", "8", "--width", "3", "--budgets", "2,4",
+            "--max-depth", "3", "--repeats", "1"]
+    assert main(base + ["--method", "spechub:auto"]) == 0
+    written = list((tmp_path / "trees").glob("*.json"))
+    assert len(written) == 1 and str(written[0]) in capsys.readouterr().out.replace("\n", "")
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("the tree should come from the cache `tune` filled")
+
+    monkeypatch.setattr(tuning, "tune", no_tuning)
+    llm = LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], dtype="float32", max_model_len=128,
+              speculative="tree:auto")
+    assert len(llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))[0].token_ids) == 4
+    for method in ("draft_model", "tree:kary:2x2", "prompt_lookup", "sorted@1:chain:2", "none"):
+        assert main(base + ["--method", method]) == 2
+        assert "tune chooses the tree of a tree method with tree 'auto'" in capsys.readouterr().err
+    assert main(base + ["--method", "tree:nonsense"]) == 2
+    assert "bad tree spec" in capsys.readouterr().err
+
+
 def test_generate_cli_tree(tiny_dirs, capsys):
     base = ["generate", "--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--dtype", "float32",
             "--device", DEVICE, "--prompt-ids", "1,2,3,4,1,2,3", "--max-new-tokens", "10", "--json"]

@@ -2,7 +2,8 @@
 
   specgrove generate [--prompt TEXT | --chat MESSAGE | --prompt-ids 1,2,3] [--method draft_model|prompt_lookup|tree|none] ...
   specgrove bench [--limit 20] [--methods plain,draft_model,tree:kary:2x3,...] [--json PATH] ...
-  specgrove tune [--temperature T] --out tree.json     Sequoia: acceptance vector, profile, DP, best tree
+  specgrove tune [--method tree:auto] [--temperature T] [--out tree.json]   Sequoia: acceptance vector, profile,
+                                         DP, best tree (default --out: the cache file the method's 'auto' reads)
   specgrove multidraft [--depths 2,3,4,5] --json r.json --plot r.png   SpecHub vs RRS vs RRS w/o, OTM bound
   specgrove models list | fetch [NAMES...] | verify [NAMES...]
 
@@ -34,12 +35,20 @@ EXIT_BAD_INPUT = 2
 
 # ---- parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from specgrove.bench.spec_bench import DEFAULT_METHODS
-    from specgrove.models import defaults
+    from specgrove.serve.cli import add_parsers as add_serve_parsers
+    from specgrove.train.cli import add_calibrate_parser
+    from specgrove.train.cli import add_parser as add_train_sorted
 
     parser = argparse.ArgumentParser(prog="specgrove", description="Lossless speculative decoding engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,train-sorted,calibrate-sorted,serve,profile,models}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,train-sorted,"
+                                                                       "calibrate-sorted,serve,profile,models}")
+    for add in (_add_generate, _add_bench, _add_tune, _add_multidraft, add_train_sorted, add_calibrate_parser,
+                add_serve_parsers, _add_models):
+        add(sub)
+    return parser
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate one completion and print the speculation statistics")
     source = g.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="a raw text prompt (no chat template)")
@@ -57,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=4096)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text and statistics")
     g.set_defaults(func=cmd_generate)
+
+
+def _add_bench(sub) -> None:
+    from specgrove.bench.spec_bench import DEFAULT_METHODS
 
     b = sub.add_parser("bench", help="run Spec-Bench prompts through several methods and compare them")
     b.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: $SPECGROVE_SPEC_BENCH, else "
@@ -88,8 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full results as JSON")
     b.set_defaults(func=cmd_bench)
 
+
+def _add_tune(sub) -> None:
     t = sub.add_parser("tune", help="Sequoia: measure the acceptance vector, profile this machine, choose the tree")
     model_options(t)
+    t.add_argument("--method", default="tree:auto",
+                   help="the tree method to tune, with its tree 'auto': tree:auto (default), rrs:auto, rrs_wo:auto or "
+                        "spechub:auto; other strings of the method language are refused")
     t.add_argument("--temperature", type=float, default=0.0, help="the sampling setting to tune for (0 = greedy)")
     t.add_argument("--top-p", type=float, default=1.0)
     t.add_argument("--top-k", type=int, default=0)
@@ -107,10 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--profile", default=None, metavar="TREE_JSON",
                    help="reuse the machine profile of an earlier tune file (same machine, models and dtype) instead "
                         "of timing forwards; with --acceptance too, no model is loaded")
-    t.add_argument("--out", required=True, help="write the best tree here (JSON)")
+    t.add_argument("--out", default=None,
+                   help="write the best tree here (JSON; default: the cache file that the method's tree 'auto' reads "
+                        "for this target, draft, dtype and sampling setting, so it needs no tuning on first use)")
     t.add_argument("--budget-trees", action="store_true",
                    help="also write the best tree of every budget next to --out (NAME_bN.json)")
     t.set_defaults(func=cmd_tune)
+
+
+def _add_multidraft(sub) -> None:
+    from specgrove.models import defaults
 
     md = sub.add_parser("multidraft", help="SpecHub vs RRS vs RRS without replacement: one-step acceptance on real "
                                            "(p, q) pairs next to the OTM bound; binary-tree tau by depth")
@@ -132,16 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the report")
     md.set_defaults(func=cmd_multidraft)
 
-    from specgrove.train.cli import add_calibrate_parser
-    from specgrove.train.cli import add_parser as add_train_sorted
 
-    add_train_sorted(sub)
-    add_calibrate_parser(sub)
-
-    from specgrove.serve.cli import add_parsers as add_serve_parsers
-
-    add_serve_parsers(sub)
-
+def _add_models(sub) -> None:
     m = sub.add_parser("models", help="list, fetch or verify the built-in models")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="{list,fetch,verify}")
     msub.add_parser("list", help="the built-in models and their cache state").set_defaults(func=cmd_models_list)
@@ -151,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     v = msub.add_parser("verify", help="re-hash cached GGUF files against their pins")
     v.add_argument("names", nargs="*")
     v.set_defaults(func=cmd_models_verify)
-    return parser
 
 
 # ---- generate --------------------------------------------------------------------------------------
@@ -248,33 +263,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---- tune ------------------------------------------------------------------------------------------
 def cmd_tune(args: argparse.Namespace) -> int:
     from pathlib import Path
-    from types import SimpleNamespace
 
-    from rich.console import Console
-    from rich.table import Table
-
-    from specgrove.models import defaults
-    from specgrove.models.loader import check_compatible, load_model, resolve_model_dir
     from specgrove.sampling import SamplingParams
-    from specgrove.trees.sequoia import (
-        AcceptanceVector,
-        HardwareProfile,
-        load_tree_file,
-    )
-    from specgrove.tuning import budget_tree, tune, write_tree_file
+    from specgrove.tuning import auto_tree_path, budget_tree, tune, write_tree_file
 
+    tuned_method(args.method)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_new_tokens)
     if args.width < 1 or args.max_depth < 1 or args.prompts < 1 or args.repeats < 1:
         raise ValueError("--width, --max-depth, --prompts and --repeats must be >= 1")
-    if not (args.acceptance and args.profile):
-        resolve_model_dir(args.target)
-    if args.draft is None and args.target != defaults.DEFAULT_TARGET:
-        raise ValueError(f"tune needs --draft when the target is not the default ({defaults.DEFAULT_TARGET})")
-    if args.num_threads:
-        import torch
+    acceptance, profile = _tune_reused(args)
+    target, draft = _tune_models(args, reuse_only=acceptance is not None and profile is not None)
+    result = tune(target, draft, params, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                  width=args.width, budgets=args.budgets, max_depth=args.max_depth, repeats=args.repeats,
+                  data=args.data, acceptance=acceptance, profile=profile)
+    out = write_tree_file(result, args.out or auto_tree_path(target, draft, params))
+    console = _print_tune(result, out)
+    if args.budget_trees:
+        for budget in args.budgets:
+            path = write_tree_file(budget_tree(result, budget), Path(out).with_name(f"{Path(out).stem}_b{budget}.json"))
+            console.print(f"wrote {path}")
+    return 0
 
-        torch.set_num_threads(args.num_threads)
+
+def tuned_method(text: str):
+    """The config of a method `tune` can tune: a tree method over a draft model whose tree is 'auto'."""
+    from specgrove.config import parse_method
+
+    config = parse_method(text)
+    if config.method != "tree" or config.tree != "auto":
+        raise ValueError(f"tune chooses the tree of a tree method with tree 'auto' (tree:auto, rrs:auto, rrs_wo:auto, "
+                         f"spechub:auto), not {text!r}: its tree is fixed, or it drafts no tree from a draft model")
+    return config
+
+
+def _tune_reused(args: argparse.Namespace):
+    """The acceptance vector and machine profile given by --acceptance / --profile (None for each not given)."""
+    from specgrove.trees.sequoia import AcceptanceVector, HardwareProfile, load_tree_file
+
     acceptance = profile = None
     if args.acceptance:
         data = load_tree_file(args.acceptance)[1]
@@ -290,26 +316,48 @@ def cmd_tune(args: argparse.Namespace) -> int:
             args.dtype = profile.dtype  # the profile's own dtype (it was measured on this machine)
         elif profile.dtype != args.dtype:
             raise ValueError(f"{args.profile} was profiled in {profile.dtype}, not {args.dtype}; profile again")
-    if acceptance is not None and profile is not None:  # nothing to measure: no model needed
-        target = SimpleNamespace(name=args.target, dtype=args.dtype)
-        draft = SimpleNamespace(name=args.draft or defaults.DEFAULT_DRAFT)
-    else:
-        graphs = False if args.enforce_eager else None
-        target = load_model(args.target, dtype=args.dtype, device=args.device, quantization=args.quantization,
-                            cuda_graphs=graphs)
-        draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device,
-                           quantization=args.draft_quantization, cuda_graphs=graphs, head_vocab=args.draft_vocab)
-        check_compatible(target, draft)
-    result = tune(target, draft, params, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-                  width=args.width, budgets=args.budgets, max_depth=args.max_depth, repeats=args.repeats,
-                  data=args.data, acceptance=acceptance, profile=profile)
-    out = write_tree_file(result, args.out)
+    return acceptance, profile
+
+
+def _tune_models(args: argparse.Namespace, reuse_only: bool):
+    """The target and draft to measure; with nothing to measure, their names, dtype and device only."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from specgrove.models import defaults
+    from specgrove.models.loader import check_compatible, load_model, resolve_model_dir
+
+    if not reuse_only:
+        resolve_model_dir(args.target)
+    if args.draft is None and args.target != defaults.DEFAULT_TARGET:
+        raise ValueError(f"tune needs --draft when the target is not the default ({defaults.DEFAULT_TARGET})")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    draft_name = args.draft or defaults.DEFAULT_DRAFT
+    if reuse_only:
+        device = torch.device(args.device)
+        return (SimpleNamespace(name=args.target, dtype=args.dtype, device=device),
+                SimpleNamespace(name=draft_name, device=device))
+    graphs = False if args.enforce_eager else None
+    target = load_model(args.target, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                        cuda_graphs=graphs)
+    draft = load_model(draft_name, dtype=args.dtype, device=args.device, quantization=args.draft_quantization,
+                       cuda_graphs=graphs, head_vocab=args.draft_vocab)
+    check_compatible(target, draft)
+    return target, draft
+
+
+def _print_tune(result: dict, out):
+    from rich.console import Console
+    from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print("acceptance vector P[rank]: " + " ".join(f"{v:.3f}" for v in result["acceptance"]["values"]))
     profile = result["profile"]
-    console.print("target forward ms by new tokens: " + ", ".join(f"{n}: {ms:.0f}" for n, ms in profile["target_ms"].items()))
-    console.print("draft forward ms by tokens:      " + ", ".join(f"{n}: {ms:.0f}" for n, ms in profile["draft_ms"].items()))
+    for label, key in (("target forward ms by new tokens: ", "target_ms"), ("draft forward ms by tokens:      ",
+                                                                            "draft_ms")):
+        console.print(label + ", ".join(f"{n}: {ms:.0f}" for n, ms in profile[key].items()))
     table = Table(title="best tree per node budget (predicted)", title_justify="left")
     for name in ("budget", "nodes", "depth", "level sizes", "tau", "step ms", "speedup"):
         table.add_column(name, justify="right")
@@ -317,13 +365,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         table.add_row(str(c["budget"]), str(c["num_nodes"]), str(c["depth"]), ",".join(map(str, c["level_sizes"])),
                       f"{c['predicted_accept_length']:.2f}", f"{c['step_time_ms']:.0f}", f"{c['predicted_speedup']:.2f}x")
     console.print(table)
-    console.print(f"best: budget {result['budget']}, {result['num_nodes']} nodes, depth {result['depth']}, predicted tau "
-                  f"{result['predicted_accept_length']:.2f}, predicted speedup {result['predicted_speedup']:.2f}x; wrote {out}")
-    if args.budget_trees:
-        for budget in args.budgets:
-            path = write_tree_file(budget_tree(result, budget), Path(out).with_name(f"{Path(out).stem}_b{budget}.json"))
-            console.print(f"wrote {path}")
-    return 0
+    console.print(f"best: budget {result['budget']}, {result['num_nodes']} nodes, depth {result['depth']}, predicted "
+                  f"tau {result['predicted_accept_length']:.2f}, predicted speedup {result['predicted_speedup']:.2f}x; "
+                  f"wrote {out}")
+    return console
 
 
 def cmd_multidraft(args: argparse.Namespace) -> int:
