@@ -84,6 +84,50 @@ class LayerWeights:
     down: Linear
 
 
+class _WeightReader:
+    """Takes a checkpoint's tensors by name, each once (popped, so memory is freed as the model is built), onto
+    the model's device and dtype; matrices become Linear (dense) or GGUFLinear (from the GGUF file)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, packed: bool,
+                 quantization: str | None, gguf_weights=None):
+        self.weights, self.dtype, self.device = weights, dtype, device
+        self.packed, self.quantization, self.gguf_weights = packed, quantization, gguf_weights
+
+    def take(self, name: str) -> torch.Tensor:
+        return self.weights.pop(name).to(device=self.device, dtype=self.dtype).contiguous()
+
+    def maybe(self, name: str) -> torch.Tensor | None:
+        return self.take(name) if name in self.weights else None
+
+    def fuse(self, *names: str) -> torch.Tensor:
+        return torch.cat([self.weights.pop(n).to(self.dtype) for n in names], dim=0).to(self.device).contiguous()
+
+    def fuse_optional(self, *names: str) -> torch.Tensor | None:
+        return self.fuse(*names) if all(n in self.weights for n in names) else None
+
+    def linear(self, names: tuple[str, ...], bias: torch.Tensor | None) -> Linear | GGUFLinear:
+        """The matrices `names` stacked along the output (fused), from the GGUF file or the dense weights."""
+        if self.gguf_weights is not None:
+            for n in names:
+                self.weights.pop(n, None)
+            return GGUFLinear([self.gguf_weights.matrix(n) for n in names], bias)
+        return Linear(self.fuse(*names), bias, self.packed, self.quantization)
+
+    def layer(self, i: int) -> LayerWeights:
+        p = f"model.layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        return LayerWeights(
+            input_norm=self.take(p + "input_layernorm.weight"),
+            qkv=self.linear((attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+                            self.fuse_optional(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")),
+            o=self.linear((attn + "o_proj.weight",), self.maybe(attn + "o_proj.bias")),
+            post_norm=self.take(p + "post_attention_layernorm.weight"),
+            gate_up=self.linear((mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+                                self.fuse_optional(mlp + "gate_proj.bias", mlp + "up_proj.bias")),
+            down=self.linear((mlp + "down_proj.weight",), self.maybe(mlp + "down_proj.bias")),
+        )
+
+
 def rope_inverse_frequencies(hf_config) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies and attention scaling, computed by transformers' own rope functions."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -113,16 +157,7 @@ class LlamaModel:
         self.dtype = dtype
         self.device = torch.device(device)
         self.vocab_size = config.vocab_size
-        if head_tokens is not None:  # the output layer cut to these tokens (load_model's head_vocab)
-            if "lm_head.token_ids" in weights:
-                raise ValueError("this checkpoint's head is already cut to some tokens (lm_head.token_ids)")
-            ids = torch.as_tensor(head_tokens, dtype=torch.int64).flatten()
-            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size or bool((ids.diff() <= 0).any()):
-                raise ValueError(f"head_tokens must be increasing token ids in [0, {config.vocab_size})")
-        if (quantization == "gguf") != (gguf_weights is not None):
-            raise ValueError("quantization='gguf' needs the model's GGUF file (gguf_weights), and only it")
-        if quantization == "gguf" and self.device.type != "cpu":
-            raise ValueError("the gguf weight format runs on CPU; on a GPU use int4 or none")
+        ids = self._check_options(weights, quantization, gguf_weights, head_tokens)
         available = packing_available(self.device, dtype)
         if pack_weights and not available:
             raise ValueError("weight prepacking needs a CPU with oneDNN and float32 weights, or bfloat16 weights on a CPU "
@@ -130,72 +165,13 @@ class LlamaModel:
         self.packed = available if pack_weights is None else pack_weights
         # None, "int8", "int4", "w8a8" or "gguf" (every matrix multiply incl. the head)
         self.quantization = quantization
-
-        def take(name: str) -> torch.Tensor:
-            return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
-
-        def maybe(name: str) -> torch.Tensor | None:
-            return take(name) if name in weights else None
-
-        def fuse(*names: str) -> torch.Tensor:
-            return torch.cat([weights.pop(n).to(dtype) for n in names], dim=0).to(self.device).contiguous()
-
-        def fuse_optional(*names: str) -> torch.Tensor | None:
-            return fuse(*names) if all(n in weights for n in names) else None
-
-        def linear(names: tuple[str, ...], bias: torch.Tensor | None, tied: bool = False) -> Linear | GGUFLinear:
-            """The matrices `names` stacked along the output (fused), from the GGUF file or the dense weights."""
-            if gguf_weights is not None:
-                for n in names:
-                    weights.pop(n, None)
-                return GGUFLinear([gguf_weights.matrix(n, tied=tied) for n in names], bias)
-            return Linear(fuse(*names), bias, self.packed, quantization)
-
-        self.embed = take("model.embed_tokens.weight")
-        self.layers: list[LayerWeights] = []
-        for i in range(config.num_layers):
-            p = f"model.layers.{i}."
-            attn, mlp = p + "self_attn.", p + "mlp."
-            self.layers.append(
-                LayerWeights(
-                    input_norm=take(p + "input_layernorm.weight"),
-                    qkv=linear((attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
-                               fuse_optional(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")),
-                    o=linear((attn + "o_proj.weight",), maybe(attn + "o_proj.bias")),
-                    post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=linear((mlp + "gate_proj.weight", mlp + "up_proj.weight"),
-                                   fuse_optional(mlp + "gate_proj.bias", mlp + "up_proj.bias")),
-                    down=linear((mlp + "down_proj.weight",), maybe(mlp + "down_proj.bias")),
-                )
-            )
-        self.norm = take("model.norm.weight")
-        self.head_token_ids = None  # a head cut to some tokens (sorted drafts, specgrove.models.sorted; drafts' head_vocab)
-        if head_tokens is not None:
-            self.head_token_ids = ids.to(self.device)
-        if "lm_head.token_ids" in weights:
-            if gguf_weights is not None:
-                raise ValueError("a head cut to some tokens (lm_head.token_ids) cannot come from a GGUF file")
-            self.head_token_ids = weights.pop("lm_head.token_ids").to(self.device, torch.int64)
-            if "lm_head.weight" not in weights:
-                raise ValueError("lm_head.token_ids needs its own lm_head.weight")
-        if gguf_weights is not None:
-            weights.pop("lm_head.weight", None)
-            head = gguf_weights.matrix("lm_head.weight", tied=config.tie_word_embeddings)
-            if head_tokens is not None:  # the rows of those tokens, as they are stored
-                head = dataclasses.replace(head, data=head.data[ids].contiguous(), n=int(ids.numel()))
-            self.lm_head = GGUFLinear([head], None)
-        else:
-            if "lm_head.weight" in weights and (not config.tie_word_embeddings or self.head_token_ids is not None):
-                head = take("lm_head.weight")
-            else:
-                weights.pop("lm_head.weight", None)
-                head = self.embed
-            if head_tokens is not None:
-                head = head[ids.to(head.device)].contiguous()
-            if self.head_token_ids is not None and head.shape[0] != len(self.head_token_ids):
-                raise ValueError(f"lm_head.weight has {head.shape[0]} rows but lm_head.token_ids names "
-                                 f"{len(self.head_token_ids)}")
-            self.lm_head = Linear(head, None, self.packed, quantization)
+        reader = _WeightReader(weights, dtype, self.device, self.packed, quantization, gguf_weights)
+        self.embed = reader.take("model.embed_tokens.weight")
+        self.layers: list[LayerWeights] = [reader.layer(i) for i in range(config.num_layers)]
+        self.norm = reader.take("model.norm.weight")
+        # a head cut to some tokens (sorted drafts, specgrove.models.sorted; drafts' head_vocab), else None
+        self.head_token_ids = None if ids is None else ids.to(self.device)
+        self.lm_head = self._load_head(reader, ids)
         # Batch-invariant attention (specgrove.kernels.attention) where every matrix multiply is too: then a
         # token's logits do not depend on which other tokens share the forward, and speculative greedy output
         # equals plain greedy output bit for bit.
@@ -217,6 +193,49 @@ class LlamaModel:
             from specgrove.models.cuda_graphs import GraphRunner
 
             self.graphs = GraphRunner(self)
+
+    def _check_options(self, weights, quantization, gguf_weights, head_tokens) -> torch.Tensor | None:
+        """ValueError for options that do not go together; the head's token ids (int64) when it is cut."""
+        ids = None
+        if head_tokens is not None:  # the output layer cut to these tokens (load_model's head_vocab)
+            if "lm_head.token_ids" in weights:
+                raise ValueError("this checkpoint's head is already cut to some tokens (lm_head.token_ids)")
+            ids = torch.as_tensor(head_tokens, dtype=torch.int64).flatten()
+            vocab = self.config.vocab_size
+            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab or bool((ids.diff() <= 0).any()):
+                raise ValueError(f"head_tokens must be increasing token ids in [0, {vocab})")
+        if (quantization == "gguf") != (gguf_weights is not None):
+            raise ValueError("quantization='gguf' needs the model's GGUF file (gguf_weights), and only it")
+        if quantization == "gguf" and self.device.type != "cpu":
+            raise ValueError("the gguf weight format runs on CPU; on a GPU use int4 or none")
+        return ids
+
+    def _load_head(self, reader: _WeightReader, ids: torch.Tensor | None) -> Linear | GGUFLinear:
+        """The output layer: lm_head (or the tied embedding), cut to `ids` or to the checkpoint's own token ids."""
+        weights, gguf_weights = reader.weights, reader.gguf_weights
+        if "lm_head.token_ids" in weights:
+            if gguf_weights is not None:
+                raise ValueError("a head cut to some tokens (lm_head.token_ids) cannot come from a GGUF file")
+            self.head_token_ids = weights.pop("lm_head.token_ids").to(self.device, torch.int64)
+            if "lm_head.weight" not in weights:
+                raise ValueError("lm_head.token_ids needs its own lm_head.weight")
+        if gguf_weights is not None:
+            weights.pop("lm_head.weight", None)
+            head = gguf_weights.matrix("lm_head.weight", tied=self.config.tie_word_embeddings)
+            if ids is not None:  # the rows of those tokens, as they are stored
+                head = dataclasses.replace(head, data=head.data[ids].contiguous(), n=int(ids.numel()))
+            return GGUFLinear([head], None)
+        if "lm_head.weight" in weights and (not self.config.tie_word_embeddings or self.head_token_ids is not None):
+            head = reader.take("lm_head.weight")
+        else:
+            weights.pop("lm_head.weight", None)
+            head = self.embed
+        if ids is not None:
+            head = head[ids.to(head.device)].contiguous()
+        if self.head_token_ids is not None and head.shape[0] != len(self.head_token_ids):
+            raise ValueError(f"lm_head.weight has {head.shape[0]} rows but lm_head.token_ids names "
+                             f"{len(self.head_token_ids)}")
+        return Linear(head, None, self.packed, self.quantization)
 
     # ---- sizes -------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
