@@ -10,13 +10,14 @@ import torch
 
 from specgrove.config import SpeculativeConfig, uses_draft
 from specgrove.drafting.factory import build_proposer
-from specgrove.tuning import resolve_shape
 from specgrove.engine.engine import SpecEngine
 from specgrove.engine.metrics import SpecMetrics
-from specgrove.errors import IncompatibleModelsError
+from specgrove.engine.scheduler import Scheduler
+from specgrove.errors import IncompatibleModelsError  # noqa: F401 (the API re-exports it)
 from specgrove.models import defaults
 from specgrove.models.loader import LoadedModel, check_compatible, load_model  # noqa: F401 (check_compatible: API)
 from specgrove.sampling import SamplingParams
+from specgrove.tuning import resolve_shape
 
 
 @dataclass
@@ -136,8 +137,6 @@ class LLM:
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompt_list)
         if len(params_list) != len(prompt_list):
             raise ValueError("give one SamplingParams, or one per prompt")
-        from specgrove.engine.scheduler import Scheduler
-
         seqs = [self.engine.new_sequence(self.encode(p), params) for p, params in zip(prompt_list, params_list)]
         # Continuous batching: up to max_num_seqs sequences share each step; the queue holds the rest.
         scheduler = Scheduler(self.engine, max_num_seqs=self.max_num_seqs, max_waiting=len(seqs))

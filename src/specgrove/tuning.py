@@ -22,6 +22,12 @@ from pathlib import Path
 
 import torch
 
+from specgrove.bench.questions import encode_questions, find_spec_bench, load_questions
+from specgrove.config import parse_method
+from specgrove.drafting.factory import build_proposer
+from specgrove.drafting.factory import resolve_shape as fixed_shape
+from specgrove.engine.engine import SpecEngine
+from specgrove.models.defaults import cache_root
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import SamplingParams, process_logits
 from specgrove.trees import sequoia
@@ -47,12 +53,6 @@ def _say(log, msg: str) -> None:
 # ---- 1. text ---------------------------------------------------------------------------------------
 def tune_prompts(target: LoadedModel, num_prompts: int, data=None) -> list[list[int]]:
     """Spec-Bench questions TUNE_PROMPT_OFFSET.. in the benchmark's mixed-category order, chat-templated."""
-    from specgrove.bench.questions import (
-        encode_questions,
-        find_spec_bench,
-        load_questions,
-    )
-
     questions = load_questions(find_spec_bench(data), TUNE_PROMPT_OFFSET + num_prompts)[TUNE_PROMPT_OFFSET:]
     if not questions:
         raise ValueError(f"the Spec-Bench file has no questions past the first {TUNE_PROMPT_OFFSET} to tune on")
@@ -62,10 +62,6 @@ def tune_prompts(target: LoadedModel, num_prompts: int, data=None) -> list[list[
 def generate_text(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], params: SamplingParams,
                   max_new_tokens: int) -> list[TextSample]:
     """The target's own continuations (a chain draft speeds this up; the output is the target's)."""
-    from specgrove.config import parse_method
-    from specgrove.drafting.factory import build_proposer
-    from specgrove.engine.engine import SpecEngine
-
     max_len = max(len(p) for p in prompts) + max_new_tokens + 8
     proposer, k = build_proposer(parse_method("draft_model", num_speculative_tokens=4), target, draft, max_len)
     engine = SpecEngine(target, proposer, k, max_len)
@@ -225,8 +221,6 @@ def write_tree_file(data: dict, path: str | Path) -> Path:
 
 # ---- "auto" ----------------------------------------------------------------------------------------
 def auto_tree_path(target: LoadedModel, draft: LoadedModel, params: SamplingParams) -> Path:
-    from specgrove.models.defaults import cache_root
-
     s = params.describe()
     setting = "greedy" if params.greedy else f"T{s['temperature']:g}_p{s['top_p']:g}_k{s['top_k']}_m{s['min_p']:g}"
     dtype = str(target.dtype).removeprefix("torch.")
@@ -237,8 +231,6 @@ def auto_tree_path(target: LoadedModel, draft: LoadedModel, params: SamplingPara
 def resolve_shape(config, target: LoadedModel, draft: LoadedModel | None):
     """A config's tree for `drafting.factory.build_proposer`: an AutoTree for 'auto' (tuned per sampling setting
     on first use, cached), else the fixed TreeShape or None (`drafting.factory.resolve_shape`)."""
-    from specgrove.drafting.factory import resolve_shape as fixed_shape
-
     if config.tree == "auto":
         return AutoTree(target, draft)
     return fixed_shape(config)

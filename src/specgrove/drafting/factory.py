@@ -11,6 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from specgrove.config import SpeculativeConfig
+from specgrove.drafting.draft_model import DraftModelProposer
+from specgrove.drafting.prompt_lookup import PromptLookupProposer
+from specgrove.drafting.sorted import sorted_proposer
 from specgrove.models.loader import LoadedModel
 from specgrove.trees.sequoia import parse_tree
 from specgrove.trees.shape import TreeShape
@@ -61,14 +64,10 @@ def _needs_draft(spec: ProposerSpec) -> LoadedModel:
 
 
 def _draft_model(spec: ProposerSpec):
-    from specgrove.drafting.draft_model import DraftModelProposer
-
     return DraftModelProposer(_needs_draft(spec), spec.max_model_len, spec.shape, spec.config.tree_sampling)
 
 
 def _sorted(spec: ProposerSpec):
-    from specgrove.drafting.sorted import sorted_proposer
-
     c = spec.config
     exits = c.sorted_exits if c.sorted_exits is not None else c.sorted_exit
     return sorted_proposer(_needs_draft(spec), spec.max_model_len, exits, c.sorted_thresholds, spec.shape,
@@ -76,8 +75,6 @@ def _sorted(spec: ProposerSpec):
 
 
 def _prompt_lookup(spec: ProposerSpec):
-    from specgrove.drafting.prompt_lookup import PromptLookupProposer
-
     return PromptLookupProposer(spec.config.prompt_lookup_min, spec.config.prompt_lookup_max)
 
 
