@@ -7,7 +7,7 @@
      draft's for m tokens, at the text's typical context length, each including `process_logits`;
   4. the DP for every budget, each budget's best depth by predicted tokens/s, and the best tree.
 
-`auto_shape` does the same on first use for `speculative={"method": "tree", "tree": "auto"}` and keeps
+`AutoTree` does the same on first use for `speculative={"method": "tree", "tree": "auto"}` and keeps
 the result in the cache (one file per target, draft, dtype and sampling setting).
 """
 

@@ -8,9 +8,9 @@ uses, over 1 GiB (far beyond every cache level):
          the limit the benchmark compares weight bandwidth against.
   copy   `dst.copy_(src)`: counted as read + write = 2 * bytes(src), as STREAM's copy does.
 
-On the shared 2-core machines of this project both gave 34-37 GB/s in most runs, but a neighbour's
-load moves them by tens of percent within minutes, so the benchmark measures before its first method and
-after its last, and compares only figures of the same run.
+On shared machines a neighbour's load moves both by tens of percent within minutes, so the benchmark
+measures before its first method and after its last, and compares only figures of the same run (the readings
+of each run are in docs/benchmarks.md).
 """
 
 from __future__ import annotations

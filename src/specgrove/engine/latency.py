@@ -5,11 +5,12 @@ context it attends over (committed positions over all rows):
 
     time(tokens, context) = f(tokens) + c * context
 
-SmartSpec takes f linear (`LinearTime`: a + b * tokens). On this CPU that is wrong in an important way:
-oneDNN picks its bf16 kernels by the number of rows, and a forward over 4 tokens measured faster than
-one over 1 or 2 (87 vs 104 / 125 ms for the 1.5B target), while a line through the whole grid puts
-the 1-token forward at 75 ms. `PiecewiseTime` therefore keeps f as measured: the mean time at each
-measured token count (context removed), linear between them, the last segment's slope beyond; c is
+SmartSpec takes f linear (`LinearTime`: a + b * tokens). A forward's time need not grow linearly with its
+tokens: oneDNN picks its bf16 kernels by the number of rows, so on some CPUs a forward over 4 tokens is faster
+than one over 1 or 2, and a line through the whole grid then mispredicts the 1-token forward badly enough that
+speculating never looks worth it (docs/benchmarks.md, "2026-11-26 (morning): serving load test and the latency
+model"). `PiecewiseTime` therefore keeps f as measured: the mean time at each measured token count
+(context removed), linear between them, the last segment's slope beyond; c is
 fitted with a separate intercept per token count (least squares, >= 0). `profile` measures forwards
 over a grid of (rows, tokens per row, context per row); `specgrove profile` writes the measurements and
 the fit as JSON; `GoodputPolicy` reads it.

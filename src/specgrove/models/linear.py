@@ -1,28 +1,29 @@
-"""Linear layers of the fast runtime: dense (prepacked for oneDNN on CPU), weight-only int8, weight-only int4.
+"""Linear layers of the fast runtime: dense (prepacked for oneDNN on CPU), weight-only int8, weight-only int4,
+w8a8, and the GGUF file's own blocks (`GGUFLinear`).
+
+Figures for every format below (per-matrix and per-forward timings, which differ from CPU to CPU) are in
+docs/benchmarks.md, "2026-11-26 (midday): the runtime's formats and llama.cpp (AVX-512 CPU)"; the GGUF path's
+are in its 2026-11-29 and 2026-11-30 sections. docs/runtime.md describes the formats together.
 
 **Dense bf16 / fp32 on CPU.** oneDNN can reorder a weight once into its blocked layout ("prepacking",
 what Inductor's CPU freezing pass does); matrix multiplies with few rows (decode and verification: 1-32
-tokens) then read the weights at close to memory speed. On this CPU (AMD EPYC, AVX-512 BF16, 2 cores)
-oneDNN's one- and two-row bf16 kernels are slower than its four-row one (1.5B target, whole forward,
-measured: 106 ms for one token, 124 for two, 87 for four), so fewer than `PAD_ROWS` rows are padded with
-zero rows: the padding rows cost nothing measurable and a one-token decode step becomes as fast as a
-four-token one. In fp32 prepacking alone helps (151936x1536 weight, one row: 33 ms against 58 for
-F.linear; four rows: 42 against 142). Elsewhere (CUDA, fp16, a torch build without the op) weights stay
-plain tensors and F.linear is used.
+tokens) then read the weights at close to memory speed. oneDNN's one- and two-row bf16 kernels can be slower
+than its four-row one on some CPUs, so fewer than `PAD_ROWS` rows are padded with zero rows: the padding rows
+cost nothing measurable and a one-token decode step runs the four-row kernel. fp32 weights gain from
+prepacking alone. Elsewhere (CUDA, fp16, a torch build without the op) weights stay plain tensors and
+F.linear is used.
 
 **Weight-only int8** (`quantization="int8"`): each output row is stored as int8 with one scale,
 w ~= scale * round(w / scale), scale = max|w_row| / 127, multiplied by PyTorch's `_weight_int8pack_mm`
-(activations stay in the model dtype). Half the bytes of bf16, but on this CPU the kernel is compute
-bound: 17920x1536 weight, 1.13 / 1.84 / 3.95 ms for 1 / 4 / 8 rows against 1.40 / 1.39 / 2.19 ms
-prepacked bf16.
+(activations stay in the model dtype). Half the bytes of bf16, but the CPU kernel is compute bound, so it is
+not faster than prepacked bf16 and slows down as the rows grow.
 
 **Weight-only int4** (`quantization="int4"`): groups of `INT4_GROUP_SIZE` inputs of one output row share
 a scale and an offset (asymmetric min-max, as the Q4 formats of llama.cpp): w ~= (q - 8) * scale + zero,
 q in 0..15, kept in the packed layout of PyTorch's `_weight_int4pack_mm_for_cpu` (CPU) /
 `_weight_int4pack_mm` (CUDA, bf16, tinygemm). A quarter of bf16's bytes plus 4 bytes of scale and offset
-per group (4.5 bits per weight). On this CPU the kernel is compute bound too, but at one row it is twice
-as fast as prepacked bf16 (17920x1536: 0.73 ms against 1.40; the 151936x1536 output layer 6.5 ms
-against 13-17); its cost grows with the rows (1.31 ms at 4, 2.6 at 8).
+per group (4.5 bits per weight). The CPU kernel is compute bound too: at one row it beats prepacked bf16 on an
+AVX-512 CPU, and its cost grows with the rows (it has no fast path without AVX-512: a warning says so).
 
 **Weights and activations int8** (`quantization="w8a8"`, CPU): weights int8 per output row (symmetric),
 activations int8 per token, the product in int32 by fbgemm's VNNI kernel (`quantized::linear_dynamic`
@@ -33,11 +34,10 @@ constant rows (all +1, all -1) are appended: the range is then always exactly [-
 quantized by itself, and the integer products make the outputs bit-identical whatever else is in the
 forward (tested). The product is scaled back per token. The rest of a bf16 forward (attention over a
 different number of new tokens) still rounds differently in a verification forward than in a one-token
-one, and int8 activations turn more of those roundings into different greedy tokens: on 20 Spec-Bench
-prompts (64 tokens, bf16) draft-model speculation over a w8a8 target matched its plain decoding token for
-token on 9 (over the bf16 target: 16). In fp32 they match (tested). On this CPU, 1 / 4 / 8 rows: 151936x1536 8.2 / 10.3 / 9.7 ms against
-15.5 / 16.3 / 17.8 prepacked bf16; 17920x1536 0.45 / 0.61 / 1.0 against 1.4 / 1.4 / 1.9 (relative error
-of the product about 1.2%). PyTorch marks its quantized tensor types as deprecated for a future release;
+one, and int8 activations turn more of those roundings into different greedy tokens, so in bf16 a w8a8
+target's speculative output matches its plain decoding on fewer prompts than a bf16 target's does. In fp32
+they match (tested). Without AVX-512 VNNI fbgemm's kernel saturates, so w8a8 is refused there
+(`UnsupportedOnCpuError`). PyTorch marks its quantized tensor types as deprecated for a future release;
 torch 2.13, pinned here, has them.
 
 Quantized weights change the model's outputs: use them for a draft (speculation stays exact with respect

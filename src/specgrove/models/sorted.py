@@ -74,7 +74,7 @@ class SortedSpec:
         return cls(**data)
 
 
-# Measured defaults are set by `specgrove train-sorted` / the bench (see docs/architecture.md); before that
+# Measured thresholds are written by `specgrove calibrate-sorted` (see docs/methods.md, "Sorted drafts (S2D)"); before that
 # every exit but the last stops only when it is very sure.
 DEFAULT_THRESHOLD = 0.8
 

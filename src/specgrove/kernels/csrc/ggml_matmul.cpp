@@ -530,7 +530,8 @@ template <int NT>
 constexpr int kGroup = NT <= 4 ? NT : 4;
 // Q6_K with one row per pass (5-8 tokens): all the tile's tokens in one group, so each block is unpacked once.
 // Its accumulators are int32 sums that madd updates, without the int16 partial sums Q4_K also keeps, so 8
-// of them fit beside the unpacked values (0.85-0.95x the time of groups of 4 for 5-8 tokens, measured on Zen 3).
+// of them fit beside the unpacked values (less time than groups of 4 for 5 and 6 tokens, about the same for 8:
+// docs/benchmarks.md, "2026-11-30 (last)").
 template <int NT, int R>
 constexpr int kGroupQ6 = R == 1 ? NT : kGroup<NT>;
 
@@ -870,8 +871,8 @@ SG_AVX2_INLINE void x8_group(const uint8_t* rows, int64_t nb, const Acts& acts, 
   for (int t = 0; t < G; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* rec = rows + b * kX8Record;
-    // One sequential stream: software prefetch 2 KiB ahead of the record read (1-1.1x over the hardware
-    // prefetcher alone for one token on Zen 3; a prefetch of the next group's record was slower).
+    // One sequential stream: software prefetch 2 KiB ahead of the record read (no slower than the hardware
+    // prefetcher alone for one token where measured; a prefetch of the next group's record was slower).
     if (prefetch) prefetch_step<kX8Record>(rec + 2048, 0);
     const int8_t* a[G];
     const int16_t* as[G];
@@ -887,7 +888,7 @@ SG_AVX2_INLINE void x8_group(const uint8_t* rows, int64_t nb, const Acts& acts, 
 }
 
 // Groups [g0, g1) of a Q4_K x8 matrix for every token: out[m * stride + 8g + r], tokens 8 at a time (one unpacking
-// of the weights serves them all: 0.9x the time of groups of 4 for 5-8 tokens and for prefill, measured on Zen 3).
+// of the weights serves them all; against groups of 4: docs/benchmarks.md, "2026-11-30 (later)", tokens 8 at a time).
 // With more than 8 tokens the groups of rows go in chunks of ~256 KiB of records, which stay in L2 while every 8
 // tokens pass over them.
 SG_AVX2 void matmul_x8_avx2(const uint8_t* W, int64_t nb, const Acts& acts, const int16_t* asum32, int64_t g0,

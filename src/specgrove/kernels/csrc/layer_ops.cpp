@@ -1,7 +1,7 @@
 // The small operations of a transformer layer on CPU, one call each instead of several torch ops:
 // RMSNorm, SiLU(gate) * up, and RoPE on the query / key heads with the keys' and values' store into
-// the KV cache. In a decode step each torch op costs 5-40 us of dispatch and allocation, about as much
-// as the arithmetic of a whole layer's glue; here a layer's glue is three calls.
+// the KV cache. In a decode step a torch op's dispatch and allocation cost as much as the arithmetic of a
+// whole layer's glue (docs/benchmarks.md, "2026-11-30: fused layer ops"); here a layer's glue is three calls.
 //
 // Every result depends only on its own row (token), never on how many rows share the call, and the
 // scalar and AVX2 paths give the same bits:
