@@ -10,11 +10,13 @@ from specgrove import LLM, SamplingParams
 from specgrove.bench.spec_bench import engine_config, engine_fields, run_bench
 from specgrove.cli import build_parser
 from specgrove.cli_options import speculative_config
-from specgrove.config import SpeculativeConfig, method_fields, method_name, parse_method
+from specgrove.config import METHODS, SpeculativeConfig, grammar, method_fields, method_name, parse_method
+from specgrove.drafting.base import Proposer
 from specgrove.drafting.draft_model import DraftModelProposer
-from specgrove.drafting.factory import BUILDERS, build_proposer
+from specgrove.drafting.factory import BUILDERS, build_proposer, register
 from specgrove.drafting.prompt_lookup import PromptLookupProposer
 from specgrove.drafting.sorted import SortedDraftProposer
+from specgrove.trees.tree import TokenTree
 
 from conftest import DEVICE
 from test_cli import run_cli
@@ -206,3 +208,38 @@ def test_factory_builds_nothing_without_speculation_and_names_unregistered_metho
     config.method = "medusa"  # past validation, as a caller could
     with pytest.raises(ValueError, match="no proposer is registered for method 'medusa'"):
         build_proposer(config, tiny_target, None, 64)
+
+
+class RepeatLastProposer(Proposer):
+    """A drafter written for this test: proposes the last token k times (deterministic, a point mass)."""
+
+    name = "repeat_last"
+
+    def propose(self, seq, num_tokens: int) -> TokenTree:
+        return TokenTree.chain([seq.token_ids[-1]] * num_tokens)
+
+
+@pytest.fixture
+def repeat_last_registered():
+    register("repeat_last", lambda spec: RepeatLastProposer())  # the one registration line
+    yield
+    BUILDERS.pop("repeat_last")
+    METHODS.pop("repeat_last")
+
+
+def test_a_new_drafter_is_one_module_plus_one_registration_line(repeat_last_registered, tiny_dirs, capsys):
+    assert "repeat_last" in grammar() and parse_method("repeat_last").method == "repeat_last"
+    plain = LLM(target=tiny_dirs["target"], dtype="float32", device=DEVICE)
+    llm = LLM(target=tiny_dirs["target"], dtype="float32", device=DEVICE, speculative="repeat_last")
+    assert isinstance(llm.engine.proposer, RepeatLastProposer) and llm.engine.num_speculative_tokens == 4
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    out = llm.generate([PROMPT], greedy)[0]
+    assert out.token_ids == plain.generate([PROMPT], greedy)[0].token_ids
+    assert sum(out.metrics.proposed_per_step) > 0
+    argv = ["generate", "--target", tiny_dirs["target"], "--dtype", "float32", "--device", DEVICE,
+            "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--json", "--method", "repeat_last"]
+    code, printed, err = run_cli(argv, capsys)
+    assert code == 0 and json.loads(printed)["method"] == "repeat_last", err
+    assert engine_fields("repeat_last") == {"method": "repeat_last"}
+    with pytest.raises(ValueError, match="cannot name a method"):
+        register("plain", lambda spec: RepeatLastProposer())

@@ -27,7 +27,7 @@ from specgrove.cli_options import (
     model_options,
     speculative_options,
 )
-from specgrove.config import GRAMMAR, method_name
+from specgrove.config import grammar, method_name
 
 EXAMPLE_CHAT = "Write a Python function that checks whether a number is prime."
 EXIT_BAD_INPUT = 2
@@ -78,7 +78,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--categories", type=_name_list, default=None, help="comma list of categories to keep")
     b.add_argument("--methods", type=_method_list, default=list(DEFAULT_METHODS),
                    help=f"comma list (default {','.join(DEFAULT_METHODS)}); also llama_cpp and any speculative "
-                        f"method but none: {GRAMMAR.removeprefix('none, ')}")
+                        f"method but none: {grammar().removeprefix('none, ')}")
     model_options(b)
     b.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     b.add_argument("--tree-acceptance", default=None, metavar="TREE_JSON",

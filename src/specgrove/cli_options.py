@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from specgrove.config import GRAMMAR, TREE_SAMPLING
+from specgrove.config import TREE_SAMPLING, grammar
 from specgrove.models import defaults
 
 
@@ -84,7 +84,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
 
 def speculative_options(p: argparse.ArgumentParser, default_method: str = "draft_model") -> None:
     p.add_argument("--method", default=default_method, metavar="METHOD",
-                   help=f"speculative method (default {default_method}): {GRAMMAR}")
+                   help=f"speculative method (default {default_method}): {grammar()}")
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
     p.add_argument("--tree", default=None, help="method tree: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
                                                 "from `specgrove tune`, or auto; method sorted with --sorted-exit: "

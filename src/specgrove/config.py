@@ -26,8 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-# the methods with a proposer (specgrove.drafting.factory.BUILDERS); a new drafter adds its name here
-METHODS = ("draft_model", "prompt_lookup", "tree", "sorted")
+# method name -> whether its proposer runs a draft model (entry points then load one). Filled by the proposer
+# factory, one `specgrove.drafting.factory.register(...)` line per drafter; `import specgrove` imports the
+# factory, so every registered name is known before any string is parsed.
+METHODS: dict[str, bool] = {}
 TREE_SAMPLING = ("without_replacement", "iid", "hub")
 
 
@@ -144,12 +146,22 @@ TREE_PREFIXES = {"tree:": "without_replacement", "rrs_wo:": "without_replacement
 # the prefix method_name writes for each sampling
 _PREFIX_OF_SAMPLING = {"without_replacement": "tree:", "iid": "rrs:", "hub": "spechub:"}
 NO_SPECULATION = ("none", "plain")
-# methods whose proposer runs a draft model (a sorted draft is one too)
-DRAFT_METHODS = ("draft_model", "tree", "sorted")
+# the methods the grammar spells with more than their name
+_STRUCTURED = ("tree", "sorted")
+_FORMS = ("tree:SHAPE, rrs:SHAPE, rrs_wo:SHAPE, spechub:SHAPE, sorted, sorted@L, sorted@L:SHAPE or sorted@A+B "
+          "(SHAPE: chain:N, kary:BxD, widths:W1,W2,..., a tree .json from `specgrove tune`, or auto)")
 
-GRAMMAR = ("none, draft_model, prompt_lookup, tree:SHAPE, rrs:SHAPE, rrs_wo:SHAPE, spechub:SHAPE, sorted, "
-           "sorted@L, sorted@L:SHAPE or sorted@A+B (SHAPE: chain:N, kary:BxD, widths:W1,W2,..., a tree .json "
-           "from `specgrove tune`, or auto)")
+
+def register_method(name: str, needs_draft: bool) -> None:
+    """Make `name` a method of the language (the proposer factory's `register` calls this)."""
+    if not name.isidentifier() or name in NO_SPECULATION:
+        raise ValueError(f"{name!r} cannot name a method: use a plain identifier other than {NO_SPECULATION}")
+    METHODS[name] = bool(needs_draft)
+
+
+def grammar() -> str:
+    """Every method string the language reads (the registered names and the structured forms)."""
+    return ", ".join(["none", *(n for n in METHODS if n not in _STRUCTURED), _FORMS])
 
 
 def _sorted_parts(rest: str, text: str) -> dict:
@@ -187,7 +199,7 @@ def method_fields(text: str) -> dict:
             return {"method": "tree", "tree": shape, "tree_sampling": sampling}
     if t.startswith("sorted@"):
         return {"method": "sorted", **_sorted_parts(t[len("sorted@"):], text)}
-    raise ValueError(f"unknown speculative method {text!r}; use {GRAMMAR}")
+    raise ValueError(f"unknown speculative method {text!r}; use {grammar()}")
 
 
 def parse_method(text: str, **options) -> SpeculativeConfig:
@@ -225,4 +237,4 @@ def method_name(config: SpeculativeConfig) -> str:
 
 
 def uses_draft(config: SpeculativeConfig) -> bool:
-    return config.method in DRAFT_METHODS
+    return METHODS.get(config.method, False)

@@ -57,7 +57,7 @@ from specgrove.bench.questions import (  # noqa: F401 (the benchmark's prompt AP
     find_spec_bench,
     load_questions,
 )
-from specgrove.config import GRAMMAR, SpeculativeConfig, method_fields
+from specgrove.config import SpeculativeConfig, grammar, method_fields
 from specgrove.engine.metrics import SpecMetrics
 from specgrove.models import defaults
 from specgrove.trees.shape import TreeShape
@@ -118,7 +118,7 @@ def engine_config(method: str, num_speculative_tokens: int, prompt_lookup_min: i
                                         "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max})
 
 
-BENCH_GRAMMAR = f"{', '.join(DEFAULT_METHODS + PEER_METHODS)}, or a method: {GRAMMAR.removeprefix('none, ')}"
+BENCH_GRAMMAR = f"{', '.join(DEFAULT_METHODS + PEER_METHODS)}, or a method: {grammar().removeprefix('none, ')}"
 
 
 WARMUP_MAX_NEW_TOKENS = 32  # a warm-up only has to touch every code path once

@@ -2,7 +2,7 @@
 
 `LLM`, the CLI commands built on it (`generate`, `serve`, `loadtest`) and `bench` all call it, so a
 method string means the same proposer everywhere. Each method has one builder in `BUILDERS`; a new
-drafter is a module with its proposer plus one entry there (and its name in `config.METHODS`).
+drafter is a module with its proposer plus one `register` line here.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from specgrove.config import SpeculativeConfig
+from specgrove.config import SpeculativeConfig, register_method
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.drafting.prompt_lookup import PromptLookupProposer
 from specgrove.drafting.sorted import sorted_proposer
@@ -78,13 +78,23 @@ def _prompt_lookup(spec: ProposerSpec):
     return PromptLookupProposer(spec.config.prompt_lookup_min, spec.config.prompt_lookup_max)
 
 
-# method -> builder; one line per drafter ("tree" is the draft model drafting the config's tree)
-BUILDERS: dict[str, Callable[[ProposerSpec], object]] = {
-    "draft_model": _draft_model,
-    "tree": _draft_model,
-    "sorted": _sorted,
-    "prompt_lookup": _prompt_lookup,
-}
+# method -> builder (`register`)
+BUILDERS: dict[str, Callable[[ProposerSpec], object]] = {}
+
+
+def register(name: str, builder: Callable[[ProposerSpec], object], *, needs_draft: bool = False) -> None:
+    """Make `name` a method everywhere: the method language (`config.parse_method`, hence `LLM`, `generate`,
+    `serve`, `loadtest`, `bench`) reads it and `build_proposer` builds it with `builder(spec)`. `needs_draft`:
+    the proposer runs a draft model, which the entry points then load."""
+    register_method(name, needs_draft)
+    BUILDERS[name] = builder
+
+
+# one line per drafter ("tree" is the draft model drafting the config's tree)
+register("draft_model", _draft_model, needs_draft=True)
+register("tree", _draft_model, needs_draft=True)
+register("sorted", _sorted, needs_draft=True)
+register("prompt_lookup", _prompt_lookup)
 
 
 def build_proposer(config: SpeculativeConfig, target: LoadedModel, draft: LoadedModel | None,
