@@ -229,6 +229,38 @@ def test_chunked_loss_equals_the_plain_loss(dirs, samples, monkeypatch):
         torch.testing.assert_close(plain_grads[name], chunked_grads[name], atol=1e-6, rtol=1e-5)
 
 
+def test_training_is_the_plain_loop_bit_for_bit(dirs, samples, tmp_path):
+    """train_soft's losses and weights are, bit for bit, those of the loop written out here: the batches of
+    epoch_batches, lr_at's schedule, the SoFT loss, backward, clipping, AdamW (8 steps: into a second epoch)."""
+    init = soft.load_init(dirs["init"], EXITS)
+    settings = _settings(max_steps=8, save_every=100, exit_weights=[1, 1, 2])
+    soft.train_soft(init, samples, tmp_path / "out", settings, progress=False)
+
+    model = soft.SortedTrainModel(init.config, init.weights, EXITS)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                  weight_decay=settings.weight_decay)
+    examples = soft.build_examples(samples, settings.max_len)
+    lengths = [len(e.ids) for e in examples]
+    per_epoch = -(-len(examples) // settings.batch_size)
+    assert per_epoch < settings.max_steps
+    losses = []
+    for step in range(settings.max_steps):
+        epoch, position = divmod(step, per_epoch)
+        batch = [examples[i] for i in soft.epoch_batches(lengths, settings.batch_size, settings.seed, epoch)[position]]
+        for group in optimizer.param_groups:
+            group["lr"] = soft.lr_at(step, settings.max_steps, settings.lr, settings.warmup)
+        loss = model.loss(*soft.collate(batch), exit_weights=settings.exit_weights)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        losses.append(float(loss))
+    assert [r["loss"] for r in _log(tmp_path / "out")] == losses
+    trained = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(trained[name], p.detach()) for name, p in model.lm.named_parameters())
+
+
 def test_bfloat16_autocast_trains(dirs, samples, tmp_path):
     init = soft.load_init(dirs["init"], EXITS)
     soft.train_soft(init, samples, tmp_path / "out", _settings(max_steps=20, save_every=100, dtype="bfloat16",
@@ -450,8 +482,8 @@ def test_head_tokens_keep_the_most_frequent_tokens_and_eos(dirs, samples, tmp_pa
 
 def test_spec_bench_prompts_skip_the_benchmark_questions(monkeypatch):
     """`--data spec-bench` without --num-prompts asks tune_prompts (questions 21..) for all the rest."""
-    from specgrove.bench.spec_bench import find_spec_bench, load_questions
     from specgrove import tuning
+    from specgrove.bench.spec_bench import find_spec_bench, load_questions
 
     try:
         total = len(load_questions(find_spec_bench(), None))

@@ -19,10 +19,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from specgrove.cli_options import _float_list
 from specgrove.errors import IncompatibleModelsError, SpecgroveError
 from specgrove.train.data import SPEC_BENCH
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from specgrove.train.calibrate import ExitStatistics
+    from specgrove.train.soft import SoftSettings
 
 DEFAULT_MAX_NEW_TOKENS = 256
 SAMPLES_FILE = "samples.jsonl"
@@ -49,8 +56,6 @@ def _positive_int(text: str) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `train-sorted` to the `specgrove` subcommands; its func is cmd_train_sorted."""
-    from specgrove.models import defaults
-
     p = subparsers.add_parser(
         "train-sorted", help="sorted fine-tuning (SoFT) of a sorted draft on the targets' own text",
         description="Generate distillation text with the target(s), then train every exit of a sorted draft "
@@ -58,22 +63,38 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="a sorted draft directory (sorted.json), or a model (built-in name, "
                                                  "HF directory, .gguf) to cut to its first max(exits) layers")
     p.add_argument("--exits", default=None, help="exit layer counts, e.g. 2,4,6,8 (default: the init draft's)")
+    _add_distillation_arguments(p)
+    p.add_argument("--out", required=True, help="output directory: the trained sorted draft, logs and checkpoint")
+    _add_training_arguments(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=cmd_train_sorted)
+    return p
+
+
+def _add_distillation_arguments(p: argparse.ArgumentParser) -> None:
+    """Step 1: the prompts, the targets that continue them, and the samples file."""
+    from specgrove.models import defaults
+
     p.add_argument("--targets", type=_name_list, default=[],
                    help=f"comma list of target models whose text the draft learns (built-in names like "
                         f"{defaults.DEFAULT_TARGET}, or directories); not needed when --data holds samples")
     p.add_argument("--data", default=SPEC_BENCH,
-                   help=f"prompts: '{SPEC_BENCH}' (Spec-Bench questions 21.., disjoint from the benchmark's first 20; "
-                        "default), a JSONL of {\"prompt\": text} (raw), {\"turns\": [...]} (chat template) or "
-                        "{\"prompt_ids\": [...]} lines, or a JSONL of finished samples (prompt_ids + output_ids)")
+                   help=f"prompts: '{SPEC_BENCH}' (Spec-Bench questions 21.., disjoint from the benchmark's "
+                        "first 20; default), a JSONL of {\"prompt\": text} (raw), {\"turns\": [...]} (chat template) "
+                        "or {\"prompt_ids\": [...]} lines, or a JSONL of finished samples (prompt_ids + output_ids)")
     p.add_argument("--num-prompts", type=_positive_int, default=None, help="prompts to use (default: all)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"continuation length limit per prompt (default {DEFAULT_MAX_NEW_TOKENS}; EOS stops earlier)")
-    p.add_argument("--temperature", type=float, default=0.0, help="distillation sampling temperature (0 = greedy, default)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="distillation sampling temperature (0 = greedy, default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--gen-batch", type=_positive_int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--target-dtype", default="bfloat16", help="dtype the targets generate in (default bfloat16)")
     p.add_argument("--samples", default=None, help=f"the distillation samples file (default OUT/{SAMPLES_FILE})")
-    p.add_argument("--out", required=True, help="output directory: the trained sorted draft, logs and checkpoint")
+
+
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """Step 2: SoftSettings, the teacher distributions, and when to stop."""
     p.add_argument("--head-tokens", type=_positive_int, default=None,
                    help="shrink the output layer to the N most frequent tokens of the data plus the targets' EOS")
     p.add_argument("--kl-weight", type=float, default=0.0,
@@ -112,9 +133,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="batches drawn without grouping similar lengths (more padding)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(func=cmd_train_sorted)
-    return p
 
 
 def _check_vocab(init, name: str, hf_config, tokenizer) -> None:
@@ -123,17 +141,12 @@ def _check_vocab(init, name: str, hf_config, tokenizer) -> None:
             f"target {name} has a vocabulary of {hf_config.vocab_size} tokens but the draft {init.name} has "
             f"{init.vocab_size}; the draft must share its targets' tokenizer: use a draft from the target's family")
     if tokenizer is not None and init.tokenizer is not None and tokenizer.get_vocab() != init.tokenizer.get_vocab():
-        raise IncompatibleModelsError(f"target {name}'s tokenizer maps tokens differently from the draft {init.name}'s; "
-                                      f"the draft must share its targets' tokenizer")
+        raise IncompatibleModelsError(f"target {name}'s tokenizer maps tokens differently from the draft "
+                                      f"{init.name}'s; the draft must share its targets' tokenizer")
 
 
 def collect_samples(args, init) -> tuple[list, dict, set[int]]:
     """The training samples, a description of where they came from, and the targets' EOS ids."""
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    from specgrove.models.loader import load_tokenizer, resolve_model_dir
     from specgrove.train import data
 
     if args.data != SPEC_BENCH and data.is_sample_file(args.data):
@@ -150,7 +163,31 @@ def collect_samples(args, init) -> tuple[list, dict, set[int]]:
         records = data.read_prompt_records(args.data, args.num_prompts)
         if not records:
             raise ValueError(f"{args.data} holds no prompts")
-    # Everything about the targets that can be checked without their weights, before any generation.
+    targets = _target_prompts(args, init, records)
+    samples_path = Path(args.samples) if args.samples else Path(args.out) / SAMPLES_FILE
+    samples, eos = [], set()
+    for name, directory, prompts, eos_ids in targets:
+        samples += data.distill(lambda directory=directory, name=name: load_target(args, name, directory), prompts,
+                                samples_path, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, name=name,
+                                eos_ids=eos_ids, progress=args.progress)
+        eos |= set(eos_ids)
+    info = {"prompts": args.data, "num_prompts": args.num_prompts, "targets": list(args.targets),
+            "samples_file": str(samples_path), "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, "target_dtype": args.target_dtype}
+    return samples, info, eos
+
+
+def _target_prompts(args, init, records: list[dict] | None) -> list[tuple[str, Path, list[list[int]], set[int]]]:
+    """(name, directory, prompt ids, EOS ids) of each target: everything about the targets that can be
+    checked without their weights, before any generation. records None: the Spec-Bench prompts."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from specgrove.models.loader import load_tokenizer, resolve_model_dir
+    from specgrove.train import data
+
     targets = []
     for name in args.targets:
         directory = resolve_model_dir(name)
@@ -164,18 +201,7 @@ def collect_samples(args, init) -> tuple[list, dict, set[int]]:
         if not prompts:
             raise ValueError(f"no prompts for {name} in {args.data}")
         targets.append((name, directory, prompts, data.eos_ids_of(hf_config, tokenizer)))
-
-    samples_path = Path(args.samples) if args.samples else Path(args.out) / SAMPLES_FILE
-    samples, eos = [], set()
-    for name, directory, prompts, eos_ids in targets:
-        samples += data.distill(lambda directory=directory, name=name: load_target(args, name, directory), prompts, samples_path, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.gen_batch, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed, name=name, eos_ids=eos_ids, progress=args.progress)
-        eos |= set(eos_ids)
-    info = {"prompts": args.data, "num_prompts": args.num_prompts, "targets": list(args.targets),
-            "samples_file": str(samples_path), "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature, "top_p": args.top_p, "target_dtype": args.target_dtype}
-    return samples, info, eos
+    return targets
 
 
 def load_target(args, name: str, directory=None):
@@ -201,20 +227,23 @@ def teacher_distributions(args, samples) -> tuple[dict, dict]:
     return teachers, {"file": str(path), "top_k": k, "target_dtype": args.target_dtype}
 
 
+def soft_settings(args: argparse.Namespace) -> SoftSettings:
+    """The SoftSettings the arguments give (validated there)."""
+    from specgrove.train.soft import SoftSettings
+
+    return SoftSettings(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                        max_len=args.max_len, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed,
+                        dtype=args.dtype, group_by_length=args.group_by_length, head_tokens=args.head_tokens,
+                        kl_weight=args.kl_weight, exit_weights=args.exit_weights, freeze_head=args.freeze_head,
+                        save_every=args.save_every, save_dtype=args.save_dtype,
+                        keep_checkpoint=args.keep_checkpoint, threads=args.threads, device=args.device)
+
+
 def cmd_train_sorted(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from specgrove.train import data
-    from specgrove.train.soft import SoftSettings, load_init, train_soft
+    from specgrove.train.soft import load_init, train_soft
 
-    settings = SoftSettings(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                            max_len=args.max_len, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed,
-                            dtype=args.dtype, group_by_length=args.group_by_length, head_tokens=args.head_tokens,
-                            kl_weight=args.kl_weight, exit_weights=args.exit_weights,
-                            freeze_head=args.freeze_head,
-                            save_every=args.save_every, save_dtype=args.save_dtype, keep_checkpoint=args.keep_checkpoint,
-                            threads=args.threads, device=args.device)
+    settings = soft_settings(args)
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
     if settings.threads:
@@ -234,6 +263,14 @@ def cmd_train_sorted(args: argparse.Namespace) -> int:
         teachers, info["teacher"] = teacher_distributions(args, samples)
     result = train_soft(init, samples, args.out, settings, eos_ids=eos, data_info=info, progress=args.progress,
                         stop_after=args.stop_after, teachers=teachers)
+    print_training_result(result, args.out)
+    return 0
+
+
+def print_training_result(result: dict, out) -> None:
+    """train_soft's summary as a table, and where the draft (or the checkpoint to continue from) is."""
+    from rich.console import Console
+    from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"train-sorted: {result['status']}", title_justify="left")
@@ -249,11 +286,9 @@ def cmd_train_sorted(args: argparse.Namespace) -> int:
         table.add_row("wall time", f"{result['wall_s']:.1f} s ({(result.get('s_per_step') or 0):.3f} s/step)")
     console.print(table)
     if result["status"] == "stopped":
-        console.print(f"stopped early; run the same command again to continue ({args.out}/checkpoint)")
+        console.print(f"stopped early; run the same command again to continue ({out}/checkpoint)")
     else:
-        console.print(f"sorted draft: {args.out}")
-    return 0
-
+        console.print(f"sorted draft: {out}")
 
 
 # ---- calibrate-sorted -----------------------------------------------------------------------------------
@@ -266,7 +301,8 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
                     "exit does (specgrove.train.calibrate); --write stores them in the draft's sorted.json.")
     p.add_argument("--draft", required=True, help="the sorted draft directory")
     p.add_argument("--samples", required=True, help="a samples JSONL (train-sorted's OUT/samples.jsonl)")
-    p.add_argument("--limit", type=_positive_int, default=64, help="samples to use (default 64, from the end of the file)")
+    p.add_argument("--limit", type=_positive_int, default=64,
+                   help="samples to use (default 64, from the end of the file)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--top-n", type=_positive_int, default=4,
                    help="also report how often the target's token is among an exit's top N (default 4: the first "
@@ -277,9 +313,6 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from specgrove.drafting.sorted import sorted_spec
     from specgrove.models.loader import load_model
     from specgrove.models.sorted import SortedSpec
@@ -295,18 +328,34 @@ def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.draft} has no sorted.json to write thresholds into; make it with train-sorted")
     stats = exit_statistics(draft, samples[-args.limit:], spec.exits, top_n=args.top_n)
     thresholds = choose_thresholds(stats)
-    top = f"in top-{args.top_n}"
-    table = Table(title=f"{len(stats[0].agrees)} positions of {min(args.limit, len(samples))} samples", title_justify="left")
+    num_samples = min(args.limit, len(samples))
+    print_calibration(stats, thresholds, spec.thresholds, num_samples, args.top_n)
+    if args.write:
+        spec.thresholds = thresholds
+        spec.extra["calibration"] = calibration_record(stats, args.samples, num_samples, args.top_n)
+        spec.save(draft.path)
+        print(f"wrote thresholds {thresholds} to {draft.path / 'sorted.json'}")
+    return 0
+
+
+def print_calibration(stats: Sequence[ExitStatistics], thresholds: list[float], old_thresholds: list[float],
+                      num_samples: int, top_n: int) -> None:
+    """Each exit's agreement, top-n rate and chosen threshold; per target when the samples have several."""
+    from rich.console import Console
+    from rich.table import Table
+
+    top = f"in top-{top_n}"
+    table = Table(title=f"{len(stats[0].agrees)} positions of {num_samples} samples", title_justify="left")
     for name in ("exit", "agreement", top, "threshold", "agreement above it", "share above it", "was"):
         table.add_column(name, justify="right")
-    for s, t, old in zip(stats, thresholds, spec.thresholds):
+    for s, t, old in zip(stats, thresholds, old_thresholds):
         precision, share = s.precision_at(t)
-        table.add_row(str(s.exit_layer), f"{s.agreement:.3f}", f"{s.in_top_rate():.3f}", f"{t:.2f}", f"{precision:.3f}",
-                      f"{share:.1%}", f"{old:.2f}")
+        table.add_row(str(s.exit_layer), f"{s.agreement:.3f}", f"{s.in_top_rate():.3f}", f"{t:.2f}",
+                      f"{precision:.3f}", f"{share:.1%}", f"{old:.2f}")
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
-    per_target = {str(s.exit_layer): s.by_target() for s in stats}
     if len(stats[0].target_names) > 1:
+        per_target = {str(s.exit_layer): s.by_target() for s in stats}
         table = Table(title="per target", title_justify="left")
         for name in ("target", "positions", *(f"exit {s.exit_layer}: agreement / {top}" for s in stats)):
             table.add_column(name, justify="right")
@@ -314,14 +363,13 @@ def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
             cells = [per_target[str(s.exit_layer)][name] for s in stats]
             table.add_row(name or "(unnamed)", str(cells[0][2]), *(f"{a:.3f} / {t:.3f}" for a, t, _ in cells))
         console.print(table)
-    if args.write:
-        spec.thresholds = thresholds
-        spec.extra["calibration"] = {"samples": str(args.samples), "num_samples": min(args.limit, len(samples)),
-                                     "positions": len(stats[0].agrees),
-                                     "agreement": {str(s.exit_layer): s.agreement for s in stats},
-                                     f"in_top_{args.top_n}": {str(s.exit_layer): s.in_top_rate() for s in stats},
-                                     "per_target": {e: {t: {"agreement": a, f"in_top_{args.top_n}": r, "positions": n}
-                                                        for t, (a, r, n) in v.items()} for e, v in per_target.items()}}
-        spec.save(draft.path)
-        print(f"wrote thresholds {thresholds} to {draft.path / 'sorted.json'}")
-    return 0
+
+
+def calibration_record(stats: Sequence[ExitStatistics], samples_file, num_samples: int, top_n: int) -> dict:
+    """sorted.json's extra["calibration"]: what the thresholds were chosen on, and each exit's rates."""
+    per_target = {str(s.exit_layer): s.by_target() for s in stats}
+    return {"samples": str(samples_file), "num_samples": num_samples, "positions": len(stats[0].agrees),
+            "agreement": {str(s.exit_layer): s.agreement for s in stats},
+            f"in_top_{top_n}": {str(s.exit_layer): s.in_top_rate() for s in stats},
+            "per_target": {e: {t: {"agreement": a, f"in_top_{top_n}": r, "positions": n}
+                               for t, (a, r, n) in v.items()} for e, v in per_target.items()}}

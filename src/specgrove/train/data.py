@@ -133,7 +133,8 @@ def encode_prompt_records(records: Sequence[dict], tokenizer) -> list[list[int]]
             out.append([int(t) for t in r["prompt_ids"]])
         elif "prompt" in r:
             if tokenizer is None:
-                raise SpecgroveError('text prompts need a tokenizer and this target has none; give {"prompt_ids": [...]}')
+                raise SpecgroveError('text prompts need a tokenizer and this target has none; '
+                                     'give {"prompt_ids": [...]}')
             out.append(list(tokenizer.encode(r["prompt"], add_special_tokens=False)))
         else:
             out.append(encode_questions([{"category": "custom", **r}], tokenizer)[0].token_ids)
@@ -151,6 +152,26 @@ def eos_ids_of(hf_config, tokenizer) -> set[int]:
 
 
 # ---- generation ------------------------------------------------------------------------------------
+def _checked_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     batch_size: int) -> list[list[int]]:
+    """The prompts as lists of ints, once the model, the limits and every prompt are checked."""
+    from specgrove.models.llama import LlamaModel
+
+    if not isinstance(model, LlamaModel):
+        raise SpecgroveError("batched generation needs a Llama-family model on the fast runtime")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"the generation batch must be >= 1, got {batch_size}")
+    prompts = [list(map(int, p)) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if min(p) < 0 or max(p) >= model.vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside the model's vocabulary [0, {model.vocab_size})")
+    return prompts
+
+
 def batched_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Iterable[int] = (),
                      batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                      seeds: Sequence[int] | None = None,
@@ -161,24 +182,12 @@ def batched_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: in
     Greedy = the argmax, first index on ties (as the engine). With a temperature > 0, prompt i samples
     with its own generator seeded with seeds[i] (default seed + i). `on_done(i, output, reason)` is called
     as each prompt finishes (reason "stop" at EOS, "length" at max_new_tokens), in completion order."""
-    from specgrove.models.llama import LlamaModel
     from specgrove.sampling import SamplingParams, process_logits
 
-    if not isinstance(model, LlamaModel):
-        raise SpecgroveError("batched generation needs a Llama-family model on the fast runtime")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"the generation batch must be >= 1, got {batch_size}")
-    prompts = [list(map(int, p)) for p in prompts]
+    prompts = _checked_prompts(model, prompts, max_new_tokens, batch_size)
     outputs: list[list[int]] = [[] for _ in prompts]
     if not prompts:
         return outputs
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        if min(p) < 0 or max(p) >= model.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside the model's vocabulary [0, {model.vocab_size})")
     eos = set(int(t) for t in eos_ids)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
     seeds = [seed + i for i in range(len(prompts))] if seeds is None else list(seeds)

@@ -56,6 +56,11 @@ Output: OUT is a sorted draft directory (`write_sorted`) that `load_model` reads
 records the settings, data, token counts and wall time. Next to it: train_log.jsonl (one line per
 step), train_config.json, and checkpoint/ (only state.json is kept after the last step unless
 keep_checkpoint).
+
+`train_soft` is a loop over named steps: `plan_training` (examples, number of steps, fingerprint),
+`resumable_checkpoint`, `build_model` and `build_optimizer` (then `restore_run` when resuming) into a
+`SoftRun`; each step `batch_at`, `train_step` (the update), `record_step` and `log_step`, `save_run` every
+save_every steps; at the end `write_trained_draft` and the finished run's `save_run`.
 """
 
 from __future__ import annotations
@@ -68,14 +73,21 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.nn.functional as F
 
 from specgrove.errors import SpecgroveError
-from specgrove.models.sorted import HEAD_TOKEN_IDS, SortedSpec, parse_exits, truncated_weights, write_sorted
+from specgrove.models.sorted import (
+    HEAD_TOKEN_IDS,
+    SortedSpec,
+    parse_exits,
+    truncated_weights,
+    write_sorted,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
@@ -205,7 +217,11 @@ def load_init(init: str | os.PathLike, exits: Sequence[int] | str | None = None)
     from transformers import AutoConfig
 
     from specgrove.models.llama import SUPPORTED_MODEL_TYPES
-    from specgrove.models.loader import load_tokenizer, read_safetensors, resolve_model_dir
+    from specgrove.models.loader import (
+        load_tokenizer,
+        read_safetensors,
+        resolve_model_dir,
+    )
 
     directory = resolve_model_dir(init)
     config = AutoConfig.from_pretrained(str(directory))
@@ -251,7 +267,8 @@ class SortedTrainModel(torch.nn.Module):
             self.lm.lm_head = torch.nn.Linear(config.hidden_size, len(token_ids), bias=False)
         missing, unexpected = self.lm.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
         if missing or unexpected:
-            raise ValueError(f"the draft's weights do not fit its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            raise ValueError(f"the draft's weights do not fit its config: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
         self.head_token_ids = None if token_ids is None else token_ids.to(torch.int64).clone()
         self.label_map = None  # vocabulary id -> head row, -100 outside the head
         if token_ids is not None:
@@ -321,7 +338,8 @@ class SortedTrainModel(torch.nn.Module):
         return (1.0 - kl_weight) * F.nll_loss(logq, rows, reduction="sum") + kl_weight * kl
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
-             kl_weight: float = 0.0, exit_weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+             kl_weight: float = 0.0, exit_weights: Sequence[float] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(the exit_weights-weighted mean (default: the mean) over exits of the token-mean loss, per-exit loss
         [E], number of loss tokens). labels [B, T] are
         vocabulary ids, -100 where no loss is taken; position t predicts labels[t + 1]. soft: the teacher's
@@ -444,7 +462,8 @@ def collate(examples: Sequence[Example], device: torch.device | str = "cpu"
     return ids.to(device), labels.to(device), soft
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True) -> list[list[int]]:
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool = True) -> list[list[int]]:
     """Example indices of each batch of epoch `epoch`: a permutation drawn from (seed, epoch); with
     grouping, each window of GROUP_WINDOW batches is sorted by length before it is cut into batches and
     the batches are shuffled. Always ceil(n / batch_size) batches."""
@@ -474,7 +493,8 @@ def choose_head_tokens(samples: Iterable, num_tokens: int, eos_ids: Iterable[int
         raise ValueError(f"--head-tokens {num_tokens} is more than the {len(pool)} tokens the head can hold")
     missing = [t for t in eos if t not in pool_set]
     if missing:
-        raise ValueError(f"EOS token(s) {missing} are not in the init draft's head; start from a draft with the full head")
+        raise ValueError(f"EOS token(s) {missing} are not in the init draft's head; "
+                         f"start from a draft with the full head")
     if len(eos) > num_tokens:
         raise ValueError(f"--head-tokens {num_tokens} cannot hold the targets' {len(eos)} EOS tokens; raise it")
     counts = Counter()
@@ -523,6 +543,15 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             out[f"rng.cuda.{i}"] = state
     return out
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Set torch's RNG state(s) to those _rng_tensors saved."""
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[-1]))
+        if cuda:
+            torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
 def save_checkpoint(out: Path, model: SortedTrainModel, optimizer: torch.optim.Optimizer, names: list[str],
@@ -592,9 +621,307 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
 
-# ---- training --------------------------------------------------------------------------------------
+# ---- training: the plan, the run, and its steps ----------------------------------------------------
 def _say(log, msg: str) -> None:
     (log or (lambda m: print(f"[specgrove] {m}", file=sys.stderr, flush=True)))(msg)
+
+
+@dataclass
+class TrainPlan:
+    """What the samples and settings fix before the first step: the examples, the number of steps, and the
+    fingerprint a checkpoint has to match to be resumed."""
+
+    samples: list
+    examples: list[Example]
+    exits: list[int]
+    eos: list[int]  # the targets' EOS tokens, sorted (a shrunk head keeps them)
+    batches_per_epoch: int
+    total_steps: int
+    fingerprint: dict
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e.ids) for e in self.examples]
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(len(e.ids) - e.first for e in self.examples)
+
+    @property
+    def sequence_tokens(self) -> int:
+        return sum(len(e.ids) for e in self.examples)
+
+
+def _check_samples(samples: Sequence, vocab_size: int) -> None:
+    for s in samples:
+        ids = list(s.prompt_ids) + list(s.output_ids)
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            raise ValueError(f"a sample of {s.target or 'the data'} has token ids outside the draft's vocabulary "
+                             f"[0, {vocab_size}); the targets must share the draft's tokenizer")
+
+
+def plan_training(init: InitModel, samples: Sequence, settings: SoftSettings, eos_ids: Iterable[int],
+                  teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> TrainPlan:
+    """Check the settings against the draft and the data, and turn the samples into examples."""
+    exits = list(init.spec.exits)
+    if settings.exit_weights is not None and len(settings.exit_weights) != len(exits):
+        raise ValueError(f"--exit-weights gives {len(settings.exit_weights)} weights for the {len(exits)} exits "
+                         f"{exits}: give one per exit, e.g. {','.join(['1'] * (len(exits) - 1) + ['4'])}")
+    samples = list(samples)
+    _check_samples(samples, init.vocab_size)
+    if settings.kl_weight > 0 and teachers is None:
+        raise ValueError("--kl-weight > 0 needs the targets' distributions (specgrove.train.teacher.compute_teachers)")
+    examples = build_examples(samples, settings.max_len, teachers if settings.kl_weight > 0 else None)
+    if not examples:
+        raise ValueError("the data has no continuation tokens to train on (no samples, or every output is empty); "
+                         "check --data / --targets and raise --max-new-tokens")
+    batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    total = settings.max_steps if settings.max_steps is not None else settings.epochs * batches_per_epoch
+    eos = sorted(set(int(t) for t in eos_ids))
+    fingerprint = {"settings": settings.fingerprint(), "init": init.name, "exits": exits,
+                   "data": examples_digest(examples), "examples": len(examples), "total_steps": total}
+    if settings.head_tokens is not None:
+        fingerprint["eos_ids"] = eos
+    return TrainPlan(samples, examples, exits, eos, batches_per_epoch, total, fingerprint)
+
+
+def resumable_checkpoint(out: Path, fingerprint: dict) -> tuple[Path | None, dict | None]:
+    """This run's checkpoint in OUT and its state, or (None, None); a checkpoint of another run is refused."""
+    checkpoint_dir = find_checkpoint(out)
+    if checkpoint_dir is None:
+        return None, None
+    state = json.loads((checkpoint_dir / STATE_FILE).read_text(encoding="utf-8"))
+    if state.get("fingerprint") != fingerprint:
+        raise SpecgroveError(
+            f"{checkpoint_dir} belongs to a run with other settings or data; to resume, run the same command "
+            f"again; to start over, delete {checkpoint_dir} or pass another --out "
+            f"(checkpoint: {json.dumps(state.get('fingerprint'))}; now: {json.dumps(fingerprint)})")
+    return checkpoint_dir, state
+
+
+def _already_trained(out: Path, checkpoint_dir: Path, state: dict, log) -> dict:
+    from specgrove.models.sorted import SORTED_FILE
+
+    if not (out / SORTED_FILE).exists():
+        raise SpecgroveError(f"{out} holds a finished run's checkpoint but no trained draft; delete "
+                             f"{checkpoint_dir} to train again")
+    _say(log, f"{out} is already trained ({state['step']} steps); delete {checkpoint_dir} to train again")
+    return {**state.get("summary", {}), "status": "already-completed", "out": str(out)}
+
+
+def build_model(init: InitModel, plan: TrainPlan, settings: SoftSettings, device: torch.device,
+                checkpoint_dir: Path | None) -> SortedTrainModel:
+    """The trainable draft on `device`: the checkpoint's weights, or (seeded with settings.seed) init's with
+    the head cut to settings.head_tokens."""
+    if checkpoint_dir is not None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(checkpoint_dir / MODEL_FILE))
+    else:
+        torch.manual_seed(settings.seed)
+        weights = init.weights
+        if settings.head_tokens is not None:
+            head_ids = choose_head_tokens(plan.samples, settings.head_tokens, plan.eos, init.vocab_size,
+                                          allowed=init.head_token_ids)
+            weights = shrink_head(weights, head_ids)
+    model = SortedTrainModel(init.config, weights, plan.exits).to(device)
+    model.train()
+    return model
+
+
+def build_optimizer(model: SortedTrainModel, settings: SoftSettings) -> tuple[torch.optim.Optimizer, list[str]]:
+    """AdamW over every parameter (but the final norm and head with freeze_head), and their names in order."""
+    named = []
+    for name, param in model.lm.named_parameters():
+        if settings.freeze_head and name in HEAD_PARAMETERS:
+            param.requires_grad_(False)
+        else:
+            named.append((name, param))
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                  weight_decay=settings.weight_decay)
+    return optimizer, [n for n, _ in named]
+
+
+@dataclass
+class SoftRun:
+    """A training run in progress: what it trains and with what, and the counters a checkpoint keeps."""
+
+    out: Path
+    settings: SoftSettings
+    init: InitModel
+    plan: TrainPlan
+    model: SortedTrainModel
+    optimizer: torch.optim.Optimizer
+    names: list[str]  # the trained parameters, in the optimizer's order
+    device: torch.device
+    resumed: bool = False
+    start_step: int = 0  # the first step of this call: 0, or the resumed checkpoint's step
+    tokens: int = 0  # loss tokens trained on
+    sequence_tokens: int = 0  # tokens of the sequences trained on (padding not counted)
+    elapsed_before: float = 0.0  # wall time of the calls before a resume
+    losses: list[float] = field(default_factory=list)  # the loss of every step so far
+    exit_losses: list[float] = field(default_factory=list)  # the last step's loss of each exit
+    started: float = field(default_factory=time.perf_counter)
+    epoch_order: dict[int, list[list[int]]] = field(default_factory=dict)  # the current epoch's batches
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
+def restore_run(run: SoftRun, checkpoint_dir: Path, state: dict) -> None:
+    """Continue from a checkpoint: AdamW's moments and step counts, torch's RNG state(s), the counters."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(checkpoint_dir / OPTIMIZER_FILE))
+    restore_optimizer(run.optimizer, run.names, tensors, state["optimizer_steps"])
+    _restore_rng(tensors)
+    run.resumed = True
+    run.start_step = int(state["step"])
+    run.tokens, run.sequence_tokens = int(state["tokens"]), int(state["sequence_tokens"])
+    run.elapsed_before, run.losses = float(state["elapsed_s"]), list(state["loss_history"])
+
+
+def write_train_config(run: SoftRun, data_info: dict | None) -> dict:
+    """train_config.json: the settings, the init, the data and the versions this run trains with."""
+    settings, plan, init = run.settings, run.plan, run.init
+    head_ids = run.model.head_token_ids
+    record = {
+        "settings": asdict(settings) | {"betas": list(settings.betas)}, "init": init.name,
+        "init_dir": str(init.directory), "exits": plan.exits, "thresholds": init.spec.thresholds,
+        "head_tokens": None if head_ids is None else len(head_ids), "eos_ids": plan.eos,
+        "data": {**(data_info or {}), "samples": len(plan.samples), "examples": len(plan.examples),
+                 "loss_tokens": plan.loss_tokens, "sequence_tokens": plan.sequence_tokens,
+                 "digest": plan.fingerprint["data"]},
+        "total_steps": plan.total_steps, "batches_per_epoch": plan.batches_per_epoch,
+        "warmup_steps": warmup_steps(plan.total_steps, settings.warmup),
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "resumed_from_step": run.start_step if run.resumed else None,
+    }
+    (run.out / TRAIN_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def open_train_log(run: SoftRun) -> TextIO:
+    """train_log.jsonl, to append to: a fresh run starts it over, a resumed one keeps the lines of the steps
+    up to its checkpoint."""
+    path = run.out / TRAIN_LOG
+    if run.resumed:
+        _truncate_log(path, run.start_step)
+    else:
+        path.unlink(missing_ok=True)
+    return open(path, "a", encoding="utf-8")
+
+
+def progress_bar(run: SoftRun, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.plan.total_steps, initial=run.start_step, desc="train-sorted", unit="step",
+                disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def batch_at(run: SoftRun, step: int) -> list[Example]:
+    """Step `step`'s batch, a function of (seed, step) alone; each epoch's order is drawn once."""
+    settings = run.settings
+    epoch, position = divmod(step, run.plan.batches_per_epoch)
+    if epoch not in run.epoch_order:
+        run.epoch_order = {epoch: epoch_batches(run.plan.lengths, settings.batch_size, settings.seed, epoch,
+                                                settings.group_by_length)}
+    return [run.plan.examples[i] for i in run.epoch_order[epoch][position]]
+
+
+@dataclass
+class StepResult:
+    """What one update measured."""
+
+    loss: torch.Tensor  # the weighted mean over the exits (the one backpropagated)
+    exit_losses: torch.Tensor  # [E]
+    loss_tokens: int
+    lr: float
+    grad_norm: float  # before clipping
+
+
+def train_step(run: SoftRun, step: int, batch: Sequence[Example]) -> StepResult:
+    """One update: the schedule's lr, every exit's forward and the SoFT loss over them (SortedTrainModel.loss),
+    backward, gradient clipping, AdamW."""
+    settings, model, optimizer = run.settings, run.model, run.optimizer
+    input_ids, labels, soft = collate(batch, run.device)
+    lr = lr_at(step, run.plan.total_steps, settings.lr, settings.warmup)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    bf16 = TRAIN_DTYPES[settings.dtype.lower()] == torch.bfloat16
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, per_exit, count = model.loss(input_ids, labels, soft, settings.kl_weight, settings.exit_weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
+    optimizer.step()
+    return StepResult(loss, per_exit, count, lr, grad_norm)
+
+
+def record_step(run: SoftRun, step: int, batch: Sequence[Example], result: StepResult) -> dict:
+    """Count the step into the run; its line of train_log.jsonl."""
+    run.tokens += result.loss_tokens
+    run.sequence_tokens += int(sum(len(e.ids) for e in batch))
+    mean = float(result.loss.detach())
+    run.exit_losses = [float(x) for x in result.exit_losses]
+    run.losses.append(mean)
+    return {"step": step + 1, "loss": mean,
+            "loss_exits": {str(e): v for e, v in zip(run.plan.exits, run.exit_losses)},
+            "lr": result.lr, "grad_norm": result.grad_norm, "tokens": run.tokens,
+            "sequence_tokens": run.sequence_tokens, "epoch": step // run.plan.batches_per_epoch,
+            "elapsed_s": round(run.elapsed(), 3)}
+
+
+def log_step(log_file: TextIO, bar, record: dict) -> None:
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    bar.set_postfix(loss=f"{record['loss']:.3f}", **{f"l{e}": f"{v:.2f}" for e, v in record["loss_exits"].items()})
+    bar.update()
+
+
+def checkpoint_state(run: SoftRun, step: int, completed: bool = False, summary: dict | None = None) -> dict:
+    """state.json of a checkpoint after `step` steps (save_checkpoint adds AdamW's step counts)."""
+    settings, plan = run.settings, run.plan
+    total = plan.total_steps
+    epoch, position = divmod(step, plan.batches_per_epoch)
+    return {"step": step, "total_steps": total, "completed": completed, "fingerprint": plan.fingerprint,
+            "schedule": {"kind": "linear warm-up + cosine", "step": step, "lr": settings.lr,
+                         "warmup_steps": warmup_steps(total, settings.warmup), "total_steps": total},
+            "data": {"seed": settings.seed, "epoch": epoch, "position": position,
+                     "batches_per_epoch": plan.batches_per_epoch},
+            "tokens": run.tokens, "sequence_tokens": run.sequence_tokens,
+            "elapsed_s": run.elapsed(), "loss_history": run.losses,
+            "summary": summary or {}}
+
+
+def save_run(run: SoftRun, step: int, summary: dict | None = None) -> None:
+    """Checkpoint after `step` steps; with a summary, the finished run's (weights only with keep_checkpoint)."""
+    completed = summary is not None
+    save_checkpoint(run.out, run.model, run.optimizer, run.names, checkpoint_state(run, step, completed, summary),
+                    weights=run.settings.keep_checkpoint if completed else True)
+
+
+def run_summary(run: SoftRun) -> dict:
+    wall, steps = run.elapsed(), len(run.losses)
+    return {"out": str(run.out), "steps": steps, "total_steps": run.plan.total_steps,
+            "final_loss": run.losses[-1] if run.losses else None,
+            "final_loss_exits": dict(zip(map(str, run.plan.exits), run.exit_losses)), "tokens": run.tokens,
+            "sequence_tokens": run.sequence_tokens, "wall_s": wall, "s_per_step": wall / steps if steps else None}
+
+
+def write_trained_draft(run: SoftRun, config_record: dict, summary: dict) -> None:
+    """OUT as a sorted draft directory; sorted.json's extra records how it was trained."""
+    init, head_ids = run.init, run.model.head_token_ids
+    spec = SortedSpec(run.plan.exits, init.spec.thresholds, source=init.name,
+                      head_tokens=None if head_ids is None else len(head_ids),
+                      extra={"soft": {"settings": config_record["settings"], "data": config_record["data"],
+                                      "eos_ids": run.plan.eos, "steps": run.plan.total_steps, "tokens": run.tokens,
+                                      "sequence_tokens": run.sequence_tokens, "wall_s": summary["wall_s"],
+                                      "final_loss": summary["final_loss"],
+                                      "final_loss_exits": summary["final_loss_exits"],
+                                      "torch": torch.__version__}})
+    save_dtype = TRAIN_DTYPES[run.settings.save_dtype.lower()]
+    write_sorted(run.out, init.config, run.model.export_weights(save_dtype), spec, tokenizer_from=init.directory)
 
 
 def train_soft(init: InitModel | str | os.PathLike, samples: Sequence, out: str | os.PathLike,
@@ -618,192 +945,38 @@ def train_soft(init: InitModel | str | os.PathLike, samples: Sequence, out: str 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
-    compute_dtype = TRAIN_DTYPES[settings.dtype.lower()]
-    save_dtype = TRAIN_DTYPES[settings.save_dtype.lower()]
-    exits_ = list(init.spec.exits)
-    if settings.exit_weights is not None and len(settings.exit_weights) != len(exits_):
-        raise ValueError(f"--exit-weights gives {len(settings.exit_weights)} weights for the {len(exits_)} exits "
-                         f"{exits_}: give one per exit, e.g. {','.join(['1'] * (len(exits_) - 1) + ['4'])}")
+    plan = plan_training(init, samples, settings, eos_ids, teachers)
+    total = plan.total_steps
+    checkpoint_dir, state = resumable_checkpoint(out, plan.fingerprint)
+    if state is not None and state.get("completed"):
+        return _already_trained(out, checkpoint_dir, state, log)
 
-    samples = list(samples)
-    for s in samples:
-        ids = list(s.prompt_ids) + list(s.output_ids)
-        if ids and (min(ids) < 0 or max(ids) >= init.vocab_size):
-            raise ValueError(f"a sample of {s.target or 'the data'} has token ids outside the draft's vocabulary "
-                             f"[0, {init.vocab_size}); the targets must share the draft's tokenizer")
-    if settings.kl_weight > 0 and teachers is None:
-        raise ValueError("--kl-weight > 0 needs the targets' distributions (specgrove.train.teacher.compute_teachers)")
-    examples = build_examples(samples, settings.max_len, teachers if settings.kl_weight > 0 else None)
-    if not examples:
-        raise ValueError("the data has no continuation tokens to train on (no samples, or every output is empty); "
-                         "check --data / --targets and raise --max-new-tokens")
-    loss_tokens = sum(len(e.ids) - e.first for e in examples)
-    seq_tokens = sum(len(e.ids) for e in examples)
-    batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
-    total = settings.max_steps if settings.max_steps is not None else settings.epochs * batches_per_epoch
-    eos = sorted(set(int(t) for t in eos_ids))
-
-    fingerprint = {"settings": settings.fingerprint(), "init": init.name, "exits": exits_,
-                   "data": examples_digest(examples), "examples": len(examples), "total_steps": total}
-    if settings.head_tokens is not None:
-        fingerprint["eos_ids"] = eos
-
-    checkpoint_dir = find_checkpoint(out)
-    state = None
-    if checkpoint_dir is not None:
-        state = json.loads((checkpoint_dir / STATE_FILE).read_text(encoding="utf-8"))
-        if state.get("fingerprint") != fingerprint:
-            raise SpecgroveError(
-                f"{checkpoint_dir} belongs to a run with other settings or data; to resume, run the same command "
-                f"again; to start over, delete {checkpoint_dir} or pass another --out "
-                f"(checkpoint: {json.dumps(state.get('fingerprint'))}; now: {json.dumps(fingerprint)})")
-        if state.get("completed"):
-            from specgrove.models.sorted import SORTED_FILE
-
-            if not (out / SORTED_FILE).exists():
-                raise SpecgroveError(f"{out} holds a finished run's checkpoint but no trained draft; delete "
-                                     f"{checkpoint_dir} to train again")
-            _say(log, f"{out} is already trained ({state['step']} steps); delete {checkpoint_dir} to train again")
-            return {**state.get("summary", {}), "status": "already-completed", "out": str(out)}
-
-    # Model, optimizer, and either a fresh start or the checkpoint's state.
+    model = build_model(init, plan, settings, device, checkpoint_dir)
+    optimizer, names = build_optimizer(model, settings)
+    run = SoftRun(out, settings, init, plan, model, optimizer, names, device)
     if state is not None:
-        from safetensors.torch import load_file
+        restore_run(run, checkpoint_dir, state)
+        _say(log, f"resuming {out} from step {run.start_step} of {total}")
+    config_record = write_train_config(run, data_info)
 
-        weights = load_file(str(checkpoint_dir / MODEL_FILE))
-        head_ids = weights[HEAD_TOKEN_IDS].tolist() if HEAD_TOKEN_IDS in weights else None
-    else:
-        torch.manual_seed(settings.seed)
-        weights = init.weights
-        head_ids = init.head_token_ids
-        if settings.head_tokens is not None:
-            head_ids = choose_head_tokens(samples, settings.head_tokens, eos, init.vocab_size, allowed=head_ids)
-            weights = shrink_head(weights, head_ids)
-    model = SortedTrainModel(init.config, weights, exits_).to(device)
-    model.train()
-    del weights
-    named = []
-    for name, param in model.lm.named_parameters():
-        if settings.freeze_head and name in HEAD_PARAMETERS:
-            param.requires_grad_(False)
-        else:
-            named.append((name, param))
-    names = [n for n, _ in named]
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                  weight_decay=settings.weight_decay)
-    start_step, tokens_done, seqs_done, elapsed_before, losses = 0, 0, 0, 0.0, []
-    if state is not None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(checkpoint_dir / OPTIMIZER_FILE))
-        restore_optimizer(optimizer, names, tensors, state["optimizer_steps"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if torch.cuda.is_available():
-            cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[-1]))]
-            if cuda:
-                torch.cuda.set_rng_state_all(cuda)
-        start_step = int(state["step"])
-        tokens_done, seqs_done = int(state["tokens"]), int(state["sequence_tokens"])
-        elapsed_before, losses = float(state["elapsed_s"]), list(state["loss_history"])
-        _say(log, f"resuming {out} from step {start_step} of {total}")
-
-    config_record = {
-        "settings": asdict(settings) | {"betas": list(settings.betas)}, "init": init.name,
-        "init_dir": str(init.directory), "exits": exits_, "thresholds": init.spec.thresholds,
-        "head_tokens": None if head_ids is None else len(head_ids), "eos_ids": eos,
-        "data": {**(data_info or {}), "samples": len(samples), "examples": len(examples),
-                 "loss_tokens": loss_tokens, "sequence_tokens": seq_tokens, "digest": fingerprint["data"]},
-        "total_steps": total, "batches_per_epoch": batches_per_epoch,
-        "warmup_steps": warmup_steps(total, settings.warmup),
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "resumed_from_step": start_step if state is not None else None,
-    }
-    (out / TRAIN_CONFIG).write_text(json.dumps(config_record, indent=2) + "\n", encoding="utf-8")
-    log_path = out / TRAIN_LOG
-    if state is None:
-        log_path.unlink(missing_ok=True)
-    else:
-        _truncate_log(log_path, start_step)
-
-    def state_now(step: int, completed: bool = False, summary: dict | None = None) -> dict:
-        epoch, position = divmod(step, batches_per_epoch)
-        return {"step": step, "total_steps": total, "completed": completed, "fingerprint": fingerprint,
-                "schedule": {"kind": "linear warm-up + cosine", "step": step, "lr": settings.lr,
-                             "warmup_steps": warmup_steps(total, settings.warmup), "total_steps": total},
-                "data": {"seed": settings.seed, "epoch": epoch, "position": position,
-                         "batches_per_epoch": batches_per_epoch},
-                "tokens": tokens_done, "sequence_tokens": seqs_done,
-                "elapsed_s": elapsed_before + (time.perf_counter() - t0), "loss_history": losses,
-                "summary": summary or {}}
-
-    from tqdm.auto import tqdm
-
-    lengths = [len(e.ids) for e in examples]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16)
-    epoch_cache: dict[int, list[list[int]]] = {}
-    t0 = time.perf_counter()
-    last_exit_losses: list[float] = []
     stopped = False
-    with open(log_path, "a", encoding="utf-8") as log_file, tqdm(
-            total=total, initial=start_step, desc="train-sorted", unit="step", disable=not progress,
-            file=sys.stderr, dynamic_ncols=True) as bar:
-        for step in range(start_step, total):
-            epoch, position = divmod(step, batches_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: epoch_batches(lengths, settings.batch_size, settings.seed, epoch,
-                                                    settings.group_by_length)}
-            batch = [examples[i] for i in epoch_cache[epoch][position]]
-            input_ids, labels, soft = collate(batch, device)
-            lr = lr_at(step, total, settings.lr, settings.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                loss, per_exit, count = model.loss(input_ids, labels, soft, settings.kl_weight, settings.exit_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
-            optimizer.step()
-
-            tokens_done += count
-            seqs_done += int(sum(len(e.ids) for e in batch))
-            mean = float(loss.detach())
-            last_exit_losses = [float(x) for x in per_exit]
-            losses.append(mean)
-            record = {"step": step + 1, "loss": mean,
-                      "loss_exits": {str(e): v for e, v in zip(exits_, last_exit_losses)},
-                      "lr": lr, "grad_norm": grad_norm, "tokens": tokens_done, "sequence_tokens": seqs_done,
-                      "epoch": epoch, "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3)}
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            bar.set_postfix(loss=f"{mean:.3f}", **{f"l{e}": f"{v:.2f}" for e, v in zip(exits_, last_exit_losses)})
-            bar.update()
+    with open_train_log(run) as log_file, progress_bar(run, progress) as bar:
+        for step in range(run.start_step, total):
+            batch = batch_at(run, step)
+            log_step(log_file, bar, record_step(run, step, batch, train_step(run, step, batch)))
             done = step + 1
-            if stop_after is not None and done - start_step >= stop_after and done < total:
-                save_checkpoint(out, model, optimizer, names, state_now(done))
-                stopped = True
+            stopped = stop_after is not None and done - run.start_step >= stop_after and done < total
+            if stopped or (done % settings.save_every == 0 and done < total):
+                save_run(run, done)
+            if stopped:
                 break
-            if done % settings.save_every == 0 and done < total:
-                save_checkpoint(out, model, optimizer, names, state_now(done))
 
-    wall = elapsed_before + time.perf_counter() - t0
-    summary = {"out": str(out), "steps": len(losses), "total_steps": total, "final_loss": losses[-1] if losses else None,
-               "final_loss_exits": dict(zip(map(str, exits_), last_exit_losses)), "tokens": tokens_done,
-               "sequence_tokens": seqs_done, "wall_s": wall,
-               "s_per_step": wall / len(losses) if losses else None}
+    summary = run_summary(run)
     if stopped:
-        _say(log, f"stopped after step {len(losses)} of {total}; run the same command again to resume")
+        _say(log, f"stopped after step {len(run.losses)} of {total}; run the same command again to resume")
         return {**summary, "status": "stopped"}
-
-    spec = SortedSpec(exits_, init.spec.thresholds, source=init.name,
-                      head_tokens=None if model.head_token_ids is None else len(model.head_token_ids),
-                      extra={"soft": {"settings": config_record["settings"], "data": config_record["data"],
-                                      "eos_ids": eos, "steps": total, "tokens": tokens_done,
-                                      "sequence_tokens": seqs_done, "wall_s": wall,
-                                      "final_loss": summary["final_loss"],
-                                      "final_loss_exits": summary["final_loss_exits"],
-                                      "torch": torch.__version__}})
-    write_sorted(out, init.config, model.export_weights(save_dtype), spec, tokenizer_from=init.directory)
-    save_checkpoint(out, model, optimizer, names, state_now(total, completed=True, summary=summary),
-                    weights=settings.keep_checkpoint)
-    _say(log, f"trained {total} steps in {wall:.1f} s; final loss {summary['final_loss']:.4f}; wrote {out}")
+    write_trained_draft(run, config_record, summary)
+    save_run(run, total, summary)
+    _say(log, f"trained {total} steps in {summary['wall_s']:.1f} s; final loss {summary['final_loss']:.4f}; "
+              f"wrote {out}")
     return {**summary, "status": "completed"}
