@@ -255,31 +255,57 @@ def _merge(metrics: list[SpecMetrics | None]) -> SpecMetrics | None:
     return merged
 
 
-def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: MethodRun | None, greedy: bool,
-             is_hf: bool = False, plain: MethodRun | None = None, weight_bytes: dict | None = None) -> dict:
+def _speed(run: MethodRun, idx: list[int]) -> tuple[int, float, float]:
+    """Generated tokens, wall seconds and tokens/s over the prompts `idx`."""
     tokens = sum(len(run.outputs[i]) for i in idx)
     seconds = sum(run.seconds[i] for i in idx)
-    tps = tokens / seconds if seconds > 0 else 0.0
+    return tokens, seconds, tokens / seconds if seconds > 0 else 0.0
 
-    def speed_ratio(base: MethodRun | None):
-        if base is None:
-            return None
-        b_tokens = sum(len(base.outputs[i]) for i in idx)
-        b_seconds = sum(base.seconds[i] for i in idx)
-        b_tps = b_tokens / b_seconds if b_seconds > 0 else 0.0
-        return tps / b_tps if b_tps > 0 else None
 
-    def identical(base: MethodRun | None):
-        if base is None or not greedy:
-            return None, None
-        count = sum(run.outputs[i] == base.outputs[i] for i in idx)
-        return count == len(idx), count
+def _speed_ratio(tokens_per_s: float, base: MethodRun | None, idx: list[int]) -> float | None:
+    if base is None:
+        return None
+    base_tokens_per_s = _speed(base, idx)[2]
+    return tokens_per_s / base_tokens_per_s if base_tokens_per_s > 0 else None
 
+
+def _identical_outputs(run: MethodRun, base: MethodRun | None, idx: list[int], greedy: bool):
+    """(all identical, how many) against `base`; (None, None) when not compared (sampling, no base)."""
+    if base is None or not greedy:
+        return None, None
+    count = sum(run.outputs[i] == base.outputs[i] for i in idx)
+    return count == len(idx), count
+
+
+def _forward_figures(merged: SpecMetrics, is_speculative: bool, weight_bytes: dict | None) -> dict:
+    """The forwards' counts and times, and the weight bandwidth of a target and of a draft forward."""
+    out = {
+        "target_forwards": merged.target_forwards,
+        "per_position_acceptance": merged.per_position_acceptance if is_speculative else [],
+        "draft_time_s": merged.draft_time_s,  # the draft phase, the draft's own prompt prefill included
+        "target_time_s": merged.target_time_s,  # the target's step forwards
+        "prefill_time_s": merged.prefill_time_s,  # the target's prompt prefill
+        "verify_time_s": merged.verify_time_s,  # verification, KV commit and appending, after the forwards
+    }
+    if merged.target_forwards and merged.target_time_s > 0:
+        out["target_ms_per_forward"] = merged.target_time_s / merged.target_forwards * 1e3
+        if (weight_bytes or {}).get("target"):
+            out["target_weight_gbs"] = weight_bytes["target"] * merged.target_forwards / merged.target_time_s / 1e9
+    if merged.draft_forwards and merged.draft_time_s > 0:  # the draft phase's time (sampling included) per forward
+        out["draft_ms_per_forward"] = merged.draft_time_s / merged.draft_forwards * 1e3
+        if (weight_bytes or {}).get("draft"):
+            out["draft_weight_gbs"] = weight_bytes["draft"] * merged.draft_forwards / merged.draft_time_s / 1e9
+    return out
+
+
+def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: MethodRun | None, greedy: bool,
+             is_hf: bool = False, plain: MethodRun | None = None, weight_bytes: dict | None = None) -> dict:
+    tokens, seconds, tps = _speed(run, idx)
     merged = _merge([run.metrics[i] for i in idx])
-    same, same_count = identical(baseline)
+    same, same_count = _identical_outputs(run, baseline, idx, greedy)
     out = {
         "tokens_per_s": tps,
-        "speedup": speed_ratio(baseline),
+        "speedup": _speed_ratio(tps, baseline, idx),
         "mean_accept_length": merged.mean_accept_length if (merged is not None and is_speculative) else None,
         "acceptance_rate": merged.acceptance_rate if (merged is not None and is_speculative) else None,
         "identical_to_baseline": same,
@@ -289,23 +315,10 @@ def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: Met
         "time_s": seconds,
     }
     if merged is not None:
-        out["target_forwards"] = merged.target_forwards
-        out["per_position_acceptance"] = merged.per_position_acceptance if is_speculative else []
-        out["draft_time_s"] = merged.draft_time_s  # the draft phase, the draft's own prompt prefill included
-        out["target_time_s"] = merged.target_time_s  # the target's step forwards
-        out["prefill_time_s"] = merged.prefill_time_s  # the target's prompt prefill
-        out["verify_time_s"] = merged.verify_time_s  # verification, KV commit and appending, after the forwards
-        if merged.target_forwards and merged.target_time_s > 0:
-            out["target_ms_per_forward"] = merged.target_time_s / merged.target_forwards * 1e3
-            if (weight_bytes or {}).get("target"):
-                out["target_weight_gbs"] = weight_bytes["target"] * merged.target_forwards / merged.target_time_s / 1e9
-        if merged.draft_forwards and merged.draft_time_s > 0:  # the draft phase's time (sampling included) per forward
-            out["draft_ms_per_forward"] = merged.draft_time_s / merged.draft_forwards * 1e3
-            if (weight_bytes or {}).get("draft"):
-                out["draft_weight_gbs"] = weight_bytes["draft"] * merged.draft_forwards / merged.draft_time_s / 1e9
+        out.update(_forward_figures(merged, is_speculative, weight_bytes))
     if is_hf:  # transformers methods: also against the engine's plain decoding
-        out["speedup_vs_plain"] = speed_ratio(plain)
-        out["identical_to_plain"], out["identical_to_plain_count"] = identical(plain)
+        out["speedup_vs_plain"] = _speed_ratio(tps, plain, idx)
+        out["identical_to_plain"], out["identical_to_plain_count"] = _identical_outputs(run, plain, idx, greedy)
     return out
 
 
@@ -590,20 +603,17 @@ def _identical(entry: dict, key: str = "identical_to_baseline", count_key: str =
     return f"{'yes' if entry[key] else 'NO'} {entry[count_key]}/{entry['num_prompts']}"
 
 
-def print_report(result: dict, console=None) -> None:
-    """The method table, the per-category table, and the bandwidth line."""
-    from rich.console import Console
+def _headline(config: dict) -> str:
+    return (f"Spec-Bench: {config['num_prompts']} prompts, target {config['target']}"
+            f"{', draft ' + config['draft'] if config.get('draft') else ''}, {config['dtype']} on {config['device']}, "
+            f"k={config['num_speculative_tokens']}, max_new_tokens={config['max_new_tokens']}, "
+            f"temperature={config['temperature']}, warmup={config['warmup']}")
+
+
+def _method_table(methods: dict):
+    """One row per method: speed, speedups, tau, identical outputs, time and weight bandwidth per forward."""
     from rich.table import Table
 
-    if console is None:
-        console = Console(width=None if sys.stdout.isatty() else 160)
-    config, methods = result["config"], result["methods"]
-    console.print(
-        f"Spec-Bench: {config['num_prompts']} prompts, target {config['target']}"
-        f"{', draft ' + config['draft'] if config.get('draft') else ''}, {config['dtype']} on {config['device']}, "
-        f"k={config['num_speculative_tokens']}, max_new_tokens={config['max_new_tokens']}, "
-        f"temperature={config['temperature']}, warmup={config['warmup']}"
-    )
     table = Table()
     for name in ("method", "tokens/s", "speedup", "vs plain", "tau", "pred. tau", "accept", "identical",
                  "identical vs plain", "ms/target fwd", "target GB/s", "ms/draft fwd", "draft GB/s"):
@@ -619,14 +629,23 @@ def print_report(result: dict, console=None) -> None:
             _fmt(e.get("target_ms_per_forward"), ".1f"), _fmt(e.get("target_weight_gbs"), ".1f"),
             _fmt(e.get("draft_ms_per_forward"), ".1f"), _fmt(e.get("draft_weight_gbs"), ".1f"),
         )
-    console.print(table)
+    return table
+
+
+def _exit_count_lines(methods: dict) -> list[str]:
+    """Adaptive sorted drafting: the share of draft tokens from each exit."""
+    lines = []
     for method, e in methods.items():
         if e.get("exit_counts"):
             total = sum(e["exit_counts"].values())
-            console.print(f"{method}: draft tokens per exit " + ", ".join(
+            lines.append(f"{method}: draft tokens per exit " + ", ".join(
                 f"{layer} layers {n / total:.0%}" for layer, n in e["exit_counts"].items()))
+    return lines
 
-    categories = config["categories"]
+
+def _category_table(methods: dict, categories: list[str]):
+    from rich.table import Table
+
     per_cat = Table(title="per category: tokens/s, speedup over the method's baseline, tau", title_justify="left")
     per_cat.add_column("category")
     per_cat.add_column("n", justify="right")
@@ -644,10 +663,12 @@ def print_report(result: dict, console=None) -> None:
                 cell += " ≠"
             cells.append(cell)
         per_cat.add_row(c, str(first["num_prompts"]), *cells)
-    console.print(per_cat)
+    return per_cat
 
-    machine = result["machine"]
-    runs = machine.get("bandwidth_runs") or []
+
+def _bandwidth_line(result: dict) -> str:
+    """The machine's bandwidth runs, and plain decoding's weight bandwidth as a share of them."""
+    runs = result["machine"].get("bandwidth_runs") or []
     reads = [r["read_gbs"] for r in runs]
     achieved = result.get("baseline_weight_bandwidth_gbs")
     line = "memory bandwidth: " + (", ".join(f"{r['when']} read {r['read_gbs']:.1f} / copy {r['copy_gbs']:.1f} GB/s"
@@ -655,8 +676,24 @@ def print_report(result: dict, console=None) -> None:
     line += f"; plain decoding reads the target's weights at {_fmt(achieved, '.1f', ' GB/s')}"
     if reads and achieved:  # the machine's bandwidth moves with its neighbours' load: the share against each
         low, high = achieved / max(reads), achieved / min(reads)
-        line += f" ({low:.0%} of the highest read bandwidth" + (f", {high:.0%} of the lowest)" if len(reads) > 1 else ")")
-    console.print(line)
+        line += f" ({low:.0%} of the highest read bandwidth"
+        line += f", {high:.0%} of the lowest)" if len(reads) > 1 else ")"
+    return line
+
+
+def print_report(result: dict, console=None) -> None:
+    """The method table, the per-category table, and the bandwidth line."""
+    from rich.console import Console
+
+    if console is None:
+        console = Console(width=None if sys.stdout.isatty() else 160)
+    config, methods = result["config"], result["methods"]
+    console.print(_headline(config))
+    console.print(_method_table(methods))
+    for line in _exit_count_lines(methods):
+        console.print(line)
+    console.print(_category_table(methods, config["categories"]))
+    console.print(_bandwidth_line(result))
     if any(f["identical_to_baseline"] is False for e in methods.values() for f in e["per_category"].values()):
         console.print("≠: in this category at least one output differs from the baseline's")
     console.print(f"wall time {config['wall_time_s']:.0f} s")
