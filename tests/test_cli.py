@@ -7,7 +7,14 @@ import sys
 import pytest
 
 from specgrove.bench.bandwidth import measure_memory_bandwidth
-from specgrove.bench.spec_bench import BenchPrompt, find_spec_bench, load_questions, print_report, run_bench
+from specgrove.bench.spec_bench import (
+    BenchConfig,
+    BenchPrompt,
+    find_spec_bench,
+    load_questions,
+    print_report,
+    run_bench,
+)
 from specgrove.cli import main
 from specgrove.errors import SpecgroveError
 from specgrove.models import defaults
@@ -116,10 +123,11 @@ PROMPTS = [BenchPrompt(1, "alpha", [1, 2, 3, 4, 1, 2, 3]), BenchPrompt(2, "beta"
 
 @pytest.fixture(scope="module")
 def tiny_bench(tiny_dirs):
-    return run_bench(tiny_dirs["target"], tiny_dirs["draft"], prompts=PROMPTS,
-                     methods=["plain", "draft_model", "prompt_lookup", "hf_plain", "hf_assisted", "hf_prompt_lookup"],
-                     num_speculative_tokens=3, max_new_tokens=16, dtype="float32", device=DEVICE,
-                     bandwidth_num_floats=1 << 20, progress=False, log=lambda msg: None)
+    methods = ["plain", "draft_model", "prompt_lookup", "hf_plain", "hf_assisted", "hf_prompt_lookup"]
+    config = BenchConfig(tiny_dirs["target"], tiny_dirs["draft"], prompts=PROMPTS, methods=methods,
+                         num_speculative_tokens=3, max_new_tokens=16, dtype="float32", device=DEVICE,
+                         bandwidth_num_floats=1 << 20)
+    return run_bench(config, progress=False, log=lambda msg: None)
 
 
 def test_run_bench_on_tiny_models(tiny_bench):
@@ -164,17 +172,17 @@ def test_run_bench_on_tiny_models(tiny_bench):
 
 
 def test_run_bench_adds_the_baseline_and_rejects_bad_input(tiny_dirs):
-    result = run_bench(tiny_dirs["target"], prompts=[[1, 2, 3]], methods=["prompt_lookup"], max_new_tokens=4,
-                       dtype="float32", device=DEVICE, warmup=0, measure_bandwidth=False, progress=False,
-                       log=lambda msg: None)
+    config = BenchConfig(tiny_dirs["target"], prompts=[[1, 2, 3]], methods=["prompt_lookup"], max_new_tokens=4,
+                         dtype="float32", device=DEVICE, warmup=0, measure_bandwidth=False)
+    result = run_bench(config, progress=False, log=lambda msg: None)
     assert list(result["methods"]) == ["plain", "prompt_lookup"]
     assert result["machine"]["memory_bandwidth_gbs"] is None
     with pytest.raises(ValueError, match="unknown method"):
-        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["nope"])
+        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["nope"]))
     with pytest.raises(ValueError, match="temperature"):
-        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["plain"], temperature=-1)
+        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["plain"], temperature=-1))
     with pytest.raises(ValueError, match="draft"):
-        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["draft_model"], measure_bandwidth=False)
+        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["draft_model"], measure_bandwidth=False))
 
 
 def test_interleaved_bench_runs_every_method_on_every_prompt(tiny_dirs, tiny_bench, monkeypatch):
@@ -190,9 +198,10 @@ def test_interleaved_bench_runs_every_method_on_every_prompt(tiny_dirs, tiny_ben
         return timed(engine, prompt, params, run)
 
     monkeypatch.setattr(spec_bench, "_timed_prompt", recording)
-    result = run_bench(tiny_dirs["target"], tiny_dirs["draft"], prompts=PROMPTS, methods=["plain", "draft_model", "prompt_lookup"],
-                       num_speculative_tokens=3, max_new_tokens=16, dtype="float32", device=DEVICE,
-                       measure_bandwidth=False, progress=False, log=lambda msg: None, interleave=True)
+    config = BenchConfig(tiny_dirs["target"], tiny_dirs["draft"], prompts=PROMPTS,
+                         methods=["plain", "draft_model", "prompt_lookup"], num_speculative_tokens=3,
+                         max_new_tokens=16, dtype="float32", device=DEVICE, measure_bandwidth=False, interleave=True)
+    result = run_bench(config, progress=False, log=lambda msg: None)
     assert result["config"]["interleave"] is True and tiny_bench["config"]["interleave"] is False
     assert [p for _, p in order] == [tuple(p.token_ids) for p in PROMPTS for _ in range(3)]
     assert [plain for plain, _ in order[:3]] == [True, False, False]
@@ -209,9 +218,9 @@ def test_llama_cpp_peer_needs_its_package_and_a_gguf_target(tiny_dirs, tmp_path,
     from specgrove.errors import SpecgroveError
 
     with pytest.raises(SpecgroveError, match="GGUF|llama-cpp-python"):
-        run_bench(tiny_dirs["target"], prompts=[[1, 2, 3]], methods=["plain", "llama_cpp"], max_new_tokens=4,
-                  dtype="float32", device=DEVICE, warmup=0, measure_bandwidth=False, progress=False,
-                  log=lambda msg: None)
+        config = BenchConfig(tiny_dirs["target"], prompts=[[1, 2, 3]], methods=["plain", "llama_cpp"],
+                             max_new_tokens=4, dtype="float32", device=DEVICE, warmup=0, measure_bandwidth=False)
+        run_bench(config, progress=False, log=lambda msg: None)
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
     with pytest.raises(SpecgroveError, match="pip install llama-cpp-python"):
         llamacpp_peer.require_llama_cpp()
@@ -235,8 +244,8 @@ def test_bench_cli_prints_table_and_writes_json(tiny_bench, tmp_path, monkeypatc
 
     seen = {}
 
-    def fake_run_bench(*args, **kwargs):
-        seen.update(kwargs)
+    def fake_run_bench(config, **kwargs):
+        seen.update(vars(config))
         return tiny_bench
 
     monkeypatch.setattr(spec_bench, "run_bench", fake_run_bench)

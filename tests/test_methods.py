@@ -7,7 +7,7 @@ import json
 import pytest
 
 from specgrove import LLM, SamplingParams
-from specgrove.bench.spec_bench import engine_config, engine_fields, run_bench
+from specgrove.bench.spec_bench import BenchConfig, engine_config, engine_fields, run_bench
 from specgrove.cli import build_parser
 from specgrove.cli_options import speculative_config
 from specgrove.config import METHODS, SpeculativeConfig, grammar, method_fields, method_name, parse_method
@@ -190,14 +190,15 @@ def test_bench_reads_method_strings_as_the_api(text):
 
 def test_bench_runs_grammar_methods_through_the_factory(tiny_dirs):
     methods = ["plain", "draft_model", "rrs:widths:2,1", "spechub:kary:2x2", "rrs_wo:widths:2,1"]
-    result = run_bench(tiny_dirs["target"], tiny_dirs["draft"], prompts=[PROMPT], methods=methods, max_new_tokens=8,
-                       dtype="float32", device=DEVICE, measure_bandwidth=False, progress=False, log=lambda m: None)
+    config = BenchConfig(tiny_dirs["target"], tiny_dirs["draft"], prompts=[PROMPT], methods=methods, max_new_tokens=8,
+                         dtype="float32", device=DEVICE, measure_bandwidth=False)
+    result = run_bench(config, progress=False, log=lambda m: None)
     figures = result["methods"]
     for method in methods[1:]:
         assert figures[method]["identical_to_baseline"] is True, method
     assert figures["spechub:kary:2x2"]["tree"]["num_nodes"] == 6
     with pytest.raises(ValueError, match=r"unknown method.*spechub:SHAPE"):
-        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["tree"], measure_bandwidth=False)
+        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["tree"], measure_bandwidth=False))
 
 
 def test_factory_builds_nothing_without_speculation_and_names_unregistered_methods(tiny_target):

@@ -254,14 +254,16 @@ def test_one_step_figures_on_model_pairs(tiny_target, tiny_draft):
 
 def test_bench_multidraft_methods_and_plot(tiny_dirs, tmp_path):
     from specgrove.bench import multidraft as report
-    from specgrove.bench.spec_bench import BenchPrompt, run_bench
+    from specgrove.bench.spec_bench import BenchConfig, BenchPrompt, run_bench
 
     methods = report.depth_methods([1, 2])
     assert methods == ["rrs:kary:2x1", "rrs_wo:kary:2x1", "spechub:kary:2x1",
                        "rrs:kary:2x2", "rrs_wo:kary:2x2", "spechub:kary:2x2"]
-    result = run_bench(tiny_dirs["target"], tiny_dirs["draft"], prompts=[BenchPrompt(i, "c", p) for i, p in enumerate(PROMPTS)],
-                       methods=methods, max_new_tokens=10, temperature=1.0, seed=0, dtype="float32", device="cpu",
-                       measure_bandwidth=False, progress=False, log=lambda m: None)
+    config = BenchConfig(tiny_dirs["target"], tiny_dirs["draft"],
+                         prompts=[BenchPrompt(i, "c", p) for i, p in enumerate(PROMPTS)], methods=methods,
+                         max_new_tokens=10, temperature=1.0, seed=0, dtype="float32", device="cpu",
+                         measure_bandwidth=False)
+    result = run_bench(config, progress=False, log=lambda m: None)
     table = report.depth_table(result, [1, 2])
     for method in ("rrs", "rrs_wo", "spechub"):
         for depth in (1, 2):

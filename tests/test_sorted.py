@@ -281,12 +281,13 @@ def test_llm_api_method_sorted(tiny_dirs, sorted_dir, sorted_draft):
 
 # ---- the benchmark: sorted methods, several targets sharing one draft -----------------------------------
 def test_bench_sorted_methods(tiny_dirs, sorted_draft):
-    from specgrove.bench.spec_bench import print_report, run_bench
+    from specgrove.bench.spec_bench import BenchConfig, print_report, run_bench
 
-    result = run_bench(tiny_dirs["target"], prompts=[[1, 2, 3, 4, 1, 2, 3], [5, 6, 7]],
-                       methods=["plain", "sorted", "sorted@1", "sorted@4", "sorted@1+2", "sorted@2:widths:3,1"],
-                       max_new_tokens=16, dtype="float32", device=DEVICE, measure_bandwidth=False, progress=False,
-                       log=lambda m: None, sorted_draft=sorted_draft)
+    config = BenchConfig(tiny_dirs["target"], prompts=[[1, 2, 3, 4, 1, 2, 3], [5, 6, 7]],
+                         methods=["plain", "sorted", "sorted@1", "sorted@4", "sorted@1+2", "sorted@2:widths:3,1"],
+                         max_new_tokens=16, dtype="float32", device=DEVICE, measure_bandwidth=False,
+                         sorted_draft=sorted_draft)
+    result = run_bench(config, progress=False, log=lambda m: None)
     figures = result["methods"]
     for method in ("sorted", "sorted@1", "sorted@4", "sorted@1+2", "sorted@2:widths:3,1"):
         assert figures[method]["identical_to_baseline"] is True and figures[method]["mean_accept_length"] >= 1.0
@@ -298,13 +299,15 @@ def test_bench_sorted_methods(tiny_dirs, sorted_draft):
     assert result["config"]["sorted_draft"] == str(sorted_draft.path)
     print_report(result)
     with pytest.raises(ValueError, match="sorted draft"):
-        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted"], measure_bandwidth=False)
+        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted"], measure_bandwidth=False))
     with pytest.raises(ValueError, match="unknown method"):
-        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@x"], measure_bandwidth=False)
+        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@x"], measure_bandwidth=False))
     with pytest.raises(ValueError, match="unknown method"):  # a tree is drafted by one fixed exit
-        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1+2:widths:2"], measure_bandwidth=False)
+        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1+2:widths:2"],
+                              measure_bandwidth=False))
     with pytest.raises(ValueError, match="bad tree spec"):
-        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1:widths:x"], measure_bandwidth=False)
+        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1:widths:x"],
+                              measure_bandwidth=False))
 
 
 def test_bench_cli_several_targets_share_one_sorted_draft(tiny_dirs, sorted_dir, monkeypatch, capsys, tmp_path):
@@ -314,8 +317,9 @@ def test_bench_cli_several_targets_share_one_sorted_draft(tiny_dirs, sorted_dir,
 
     calls = []
 
-    def fake_run_bench(target, draft, **kwargs):
-        calls.append((target, kwargs["methods"], kwargs["sorted_draft"]))
+    def fake_run_bench(config, **kwargs):
+        target = config.target
+        calls.append((target, config.methods, config.sorted_draft))
         return {"config": {"num_prompts": 0, "target": target, "dtype": "float32", "device": "cpu",
                            "num_speculative_tokens": 4, "max_new_tokens": 1, "temperature": 0, "warmup": 0,
                            "categories": [], "wall_time_s": 0.0},

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from specgrove import LLM, SamplingParams, tuning
-from specgrove.bench.spec_bench import BenchPrompt, run_bench
+from specgrove.bench.spec_bench import BenchConfig, BenchPrompt, run_bench
 from specgrove.cli import main
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
@@ -155,10 +155,11 @@ def test_bench_tree_methods(tiny_dirs, tmp_path):
     choice = sequoia.choice_for_budget(acceptance.values, 6, 3)
     tree_file = tuning.write_tree_file(sequoia.tree_file_dict(choice, acceptance, None), tmp_path / "t.json")
     prompts = [BenchPrompt(i, "c", p) for i, p in enumerate(PROMPTS[:2])]
-    result = run_bench(tiny_dirs["target"], tiny_dirs["draft"], prompts=prompts,
-                       methods=["draft_model", "tree:kary:2x2", f"tree:{tree_file}"], num_speculative_tokens=3,
-                       max_new_tokens=12, dtype="float32", device=DEVICE, measure_bandwidth=False, progress=False,
-                       log=lambda m: None, tree_acceptance=tree_file)
+    config = BenchConfig(tiny_dirs["target"], tiny_dirs["draft"], prompts=prompts,
+                         methods=["draft_model", "tree:kary:2x2", f"tree:{tree_file}"], num_speculative_tokens=3,
+                         max_new_tokens=12, dtype="float32", device=DEVICE, measure_bandwidth=False,
+                         tree_acceptance=tree_file)
+    result = run_bench(config, progress=False, log=lambda m: None)
     methods = result["methods"]
     assert list(methods) == ["plain", "draft_model", "tree:kary:2x2", f"tree:{tree_file}"]
     for name in ("draft_model", "tree:kary:2x2", f"tree:{tree_file}"):
@@ -167,4 +168,4 @@ def test_bench_tree_methods(tiny_dirs, tmp_path):
     assert methods["draft_model"]["predicted_accept_length"] == pytest.approx(1 + 0.5 + 0.25 + 0.125)
     assert methods[f"tree:{tree_file}"]["predicted_accept_length"] == pytest.approx(choice.predicted_accept_length)
     with pytest.raises(ValueError, match="bad tree spec"):
-        run_bench(tiny_dirs["target"], prompts=[[1, 2]], methods=["tree:kary:9"])
+        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["tree:kary:9"]))

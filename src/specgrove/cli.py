@@ -222,7 +222,12 @@ def format_stats(metrics, method: str, k: int, finish_reason: str | None) -> str
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from specgrove.bench.spec_bench import needs_draft, print_report, run_bench
+    from specgrove.bench.spec_bench import (
+        BenchConfig,
+        needs_draft,
+        print_report,
+        run_bench,
+    )
     from specgrove.models import defaults
 
     if args.num_threads:
@@ -242,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if skipped:
                 print(f"[specgrove] target {target} is the default draft itself: skipping {', '.join(skipped)}",
                       file=sys.stderr)
-        results[target] = run_bench(
+        config = BenchConfig(
             target, args.draft, methods=methods, data=args.data, limit=args.limit, categories=args.categories,
             num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
             prompt_lookup_max=args.prompt_lookup_max, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -251,6 +256,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             quantization=args.quantization, draft_quantization=args.draft_quantization, sorted_draft=sorted_draft,
             enforce_eager=args.enforce_eager, interleave=args.interleave, draft_vocab=args.draft_vocab,
         )
+        results[target] = run_bench(config)
         print_report(results[target])
     result = {"targets": results} if args.targets else results[args.target]
     if args.json_path:

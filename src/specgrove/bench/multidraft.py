@@ -133,7 +133,7 @@ def run_report(target=None, draft=None, *, temperatures: Sequence[float] = (0.6,
                max_new_tokens: int = 64, top: int = DEFAULT_TOP, depths: Sequence[int] = (), bench_limit: int = 20,
                bench_max_new_tokens: int = 64, seed: int = 0, dtype: str = "auto", device: str = "cpu",
                data=None, log=None) -> dict:
-    from specgrove.bench.spec_bench import run_bench
+    from specgrove.bench.spec_bench import BenchConfig, run_bench
     from specgrove.models import defaults
     from specgrove.models.loader import check_compatible, load_model
 
@@ -166,9 +166,10 @@ def run_report(target=None, draft=None, *, temperatures: Sequence[float] = (0.6,
     del target_model, draft_model
     for temperature in temperatures if depths else ():
         say(f"multidraft: binary trees of depth {', '.join(map(str, depths))} at temperature {temperature:g} ...")
-        result = run_bench(target, draft, methods=depth_methods(depths), data=data, limit=bench_limit,
-                           max_new_tokens=bench_max_new_tokens, temperature=temperature, seed=seed, dtype=dtype,
-                           device=device, measure_bandwidth=False, log=say)
+        config = BenchConfig(target, draft, methods=depth_methods(depths), data=data, limit=bench_limit,
+                             max_new_tokens=bench_max_new_tokens, temperature=temperature, seed=seed, dtype=dtype,
+                             device=device, measure_bandwidth=False)
+        result = run_bench(config, log=say)
         report["depth_table"][f"{temperature:g}"] = {m: {str(d): v for d, v in row.items()}
                                                      for m, row in depth_table(result, depths).items()}
         report.setdefault("depth_spread", {})[f"{temperature:g}"] = depth_spread(result, depths)
