@@ -11,6 +11,13 @@ import json
 
 import pytest
 import torch
+from test_exactness import (
+    SETTINGS,
+    complete_with_target,
+    max_difference,
+    report_wrong_q,
+    target_sequence_distribution,
+)
 
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.drafting.prompt_lookup import PromptLookupProposer
@@ -21,8 +28,6 @@ from specgrove.engine.scheduler import QueueFullError, Scheduler
 from specgrove.models.kv_cache import CachePool, NoFreeRowError
 from specgrove.sampling import SamplingParams
 from specgrove.trees.shape import TreeShape
-from test_exactness import (SETTINGS, complete_with_target, max_difference, report_wrong_q,
-                             target_sequence_distribution)
 from specgrove.verify.enumerate import enumerate_outcomes
 
 PROMPTS = [[1, 2, 3, 1, 2], [4, 5], [7, 1, 1, 6, 2, 3, 4, 0, 5], [3], [2, 2, 2, 2, 6, 1]]

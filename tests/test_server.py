@@ -17,8 +17,8 @@ from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
 from specgrove.engine.policy import FixedPolicy
 from specgrove.sampling import SamplingParams
-from specgrove.serve.server import build_server
 from specgrove.serve.loadtest import ServerThread
+from specgrove.serve.server import build_server
 
 MODEL = "tiny"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}h{% endif %}"

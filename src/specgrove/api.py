@@ -10,13 +10,12 @@ import torch
 
 from specgrove.config import SpeculativeConfig, uses_draft
 from specgrove.drafting.factory import build_proposer
-from specgrove.tuning import resolve_shape
 from specgrove.engine.engine import SpecEngine
 from specgrove.engine.metrics import SpecMetrics
-from specgrove.errors import IncompatibleModelsError
 from specgrove.models import defaults
 from specgrove.models.loader import LoadedModel, check_compatible, load_model  # noqa: F401 (check_compatible: API)
 from specgrove.sampling import SamplingParams
+from specgrove.tuning import resolve_shape
 
 
 @dataclass
