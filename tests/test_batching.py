@@ -11,6 +11,13 @@ import json
 
 import pytest
 import torch
+from test_exactness import (
+    SETTINGS,
+    complete_with_target,
+    max_difference,
+    report_wrong_q,
+    target_sequence_distribution,
+)
 
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.drafting.prompt_lookup import PromptLookupProposer
@@ -21,8 +28,6 @@ from specgrove.engine.scheduler import QueueFullError, Scheduler
 from specgrove.models.kv_cache import CachePool, NoFreeRowError
 from specgrove.sampling import SamplingParams
 from specgrove.trees.shape import TreeShape
-from test_exactness import (SETTINGS, complete_with_target, max_difference, report_wrong_q,
-                             target_sequence_distribution)
 from specgrove.verify.enumerate import enumerate_outcomes
 
 PROMPTS = [[1, 2, 3, 1, 2], [4, 5], [7, 1, 1, 6, 2, 3, 4, 0, 5], [3], [2, 2, 2, 2, 6, 1]]
@@ -192,6 +197,42 @@ def test_one_failing_request_does_not_stop_the_others(tiny_target, tiny_draft, m
     assert engine.pool.in_use == 0 and proposer.pool.in_use == 0
 
 
+def test_scheduler_and_policy_forget_requests_that_leave(tiny_target, tiny_draft, monkeypatch):
+    """The scheduler's times and the goodput policy's estimates are kept per request only while it waits or
+    runs: a finished, failed or aborted (waiting or running) request leaves nothing behind."""
+    engine = SpecEngine(tiny_target, make_proposer("draft_model", tiny_draft), 3, max_model_len=64)
+    original = DraftModelProposer.propose_batch
+
+    def fails_for_bad(self, seqs, ks):
+        if any(s.request_id == "bad" for s in seqs):
+            raise RuntimeError("boom")
+        return original(self, seqs, ks)
+
+    monkeypatch.setattr(DraftModelProposer, "propose_batch", fails_for_bad)
+    policy = GoodputPolicy(LatencyModel(LinearTime(0.01, 0.001, 0.0), LinearTime(0.002, 0.0005, 0.0)), max_k=3)
+    scheduler = Scheduler(engine, policy, max_num_seqs=3)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for request_id, prompt in zip(["a", "bad", "run", "b", "wait"], PROMPTS):
+        scheduler.add(engine.new_sequence(prompt, params, request_id=request_id))
+    with pytest.raises(ValueError, match="already waiting or running"):
+        scheduler.add(engine.new_sequence([1], params, request_id="a"))
+    outputs = scheduler.step()
+    assert {s.request_id for s in scheduler.running} == {"a", "run"} and "bad" not in scheduler.times
+    assert set(policy.request_stats) == {"a", "run"}, "estimates for the running requests, none for the failed one"
+    assert set(scheduler.times) == {"a", "run", "b", "wait"}
+    assert scheduler.abort("run") and scheduler.abort("wait")
+    assert set(policy.request_stats) == {"a"} and set(scheduler.times) == {"a", "b"}
+    while scheduler.has_unfinished:
+        outputs += scheduler.step()
+    assert policy.request_stats == {} and scheduler.times == {}
+    for out in outputs:
+        times = out.times
+        assert times.first_token is None or times.arrival <= times.first_token
+        if out.finished and out.seq.finish_reason == "length":
+            assert times.arrival <= times.first_token <= times.finish
+    assert sorted(o.seq.request_id for o in outputs if o.finished) == ["a", "b", "bad"]
+
+
 def test_cache_pool_grows_and_bounds(tiny_target):
     pool = CachePool(tiny_target.model, 16, max_rows=3)
     rows = [pool.acquire() for _ in range(3)]
@@ -237,12 +278,13 @@ class _FakeEngine:
         return [max(0, min(k, self.num_speculative_tokens, s.remaining - 1)) for k, s in zip(ks, seqs)]
 
 
-def _seqs(tiny_target, n, alpha=None):
+def _seqs(tiny_target, n, alpha=None, policy=None):
+    """n sequences; with alpha, the policy's estimate for each starts at alpha (as if from 100 positions)."""
     engine = SpecEngine(tiny_target, None, 0, max_model_len=64)
     seqs = [engine.new_sequence([1, 2, 3], SamplingParams(max_tokens=40)) for _ in range(n)]
     if alpha is not None:
         for s in seqs:
-            s.acceptance_stats = [alpha * 100, 100.0]
+            policy.set_estimate(s, alpha, 100.0)
     return seqs
 
 
@@ -250,17 +292,21 @@ def test_goodput_choice_follows_acceptance_and_cost(tiny_target):
     engine = _FakeEngine()
     # target cost flat in tokens (memory bound), cheap draft: a good draft should speculate far
     cheap = LatencyModel(LinearTime(0.1, 0.0001, 0.0), LinearTime(0.005, 0.0, 0.0))
-    assert GoodputPolicy(cheap, 8).choose(_seqs(tiny_target, 2, 0.9), engine)[0] >= 5
+    policy = GoodputPolicy(cheap, 8)
+    assert policy.choose(_seqs(tiny_target, 2, 0.9, policy), engine)[0] >= 5
     # a useless draft never pays
-    assert GoodputPolicy(cheap, 8).choose(_seqs(tiny_target, 2, 0.0), engine) == [0, 0]
+    policy = GoodputPolicy(cheap, 8)
+    assert policy.choose(_seqs(tiny_target, 2, 0.0, policy), engine) == [0, 0]
     # compute-bound target (every token costs): large batches stop speculating
     bound = LatencyModel(LinearTime(0.05, 0.01, 0.0), LinearTime(0.005, 0.001, 0.0))
-    small = GoodputPolicy(bound, 8).choose(_seqs(tiny_target, 1, 0.7), engine)[0]
-    large = GoodputPolicy(bound, 8).choose(_seqs(tiny_target, 16, 0.7), engine)[0]
+    policy = GoodputPolicy(bound, 8)
+    small = policy.choose(_seqs(tiny_target, 1, 0.7, policy), engine)[0]
+    policy = GoodputPolicy(bound, 8)
+    large = policy.choose(_seqs(tiny_target, 16, 0.7, policy), engine)[0]
     assert small > large
     # the choice is the argmax of the predicted goodput over k
     policy = GoodputPolicy(bound, 8)
-    seqs = _seqs(tiny_target, 4, 0.7)
+    seqs = _seqs(tiny_target, 4, 0.7, policy)
     k = policy.choose(seqs, engine)[0]
     goodputs = [(lambda t, s: t / s)(*policy.step_estimate(seqs, engine, kk)) for kk in range(9)]
     assert goodputs[k] == pytest.approx(max(goodputs))

@@ -6,6 +6,7 @@ counters equal to the sum of the responses' usage); a client that disconnects fr
 that fails inside generation fails alone.
 """
 
+import asyncio
 import concurrent.futures
 import json
 import time
@@ -15,10 +16,13 @@ import pytest
 
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
-from specgrove.engine.policy import FixedPolicy
+from specgrove.engine.latency import LatencyModel, LinearTime
+from specgrove.engine.policy import FixedPolicy, GoodputPolicy
+from specgrove.engine.scheduler import Scheduler
 from specgrove.sampling import SamplingParams
-from specgrove.serve.server import build_server
+from specgrove.serve.async_engine import AsyncEngine
 from specgrove.serve.loadtest import ServerThread
+from specgrove.serve.server import build_server
 
 MODEL = "tiny"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}h{% endif %}"
@@ -213,6 +217,37 @@ def test_a_failing_request_fails_alone(server, tiny_target, monkeypatch):
     with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "ddab", "max_tokens": 8, "stream": True}) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert "draft exploded" in events[-1]["error"]["message"]
+
+
+def test_no_record_outlives_its_request(tiny_target, tiny_draft):
+    """The server's per-request records (the metrics' counted steps, the policy's acceptance estimates, the
+    scheduler's times) are gone once requests finish or are aborted."""
+    engine = SpecEngine(tiny_target, DraftModelProposer(tiny_draft, 4096), 3, max_model_len=4096)
+    policy = GoodputPolicy(LatencyModel(LinearTime(0.01, 0.001, 0.0), LinearTime(0.002, 0.0005, 0.0)), max_k=3)
+    async_engine = AsyncEngine(Scheduler(engine, policy, max_num_seqs=2))
+
+    async def requests():
+        short = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        streams = [async_engine.submit([1, 2, 3], short, f"r{i}") for i in range(3)]
+        endless = async_engine.submit([2, 1], SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True), "long")
+        for stream in streams:
+            while not (await stream.queue.get()).finished:
+                pass
+        await endless.queue.get()  # running now
+        assert async_engine.metrics.counted_steps and policy.request_stats
+        async_engine.abort("long")
+        while "long" in async_engine.streams:
+            await asyncio.sleep(0.01)
+
+    async_engine.start()
+    try:
+        asyncio.run(asyncio.wait_for(requests(), 120))
+    finally:
+        async_engine.stop()
+    assert async_engine.error is None and not async_engine.scheduler.has_unfinished
+    assert async_engine.metrics.counted_steps == {}
+    assert policy.request_stats == {} and async_engine.scheduler.times == {}
+    assert engine.pool.in_use == 0
 
 
 def test_loadtest_and_profile_commands(tiny_dirs, tmp_path, capsys):

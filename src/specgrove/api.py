@@ -140,7 +140,6 @@ class LLM:
         seqs = [self.engine.new_sequence(self.encode(p), params) for p, params in zip(prompt_list, params_list)]
         # Continuous batching: up to max_num_seqs sequences share each step; the queue holds the rest.
         scheduler = Scheduler(self.engine, max_num_seqs=self.max_num_seqs, max_waiting=len(seqs))
-        start = time.perf_counter()
         for seq in seqs:
             scheduler.add(seq)
         bar = None
@@ -154,7 +153,7 @@ class LLM:
                     if out.finished:
                         if out.seq.finish_reason == "error":
                             raise RuntimeError(f"generation failed for prompt {seqs.index(out.seq)}: {out.seq.error}")
-                        out.seq.metrics.total_time_s = time.perf_counter() - (out.seq.arrival_time or start)
+                        out.seq.metrics.total_time_s = time.perf_counter() - out.times.arrival
                         if bar is not None:
                             bar.update(1)
         finally:

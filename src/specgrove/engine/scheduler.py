@@ -7,6 +7,10 @@ Each `Scheduler.step()`:
   3. runs `SpecEngine.step_batch` over all running requests: one batched draft phase, one target forward;
   4. hands back the new tokens of every request and retires the finished ones.
 
+The scheduler keeps each live request's times (`RequestTimes`: arrival, first token, finish) and hands
+them out with its step outputs; when a request leaves (finished, failed or aborted) it drops them and
+tells the policy (`Policy.release`).
+
 The waiting queue is bounded (`max_waiting`); `add` raises `QueueFullError` beyond it, which the server
 turns into HTTP 429. A failure inside one request (in prefill, drafting, the forward or verification)
 finishes that request with finish_reason "error" and its message; the others go on.
@@ -29,10 +33,20 @@ class QueueFullError(SpecgroveError):
 
 
 @dataclass
+class RequestTimes:
+    """A request's perf_counter times: added, first token generated, finished (None until then; a failed
+    request has no finish time)."""
+    arrival: float
+    first_token: float | None = None
+    finish: float | None = None
+
+
+@dataclass
 class StepOutput:
     seq: Sequence
     new_token_ids: list[int]
     finished: bool
+    times: RequestTimes
 
 
 class Scheduler:
@@ -50,6 +64,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.times: dict[str, RequestTimes] = {}  # every waiting or running request's, by request id
         self.steps = 0
 
     # ---- requests --------------------------------------------------------------------------------
@@ -57,7 +72,9 @@ class Scheduler:
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests are already waiting (max_waiting={self.max_waiting}); "
                                  f"retry later")
-        seq.arrival_time = time.perf_counter()
+        if seq.request_id in self.times:
+            raise ValueError(f"request id {seq.request_id!r} is already waiting or running; give each request its own")
+        self.times[seq.request_id] = RequestTimes(arrival=time.perf_counter())
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -66,18 +83,25 @@ class Scheduler:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
                 seq.finish_reason = "abort"
+                self._release(seq)
                 return True
         for seq in self.running:
             if seq.request_id == request_id:
                 self.running.remove(seq)
                 seq.finish_reason = "abort"
                 self.engine.finish(seq)
+                self._release(seq)
                 return True
         return False
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def _release(self, seq: Sequence) -> RequestTimes:
+        """The request leaves: the policy forgets it; its times go out with its last output."""
+        self.policy.release(seq)
+        return self.times.pop(seq.request_id)
 
     # ---- one step --------------------------------------------------------------------------------
     def _fail(self, seq: Sequence, error: Exception) -> None:
@@ -95,7 +119,7 @@ class Scheduler:
                 self.engine.prefill(seq)
             except Exception as error:
                 self._fail(seq, error)
-                outputs.append(StepOutput(seq, [], True))
+                outputs.append(StepOutput(seq, [], True, self._release(seq)))
                 continue
             self.running.append(seq)
 
@@ -130,18 +154,19 @@ class Scheduler:
         still = []
         for seq in batch:
             new = appended.get(id(seq), [])
-            if new and seq.first_token_time is None:
-                seq.first_token_time = now
+            times = self.times[seq.request_id]
+            if new and times.first_token is None:
+                times.first_token = now
             if seq.finish_reason == "error":
-                outputs.append(StepOutput(seq, new, True))
+                outputs.append(StepOutput(seq, new, True, self._release(seq)))
                 continue
             if seq.finished:
                 self.engine.finish(seq)
-                seq.finish_time = now
-                outputs.append(StepOutput(seq, new, True))
+                times.finish = now
+                outputs.append(StepOutput(seq, new, True, self._release(seq)))
             else:
                 still.append(seq)
-                outputs.append(StepOutput(seq, new, False))
+                outputs.append(StepOutput(seq, new, False, times))
         self.running = still
         return outputs
 

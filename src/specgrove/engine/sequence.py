@@ -1,4 +1,8 @@
-"""The state of one request while it is generated."""
+"""The state of one request while it is generated.
+
+Only the request lives here; who serves it keeps its own records apart: the scheduler its times
+(`scheduler.RequestTimes`), the speculation policy its acceptance estimate, the server its counters.
+"""
 
 from __future__ import annotations
 
@@ -23,14 +27,7 @@ class Sequence:
     proposer_state: dict = field(default_factory=dict)
     target_cache: object | None = None
     cache_row: int = 0
-    # Serving (specgrove.engine.scheduler): perf_counter times, the error of a failed request, and the
-    # speculation policy's online acceptance estimate (successes, trials).
-    arrival_time: float | None = None
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    error: str | None = None
-    acceptance_stats: list[float] | None = None
-    counted_steps: int = 0  # steps already added to the server's Prometheus counters
+    error: str | None = None  # why a request with finish_reason "error" failed
 
     @property
     def token_ids(self) -> list[int]:

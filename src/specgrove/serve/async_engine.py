@@ -129,7 +129,7 @@ class AsyncEngine:
             aborts, self._aborts = self._aborts, []
         for request_id in aborts:
             if self.scheduler.abort(request_id):
-                self.metrics.finished.labels(finish_reason="abort").inc()
+                self.metrics.record_abort(request_id)
             self.streams.pop(request_id, None)
 
     def _loop(self) -> None:
@@ -145,7 +145,7 @@ class AsyncEngine:
                     self.metrics.record_step(out.seq, out.new_token_ids)
                     stream = self.streams.get(out.seq.request_id)
                     if out.finished:
-                        self.metrics.record_finish(out.seq)
+                        self.metrics.record_finish(out.seq, out.times)
                         self.streams.pop(out.seq.request_id, None)
                     if stream is not None:
                         stream.put(Delta(out.new_token_ids, out.finished, out.seq.finish_reason, out.seq.error, out.seq))

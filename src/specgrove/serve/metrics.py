@@ -10,11 +10,22 @@ Counters are monotonic and are fed from the same per-step records as each reques
   specgrove_requests_finished_total{finish_reason}, specgrove_requests_rejected_total
 Histograms: specgrove_request_latency_seconds (arrival to finish), specgrove_time_to_first_token_seconds.
 Gauges: specgrove_requests_running, specgrove_requests_waiting.
+The per-step counters are fed incrementally: `counted_steps` holds, per running request id, how many of
+its steps are counted already; a request's entry goes when it finishes or is aborted.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from specgrove.engine.scheduler import RequestTimes
+from specgrove.engine.sequence import Sequence
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, float("inf"))
 
@@ -41,11 +52,12 @@ class ServerMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("specgrove_requests_running", "requests in the running batch", registry=r)
         self.waiting = Gauge("specgrove_requests_waiting", "requests waiting for a batch slot", registry=r)
+        self.counted_steps: dict[str, int] = {}  # steps already added to the counters, by request id
 
-    def record_step(self, seq, new_token_ids: list[int]) -> None:
+    def record_step(self, seq: Sequence, new_token_ids: list[int]) -> None:
         """Count the steps of `seq` not counted yet (normally the one just run)."""
         m = seq.metrics
-        done = getattr(seq, "counted_steps", 0)
+        done = self.counted_steps.get(seq.request_id, 0)
         for proposed, accepted in zip(m.proposed_per_step[done:], m.accepted_per_step[done:]):
             self.steps.inc()
             if proposed > 0:
@@ -55,17 +67,24 @@ class ServerMetrics:
                 self.accepted_tokens.inc(accepted)
                 for position in range(1, accepted + 1):
                     self.accepted_per_position.labels(position=str(position)).inc()
-        seq.counted_steps = len(m.proposed_per_step)
+        self.counted_steps[seq.request_id] = len(m.proposed_per_step)
         if new_token_ids:
             self.generated_tokens.inc(len(new_token_ids))
 
-    def record_finish(self, seq) -> None:
+    def record_finish(self, seq: Sequence, times: RequestTimes) -> None:
+        """A request that finished (or failed), after its last `record_step`."""
+        self.counted_steps.pop(seq.request_id, None)
         self.finished.labels(finish_reason=str(seq.finish_reason)).inc()
         self.prompt_tokens.inc(len(seq.prompt_ids))
-        if seq.arrival_time is not None and seq.finish_time is not None:
-            self.latency.observe(seq.finish_time - seq.arrival_time)
-        if seq.arrival_time is not None and seq.first_token_time is not None:
-            self.ttft.observe(seq.first_token_time - seq.arrival_time)
+        if times.finish is not None:
+            self.latency.observe(times.finish - times.arrival)
+        if times.first_token is not None:
+            self.ttft.observe(times.first_token - times.arrival)
+
+    def record_abort(self, request_id: str) -> None:
+        """A request the scheduler dropped (its client went away)."""
+        self.counted_steps.pop(request_id, None)
+        self.finished.labels(finish_reason="abort").inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
