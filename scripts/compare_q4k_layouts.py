@@ -1,8 +1,10 @@
 """The target loaded twice in one process, its Q4_K matrices as Q4_K x8 (SPECGROVE_Q4K_LAYOUT=x8) and as the file's
 rows (SPECGROVE_Q4K_LAYOUT=rows), timed in turns: `python scripts/compare_q4k_layouts.py [MODEL]`. The default layout,
-"auto", is the rows for one token and x8 for more. Forward sizes 1 to 5 at context 100 (12 rounds, each a median of 7 forwards, the two models' order alternating) and a 256-token prefill;
+"auto", is the rows for one token and x8 for more. Forward sizes 1 to 5 at context 100 (12 rounds, each a median
+of 7 forwards, the two models' order alternating) and a 256-token prefill;
 prints the ratio of the medians and each round's ratio, and checks that both give the same logits bit for bit.
 The Q4_K x8 figures in docs/benchmarks.md (2026-11-30) came from this script."""
+
 import os
 import statistics
 import sys

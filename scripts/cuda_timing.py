@@ -31,8 +31,15 @@ SHAPES = {
 
 
 def config(shape: str) -> Qwen2Config:
-    return Qwen2Config(vocab_size=151936, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                       tie_word_embeddings=False, rope_theta=1000000.0, **SHAPES[shape])
+    return Qwen2Config(
+        vocab_size=151936,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        **SHAPES[shape],
+    )
 
 
 def random_weights(cfg: Qwen2Config, device) -> dict[str, torch.Tensor]:
@@ -42,27 +49,54 @@ def random_weights(cfg: Qwen2Config, device) -> dict[str, torch.Tensor]:
     def r(*shape):
         return torch.randn(*shape, device=device, dtype=torch.bfloat16) * 0.02
 
-    w = {"model.embed_tokens.weight": r(cfg.vocab_size, h), "model.norm.weight": torch.ones(h, device=device),
-         "lm_head.weight": r(cfg.vocab_size, h)}
+    w = {
+        "model.embed_tokens.weight": r(cfg.vocab_size, h),
+        "model.norm.weight": torch.ones(h, device=device),
+        "lm_head.weight": r(cfg.vocab_size, h),
+    }
     for layer in range(L):
         p = f"model.layers.{layer}."
-        w.update({p + "input_layernorm.weight": torch.ones(h, device=device),
-                  p + "post_attention_layernorm.weight": torch.ones(h, device=device),
-                  p + "self_attn.q_proj.weight": r(h, h), p + "self_attn.q_proj.bias": r(h),
-                  p + "self_attn.k_proj.weight": r(kv, h), p + "self_attn.k_proj.bias": r(kv),
-                  p + "self_attn.v_proj.weight": r(kv, h), p + "self_attn.v_proj.bias": r(kv),
-                  p + "self_attn.o_proj.weight": r(h, h),
-                  p + "mlp.gate_proj.weight": r(i, h), p + "mlp.up_proj.weight": r(i, h),
-                  p + "mlp.down_proj.weight": r(h, i)})
+        w.update(
+            {
+                p + "input_layernorm.weight": torch.ones(h, device=device),
+                p + "post_attention_layernorm.weight": torch.ones(h, device=device),
+                p + "self_attn.q_proj.weight": r(h, h),
+                p + "self_attn.q_proj.bias": r(h),
+                p + "self_attn.k_proj.weight": r(kv, h),
+                p + "self_attn.k_proj.bias": r(kv),
+                p + "self_attn.v_proj.weight": r(kv, h),
+                p + "self_attn.v_proj.bias": r(kv),
+                p + "self_attn.o_proj.weight": r(h, h),
+                p + "mlp.gate_proj.weight": r(i, h),
+                p + "mlp.up_proj.weight": r(i, h),
+                p + "mlp.down_proj.weight": r(h, i),
+            }
+        )
     return w
 
 
 def build(shape: str, device, quantization=None, graphs=False) -> LoadedModel:
     cfg = config(shape)
-    model = LlamaModel(LlamaConfig.from_hf(cfg), cfg, random_weights(cfg, device), torch.bfloat16, device,
-                       quantization=quantization, cuda_graphs=graphs)
-    return LoadedModel(name=f"random-{shape}", path=None, model=model, tokenizer=None, hf_config=cfg,
-                       dtype=torch.bfloat16, device=torch.device(device), load_seconds=0.0, info={})
+    model = LlamaModel(
+        LlamaConfig.from_hf(cfg),
+        cfg,
+        random_weights(cfg, device),
+        torch.bfloat16,
+        device,
+        quantization=quantization,
+        cuda_graphs=graphs,
+    )
+    return LoadedModel(
+        name=f"random-{shape}",
+        path=None,
+        model=model,
+        tokenizer=None,
+        hf_config=cfg,
+        dtype=torch.bfloat16,
+        device=torch.device(device),
+        load_seconds=0.0,
+        info={},
+    )
 
 
 def forward_ms(model: LlamaModel, n: int, sync, context: int = 100, reps: int = 30) -> float:
@@ -105,8 +139,11 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__}
     bw = measure_memory_bandwidth(device=device)
     out["bandwidth"] = {"read_gbs": bw.read_bandwidth_gbs, "copy_gbs": bw.memory_bandwidth_gbs}
-    print(f"{out['device']}: memory bandwidth read {bw.read_bandwidth_gbs:.0f} GB/s, copy {bw.memory_bandwidth_gbs:.0f} GB/s",
-          flush=True)
+    print(
+        f"{out['device']}: memory bandwidth read {bw.read_bandwidth_gbs:.0f} GB/s, "
+        f"copy {bw.memory_bandwidth_gbs:.0f} GB/s",
+        flush=True,
+    )
     out["forward"] = []
     for quant in (None, "int4"):
         for graphs in (False, True):
@@ -114,12 +151,21 @@ def main() -> None:
             wb = m.weight_bytes()
             for n in (1, 2, 4, 8, 16, 32):
                 ms = forward_ms(m, n, sync)
-                row = {"weights": quant or "bf16", "graphs": graphs, "new_tokens": n, "ms": ms,
-                       "weight_gbs": wb / ms / 1e6, "weight_bytes": wb}
+                row = {
+                    "weights": quant or "bf16",
+                    "graphs": graphs,
+                    "new_tokens": n,
+                    "ms": ms,
+                    "weight_gbs": wb / ms / 1e6,
+                    "weight_bytes": wb,
+                }
                 out["forward"].append(row)
-                print(f"1.5B {row['weights']:5s} graphs={graphs!s:5s} new tokens {n:2d}: {ms:7.3f} ms/forward, "
-                      f"weights at {row['weight_gbs']:7.0f} GB/s ({row['weight_gbs'] / bw.read_bandwidth_gbs:.0%} of read)",
-                      flush=True)
+                print(
+                    f"1.5B {row['weights']:5s} graphs={graphs!s:5s} new tokens {n:2d}: {ms:7.3f} ms/forward, "
+                    f"weights at {row['weight_gbs']:7.0f} GB/s "
+                    f"({row['weight_gbs'] / bw.read_bandwidth_gbs:.0%} of read)",
+                    flush=True,
+                )
             del m
             torch.cuda.empty_cache()
     out["engine"] = []
@@ -127,13 +173,22 @@ def main() -> None:
         target, draft = build("1.5b", device, None, graphs), build("0.5b", device, None, graphs)
         plain = engine_ms_per_step(target, None, sync)
         spec = engine_ms_per_step(target, draft, sync)
-        row = {"graphs": graphs, "plain_ms_per_token": plain, "plain_tokens_per_s": 1000 / plain,
-               "draft_model_k4_ms_per_step": spec, "tau": args.tau, "draft_model_tokens_per_s_at_tau": args.tau * 1000 / spec,
-               "speedup_at_tau": args.tau * plain / spec}
+        row = {
+            "graphs": graphs,
+            "plain_ms_per_token": plain,
+            "plain_tokens_per_s": 1000 / plain,
+            "draft_model_k4_ms_per_step": spec,
+            "tau": args.tau,
+            "draft_model_tokens_per_s_at_tau": args.tau * 1000 / spec,
+            "speedup_at_tau": args.tau * plain / spec,
+        }
         out["engine"].append(row)
-        print(f"engine graphs={graphs}: plain {plain:.2f} ms/token ({1000 / plain:.0f} tok/s); draft_model k=4 step "
-              f"{spec:.2f} ms -> at tau {args.tau}: {row['draft_model_tokens_per_s_at_tau']:.0f} tok/s, "
-              f"{row['speedup_at_tau']:.2f}x over plain", flush=True)
+        print(
+            f"engine graphs={graphs}: plain {plain:.2f} ms/token ({1000 / plain:.0f} tok/s); draft_model k=4 step "
+            f"{spec:.2f} ms -> at tau {args.tau}: {row['draft_model_tokens_per_s_at_tau']:.0f} tok/s, "
+            f"{row['speedup_at_tau']:.2f}x over plain",
+            flush=True,
+        )
         del target, draft
         torch.cuda.empty_cache()
     if args.json:

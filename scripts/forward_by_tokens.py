@@ -2,6 +2,7 @@
 [QUANTIZATION]`. The sizes take turns (5 rounds, each size's median of 5 forwards per round), so the machine's
 bandwidth swings hit them alike; printed: each size's median over the rounds and its ratio to one token.
 The figures quoted in docs/benchmarks.md came from this script."""
+
 import statistics
 import sys
 import time

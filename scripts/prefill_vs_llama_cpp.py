@@ -1,6 +1,7 @@
 """Prompt prefill, ours against llama.cpp on the same GGUF, in turns: `python scripts/prefill_vs_llama_cpp.py
 [TOKENS]` (default 256 random token ids, 3 rounds; the default target; needs llama-cpp-python). Prints ms per
 prompt token for each, per round and the medians. The prefill comparison in docs/benchmarks.md came from it."""
+
 import statistics
 import sys
 import time
@@ -25,6 +26,10 @@ for r in range(3):
     t = time.perf_counter()
     llm.eval(ids[0].tolist())
     theirs.append(time.perf_counter() - t)
-    print(f"round {r}: ours {ours[-1] * 1e3 / T:.2f} ms/token, llama.cpp {theirs[-1] * 1e3 / T:.2f} ms/token", flush=True)
-print(f"median: ours {statistics.median(ours) * 1e3 / T:.2f}, llama.cpp {statistics.median(theirs) * 1e3 / T:.2f} "
-      "ms per prompt token")
+    print(
+        f"round {r}: ours {ours[-1] * 1e3 / T:.2f} ms/token, llama.cpp {theirs[-1] * 1e3 / T:.2f} ms/token", flush=True
+    )
+print(
+    f"median: ours {statistics.median(ours) * 1e3 / T:.2f}, llama.cpp {statistics.median(theirs) * 1e3 / T:.2f} "
+    "ms per prompt token"
+)

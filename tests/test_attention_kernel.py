@@ -52,8 +52,13 @@ def sdpa_reference(q, k, v, rows, mask, scale):
     return out.transpose(1, 2)
 
 
-SIZES = [(1, 1, 1, 1, 64, 17), (2, 5, 2, 3, 128, 300), (3, 9, 1, 6, 64, 120), (1, 8, 2, 6, 128, 257),
-         (2, 3, 2, 1, 128, 40)]
+SIZES = [
+    (1, 1, 1, 1, 64, 17),
+    (2, 5, 2, 3, 128, 300),
+    (3, 9, 1, 6, 64, 120),
+    (1, 8, 2, 6, 128, 257),
+    (2, 3, 2, 1, 128, 40),
+]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -122,8 +127,9 @@ def test_batch_invariance(isa):
                 torch.set_num_threads(1 + (b + t) % 3)  # also changes how heads are split into tasks
                 last = int(mask[b, t].nonzero().max()) + 1
                 span = last + (b + t) % 4  # trailing invisible slots change nothing
-                one = attn.invariant_attention(q[b : b + 1, t : t + 1], k, v, rows[b : b + 1],
-                                               mask[b : b + 1, t : t + 1, :span], 0.09, isa=isa)
+                one = attn.invariant_attention(
+                    q[b : b + 1, t : t + 1], k, v, rows[b : b + 1], mask[b : b + 1, t : t + 1, :span], 0.09, isa=isa
+                )
                 assert torch.equal(one[0, 0], full[b, t]), (b, t)
     finally:
         torch.set_num_threads(threads)
@@ -196,8 +202,9 @@ def test_bitwise_checks_have_teeth():
     full = sdpa_reference(q, k, v, rows, mask, 0.125)
     alone = [sdpa_reference(q[:, t : t + 1], k, v, rows, mask[:, t : t + 1], 0.125)[0, 0] for t in range(6)]
     tree, chain, i = tree_and_chain(100)
-    sdpa_varies = (any(not torch.equal(a, full[0, t]) for t, a in enumerate(alone))
-                   or not torch.equal(sdpa_reference(*tree, 0.125)[0, i], sdpa_reference(*chain, 0.125)[0, 0]))
+    sdpa_varies = any(not torch.equal(a, full[0, t]) for t, a in enumerate(alone)) or not torch.equal(
+        sdpa_reference(*tree, 0.125)[0, i], sdpa_reference(*chain, 0.125)[0, 0]
+    )
     if sdpa_varies:
         return
     q, k, v, rows, mask = tree
@@ -234,8 +241,15 @@ def test_isa_choice(monkeypatch):
     monkeypatch.setenv("SPECGROVE_MAX_ISA", "avx2")
     assert attn.best_isa() == (attn.ISA_AVX2 if cpu_features().has("avx2") else attn.ISA_SCALAR)
     with pytest.raises(ValueError, match="isa"):
-        attn.invariant_attention(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8),
-                                 torch.zeros(1, dtype=torch.int64), torch.ones(1, 1, 1, dtype=torch.bool), 1.0, isa=5)
+        attn.invariant_attention(
+            torch.zeros(1, 1, 1, 8),
+            torch.zeros(1, 1, 1, 8),
+            torch.zeros(1, 1, 1, 8),
+            torch.zeros(1, dtype=torch.int64),
+            torch.ones(1, 1, 1, dtype=torch.bool),
+            1.0,
+            isa=5,
+        )
 
 
 def test_bad_arguments():
@@ -252,5 +266,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="float32"):
         attn.invariant_attention(q.double(), k, k, rows, mask, 1.0)
     with pytest.raises(ValueError, match="head size"):
-        attn.invariant_attention(torch.zeros(1, 1, 4, 12), torch.zeros(2, 2, 10, 12), torch.zeros(2, 2, 10, 12),
-                                 rows, mask, 1.0)
+        attn.invariant_attention(
+            torch.zeros(1, 1, 4, 12), torch.zeros(2, 2, 10, 12), torch.zeros(2, 2, 10, 12), rows, mask, 1.0
+        )

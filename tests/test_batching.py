@@ -36,8 +36,9 @@ MAX_TOKENS = [12, 5, 20, 9, 15]
 
 def plain_greedy(target, prompt, max_tokens):
     engine = SpecEngine(target, None, 0, max_model_len=64)
-    seq = engine.generate(engine.new_sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                                     ignore_eos=True)))
+    seq = engine.generate(
+        engine.new_sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    )
     return seq.output_ids
 
 
@@ -51,8 +52,10 @@ def make_proposer(kind, draft, tree="widths:2,2"):
 
 def run_scheduler(scheduler, engine, prompts, max_tokens, join_every=2):
     """Add requests one every `join_every` steps (so they join a running batch) and run to the end."""
-    seqs = [engine.new_sequence(p, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True), request_id=str(i))
-            for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+    seqs = [
+        engine.new_sequence(p, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True), request_id=str(i))
+        for i, (p, m) in enumerate(zip(prompts, max_tokens))
+    ]
     pending = list(seqs)
     sizes = []
     while pending or scheduler.has_unfinished:
@@ -261,7 +264,7 @@ def test_grown_cache_keeps_rows(tiny_target):
 def test_expected_tokens():
     for alpha in (0.0, 0.3, 0.9):
         for k in range(5):
-            chain = sum(alpha ** i for i in range(k + 1))  # (1 - a^(k+1)) / (1 - a)
+            chain = sum(alpha**i for i in range(k + 1))  # (1 - a^(k+1)) / (1 - a)
             assert expected_tokens(TreeShape.chain(k), alpha) == pytest.approx(chain)
     # two siblings at the root: 1 + a + (1 - a) a
     assert expected_tokens(TreeShape.parse("widths:2"), 0.5) == pytest.approx(1.75)
@@ -332,13 +335,18 @@ def test_latency_fit_save_load(tmp_path, tiny_target, tiny_draft):
     samples = [{"tokens": n, "context": c, "seconds": truth(n, c)} for n in (1, 4, 16) for c in (64, 512)]
     fitted = LinearTime.fit(samples)
     assert (fitted.a, fitted.b, fitted.c) == pytest.approx((truth.a, truth.b, truth.c), rel=1e-6, abs=1e-9)
-    measured = profile(tiny_target.model, tiny_draft.model, rows=(1, 2), tokens_per_row=(1, 2), contexts=(8, 16),
-                       repeats=1)
+    measured = profile(
+        tiny_target.model, tiny_draft.model, rows=(1, 2), tokens_per_row=(1, 2), contexts=(8, 16), repeats=1
+    )
     assert len(measured.samples["target"]) == 8 and len(measured.samples["draft"]) == 8
     assert isinstance(measured.target, PiecewiseTime) and measured.target.tokens == [1.0, 2.0, 4.0]
     assert measured.target.c >= 0 and all(t > 0 for t in measured.target.seconds)
-    assert isinstance(profile(tiny_target.model, None, rows=(1, 2), tokens_per_row=(1, 2), contexts=(8, 16),
-                              repeats=1, fit="linear").target, LinearTime)
+    assert isinstance(
+        profile(
+            tiny_target.model, None, rows=(1, 2), tokens_per_row=(1, 2), contexts=(8, 16), repeats=1, fit="linear"
+        ).target,
+        LinearTime,
+    )
     path = tmp_path / "profile.json"
     measured.save(path)
     loaded = LatencyModel.load(path)
@@ -391,8 +399,10 @@ def test_transformers_fallback_runs_one_sequence_at_a_time(tiny_dirs, tiny_targe
     from specgrove.models.loader import load_model
 
     slow = load_model(tiny_dirs["target"], dtype="float32", force_fallback=True)
-    for target, draft in ((slow, tiny_draft), (tiny_target, load_model(tiny_dirs["draft"], dtype="float32",
-                                                                      force_fallback=True))):
+    for target, draft in (
+        (slow, tiny_draft),
+        (tiny_target, load_model(tiny_dirs["draft"], dtype="float32", force_fallback=True)),
+    ):
         engine = SpecEngine(target, DraftModelProposer(draft, 64), 2, max_model_len=64)
         scheduler = Scheduler(engine, max_num_seqs=4)
         assert scheduler.max_num_seqs == 1

@@ -33,8 +33,22 @@ def run_cli(argv, capsys):
 
 
 def tiny_generate_args(tiny_dirs, *extra):
-    return ["generate", "--target", tiny_dirs["target"], "--draft", tiny_dirs["draft"], "--dtype", "float32",
-            "--device", DEVICE, "--prompt-ids", "1,2,3,4,1,2,3", "--max-new-tokens", "12", *extra]
+    return [
+        "generate",
+        "--target",
+        tiny_dirs["target"],
+        "--draft",
+        tiny_dirs["draft"],
+        "--dtype",
+        "float32",
+        "--device",
+        DEVICE,
+        "--prompt-ids",
+        "1,2,3,4,1,2,3",
+        "--max-new-tokens",
+        "12",
+        *extra,
+    ]
 
 
 # ---- generate --------------------------------------------------------------------------------------
@@ -62,17 +76,28 @@ def test_generate_json_on_tiny_model(tiny_dirs, capsys):
 def test_generate_text_prints_stats(tiny_dirs, capsys):
     code, out, err = run_cli(tiny_generate_args(tiny_dirs, "-k", "3"), capsys)
     assert code == 0, err
-    for line in ("tokens generated", "tokens/s", "target forwards", "mean accept length", "acceptance rate",
-                 "per-position accept", "draft", "target"):
+    for line in (
+        "tokens generated",
+        "tokens/s",
+        "target forwards",
+        "mean accept length",
+        "acceptance rate",
+        "per-position accept",
+        "draft",
+        "target",
+    ):
         assert line in out
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--temperature", "-1"], "temperature"),
-    (["-k", "-1"], "num_speculative_tokens"),
-    (["--top-p", "0"], "top_p"),
-    (["--prompt-lookup-min", "3", "--prompt-lookup-max", "2", "--method", "prompt_lookup"], "prompt_lookup_min"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["-k", "-1"], "num_speculative_tokens"),
+        (["--top-p", "0"], "top_p"),
+        (["--prompt-lookup-min", "3", "--prompt-lookup-max", "2", "--method", "prompt_lookup"], "prompt_lookup_min"),
+    ],
+)
 def test_generate_bad_settings_exit_2(tiny_dirs, capsys, extra, needle):
     code, out, err = run_cli(tiny_generate_args(tiny_dirs, *extra), capsys)
     assert code == 2
@@ -92,13 +117,19 @@ def test_generate_draft_model_needs_a_draft_and_chat_needs_a_template(tiny_dirs,
     code, _, err = run_cli(["generate", "--target", tiny_dirs["target"], "--prompt-ids", "1,2"], capsys)
     assert code == 2 and "--draft" in err
     # The tiny target has a tokenizer but no chat template, so the default chat message cannot be encoded.
-    code, _, err = run_cli(["generate", "--target", tiny_dirs["target"], "--method", "none", "--dtype", "float32"], capsys)
+    code, _, err = run_cli(
+        ["generate", "--target", tiny_dirs["target"], "--method", "none", "--dtype", "float32"], capsys
+    )
     assert code == 2 and "chat template" in err
 
 
 def test_cli_module_exits_2_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "specgrove.cli", "generate", "--temperature", "-1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "specgrove.cli", "generate", "--temperature", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
 
@@ -117,16 +148,27 @@ def test_models_list_verify_fetch(tmp_path, monkeypatch, capsys):
 
 
 # ---- bench -----------------------------------------------------------------------------------------
-PROMPTS = [BenchPrompt(1, "alpha", [1, 2, 3, 4, 1, 2, 3]), BenchPrompt(2, "beta", [5, 6, 7, 5, 6]),
-           BenchPrompt(3, "alpha", [0, 1, 0, 1, 0, 1])]
+PROMPTS = [
+    BenchPrompt(1, "alpha", [1, 2, 3, 4, 1, 2, 3]),
+    BenchPrompt(2, "beta", [5, 6, 7, 5, 6]),
+    BenchPrompt(3, "alpha", [0, 1, 0, 1, 0, 1]),
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_bench(tiny_dirs):
     methods = ["plain", "draft_model", "prompt_lookup", "hf_plain", "hf_assisted", "hf_prompt_lookup"]
-    config = BenchConfig(tiny_dirs["target"], tiny_dirs["draft"], prompts=PROMPTS, methods=methods,
-                         num_speculative_tokens=3, max_new_tokens=16, dtype="float32", device=DEVICE,
-                         bandwidth_num_floats=1 << 20)
+    config = BenchConfig(
+        tiny_dirs["target"],
+        tiny_dirs["draft"],
+        prompts=PROMPTS,
+        methods=methods,
+        num_speculative_tokens=3,
+        max_new_tokens=16,
+        dtype="float32",
+        device=DEVICE,
+        bandwidth_num_floats=1 << 20,
+    )
     return run_bench(config, progress=False, log=lambda msg: None)
 
 
@@ -140,18 +182,27 @@ def test_run_bench_on_tiny_models(tiny_bench):
         entry = result["methods"][name]
         assert entry["target_ms_per_forward"] > 0
         assert entry["target_weight_gbs"] == pytest.approx(
-            result["config"]["target_weight_bytes"] / entry["target_ms_per_forward"] / 1e6)
+            result["config"]["target_weight_bytes"] / entry["target_ms_per_forward"] / 1e6
+        )
     assert result["config"]["draft_weight_bytes"] > 0
     draft = result["methods"]["draft_model"]
     assert draft["draft_ms_per_forward"] > 0
     assert draft["draft_weight_gbs"] == pytest.approx(
-        result["config"]["draft_weight_bytes"] / draft["draft_ms_per_forward"] / 1e6)
+        result["config"]["draft_weight_bytes"] / draft["draft_ms_per_forward"] / 1e6
+    )
     assert "draft_ms_per_forward" not in result["methods"]["prompt_lookup"]
     assert result["config"]["categories"] == ["alpha", "beta"]
     methods = result["methods"]
     assert list(methods) == ["plain", "draft_model", "prompt_lookup", "hf_plain", "hf_assisted", "hf_prompt_lookup"]
-    keys = {"tokens_per_s", "speedup", "mean_accept_length", "acceptance_rate", "identical_to_baseline",
-            "identical_count", "num_prompts"}
+    keys = {
+        "tokens_per_s",
+        "speedup",
+        "mean_accept_length",
+        "acceptance_rate",
+        "identical_to_baseline",
+        "identical_count",
+        "num_prompts",
+    }
     for name, entry in methods.items():
         assert keys <= set(entry), name
         assert set(entry["per_category"]) == {"alpha", "beta"}
@@ -172,8 +223,16 @@ def test_run_bench_on_tiny_models(tiny_bench):
 
 
 def test_run_bench_adds_the_baseline_and_rejects_bad_input(tiny_dirs):
-    config = BenchConfig(tiny_dirs["target"], prompts=[[1, 2, 3]], methods=["prompt_lookup"], max_new_tokens=4,
-                         dtype="float32", device=DEVICE, warmup=0, measure_bandwidth=False)
+    config = BenchConfig(
+        tiny_dirs["target"],
+        prompts=[[1, 2, 3]],
+        methods=["prompt_lookup"],
+        max_new_tokens=4,
+        dtype="float32",
+        device=DEVICE,
+        warmup=0,
+        measure_bandwidth=False,
+    )
     result = run_bench(config, progress=False, log=lambda msg: None)
     assert list(result["methods"]) == ["plain", "prompt_lookup"]
     assert result["machine"]["memory_bandwidth_gbs"] is None
@@ -198,9 +257,18 @@ def test_interleaved_bench_runs_every_method_on_every_prompt(tiny_dirs, tiny_ben
         return timed(engine, prompt, params, run)
 
     monkeypatch.setattr(spec_bench, "_timed_prompt", recording)
-    config = BenchConfig(tiny_dirs["target"], tiny_dirs["draft"], prompts=PROMPTS,
-                         methods=["plain", "draft_model", "prompt_lookup"], num_speculative_tokens=3,
-                         max_new_tokens=16, dtype="float32", device=DEVICE, measure_bandwidth=False, interleave=True)
+    config = BenchConfig(
+        tiny_dirs["target"],
+        tiny_dirs["draft"],
+        prompts=PROMPTS,
+        methods=["plain", "draft_model", "prompt_lookup"],
+        num_speculative_tokens=3,
+        max_new_tokens=16,
+        dtype="float32",
+        device=DEVICE,
+        measure_bandwidth=False,
+        interleave=True,
+    )
     result = run_bench(config, progress=False, log=lambda msg: None)
     assert result["config"]["interleave"] is True and tiny_bench["config"]["interleave"] is False
     assert [p for _, p in order] == [tuple(p.token_ids) for p in PROMPTS for _ in range(3)]
@@ -218,8 +286,16 @@ def test_llama_cpp_peer_needs_its_package_and_a_gguf_target(tiny_dirs, tmp_path,
     from specgrove.errors import SpecgroveError
 
     with pytest.raises(SpecgroveError, match="GGUF|llama-cpp-python"):
-        config = BenchConfig(tiny_dirs["target"], prompts=[[1, 2, 3]], methods=["plain", "llama_cpp"],
-                             max_new_tokens=4, dtype="float32", device=DEVICE, warmup=0, measure_bandwidth=False)
+        config = BenchConfig(
+            tiny_dirs["target"],
+            prompts=[[1, 2, 3]],
+            methods=["plain", "llama_cpp"],
+            max_new_tokens=4,
+            dtype="float32",
+            device=DEVICE,
+            warmup=0,
+            measure_bandwidth=False,
+        )
         run_bench(config, progress=False, log=lambda msg: None)
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
     with pytest.raises(SpecgroveError, match="pip install llama-cpp-python"):
@@ -250,8 +326,9 @@ def test_bench_cli_prints_table_and_writes_json(tiny_bench, tmp_path, monkeypatc
 
     monkeypatch.setattr(spec_bench, "run_bench", fake_run_bench)
     path = tmp_path / "bench.json"
-    code, out, err = run_cli(["bench", "--limit", "3", "--methods", "plain,draft_model", "-k", "3", "--json", path],
-                             capsys)
+    code, out, err = run_cli(
+        ["bench", "--limit", "3", "--methods", "plain,draft_model", "-k", "3", "--json", path], capsys
+    )
     assert code == 0, err
     assert seen["methods"] == ["plain", "draft_model"] and seen["limit"] == 3 and seen["num_speculative_tokens"] == 3
     assert json.loads(path.read_text())["methods"].keys() == tiny_bench["methods"].keys()

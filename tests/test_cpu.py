@@ -88,7 +88,8 @@ def test_this_machine_refuses_what_it_cannot_compute(tiny_dirs):
             LLM(target=tiny_dirs["target"], dtype="float32", quantization="w8a8")
     # bf16 prepacking only where oneDNN can reorder bf16 weights; elsewhere a bf16 model still loads, unpacked.
     assert packing_available(torch.device("cpu"), torch.bfloat16) == (
-        features.bf16_prepack and torch.backends.mkldnn.is_available())
+        features.bf16_prepack and torch.backends.mkldnn.is_available()
+    )
     model = load_model(tiny_dirs["target"], dtype="bfloat16").model
     assert model.packed == packing_available(torch.device("cpu"), torch.bfloat16)
     if not features.bf16_prepack:

@@ -66,8 +66,16 @@ def test_graphed_forwards_match_eager(models):
     both(models, caches, torch.randint(0, 50, (1, 4), generator=g), positions, tree_mask=mask, rows=[1])
     # Extend the uncommitted tree by one level (draft-style), then commit a path through both forwards.
     ext_mask = torch.tensor([[1, 0, 1, 1, 1]], dtype=torch.bool)[None]
-    both(models, caches, torch.randint(0, 50, (1, 1), generator=g), torch.tensor([[pos + 3]]), tree_mask=ext_mask,
-         rows=[1], extend=True, logits_at="last")
+    both(
+        models,
+        caches,
+        torch.randint(0, 50, (1, 1), generator=g),
+        torch.tensor([[pos + 3]]),
+        tree_mask=ext_mask,
+        rows=[1],
+        extend=True,
+        logits_at="last",
+    )
     for c in caches:
         c.commit(1, [0, 2, 3, 4])
     # Both rows in one batch, in reverse order, padded (num_new), logits of the last valid token.
@@ -97,6 +105,7 @@ def test_graphed_forwards_match_eager(models):
 
 def test_speculation_with_graphs_keeps_greedy_output(tiny_dirs):
     """Target and draft both replaying graphs (batched steps of two sequences): plain greedy's tokens."""
+
     def load(name: str, graphs: bool):
         m = load_model(tiny_dirs[name], dtype="float32", device=DEVICE, cuda_graphs=False)
         if graphs:

@@ -90,7 +90,9 @@ def test_greedy_stop_string_inside_an_accepted_block(tiny_target, tiny_draft):
         assert seq.text == text[:first], name
         assert seq.output_ids == reference.output_ids[: first + len(stop)], name
         assert seq.finish_reason == "stop" and seq.stop_reason == stop
-    with_stop = run(plain, PROMPT, SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True))
+    with_stop = run(
+        plain, PROMPT, SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True)
+    )
     assert with_stop.text == text[: first + len(stop)]
 
 
@@ -98,14 +100,18 @@ def target_joint(target, prompt, length, params):
     dist = {}
     for seq in itertools.product(range(target.vocab_size), repeat=length):
         ids = prompt + list(seq)
-        logits = target.model.forward(torch.tensor([ids]), torch.arange(len(ids))[None], target.model.new_cache(1, len(ids)))[0]
+        logits = target.model.forward(
+            torch.tensor([ids]), torch.arange(len(ids))[None], target.model.new_cache(1, len(ids))
+        )[0]
         probs = process_logits(logits[len(prompt) - 1 :], params).double()
         dist[seq] = float(torch.prod(probs[torch.arange(length), torch.tensor(seq)]))
     return dist
 
 
 @pytest.mark.parametrize("kind", ["draft_model", "prompt_lookup"])
-@pytest.mark.parametrize("setting", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.95, top_k=6)], ids=["T1", "T0.7-top"])
+@pytest.mark.parametrize(
+    "setting", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.95, top_k=6)], ids=["T1", "T0.7-top"]
+)
 def test_sampled_distribution_matches_target(tiny_target, tiny_draft, kind, setting):
     """Empirical distribution of the first two tokens under speculation vs the exact target distribution.
     Chi-square goodness of fit over 3000 seeded samples; we require p > 1e-3 (a correct engine fails this
@@ -132,8 +138,13 @@ def test_sampled_distribution_matches_target(tiny_target, tiny_draft, kind, sett
 
 
 def test_llm_api_with_token_ids_and_strings(tiny_dirs):
-    llm = LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], dtype="float32",
-              speculative={"method": "draft_model", "num_speculative_tokens": 3}, max_model_len=128)
+    llm = LLM(
+        target=tiny_dirs["target"],
+        draft=tiny_dirs["draft"],
+        dtype="float32",
+        speculative={"method": "draft_model", "num_speculative_tokens": 3},
+        max_model_len=128,
+    )
     plain = LLM(target=tiny_dirs["target"], dtype="float32", max_model_len=128)
     params = SamplingParams(temperature=0, max_tokens=12)
     [a, b] = llm.generate([PROMPT, "abcdab"], params)
@@ -148,7 +159,9 @@ def test_llm_api_with_token_ids_and_strings(tiny_dirs):
     assert c.metrics.acceptance_rate == 0.0 and c.metrics.mean_accept_length == 1.0
     single = llm.generate(PROMPT, params)
     assert single[0].token_ids == a.token_ids
-    seeded = [llm.generate(PROMPT, SamplingParams(temperature=1.0, seed=7, max_tokens=8))[0].token_ids for _ in range(2)]
+    seeded = [
+        llm.generate(PROMPT, SamplingParams(temperature=1.0, seed=7, max_tokens=8))[0].token_ids for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
 
 

@@ -28,7 +28,9 @@ SETTINGS = [
 ]
 
 
-def target_conditionals(target, prefix: list[int], continuation: tuple[int, ...], params: SamplingParams) -> torch.Tensor:
+def target_conditionals(
+    target, prefix: list[int], continuation: tuple[int, ...], params: SamplingParams
+) -> torch.Tensor:
     """Processed target distributions after prefix + continuation[:i] for i = 0..len(continuation)."""
     ids = prefix + list(continuation)
     cache = target.model.new_cache(1, len(ids) + 1)
@@ -119,9 +121,11 @@ def test_greedy_step_matches_target_argmax(kind, tiny_target, tiny_draft):
     engine = make_engine(kind, tiny_target, tiny_draft, k)
     emitted = enumerate_outcomes(
         lambda s: (lambda q: (engine.prefill(q), engine.step(q), engine.finish(q), tuple(q.output_ids))[-1])(
-            engine.new_sequence(PROMPT, params, sampler=s)))
+            engine.new_sequence(PROMPT, params, sampler=s)
+        )
+    )
     assert len(emitted) == 1, "greedy speculation must be deterministic"
-    (out,), = [tuple(emitted)]
+    ((out,),) = [tuple(emitted)]
     ids = list(PROMPT)
     for token in out:  # each emitted token is the target's argmax after the tokens before it
         cache = tiny_target.model.new_cache(1, len(ids) + 1)

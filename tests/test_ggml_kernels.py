@@ -60,6 +60,7 @@ def assert_exact_up_to_rounding(y, x_deq, w_deq, rtol=1e-5):
 
 # --- layouts ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("type_", TYPES, ids=NAMES)
 def test_dequantize_matches_gguf_bitwise(type_):
     w = random_blocks(type_, 7, 512, seed=type_)
@@ -88,14 +89,18 @@ def q6_k_reference(w, offset=32):
     d = b[:, 208:210].copy().view(np.float16).astype(np.float32)[:, 0]
     y = np.zeros((b.shape[0], 256), np.float32)
     for h in range(2):
-        lo, hi, hh = ql[:, 64 * h:64 * h + 32], ql[:, 64 * h + 32:64 * h + 64], qh[:, 32 * h:32 * h + 32]
-        parts = [(lo & 15) | ((hh & 3) << 4), (hi & 15) | (((hh >> 2) & 3) << 4),
-                 (lo >> 4) | (((hh >> 4) & 3) << 4), (hi >> 4) | (((hh >> 6) & 3) << 4)]
+        lo, hi, hh = ql[:, 64 * h : 64 * h + 32], ql[:, 64 * h + 32 : 64 * h + 64], qh[:, 32 * h : 32 * h + 32]
+        parts = [
+            (lo & 15) | ((hh & 3) << 4),
+            (hi & 15) | (((hh >> 2) & 3) << 4),
+            (lo >> 4) | (((hh >> 4) & 3) << 4),
+            (hi >> 4) | (((hh >> 6) & 3) << 4),
+        ]
         for g, q in enumerate(parts):
             for half16 in range(2):
                 scale = d * sc[:, 8 * h + 2 * g + half16].astype(np.float32)
                 cols = slice(128 * h + 32 * g + 16 * half16, 128 * h + 32 * g + 16 * half16 + 16)
-                y[:, cols] = scale[:, None] * (q[:, 16 * half16:16 * half16 + 16] - offset).astype(np.float32)
+                y[:, cols] = scale[:, None] * (q[:, 16 * half16 : 16 * half16 + 16] - offset).astype(np.float32)
     return y.reshape(w.shape[0], -1)
 
 
@@ -115,6 +120,7 @@ def test_checks_can_fail_on_a_wrong_layout():
 
 
 # --- activations --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
 @pytest.mark.parametrize("block", [32, 256])
@@ -150,6 +156,7 @@ def test_quantize_activations_edge_blocks(isa):
 
 
 # --- matmul -------------------------------------------------------------------------------------
+
 
 def _x(m, k, seed=0):
     return torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
@@ -207,7 +214,7 @@ def test_batch_invariance(type_, isa):
     n, k = 24, 512
     w = random_blocks(type_, n, k, seed=30)
     x = _x(9, k, seed=2)
-    alone = torch.cat([ggml.ggml_matmul(x[i:i + 1], w, type_, n, k, isa) for i in range(9)])
+    alone = torch.cat([ggml.ggml_matmul(x[i : i + 1], w, type_, n, k, isa) for i in range(9)])
     for m in range(1, 10):
         assert torch.equal(ggml.ggml_matmul(x[:m], w, type_, n, k, isa), alone[:m]), f"M={m}"
     # a token's output also ignores which tokens come before it
@@ -223,7 +230,7 @@ def test_batch_invariance_over_tiles_and_row_chunks(type_, isa):
     x = _x(19, k, seed=3)
     together = ggml.ggml_matmul(x, w, type_, n, k, isa)
     for i in (0, 7, 8, 16, 18):
-        assert torch.equal(together[i], ggml.ggml_matmul(x[i:i + 1], w, type_, n, k, isa)[0]), f"token {i}"
+        assert torch.equal(together[i], ggml.ggml_matmul(x[i : i + 1], w, type_, n, k, isa)[0]), f"token {i}"
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
@@ -263,6 +270,7 @@ def test_bad_arguments_are_refused():
 
 # --- CPU level ----------------------------------------------------------------------------------
 
+
 def test_isa_cap_from_environment(monkeypatch):
     monkeypatch.delenv("SPECGROVE_MAX_ISA", raising=False)
     best = ggml.cpu_isa_level()
@@ -288,6 +296,7 @@ def test_missing_compiler_is_named(monkeypatch, tmp_path):
 
 
 # --- the fused linear layer (GGUFLinear's one call) --------------------------------------------------
+
 
 @pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
 def test_linear_is_the_matmuls_plus_bias_plus_residual_bitwise(isa):
@@ -324,6 +333,7 @@ def test_linear_refuses_bad_shapes():
 
 
 # --- Q4_K x8: eight rows interleaved for the AVX2 path ----------------------------------------------
+
 
 @needs_avx2
 @pytest.mark.parametrize("k_blocks", [1, 3, 6])
@@ -380,8 +390,9 @@ def test_q4k_x8_batch_invariance_and_mixed_matrices():
         assert torch.equal(together[i], ext.linear(x[i : i + 1], weights, types, None, None, ggml.ISA_AVX2)[0])
     # and a wrongly repacked matrix (the rows of two groups swapped) is caught by the same kind of comparison
     swapped = torch.cat([w[8:16], w[:8], w[16:]])
-    assert not torch.equal(ext.linear(x, [ggml.repack_q4k_x8(swapped, n, k)], [ggml.Q4_K_X8], None, None,
-                                      ggml.ISA_AVX2), together[:, :n])
+    assert not torch.equal(
+        ext.linear(x, [ggml.repack_q4k_x8(swapped, n, k)], [ggml.Q4_K_X8], None, None, ggml.ISA_AVX2), together[:, :n]
+    )
 
 
 def test_q4k_x8_is_refused_where_it_cannot_run():
@@ -403,8 +414,10 @@ def test_gguf_linear_q4k_layouts_agree_bitwise(monkeypatch):
     from specgrove.models.linear import GGUFLinear
 
     n, k = 32, 512
-    parts = [GGUFMatrix(torch.from_numpy(random_blocks(ggml.Q4_K, n, k, seed=60)), ggml.Q4_K, n, k),
-             GGUFMatrix(torch.from_numpy(random_blocks(ggml.Q6_K, 8, k, seed=61)), ggml.Q6_K, 8, k)]
+    parts = [
+        GGUFMatrix(torch.from_numpy(random_blocks(ggml.Q4_K, n, k, seed=60)), ggml.Q4_K, n, k),
+        GGUFMatrix(torch.from_numpy(random_blocks(ggml.Q6_K, 8, k, seed=61)), ggml.Q6_K, 8, k),
+    ]
     x, bias = _x(3, k, seed=6), torch.randn(n + 8)
     x8_type = ggml.Q4_K_X8 if HAS_AVX2 else ggml.Q4_K
     layers = {}

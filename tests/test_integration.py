@@ -31,8 +31,9 @@ def test_real_draft_runtime_matches_transformers_with_a_tree():
     ours.model.forward(torch.tensor([prefix[:-1]]), torch.arange(len(prefix) - 1)[None], cache, logits_at=None)
     cache.commit(0)
     positions = len(prefix) - 1 + torch.tensor(tree.position_offsets())
-    out = ours.model.forward(torch.tensor([[prefix[-1]] + tree.tokens]), positions[None], cache,
-                             tree_mask=tree.attention_mask()[None])[0]
+    out = ours.model.forward(
+        torch.tensor([[prefix[-1]] + tree.tokens]), positions[None], cache, tree_mask=tree.attention_mask()[None]
+    )[0]
     for node in [-1] + list(range(len(tree))):
         path = [tree.tokens[n] for n in tree.path_to(node)] if node >= 0 else []
         with torch.no_grad():
@@ -44,8 +45,13 @@ def test_real_draft_runtime_matches_transformers_with_a_tree():
 
 @pytest.fixture(scope="module")
 def fp32_llm():
-    llm = LLM(speculative={"method": "draft_model", "num_speculative_tokens": 4}, dtype="float32", max_model_len=1024,
-              quantization="none", draft_quantization="none")
+    llm = LLM(
+        speculative={"method": "draft_model", "num_speculative_tokens": 4},
+        dtype="float32",
+        max_model_len=1024,
+        quantization="none",
+        draft_quantization="none",
+    )
     yield llm
     del llm
     gc.collect()
@@ -87,12 +93,15 @@ def test_greedy_tree_decoding_is_identical_to_plain_greedy_fp32(fp32_llm):
 
 
 def test_sampling_on_real_models_runs_and_reports(fp32_llm):
-    out = fp32_llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=16))
+    out = fp32_llm.chat(
+        [{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=16)
+    )
     assert out.outputs[0].finish_reason in ("stop", "length") and out.text
     assert out.metrics.target_forwards >= 1 and 0 <= out.metrics.acceptance_rate <= 1
 
 
 # ---- the default format: the GGUF files' own blocks (specgrove.models.gguf_weights, specgrove.kernels) ----
+
 
 @pytest.fixture(scope="module")
 def default_llm():
@@ -115,8 +124,12 @@ def test_builtin_models_run_on_their_gguf_blocks_by_default(default_llm):
         # The blocks are the weights the converted directory holds (transformers dequantized the same file).
         dense = read_safetensors(loaded.path)
         gguf = GGUFWeights(source)
-        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight",
-                     "model.layers.2.mlp.down_proj.weight", "lm_head.weight"):
+        for name in (
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.v_proj.weight",
+            "model.layers.2.mlp.down_proj.weight",
+            "lm_head.weight",
+        ):
             m = gguf.matrix(name)
             assert torch.equal(ggml_dequantize(m.data, m.type, m.n, m.k), dense[name]), (loaded.name, name)
 
@@ -137,14 +150,16 @@ def test_forward_is_batch_invariant_on_the_real_target(default_llm):
     prefill(0, prompt[:-1])
     one_by_one = []
     for i, token in enumerate([prompt[-1]] + chain):
-        one_by_one.append(model.forward(torch.tensor([[token]]), torch.tensor([[len(prompt) - 1 + i]]), cache,
-                                        rows=[0])[0, 0])
+        one_by_one.append(
+            model.forward(torch.tensor([[token]]), torch.tensor([[len(prompt) - 1 + i]]), cache, rows=[0])[0, 0]
+        )
         cache.commit(row=0)
     one_by_one = torch.stack(one_by_one)
 
     prefill(0, prompt[:-1])
-    together = model.forward(torch.tensor([[prompt[-1]] + chain]),
-                             (len(prompt) - 1 + torch.arange(len(chain) + 1))[None], cache, rows=[0])[0]
+    together = model.forward(
+        torch.tensor([[prompt[-1]] + chain]), (len(prompt) - 1 + torch.arange(len(chain) + 1))[None], cache, rows=[0]
+    )[0]
     assert torch.equal(together, one_by_one)
 
     # The chain as a path of a tree with other branches, and beside another sequence in the batch.
@@ -174,9 +189,11 @@ def test_greedy_speculation_is_identical_to_plain_greedy_in_the_default_format(d
     from specgrove.trees.shape import TreeShape
 
     llm = default_llm
-    proposer = {"draft_model": lambda: DraftModelProposer(llm.draft, 1024),
-                "prompt_lookup": lambda: PromptLookupProposer(1, 3),
-                "tree": lambda: DraftModelProposer(llm.draft, 1024, TreeShape.parse("widths:3,2,1"))}[method]()
+    proposer = {
+        "draft_model": lambda: DraftModelProposer(llm.draft, 1024),
+        "prompt_lookup": lambda: PromptLookupProposer(1, 3),
+        "tree": lambda: DraftModelProposer(llm.draft, 1024, TreeShape.parse("widths:3,2,1")),
+    }[method]()
     engine = SpecEngine(llm.target, proposer, 12 if method == "tree" else 4, 1024)
     plain = SpecEngine(llm.target, None, 0, 1024)
     params = SamplingParams(temperature=0, max_tokens=48)

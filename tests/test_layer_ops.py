@@ -31,6 +31,7 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
 
 # --- RMSNorm ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
 @pytest.mark.parametrize("k", [1536, 896, 13])  # 13: a tail past the 8-lane body
 def test_rms_norm_is_torchs_up_to_rounding(isa, k):
@@ -59,6 +60,7 @@ def test_rms_norm_scalar_equals_avx2_bitwise(k):
 
 # --- SiLU(gate) * up ----------------------------------------------------------------------------
 
+
 def _gate_up(m, i, seed):
     gu = _rows(m, 2 * i, seed, scale=4.0)
     # the extremes of the exp: saturation, underflow, zeros of both signs
@@ -72,7 +74,7 @@ def _gate_up(m, i, seed):
 def test_silu_mul_is_torchs_up_to_rounding(isa, i):
     gu = _gate_up(4, i, 6)
     y = ops.silu_mul(gu, isa)
-    ref = (F.silu(gu[:, :i].double()) * gu[:, i:].double())
+    ref = F.silu(gu[:, :i].double()) * gu[:, i:].double()
     # relative, with a floor: below exp's normal range (g < -87.3) silu(g) ~ g e^g < 1e-34 comes out as 0
     err = (y.double() - ref).abs() / (ref.abs() + 1e-28)
     assert float(err.max()) < 1e-6, f"relative error {float(err.max()):.3g}"
@@ -112,6 +114,7 @@ def test_silu_mul_refuses_odd_width_and_other_dtypes():
 
 
 # --- RoPE and the KV store ----------------------------------------------------------------------
+
 
 def _rope_case(B=2, T=3, Hq=4, Hkv=2, D=16, R=3, S=10, seed=10):
     g = torch.Generator().manual_seed(seed)

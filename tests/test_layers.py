@@ -6,8 +6,17 @@ import pytest
 
 # lowest first; a module may import its own layer and the ones below, never one above
 LAYERS = [
-    ("specgrove.errors", "specgrove.version", "specgrove.cpu", "specgrove.config", "specgrove.sampling",
-     "specgrove.kernels", "specgrove.models", "specgrove.trees", "specgrove.verify"),
+    (
+        "specgrove.errors",
+        "specgrove.version",
+        "specgrove.cpu",
+        "specgrove.config",
+        "specgrove.sampling",
+        "specgrove.kernels",
+        "specgrove.models",
+        "specgrove.trees",
+        "specgrove.verify",
+    ),
     ("specgrove.engine.sequence", "specgrove.engine.metrics", "specgrove.drafting"),
     ("specgrove.engine",),
     ("specgrove.tuning", "specgrove.api", "specgrove.bench", "specgrove.serve", "specgrove.train"),
@@ -92,8 +101,13 @@ def test_layers_point_down(graph):
 
 
 def test_the_library_never_imports_the_command_line(graph):
-    found = [f"{m} -> {w}" for m in sorted(graph.modules) if not _under(m, CLI)
-             for w in graph.find_modules_directly_imported_by(m) if _under(w, CLI)]
+    found = [
+        f"{m} -> {w}"
+        for m in sorted(graph.modules)
+        if not _under(m, CLI)
+        for w in graph.find_modules_directly_imported_by(m)
+        if _under(w, CLI)
+    ]
     assert not found, "\n".join(found)
 
 

@@ -68,19 +68,22 @@ def test_method_names_are_canonical():
     assert method_name(parse_method("sorted", sorted_exit=4)) == "sorted@4"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("tree:", "needs a tree shape"),
-    ("spechub:", "needs a tree shape"),
-    ("sorted@", "exit layer counts"),
-    ("sorted@x", "exit layer counts"),
-    ("sorted@0", "exit layer counts"),
-    ("sorted@1+2:widths:2", "makes chains"),
-    ("rrs", "unknown speculative method"),
-    ("medusa", "unknown speculative method"),
-    ("tree:kary:x", "bad tree spec"),
-    ("sorted@1:auto", "'auto' is tuned for a draft model"),
-    ("tree", "needs a tree"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("tree:", "needs a tree shape"),
+        ("spechub:", "needs a tree shape"),
+        ("sorted@", "exit layer counts"),
+        ("sorted@x", "exit layer counts"),
+        ("sorted@0", "exit layer counts"),
+        ("sorted@1+2:widths:2", "makes chains"),
+        ("rrs", "unknown speculative method"),
+        ("medusa", "unknown speculative method"),
+        ("tree:kary:x", "bad tree spec"),
+        ("sorted@1:auto", "'auto' is tuned for a draft model"),
+        ("tree", "needs a tree"),
+    ],
+)
 def test_bad_method_strings_are_refused(text, message):
     with pytest.raises(ValueError, match=message):
         parse_method(text)
@@ -144,16 +147,31 @@ def test_llm_api_takes_every_method_string(text, tiny_dirs, sorted_dir):  # noqa
         llm = LLM(target=tiny_dirs["target"], draft=draft, dtype="float32", device=DEVICE, speculative=speculative)
         assert llm.speculative == expected_config(text)
         _check_proposer(llm.engine.proposer, llm.speculative)
-        assert llm.engine.num_speculative_tokens == (0 if llm.speculative.method is None
-                                                     else llm.speculative.num_speculative_tokens)
+        assert llm.engine.num_speculative_tokens == (
+            0 if llm.speculative.method is None else llm.speculative.num_speculative_tokens
+        )
         out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=10))[0]
         assert out.token_ids == reference, text  # greedy speculation is lossless
 
 
 @pytest.mark.parametrize("text", list(CASES))
 def test_generate_cli_takes_every_method_string(text, tiny_dirs, sorted_dir, capsys):  # noqa: F811
-    argv = ["generate", "--target", tiny_dirs["target"], "--dtype", "float32", "--device", DEVICE,
-            "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "8", "--json", "--method", text]
+    argv = [
+        "generate",
+        "--target",
+        tiny_dirs["target"],
+        "--dtype",
+        "float32",
+        "--device",
+        DEVICE,
+        "--prompt-ids",
+        ",".join(map(str, PROMPT)),
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "--method",
+        text,
+    ]
     code, out, err = run_cli(argv + ["--draft", _draft_for(text, tiny_dirs, sorted_dir)], capsys)
     assert code == 0, err
     result = json.loads(out)
@@ -190,8 +208,16 @@ def test_bench_reads_method_strings_as_the_api(text):
 
 def test_bench_runs_grammar_methods_through_the_factory(tiny_dirs):
     methods = ["plain", "draft_model", "rrs:widths:2,1", "spechub:kary:2x2", "rrs_wo:widths:2,1"]
-    config = BenchConfig(tiny_dirs["target"], tiny_dirs["draft"], prompts=[PROMPT], methods=methods, max_new_tokens=8,
-                         dtype="float32", device=DEVICE, measure_bandwidth=False)
+    config = BenchConfig(
+        tiny_dirs["target"],
+        tiny_dirs["draft"],
+        prompts=[PROMPT],
+        methods=methods,
+        max_new_tokens=8,
+        dtype="float32",
+        device=DEVICE,
+        measure_bandwidth=False,
+    )
     result = run_bench(config, progress=False, log=lambda m: None)
     figures = result["methods"]
     for method in methods[1:]:
@@ -237,8 +263,22 @@ def test_a_new_drafter_is_one_module_plus_one_registration_line(repeat_last_regi
     out = llm.generate([PROMPT], greedy)[0]
     assert out.token_ids == plain.generate([PROMPT], greedy)[0].token_ids
     assert sum(out.metrics.proposed_per_step) > 0
-    argv = ["generate", "--target", tiny_dirs["target"], "--dtype", "float32", "--device", DEVICE,
-            "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--json", "--method", "repeat_last"]
+    argv = [
+        "generate",
+        "--target",
+        tiny_dirs["target"],
+        "--dtype",
+        "float32",
+        "--device",
+        DEVICE,
+        "--prompt-ids",
+        ",".join(map(str, PROMPT)),
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "--method",
+        "repeat_last",
+    ]
     code, printed, err = run_cli(argv, capsys)
     assert code == 0 and json.loads(printed)["method"] == "repeat_last", err
     assert engine_fields("repeat_last") == {"method": "repeat_last"}

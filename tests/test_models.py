@@ -63,16 +63,23 @@ def test_builtin_registry_pins():
 
 def test_incompatible_draft_vocabulary(tiny_dirs):
     with pytest.raises(IncompatibleModelsError, match="vocabulary"):
-        LLM(target=tiny_dirs["target"], draft=tiny_dirs["other_vocab"], dtype="float32",
-            speculative={"method": "draft_model", "num_speculative_tokens": 2})
+        LLM(
+            target=tiny_dirs["target"],
+            draft=tiny_dirs["other_vocab"],
+            dtype="float32",
+            speculative={"method": "draft_model", "num_speculative_tokens": 2},
+        )
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"method": "draft_model", "num_speculative_tokens": -1}, "num_speculative_tokens"),
-    ({"method": "medusa"}, "unknown"),
-    ({"method": "prompt_lookup", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),
-    ({"method": "prompt_lookup", "k": 2}, "unknown speculative option"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"method": "draft_model", "num_speculative_tokens": -1}, "num_speculative_tokens"),
+        ({"method": "medusa"}, "unknown"),
+        ({"method": "prompt_lookup", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),
+        ({"method": "prompt_lookup", "k": 2}, "unknown speculative option"),
+    ],
+)
 def test_bad_speculative_config(tiny_dirs, spec, message):
     with pytest.raises(ValueError, match=message):
         LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], dtype="float32", speculative=spec)
@@ -87,7 +94,9 @@ def test_ci_runs_the_readme_test_command():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    readme_commands = [line for line in (root / "README.md").read_text().splitlines() if line.startswith("bash scripts/")]
+    readme_commands = [
+        line for line in (root / "README.md").read_text().splitlines() if line.startswith("bash scripts/")
+    ]
     assert len(readme_commands) >= 2
     assert readme_commands[1] in (root / ".ci" / "run").read_text().splitlines()
 

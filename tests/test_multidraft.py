@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from test_trees import PathDistributions, emitted_vs_target
 
 from specgrove.drafting.draft_model import draw_children
 from specgrove.sampling import SamplingParams
@@ -14,15 +15,16 @@ from specgrove.trees.shape import TreeShape
 from specgrove.verify import multidraft, speculative
 from specgrove.verify.enumerate import enumerate_outcomes
 
-from test_trees import PathDistributions, emitted_vs_target
-
 SETTINGS = [
     pytest.param(dict(temperature=1.0), id="T1"),
     pytest.param(dict(temperature=0.7), id="T0.7"),
     pytest.param(dict(temperature=0.9, top_p=0.9), id="T0.9-topp0.9"),
 ]
-RULES = {"rrs": speculative.rejection_select, "rrs_wo": speculative.rejection_select,
-         "spechub": multidraft.spechub_select}
+RULES = {
+    "rrs": speculative.rejection_select,
+    "rrs_wo": speculative.rejection_select,
+    "spechub": multidraft.spechub_select,
+}
 SAMPLING = {"rrs": "iid", "rrs_wo": "without_replacement", "spechub": "hub"}
 
 
@@ -38,15 +40,21 @@ def random_pair(vocab: int, seed: int, sharp: float = 2.0) -> tuple[torch.Tensor
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_spechub_verification_is_exact(spec, vocab, setting):
     models = PathDistributions(vocab, seed=5)
-    error = emitted_vs_target(models, TreeShape.parse(spec), SamplingParams(**setting), "hub", multidraft.spechub_select)
+    error = emitted_vs_target(
+        models, TreeShape.parse(spec), SamplingParams(**setting), "hub", multidraft.spechub_select
+    )
     assert error < 1e-6
 
 
 def test_hub_sampling_falls_back_at_nodes_without_two_children():
     """Three children: drawn without replacement and verified by RRS w/o; one child: standard."""
     models = PathDistributions(4, seed=7)
-    assert emitted_vs_target(models, TreeShape.parse("widths:3,1"), SamplingParams(temperature=1.0), "hub",
-                             multidraft.spechub_select) < 1e-6
+    assert (
+        emitted_vs_target(
+            models, TreeShape.parse("widths:3,1"), SamplingParams(temperature=1.0), "hub", multidraft.spechub_select
+        )
+        < 1e-6
+    )
 
 
 def spechub_with_conditional_q(p, child_tokens, child_draft_probs, sampler):
@@ -66,8 +74,9 @@ def spechub_with_conditional_q(p, child_tokens, child_draft_probs, sampler):
 
 def test_wrong_spechub_verifier_fails():
     models = PathDistributions(4, seed=5)
-    error = emitted_vs_target(models, TreeShape.parse("kary:2x2"), SamplingParams(temperature=1.0), "hub",
-                              spechub_with_conditional_q)
+    error = emitted_vs_target(
+        models, TreeShape.parse("kary:2x2"), SamplingParams(temperature=1.0), "hub", spechub_with_conditional_q
+    )
     assert error > 1e-3
 
 
@@ -118,8 +127,9 @@ def test_acceptance_probability_matches_enumeration(method, seed):
 
 def test_rrs_acceptance_with_three_drafts_matches_enumeration():
     p, q = random_pair(4, 11)
-    assert multidraft.acceptance_probability(p, q, "rrs", k=3) == pytest.approx(enumerated_acceptance(p, q, "rrs", k=3),
-                                                                                abs=1e-6)
+    assert multidraft.acceptance_probability(p, q, "rrs", k=3) == pytest.approx(
+        enumerated_acceptance(p, q, "rrs", k=3), abs=1e-6
+    )
     with pytest.raises(ValueError, match="k <= 2"):
         multidraft.acceptance_probability(p, q, "spechub", k=3)
     with pytest.raises(ValueError, match="unknown"):
@@ -213,9 +223,14 @@ def test_verifiers_on_degenerate_distributions():
     p = torch.tensor([0.6, 0.4, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     for method in multidraft.METHODS:
         assert multidraft.acceptance_probability(p, q, method) == pytest.approx(0.0, abs=1e-12)
-    _, residual = multidraft.spechub_select(p, [4, 3], [q, torch.nn.functional.one_hot(torch.tensor(3), 6).double()],
-                                            _AlwaysNo())
-    assert torch.isfinite(residual).all() and residual.sum() == pytest.approx(1.0) and residual[:2].sum() == pytest.approx(1.0)
+    _, residual = multidraft.spechub_select(
+        p, [4, 3], [q, torch.nn.functional.one_hot(torch.tensor(3), 6).double()], _AlwaysNo()
+    )
+    assert (
+        torch.isfinite(residual).all()
+        and residual.sum() == pytest.approx(1.0)
+        and residual[:2].sum() == pytest.approx(1.0)
+    )
 
 
 class _AlwaysNo:
@@ -233,12 +248,13 @@ PROMPTS = [[1, 2, 3, 4, 1, 2, 3], [5, 6, 7, 5, 6]]
 def test_one_step_figures_on_model_pairs(tiny_target, tiny_draft):
     from specgrove.bench import multidraft as report
 
-    pairs, dropped = report.real_pairs(tiny_target, tiny_draft, SamplingParams(temperature=1.0, seed=0),
-                                       max_new_tokens=12, top=5, prompts=PROMPTS)
+    pairs, dropped = report.real_pairs(
+        tiny_target, tiny_draft, SamplingParams(temperature=1.0, seed=0), max_new_tokens=12, top=5, prompts=PROMPTS
+    )
     assert len(pairs) == 24 and all(p.shape == (5,) for p, _ in pairs) and all(0 <= d < 1 for d in dropped)
     figures = report.one_step_figures(pairs)
     assert figures["num_pairs"] == 24
-    for method, f in figures["methods"].items():
+    for f in figures["methods"].values():
         assert f["above_bound"] == 0 and f["mean_gap_to_bound"] >= -1e-9
         assert f["acceptance"] >= figures["single_draft_acceptance"] - 1e-9
     assert figures["methods"]["spechub"]["max_gap_to_bound"] < 1e-6
@@ -257,12 +273,26 @@ def test_bench_multidraft_methods_and_plot(tiny_dirs, tmp_path):
     from specgrove.bench.spec_bench import BenchConfig, BenchPrompt, run_bench
 
     methods = report.depth_methods([1, 2])
-    assert methods == ["rrs:kary:2x1", "rrs_wo:kary:2x1", "spechub:kary:2x1",
-                       "rrs:kary:2x2", "rrs_wo:kary:2x2", "spechub:kary:2x2"]
-    config = BenchConfig(tiny_dirs["target"], tiny_dirs["draft"],
-                         prompts=[BenchPrompt(i, "c", p) for i, p in enumerate(PROMPTS)], methods=methods,
-                         max_new_tokens=10, temperature=1.0, seed=0, dtype="float32", device="cpu",
-                         measure_bandwidth=False)
+    assert methods == [
+        "rrs:kary:2x1",
+        "rrs_wo:kary:2x1",
+        "spechub:kary:2x1",
+        "rrs:kary:2x2",
+        "rrs_wo:kary:2x2",
+        "spechub:kary:2x2",
+    ]
+    config = BenchConfig(
+        tiny_dirs["target"],
+        tiny_dirs["draft"],
+        prompts=[BenchPrompt(i, "c", p) for i, p in enumerate(PROMPTS)],
+        methods=methods,
+        max_new_tokens=10,
+        temperature=1.0,
+        seed=0,
+        dtype="float32",
+        device="cpu",
+        measure_bandwidth=False,
+    )
     result = run_bench(config, progress=False, log=lambda m: None)
     table = report.depth_table(result, [1, 2])
     for method in ("rrs", "rrs_wo", "spechub"):
@@ -270,14 +300,18 @@ def test_bench_multidraft_methods_and_plot(tiny_dirs, tmp_path):
             assert 1.0 <= table[method][depth] <= depth + 1
     assert result["methods"]["spechub:kary:2x2"]["tree"]["parents"] == list(TreeShape.parse("kary:2x2").parents)
     spread = report.depth_spread(result, [1, 2])
-    per_prompt = {m: [p["mean_accept_length"] for p in result["methods"][f"{m}:kary:2x2"]["per_prompt"]]
-                  for m in ("rrs", "spechub")}
+    per_prompt = {
+        m: [p["mean_accept_length"] for p in result["methods"][f"{m}:kary:2x2"]["per_prompt"]]
+        for m in ("rrs", "spechub")
+    }
     assert all(1.0 <= t <= 3 for t in per_prompt["rrs"] + per_prompt["spechub"])
     difference = spread["paired_difference"]["spechub-rrs"]["2"]
     assert difference["mean"] == pytest.approx(sum(per_prompt["spechub"]) / 2 - sum(per_prompt["rrs"]) / 2)
     assert difference["stderr"] >= 0 and all(v >= 0 for v in spread["stderr"]["rrs_wo"].values())
-    fake = {"one_step": {"0.6": report.one_step_figures([random_pair(6, 0), random_pair(6, 1)])},
-            "depth_table": {"0.6": {m: {"1": row[1], "2": row[2]} for m, row in table.items()}}}
+    fake = {
+        "one_step": {"0.6": report.one_step_figures([random_pair(6, 0), random_pair(6, 1)])},
+        "depth_table": {"0.6": {m: {"1": row[1], "2": row[2]} for m, row in table.items()}},
+    }
     path = report.plot_report(fake, tmp_path / "multidraft.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -285,14 +319,36 @@ def test_bench_multidraft_methods_and_plot(tiny_dirs, tmp_path):
 def test_multidraft_cli(tiny_dirs, tmp_path, monkeypatch, capsys):
     import json
 
-    from specgrove.cli import main
     from specgrove import tuning
+    from specgrove.cli import main
 
-    monkeypatch.setattr(tuning, "tune_prompts", lambda target, n, data=None: PROMPTS[:n])  # tiny models: no chat template
+    monkeypatch.setattr(
+        tuning, "tune_prompts", lambda target, n, data=None: PROMPTS[:n]
+    )  # tiny models: no chat template
     out = tmp_path / "r.json"
-    code = main(["multidraft", "--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--dtype",
-                 "float32", "--temperatures", "0.7", "--prompts", "2", "--max-new-tokens", "8", "--top", "6",
-                 "--json", str(out), "--plot", str(tmp_path / "r.png")])
+    code = main(
+        [
+            "multidraft",
+            "--target",
+            str(tiny_dirs["target"]),
+            "--draft",
+            str(tiny_dirs["draft"]),
+            "--dtype",
+            "float32",
+            "--temperatures",
+            "0.7",
+            "--prompts",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--top",
+            "6",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "r.png"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "OTM bound" in printed and (tmp_path / "r.png").is_file()
     report = json.loads(out.read_text())

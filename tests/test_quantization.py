@@ -4,22 +4,33 @@ matched exactly by speculation over it."""
 
 import pytest
 import torch
+from test_exactness import max_difference, speculative_sequence_distribution, target_sequence_distribution
 
 from specgrove import LLM, SamplingParams
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
-from specgrove.models.linear import (PAD_ROWS, Linear, dequantize_int4, int4_available, int8_available, packing_available,
-                                     quantize_int4, quantize_int8, w8a8_available)
+from specgrove.models.linear import (
+    PAD_ROWS,
+    Linear,
+    dequantize_int4,
+    int4_available,
+    int8_available,
+    packing_available,
+    quantize_int4,
+    quantize_int8,
+    w8a8_available,
+)
 from specgrove.models.loader import load_model
 from specgrove.trees.shape import TreeShape
 
 from conftest import DEVICE
-from test_exactness import max_difference, speculative_sequence_distribution, target_sequence_distribution
 
 AVAILABLE = {"int8": int8_available(), "int4": int4_available(DEVICE), "w8a8": w8a8_available(DEVICE)}
 needs_int8 = pytest.mark.skipif(not AVAILABLE["int8"], reason="this torch build has no _weight_int8pack_mm")
-QUANTS = [pytest.param(q, marks=pytest.mark.skipif(not AVAILABLE[q], reason=f"no {q} kernel here"))
-          for q in ("int8", "int4", "w8a8")]
+QUANTS = [
+    pytest.param(q, marks=pytest.mark.skipif(not AVAILABLE[q], reason=f"no {q} kernel here"))
+    for q in ("int8", "int4", "w8a8")
+]
 PROMPT = [1, 2, 3, 1, 2]
 
 
@@ -57,7 +68,9 @@ def test_int4_linear_matches_its_dequantized_weight(dtype, out_features):
     int4 = Linear(weight, bias, packed=False, quantization="int4")
     assert int4.nbytes < Linear(weight, bias, packed=False).nbytes * (0.25 if dtype == torch.float32 else 0.4)
     q, scale_zero = quantize_int4(weight.cpu())
-    assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15 and scale_zero.shape == (2, out_features, 2)
+    assert (
+        q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15 and scale_zero.shape == (2, out_features, 2)
+    )
     dequantized = dequantize_int4(q, scale_zero)
     # min-max groups of 32: every weight within half a step of its group's grid
     step = scale_zero[..., 0].t().repeat_interleave(32, dim=1)
@@ -92,10 +105,18 @@ def test_w8a8_linear_is_close_and_each_token_is_quantized_by_itself(dtype):
     assert torch.equal(w8a8(x[2:5]), out[2:5])
 
 
-@pytest.mark.parametrize("dtype", [
-    pytest.param(d, marks=pytest.mark.skipif(not packing_available(torch.device(DEVICE), d),
-                                             reason=f"oneDNN cannot prepack {d} here"))
-    for d in (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        pytest.param(
+            d,
+            marks=pytest.mark.skipif(
+                not packing_available(torch.device(DEVICE), d), reason=f"oneDNN cannot prepack {d} here"
+            ),
+        )
+        for d in (torch.bfloat16, torch.float32)
+    ],
+)
 def test_prepacked_linear_matches_dense(dtype):
     """bf16 pads fewer than PAD_ROWS rows (oneDNN's faster kernel); fp32 is prepacked as is."""
     g = torch.Generator().manual_seed(0)
@@ -117,8 +138,15 @@ def test_quantized_draft_keeps_greedy_output(tiny_dirs, quantization):
         pytest.skip("int4 on CUDA needs bfloat16; greedy identity is tested in float32")
     params = SamplingParams(temperature=0, max_tokens=24)
     plain = LLM(target=tiny_dirs["target"], dtype="float32", max_model_len=128, device=DEVICE)
-    spec = LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], dtype="float32", max_model_len=128, device=DEVICE,
-               speculative={"method": "tree", "tree": "widths:2,2,1"}, draft_quantization=quantization)
+    spec = LLM(
+        target=tiny_dirs["target"],
+        draft=tiny_dirs["draft"],
+        dtype="float32",
+        max_model_len=128,
+        device=DEVICE,
+        speculative={"method": "tree", "tree": "widths:2,2,1"},
+        draft_quantization=quantization,
+    )
     assert spec.draft.model.quantization == quantization and spec.target.model.quantization is None
     assert spec.generate(PROMPT, params)[0].token_ids == plain.generate(PROMPT, params)[0].token_ids
     with pytest.raises(ValueError, match="quantization"):
@@ -146,7 +174,9 @@ def test_speculation_over_a_quantized_target_matches_it(tiny_dirs, quantization)
     if DEVICE == "cuda" and quantization == "int4":
         pytest.skip("int4 on CUDA needs bfloat16; greedy identity is tested in float32")
     params = SamplingParams(temperature=0, max_tokens=24)
-    common = dict(target=tiny_dirs["target"], dtype="float32", max_model_len=128, device=DEVICE, quantization=quantization)
+    common = dict(
+        target=tiny_dirs["target"], dtype="float32", max_model_len=128, device=DEVICE, quantization=quantization
+    )
     plain = LLM(**common)
     spec = LLM(**common, draft=tiny_dirs["draft"], speculative={"method": "draft_model", "num_speculative_tokens": 3})
     assert spec.target.model.quantization == quantization

@@ -8,6 +8,7 @@ from specgrove.errors import UnsupportedError
 from specgrove.models.loader import load_model
 from specgrove.testing import make_tiny_model
 from specgrove.trees.tree import TokenTree
+
 from conftest import DEVICE
 
 TOL = 1e-4
@@ -59,8 +60,9 @@ def test_tree_mask_logits_equal_each_paths_sequential_logits(pair):
     ours.model.forward(torch.tensor([prefix[:-1]]), torch.arange(5)[None], cache, logits_at=None)
     cache.commit(0)
     positions = 5 + torch.tensor(tree.position_offsets())
-    out = ours.model.forward(torch.tensor([[prefix[-1]] + tree.tokens]), positions[None], cache,
-                             tree_mask=tree.attention_mask()[None]).cpu()[0]
+    out = ours.model.forward(
+        torch.tensor([[prefix[-1]] + tree.tokens]), positions[None], cache, tree_mask=tree.attention_mask()[None]
+    ).cpu()[0]
     assert (out[0] - reference_logits(ref, prefix)[-1]).abs().max() < TOL
     for node in range(len(tree)):
         path = [tree.tokens[n] for n in tree.path_to(node)]
@@ -75,8 +77,12 @@ def test_keeping_a_tree_path_then_continuing(pair):
     cache = ours.model.new_cache(1, 64)
     ours.model.forward(torch.tensor([prefix[:-1]]), torch.arange(3)[None], cache, logits_at=None)
     cache.commit(0)
-    ours.model.forward(torch.tensor([[prefix[-1]] + tree.tokens]), (3 + torch.tensor(tree.position_offsets()))[None],
-                       cache, tree_mask=tree.attention_mask()[None])
+    ours.model.forward(
+        torch.tensor([[prefix[-1]] + tree.tokens]),
+        (3 + torch.tensor(tree.position_offsets()))[None],
+        cache,
+        tree_mask=tree.attention_mask()[None],
+    )
     kept = tree.path_to(4)  # nodes 1 -> 3 -> 4: tokens 11, 13, 14 (not a prefix of the node order)
     cache.commit(0, [0] + [n + 1 for n in kept])
     assert cache.lengths[0] == 4 + len(kept)
@@ -138,6 +144,8 @@ def test_transformers_fallback_runs_chains_and_refuses_trees(tmp_path):
     assert c_slow.lengths == [4]
     tree = TokenTree([1, 2], [-1, -1])
     with pytest.raises(UnsupportedError):
-        slow.model.forward(torch.tensor([[3, 1, 2]]), torch.tensor([[4, 5, 5]]), c_slow, tree_mask=tree.attention_mask()[None])
+        slow.model.forward(
+            torch.tensor([[3, 1, 2]]), torch.tensor([[4, 5, 5]]), c_slow, tree_mask=tree.attention_mask()[None]
+        )
     with pytest.raises(UnsupportedError):
         c_slow.commit(0, [1])

@@ -76,16 +76,28 @@ def test_openai_client(server, tiny_target):
     spec = out.usage.model_extra["speculation"]
     assert spec["draft_tokens"] > 0 and 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]
 
-    chunks = list(client.completions.create(model=MODEL, prompt="abcab", max_tokens=9, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="abcab",
+            max_tokens=9,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
     assert chunks[-1].usage.completion_tokens == 9 and not chunks[-1].choices
 
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "abcab"}], max_tokens=6,
-                                          temperature=0)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "abcab"}], max_tokens=6, temperature=0
+    )
     assert chat.choices[0].message.content == expected_text(tiny_target, "abcabh", 6)
-    streamed = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "abcab"}],
-                                                   max_tokens=6, temperature=0, stream=True))
+    streamed = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "abcab"}], max_tokens=6, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
     assert streamed[-1].choices[0].finish_reason == "length"
 
@@ -151,8 +163,11 @@ def test_overload_burst(server, tiny_target, monkeypatch):
     expected = {p: expected_text(tiny_target, p, 10) for p in prompts}
 
     def send(prompt):
-        return prompt, httpx.post(server.url + "/v1/completions", timeout=120,
-                                  json={"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": 0})
+        return prompt, httpx.post(
+            server.url + "/v1/completions",
+            timeout=120,
+            json={"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": 0},
+        )
 
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(send, prompts))
@@ -205,8 +220,9 @@ def test_a_failing_request_fails_alone(server, tiny_target, monkeypatch):
     monkeypatch.setattr(DraftModelProposer, "propose_batch", fails_on_dd)
 
     def send(prompt):
-        return httpx.post(server.url + "/v1/completions", timeout=120,
-                          json={"prompt": prompt, "max_tokens": 8, "temperature": 0})
+        return httpx.post(
+            server.url + "/v1/completions", timeout=120, json={"prompt": prompt, "max_tokens": 8, "temperature": 0}
+        )
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         bad, good = list(pool.map(send, ["ddab", "abc"]))
@@ -214,7 +230,9 @@ def test_a_failing_request_fails_alone(server, tiny_target, monkeypatch):
     assert good.status_code == 200 and good.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 8)
     assert httpx.get(server.url + "/health").status_code == 200
     # streaming: the error arrives as an SSE error event
-    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "ddab", "max_tokens": 8, "stream": True}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json={"prompt": "ddab", "max_tokens": 8, "stream": True}
+    ) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert "draft exploded" in events[-1]["error"]["message"]
 
@@ -264,27 +282,89 @@ def test_loadtest_and_profile_commands(tiny_dirs, tmp_path, capsys):
     config["chat_template"] = CHAT_TEMPLATE
     (target / "tokenizer_config.json").write_text(json.dumps(config))
     questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(json.dumps({"question_id": i, "category": "c", "turns": [t]}) + "\n"
-                                 for i, t in enumerate(["abc", "bcad", "cab"])))
+    questions.write_text(
+        "".join(
+            json.dumps({"question_id": i, "category": "c", "turns": [t]}) + "\n"
+            for i, t in enumerate(["abc", "bcad", "cab"])
+        )
+    )
     common = ["--target", target, "--draft", tiny_dirs["draft"], "--dtype", "float32"]
     profile = tmp_path / "profile.json"
-    assert main([str(a) for a in ["profile", *common, "--rows", "1,2", "--tokens", "1,2", "--contexts", "8",
-                                  "--repeats", "1", "--out", profile]]) == 0
+    assert (
+        main(
+            [
+                str(a)
+                for a in [
+                    "profile",
+                    *common,
+                    "--rows",
+                    "1,2",
+                    "--tokens",
+                    "1,2",
+                    "--contexts",
+                    "8",
+                    "--repeats",
+                    "1",
+                    "--out",
+                    profile,
+                ]
+            ]
+        )
+        == 0
+    )
     LatencyModel.load(profile)
     out = tmp_path / "lt"
-    assert main([str(a) for a in ["loadtest", *common, "--policies", "fixed:0,fixed:2,goodput", "--profile", profile,
-                                  "--rates", "20,50", "--requests", "3", "--max-tokens", "5", "--max-model-len", "64",
-                                  "--data", questions, "--out", out]]) == 0
+    assert (
+        main(
+            [
+                str(a)
+                for a in [
+                    "loadtest",
+                    *common,
+                    "--policies",
+                    "fixed:0,fixed:2,goodput",
+                    "--profile",
+                    profile,
+                    "--rates",
+                    "20,50",
+                    "--requests",
+                    "3",
+                    "--max-tokens",
+                    "5",
+                    "--max-model-len",
+                    "64",
+                    "--data",
+                    questions,
+                    "--out",
+                    out,
+                ]
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "lt.json").read_text())
     assert [(r["policy"], r["rate"]) for r in report["results"]] == [
-        (p, r) for p in ("fixed:0", "fixed:2", "goodput") for r in (20.0, 50.0)]
+        (p, r) for p in ("fixed:0", "fixed:2", "goodput") for r in (20.0, 50.0)
+    ]
     for row in report["results"]:
         assert row["ok"] == 3 and row["completion_tokens"] == 15
         assert 0 < row["p50_latency_s"] <= row["p99_latency_s"] and row["tokens_per_s"] > 0
     assert (tmp_path / "lt.png").stat().st_size > 1000
     assert "goodput" in capsys.readouterr().err
-    bad = ["loadtest", *common, "--policies", "fixed:1,sometimes", "--rates", "1", "--requests", "1", "--data", questions,
-           "--out", tmp_path / "never"]
+    bad = [
+        "loadtest",
+        *common,
+        "--policies",
+        "fixed:1,sometimes",
+        "--rates",
+        "1",
+        "--requests",
+        "1",
+        "--data",
+        questions,
+        "--out",
+        tmp_path / "never",
+    ]
     assert main([str(a) for a in bad]) != 0
     assert "--policy is goodput or fixed:K, got 'sometimes'" in capsys.readouterr().err
     assert not (tmp_path / "never.json").exists()

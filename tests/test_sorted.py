@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 from scipy.stats import chisquare
+from test_engine import run, target_joint
+from test_exactness import max_difference, speculative_sequence_distribution, target_sequence_distribution
 
 from specgrove import LLM, SamplingParams
 from specgrove.drafting.sorted import LayeredCache, SortedDraftProposer, confidence, sorted_proposer, sorted_spec
@@ -18,8 +20,6 @@ from specgrove.models.sorted import SORTED_FILE, SortedSpec, build_sorted
 from specgrove.testing import make_tiny_model
 
 from conftest import DEVICE
-from test_engine import run, target_joint
-from test_exactness import max_difference, speculative_sequence_distribution, target_sequence_distribution
 
 EXITS = [1, 2, 4]
 # Confidences of this tiny draft's exits lie around 0.3-0.9: these thresholds make the exit vary with the
@@ -43,8 +43,13 @@ def sorted_draft(sorted_dir):
 @pytest.fixture(scope="module")
 def shrunk_draft(sorted_dir, tmp_path_factory):
     """The same draft with its output layer cut to 5 of the 8 tokens (q = 0 on the others)."""
-    out = build_sorted(sorted_dir, EXITS, tmp_path_factory.mktemp("shrunk") / "draft", thresholds=[0.85, 0.75, 0.0],
-                       head_token_ids=[0, 2, 3, 5, 7])  # its exits are more confident: higher thresholds
+    out = build_sorted(
+        sorted_dir,
+        EXITS,
+        tmp_path_factory.mktemp("shrunk") / "draft",
+        thresholds=[0.85, 0.75, 0.0],
+        head_token_ids=[0, 2, 3, 5, 7],
+    )  # its exits are more confident: higher thresholds
     return load_model(out, dtype="float32", device=DEVICE)
 
 
@@ -64,7 +69,9 @@ def test_build_sorted_writes_a_loadable_truncated_model(sorted_dir, sorted_draft
     base = load_model(sorted_dir.parent / "base", dtype="float32", device=DEVICE)
     ids = [1, 2, 3, 4, 5]
     for depth in EXITS:  # the sub-models are the base model's first layers with its norm and head
-        assert torch.allclose(full_logits(sorted_draft.model, ids, depth), full_logits(base.model, ids, depth), atol=1e-5)
+        assert torch.allclose(
+            full_logits(sorted_draft.model, ids, depth), full_logits(base.model, ids, depth), atol=1e-5
+        )
 
 
 def test_sorted_format_errors(sorted_dir, tmp_path):
@@ -202,8 +209,12 @@ def test_greedy_identical_to_plain(tiny_target, sorted_draft):
     plain = SpecEngine(tiny_target, None, 0, 256)
     tree = TreeShape.parse("widths:3,2,1")
     for exit_layer, shape in ((None, None), (1, None), (4, None), (1, tree), (4, tree)):
-        engine = SpecEngine(tiny_target, sorted_proposer(sorted_draft, 256, exit_layer, shape=shape),
-                            4 if shape is None else len(shape), 256)
+        engine = SpecEngine(
+            tiny_target,
+            sorted_proposer(sorted_draft, 256, exit_layer, shape=shape),
+            4 if shape is None else len(shape),
+            256,
+        )
         for prompt in ([1, 2, 3, 4, 1, 2, 3], [5], [7, 7, 0, 1]):
             params = SamplingParams(temperature=0, max_tokens=40)
             assert run(engine, prompt, params).output_ids == run(plain, prompt, params).output_ids
@@ -258,18 +269,37 @@ def test_adaptive_exit_follows_the_thresholds(tiny_target, sorted_draft):
 
 def test_llm_api_method_sorted(tiny_dirs, sorted_dir, sorted_draft):
     target = tiny_dirs["target"]
-    reference = LLM(target=target, dtype="float32", device=DEVICE).generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12))
-    adaptive = LLM(target=target, draft=sorted_dir, dtype="float32", device=DEVICE,
-                   speculative={"method": "sorted", "num_speculative_tokens": 3})
-    fixed = LLM(target=target, draft=sorted_draft, dtype="float32", device=DEVICE,  # an already loaded draft, shared
-                speculative={"method": "sorted", "num_speculative_tokens": 3, "sorted_exit": 2})
-    tree = LLM(target=target, draft=sorted_draft, dtype="float32", device=DEVICE,
-               speculative={"method": "sorted", "sorted_exit": 1, "tree": "widths:3,1"})
+    reference = LLM(target=target, dtype="float32", device=DEVICE).generate(
+        [[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12)
+    )
+    adaptive = LLM(
+        target=target,
+        draft=sorted_dir,
+        dtype="float32",
+        device=DEVICE,
+        speculative={"method": "sorted", "num_speculative_tokens": 3},
+    )
+    fixed = LLM(
+        target=target,
+        draft=sorted_draft,
+        dtype="float32",
+        device=DEVICE,  # an already loaded draft, shared
+        speculative={"method": "sorted", "num_speculative_tokens": 3, "sorted_exit": 2},
+    )
+    tree = LLM(
+        target=target,
+        draft=sorted_draft,
+        dtype="float32",
+        device=DEVICE,
+        speculative={"method": "sorted", "sorted_exit": 1, "tree": "widths:3,1"},
+    )
     assert tree.speculative.num_speculative_tokens == 6  # 3 children of the root, one child each
     for llm in (adaptive, fixed, tree):
         out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12))[0]
         assert out.token_ids == reference[0].token_ids and sum(out.metrics.proposed_per_step) > 0
-    assert max(tree.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12))[0].metrics.proposed_per_step) == 6
+    assert (
+        max(tree.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=12))[0].metrics.proposed_per_step) == 6
+    )
     assert fixed.draft is sorted_draft
     with pytest.raises(ValueError, match="options of method 'sorted'"):
         LLM(target=target, speculative={"method": "draft_model", "sorted_exit": 2})
@@ -283,10 +313,16 @@ def test_llm_api_method_sorted(tiny_dirs, sorted_dir, sorted_draft):
 def test_bench_sorted_methods(tiny_dirs, sorted_draft):
     from specgrove.bench.spec_bench import BenchConfig, print_report, run_bench
 
-    config = BenchConfig(tiny_dirs["target"], prompts=[[1, 2, 3, 4, 1, 2, 3], [5, 6, 7]],
-                         methods=["plain", "sorted", "sorted@1", "sorted@4", "sorted@1+2", "sorted@2:widths:3,1"],
-                         max_new_tokens=16, dtype="float32", device=DEVICE, measure_bandwidth=False,
-                         sorted_draft=sorted_draft)
+    config = BenchConfig(
+        tiny_dirs["target"],
+        prompts=[[1, 2, 3, 4, 1, 2, 3], [5, 6, 7]],
+        methods=["plain", "sorted", "sorted@1", "sorted@4", "sorted@1+2", "sorted@2:widths:3,1"],
+        max_new_tokens=16,
+        dtype="float32",
+        device=DEVICE,
+        measure_bandwidth=False,
+        sorted_draft=sorted_draft,
+    )
     result = run_bench(config, progress=False, log=lambda m: None)
     figures = result["methods"]
     for method in ("sorted", "sorted@1", "sorted@4", "sorted@1+2", "sorted@2:widths:3,1"):
@@ -303,11 +339,13 @@ def test_bench_sorted_methods(tiny_dirs, sorted_draft):
     with pytest.raises(ValueError, match="unknown method"):
         run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@x"], measure_bandwidth=False))
     with pytest.raises(ValueError, match="unknown method"):  # a tree is drafted by one fixed exit
-        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1+2:widths:2"],
-                              measure_bandwidth=False))
+        run_bench(
+            BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1+2:widths:2"], measure_bandwidth=False)
+        )
     with pytest.raises(ValueError, match="bad tree spec"):
-        run_bench(BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1:widths:x"],
-                              measure_bandwidth=False))
+        run_bench(
+            BenchConfig(tiny_dirs["target"], prompts=[[1, 2]], methods=["sorted@1:widths:x"], measure_bandwidth=False)
+        )
 
 
 def test_bench_cli_several_targets_share_one_sorted_draft(tiny_dirs, sorted_dir, monkeypatch, capsys, tmp_path):
@@ -320,15 +358,40 @@ def test_bench_cli_several_targets_share_one_sorted_draft(tiny_dirs, sorted_dir,
     def fake_run_bench(config, **kwargs):
         target = config.target
         calls.append((target, config.methods, config.sorted_draft))
-        return {"config": {"num_prompts": 0, "target": target, "dtype": "float32", "device": "cpu",
-                           "num_speculative_tokens": 4, "max_new_tokens": 1, "temperature": 0, "warmup": 0,
-                           "categories": [], "wall_time_s": 0.0},
-                "machine": {}, "methods": {}}
+        return {
+            "config": {
+                "num_prompts": 0,
+                "target": target,
+                "dtype": "float32",
+                "device": "cpu",
+                "num_speculative_tokens": 4,
+                "max_new_tokens": 1,
+                "temperature": 0,
+                "warmup": 0,
+                "categories": [],
+                "wall_time_s": 0.0,
+            },
+            "machine": {},
+            "methods": {},
+        }
 
     monkeypatch.setattr(spec_bench, "run_bench", fake_run_bench)
     out = tmp_path / "r.json"
-    code = main(["bench", "--targets", f"{tiny_dirs['target']},{defaults.DEFAULT_DRAFT}", "--sorted-draft",
-                 str(sorted_dir), "--methods", "plain,sorted,draft_model", "--dtype", "float32", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--targets",
+            f"{tiny_dirs['target']},{defaults.DEFAULT_DRAFT}",
+            "--sorted-draft",
+            str(sorted_dir),
+            "--methods",
+            "plain,sorted,draft_model",
+            "--dtype",
+            "float32",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     assert [c[0] for c in calls] == [str(tiny_dirs["target"]), defaults.DEFAULT_DRAFT]
     assert calls[0][1] == ["plain", "sorted", "draft_model"]

@@ -28,8 +28,9 @@ MAX_NEW = 16
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(0, VOCAB, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,11 +46,20 @@ def one_thread():
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     return {
-        "target": make_tiny_model(root / "target", "qwen2", VOCAB, seed=0, init_scale=2.0, num_hidden_layers=4,
-                                  with_tokenizer=True, eos_token_id=EOS),
+        "target": make_tiny_model(
+            root / "target",
+            "qwen2",
+            VOCAB,
+            seed=0,
+            init_scale=2.0,
+            num_hidden_layers=4,
+            with_tokenizer=True,
+            eos_token_id=EOS,
+        ),
         "init": make_tiny_model(root / "init", "qwen2", VOCAB, seed=1, num_hidden_layers=4, with_tokenizer=True),
-        "other_vocab": make_tiny_model(root / "other", "qwen2", VOCAB + 2, seed=2, num_hidden_layers=2,
-                                       with_tokenizer=True),
+        "other_vocab": make_tiny_model(
+            root / "other", "qwen2", VOCAB + 2, seed=2, num_hidden_layers=2, with_tokenizer=True
+        ),
     }
 
 
@@ -81,8 +91,14 @@ def test_batched_generation_equals_one_prompt_at_a_time(target):
     prompts = _prompts(10, seed=3)
     assert len({len(p) for p in prompts}) >= 4
     done_order = []
-    outputs = data.batched_generate(target.model, prompts, MAX_NEW, eos_ids=[EOS], batch_size=4,
-                                    on_done=lambda i, out, reason: done_order.append((i, reason)))
+    outputs = data.batched_generate(
+        target.model,
+        prompts,
+        MAX_NEW,
+        eos_ids=[EOS],
+        batch_size=4,
+        on_done=lambda i, out, reason: done_order.append((i, reason)),
+    )
     engine = SpecEngine(target, None, 0, 64)
     for prompt, output in zip(prompts, outputs):
         seq = engine.generate(engine.new_sequence(prompt, SamplingParams(temperature=0, max_tokens=MAX_NEW)))
@@ -98,8 +114,10 @@ def test_batched_generation_equals_one_prompt_at_a_time(target):
 def test_sampled_generation_does_not_depend_on_the_batch(target):
     prompts = _prompts(6, seed=4)
     batched = data.batched_generate(target.model, prompts, 12, [EOS], batch_size=3, temperature=1.0, seed=7)
-    alone = [data.batched_generate(target.model, [p], 12, [EOS], batch_size=1, temperature=1.0, seeds=[7 + i])[0]
-             for i, p in enumerate(prompts)]
+    alone = [
+        data.batched_generate(target.model, [p], 12, [EOS], batch_size=1, temperature=1.0, seeds=[7 + i])[0]
+        for i, p in enumerate(prompts)
+    ]
     greedy = data.batched_generate(target.model, prompts, 12, [EOS], batch_size=3)
     assert batched == alone and batched != greedy
 
@@ -116,17 +134,20 @@ def test_distill_resumes_and_skips_done_prompts(target, tmp_path):
         loads.append(1)
         return target
 
-    both = data.distill(loader, prompts, path, max_new_tokens=8, batch_size=4, progress=False,
-                        name=target.name, eos_ids=[EOS])
+    both = data.distill(
+        loader, prompts, path, max_new_tokens=8, batch_size=4, progress=False, name=target.name, eos_ids=[EOS]
+    )
     assert loads == [1] and both[:5] == first
     lines = path.read_text().splitlines()
     assert len(lines) == 8 and all(json.loads(line)["target"] == target.name for line in lines)
-    again = data.distill(loader, prompts, path, max_new_tokens=8, batch_size=4, progress=False,
-                         name=target.name, eos_ids=[EOS])
+    again = data.distill(
+        loader, prompts, path, max_new_tokens=8, batch_size=4, progress=False, name=target.name, eos_ids=[EOS]
+    )
     assert loads == [1] and again == both  # nothing left to generate: the target is not even loaded
     said = []
-    data.distill(loader, prompts, path, max_new_tokens=9, progress=False, name=target.name, eos_ids=[EOS],
-                 log=said.append)
+    data.distill(
+        loader, prompts, path, max_new_tokens=9, progress=False, name=target.name, eos_ids=[EOS], log=said.append
+    )
     assert loads == [1] and any("other settings" in m for m in said)
     assert [s.output_ids for s in both] == data.batched_generate(target.model, prompts, 8, [EOS], batch_size=8)
 
@@ -141,8 +162,9 @@ def _data_loss(init: soft.InitModel, samples) -> list[float]:
 
 def test_soft_loss_goes_down(dirs, samples, tmp_path):
     init = soft.load_init(dirs["init"], EXITS)
-    result = soft.train_soft(init, samples, tmp_path / "out", _settings(max_steps=40, save_every=100),
-                             eos_ids=[EOS], progress=False)
+    result = soft.train_soft(
+        init, samples, tmp_path / "out", _settings(max_steps=40, save_every=100), eos_ids=[EOS], progress=False
+    )
     assert result["status"] == "completed"
     before, after = _data_loss(init, samples), _data_loss(soft.load_init(tmp_path / "out"), samples)
     for exit_, b, a in zip(EXITS, before, after):
@@ -171,8 +193,13 @@ def test_exit_weights_weigh_the_exits_losses(dirs, samples, tmp_path):
     deep = _settings(max_steps=30, save_every=10, exit_weights=[0, 0, 1])
     soft.train_soft(init, samples, tmp_path / "deep", deep, progress=False, stop_after=10)
     with pytest.raises(SpecgroveError, match="other settings"):  # the same OUT with other weights
-        soft.train_soft(init, samples, tmp_path / "deep", _settings(max_steps=30, save_every=10, exit_weights=[1, 1, 1]),
-                        progress=False)
+        soft.train_soft(
+            init,
+            samples,
+            tmp_path / "deep",
+            _settings(max_steps=30, save_every=10, exit_weights=[1, 1, 1]),
+            progress=False,
+        )
     soft.train_soft(init, samples, tmp_path / "deep", deep, progress=False)
     after_equal = _data_loss(soft.load_init(tmp_path / "equal"), samples)
     after_deep = _data_loss(soft.load_init(tmp_path / "deep"), samples)
@@ -238,8 +265,9 @@ def test_training_is_the_plain_loop_bit_for_bit(dirs, samples, tmp_path):
 
     model = soft.SortedTrainModel(init.config, init.weights, EXITS)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                  weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
+    )
     examples = soft.build_examples(samples, settings.max_len)
     lengths = [len(e.ids) for e in examples]
     per_epoch = -(-len(examples) // settings.batch_size)
@@ -263,8 +291,13 @@ def test_training_is_the_plain_loop_bit_for_bit(dirs, samples, tmp_path):
 
 def test_bfloat16_autocast_trains(dirs, samples, tmp_path):
     init = soft.load_init(dirs["init"], EXITS)
-    soft.train_soft(init, samples, tmp_path / "out", _settings(max_steps=20, save_every=100, dtype="bfloat16",
-                                                               save_dtype="bfloat16"), progress=False)
+    soft.train_soft(
+        init,
+        samples,
+        tmp_path / "out",
+        _settings(max_steps=20, save_every=100, dtype="bfloat16", save_dtype="bfloat16"),
+        progress=False,
+    )
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(w.dtype == torch.bfloat16 for w in weights.values())
     before, after = _data_loss(init, samples), _data_loss(soft.load_init(tmp_path / "out"), samples)
@@ -294,7 +327,10 @@ def test_interrupted_run_resumes_to_the_same_weights(dirs, samples, tmp_path, mo
     state = json.loads((resumed / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4 and not state["completed"] and len(_log(resumed)) == 6
     assert set(load_file(str(resumed / "checkpoint" / "optimizer.safetensors"))) >= {
-        "model.norm.weight.exp_avg", "lm_head.weight.exp_avg_sq", "rng.torch"}
+        "model.norm.weight.exp_avg",
+        "lm_head.weight.exp_avg_sq",
+        "rng.torch",
+    }
 
     result = soft.train_soft(init, samples, resumed, _settings(), progress=False)
     assert result["status"] == "completed" and result["steps"] == 12
@@ -317,7 +353,7 @@ def _full_target_logprobs(target, s: data.Sample) -> torch.Tensor:
     """log softmax of the target before each continuation token, from one plain forward [n, V]."""
     ids = torch.tensor([s.prompt_ids + s.output_ids])
     logits = target.model.forward(ids, torch.arange(ids.shape[1])[None], target.model.new_cache(1, ids.shape[1]))
-    return torch.log_softmax(logits[0].float(), -1)[len(s.prompt_ids) - 1:-1]
+    return torch.log_softmax(logits[0].float(), -1)[len(s.prompt_ids) - 1 : -1]
 
 
 def test_teacher_topk_is_the_targets_distribution(target, samples, monkeypatch):
@@ -364,8 +400,9 @@ def test_kl_loss_is_the_kl_to_the_target(dirs, samples, target, tmp_path, head):
     weights = init.weights if head is None else soft.shrink_head(init.weights, head)
     model = soft.SortedTrainModel(init.config, weights, EXITS)
     batch_samples = samples[:6]
-    teachers = teacher.compute_teachers(batch_samples, tmp_path / "t.jsonl", lambda name: target, k=VOCAB,
-                                        progress=False)
+    teachers = teacher.compute_teachers(
+        batch_samples, tmp_path / "t.jsonl", lambda name: target, k=VOCAB, progress=False
+    )
     ids, labels, soft_labels = soft.collate(soft.build_examples(batch_samples, 1024, teachers))
     with torch.no_grad():
         kl = model.loss(ids, labels, soft_labels, kl_weight=1.0)
@@ -381,7 +418,7 @@ def test_kl_loss_is_the_kl_to_the_target(dirs, samples, target, tmp_path, head):
         valid = torch.tensor([keep[t].item() for t in s.output_ids])
         count += int(valid.sum())
         for e, logits in enumerate(exit_logits):
-            logq = torch.log_softmax(logits[b, first - 1:first - 1 + len(s.output_ids)], -1)
+            logq = torch.log_softmax(logits[b, first - 1 : first - 1 + len(s.output_ids)], -1)
             term = (torch.xlogy(p, p) - torch.where(p > 0, p * logq, 0.0)).sum(-1)
             expected[e] += term[valid].sum()
     assert kl[2] == ce[2] == count > 0
@@ -408,7 +445,10 @@ def test_kl_training_moves_every_exit_toward_the_target_and_resumes(dirs, sample
     # Stopped after 7 steps and run again: the weights of the uninterrupted run.
     soft.train_soft(init, samples, tmp_path / "resumed", settings, progress=False, teachers=teachers, stop_after=7)
     soft.train_soft(init, samples, tmp_path / "resumed", settings, progress=False, teachers=teachers)
-    a, b = load_file(str(tmp_path / "kl" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "kl" / "model.safetensors")),
+        load_file(str(tmp_path / "resumed" / "model.safetensors")),
+    )
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     # Other teacher distributions are other data: the checkpoint is not continued with them.
     soft.train_soft(init, samples, tmp_path / "other", settings, progress=False, teachers=teachers, stop_after=2)
@@ -456,8 +496,14 @@ def test_head_tokens_keep_the_most_frequent_tokens_and_eos(dirs, samples, tmp_pa
     expected = sorted([EOS] + ranked[:4])
     assert expected != list(range(5))  # frequency, not id order, decides (a precondition of the data)
     out = tmp_path / "out"
-    soft.train_soft(soft.load_init(dirs["init"], EXITS), samples, out, _settings(max_steps=4, head_tokens=5),
-                    eos_ids=[EOS], progress=False)
+    soft.train_soft(
+        soft.load_init(dirs["init"], EXITS),
+        samples,
+        out,
+        _settings(max_steps=4, head_tokens=5),
+        eos_ids=[EOS],
+        progress=False,
+    )
     weights = load_file(str(out / "model.safetensors"))
     assert weights["lm_head.token_ids"].tolist() == expected and weights["lm_head.weight"].shape[0] == 5
     assert json.loads((out / "sorted.json").read_text())["head_tokens"] == 5
@@ -507,9 +553,30 @@ def test_train_sorted_command_end_to_end(dirs, tmp_path):
     lines = [{"prompt": "abcab"}, {"prompt": "jjahd"}, {"prompt_ids": [1, 2, 3]}, {"prompt": "fgfgf"}, {"prompt": "e"}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in lines))
     out = tmp_path / "out"
-    argv = ["train-sorted", "--init", str(dirs["init"]), "--exits", "1,2,4", "--targets", str(dirs["target"]),
-            "--data", str(prompts), "--max-new-tokens", "10", "--out", str(out), "--max-steps", "6",
-            "--batch-size", "2", "--save-every", "2", "--target-dtype", "float32", "--no-progress"]
+    argv = [
+        "train-sorted",
+        "--init",
+        str(dirs["init"]),
+        "--exits",
+        "1,2,4",
+        "--targets",
+        str(dirs["target"]),
+        "--data",
+        str(prompts),
+        "--max-new-tokens",
+        "10",
+        "--out",
+        str(out),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "2",
+        "--target-dtype",
+        "float32",
+        "--no-progress",
+    ]
     args = _parse(argv)
     assert args.func is train_cli.cmd_train_sorted
     assert train_cli.cmd_train_sorted(args) == 0
@@ -534,15 +601,44 @@ def test_train_sorted_command_end_to_end(dirs, tmp_path):
     assert len(_log(out)) == 6 and len((out / "samples.jsonl").read_text().splitlines()) == 5
 
     # The samples file can be the data of another run, without targets.
-    args = _parse(["train-sorted", "--init", str(out), "--data", str(out / "samples.jsonl"), "--out",
-                   str(tmp_path / "again"), "--max-steps", "2", "--no-progress"])
+    args = _parse(
+        [
+            "train-sorted",
+            "--init",
+            str(out),
+            "--data",
+            str(out / "samples.jsonl"),
+            "--out",
+            str(tmp_path / "again"),
+            "--max-steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert train_cli.cmd_train_sorted(args) == 0
     assert json.loads((tmp_path / "again" / "sorted.json").read_text())["exits"] == EXITS
 
     # KL to the targets' distributions: the teacher pass loads each sample's target by its name.
-    args = _parse(["train-sorted", "--init", str(out), "--data", str(out / "samples.jsonl"), "--out",
-                   str(tmp_path / "kl"), "--max-steps", "2", "--kl-weight", "0.5", "--teacher-top-k", "4",
-                   "--target-dtype", "float32", "--no-progress"])
+    args = _parse(
+        [
+            "train-sorted",
+            "--init",
+            str(out),
+            "--data",
+            str(out / "samples.jsonl"),
+            "--out",
+            str(tmp_path / "kl"),
+            "--max-steps",
+            "2",
+            "--kl-weight",
+            "0.5",
+            "--teacher-top-k",
+            "4",
+            "--target-dtype",
+            "float32",
+            "--no-progress",
+        ]
+    )
     assert train_cli.cmd_train_sorted(args) == 0
     records = [json.loads(line) for line in (tmp_path / "kl" / "teacher.jsonl").read_text().splitlines()]
     assert len(records) == 5 and all(len(r["ids"][0]) == 4 for r in records)
@@ -555,8 +651,22 @@ def test_train_sorted_rejects_bad_input_with_advice(dirs, tmp_path):
     prompts.write_text('{"prompt": "abc"}\n')
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    base = ["train-sorted", "--init", str(dirs["init"]), "--exits", "1,2,4", "--targets", str(dirs["target"]),
-            "--data", str(prompts), "--out", str(tmp_path / "out"), "--max-steps", "1", "--no-progress"]
+    base = [
+        "train-sorted",
+        "--init",
+        str(dirs["init"]),
+        "--exits",
+        "1,2,4",
+        "--targets",
+        str(dirs["target"]),
+        "--data",
+        str(prompts),
+        "--out",
+        str(tmp_path / "out"),
+        "--max-steps",
+        "1",
+        "--no-progress",
+    ]
 
     def run(**changes):
         argv = list(base)
@@ -621,8 +731,10 @@ def test_calibration_statistics_and_rule(dirs, samples, tmp_path):
             assert s.precision_at(t)[0] >= goal
         smaller = [g for g in calibrate.GRID if g < t]
         assert all(s.precision_at(g)[0] < goal or s.precision_at(g)[1] == 0 for g in smaller)
-    made = [calibrate.ExitStatistics(1, torch.tensor([0.9, 0.3, 0.2]), torch.tensor([True, False, False])),
-            calibrate.ExitStatistics(2, torch.tensor([0.9, 0.9, 0.9]), torch.tensor([True, True, False]))]
+    made = [
+        calibrate.ExitStatistics(1, torch.tensor([0.9, 0.3, 0.2]), torch.tensor([True, False, False])),
+        calibrate.ExitStatistics(2, torch.tensor([0.9, 0.9, 0.9]), torch.tensor([True, True, False])),
+    ]
     assert calibrate.choose_thresholds(made) == [0.35, 0.0]  # from 0.35 up exit 1 is right 1/1 >= 2/3
     made[0] = calibrate.ExitStatistics(1, torch.tensor([0.9, 0.3, 0.2]), torch.tensor([False, False, True]))
     assert calibrate.choose_thresholds(made) == [1.0, 0.0]  # never as good as the deepest exit
@@ -635,8 +747,23 @@ def test_calibrate_sorted_command_writes_thresholds(dirs, samples, tmp_path, cap
     draft = build_sorted(dirs["init"], EXITS, tmp_path / "draft")
     path = tmp_path / "samples.jsonl"
     path.write_text("".join(s.to_json() + "\n" for s in samples))
-    assert main(["calibrate-sorted", "--draft", str(draft), "--samples", str(path), "--limit", "8", "--dtype",
-                 "float32", "--write"]) == 0
+    assert (
+        main(
+            [
+                "calibrate-sorted",
+                "--draft",
+                str(draft),
+                "--samples",
+                str(path),
+                "--limit",
+                "8",
+                "--dtype",
+                "float32",
+                "--write",
+            ]
+        )
+        == 0
+    )
     spec = SortedSpec.load(draft)
     calibration = spec.extra["calibration"]
     assert spec.thresholds[-1] == 0.0 and calibration["num_samples"] == 8

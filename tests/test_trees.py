@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+from test_exactness import max_difference, speculative_sequence_distribution, target_sequence_distribution
 
 from specgrove import LLM, SamplingParams
 from specgrove.drafting.draft_model import DraftModelProposer, draw_children
@@ -18,8 +19,6 @@ from specgrove.trees.shape import TreeShape
 from specgrove.trees.tree import TokenTree
 from specgrove.verify import speculative
 from specgrove.verify.enumerate import enumerate_outcomes
-
-from test_exactness import max_difference, speculative_sequence_distribution, target_sequence_distribution
 
 PROMPT = [1, 2, 3, 1, 2]
 
@@ -63,8 +62,15 @@ def test_extend_forward_equals_one_tree_forward(tiny_target):
     pieces = []
     for level in ([0, 1], [2, 3, 4], [5]):
         rows = mask[level[0] : level[-1] + 1, : level[-1] + 1]
-        pieces.append(model.forward(torch.tensor([[tree.tokens[n] for n in level]]), positions[level][None], cache,
-                                    tree_mask=rows[None], extend=True)[0])
+        pieces.append(
+            model.forward(
+                torch.tensor([[tree.tokens[n] for n in level]]),
+                positions[level][None],
+                cache,
+                tree_mask=rows[None],
+                extend=True,
+            )[0]
+        )
     assert cache.pending[0] == 6
     assert (torch.cat(pieces) - whole).abs().max() < 1e-5
     # keep the path 0 -> 2 -> 5 and continue: the same as decoding that path from scratch
@@ -75,7 +81,13 @@ def test_extend_forward_equals_one_tree_forward(tiny_target):
     expected = model.forward(torch.tensor([ids]), torch.arange(len(ids))[None], fresh)[0, -1]
     assert (after - expected).abs().max() < 1e-5
     with pytest.raises(ValueError, match="tree_mask"):
-        model.forward(torch.tensor([[1]]), torch.tensor([[8]]), cache, extend=True, tree_mask=torch.ones(1, 1, 3, dtype=torch.bool))
+        model.forward(
+            torch.tensor([[1]]),
+            torch.tensor([[8]]),
+            cache,
+            extend=True,
+            tree_mask=torch.ones(1, 1, 3, dtype=torch.bool),
+        )
 
 
 # ---- pure verification, exact: a depth-2 tree over path-dependent p and q --------------------------
@@ -173,8 +185,13 @@ def sequoia_without_removing_rejected(p, child_tokens, child_draft_probs, sample
 @pytest.mark.parametrize("spec, vocab", TREE_CASES)
 def test_sequoia_verifier_that_keeps_rejected_children_in_q_fails(spec, vocab):
     models = PathDistributions(vocab, seed=3)
-    error = emitted_vs_target(models, TreeShape.parse(spec), SamplingParams(temperature=1.0), "without_replacement",
-                              node_rule=sequoia_without_removing_rejected)
+    error = emitted_vs_target(
+        models,
+        TreeShape.parse(spec),
+        SamplingParams(temperature=1.0),
+        "without_replacement",
+        node_rule=sequoia_without_removing_rejected,
+    )
     assert error > 1e-3
 
 
@@ -187,8 +204,9 @@ def test_iid_rule_applied_to_children_drawn_without_replacement_fails():
         q = process_logits(logits, params)
         return [(token, q) for token, _ in drawn]
 
-    error = emitted_vs_target(models, TreeShape.parse("widths:3"), SamplingParams(temperature=1.0), "without_replacement",
-                              draw=draw_wrong)
+    error = emitted_vs_target(
+        models, TreeShape.parse("widths:3"), SamplingParams(temperature=1.0), "without_replacement", draw=draw_wrong
+    )
     assert error > 1e-3
 
 
@@ -242,8 +260,13 @@ def test_tree_metrics_count_ranks(tiny_target, tiny_draft):
 
 
 def test_llm_tree_method(tiny_dirs):
-    llm = LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], dtype="float32", max_model_len=128,
-              speculative={"method": "tree", "tree": "kary:2x2"})
+    llm = LLM(
+        target=tiny_dirs["target"],
+        draft=tiny_dirs["draft"],
+        dtype="float32",
+        max_model_len=128,
+        speculative={"method": "tree", "tree": "kary:2x2"},
+    )
     assert llm.engine.num_speculative_tokens == 6
     plain = LLM(target=tiny_dirs["target"], dtype="float32", max_model_len=128)
     params = SamplingParams(temperature=0, max_tokens=16)
@@ -251,7 +274,14 @@ def test_llm_tree_method(tiny_dirs):
     with pytest.raises(ValueError, match="needs a tree"):
         LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], speculative={"method": "tree"})
     with pytest.raises(ValueError, match="use method 'tree'"):
-        LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"], speculative={"method": "draft_model", "tree": "chain:2"})
+        LLM(
+            target=tiny_dirs["target"],
+            draft=tiny_dirs["draft"],
+            speculative={"method": "draft_model", "tree": "chain:2"},
+        )
     with pytest.raises(ValueError, match="tree_sampling"):
-        LLM(target=tiny_dirs["target"], draft=tiny_dirs["draft"],
-            speculative={"method": "tree", "tree": "chain:2", "tree_sampling": "sometimes"})
+        LLM(
+            target=tiny_dirs["target"],
+            draft=tiny_dirs["draft"],
+            speculative={"method": "tree", "tree": "chain:2", "tree_sampling": "sometimes"},
+        )

@@ -55,8 +55,9 @@ class LLM:
     `target` / `draft`: a built-in name, a Hugging Face directory, or a .gguf file.
     `quantization` / `draft_quantization`: "auto" (default: a model from a GGUF file, e.g. a built-in one, runs on
     its own quantized blocks, "gguf", where a kernel exists; others dense), "gguf", None (dense), "int8" or "int4"
-    (weight-only) or "w8a8" (int8 weights and activations, CPUs with AVX-512 VNNI; specgrove.models.linear). Speculation stays exact with respect to the target as
-    loaded, so a quantized draft never changes the output, a quantized target does.
+    (weight-only) or "w8a8" (int8 weights and activations, CPUs with AVX-512 VNNI; specgrove.models.linear).
+    Speculation stays exact with respect to the target as loaded, so a quantized draft never changes the output,
+    a quantized target does.
     `draft_vocab`: the draft's output layer keeps only token ids below it and the special tokens
     (`load_model`'s `head_vocab`): cheaper draft steps, the same output.
     `max_num_seqs`: requests decoded together by `generate` (continuous batching; each holds a KV cache
@@ -88,18 +89,33 @@ class LLM:
             torch.set_num_threads(num_threads)
         if uses_draft(self.speculative) and draft is None:
             if str(target) != defaults.DEFAULT_TARGET:
-                raise ValueError(f"method {self.speculative.method!r} needs a draft model: pass draft=<name, directory or .gguf>")
+                raise ValueError(
+                    f"method {self.speculative.method!r} needs a draft model: pass draft=<name, directory or .gguf>"
+                )
             draft = defaults.DEFAULT_DRAFT
         graphs = False if enforce_eager else None
-        self.target = load_model(target, dtype=dtype, device=device, expected_sha256=target_sha256,
-                                 quantization=quantization, cuda_graphs=graphs)
+        self.target = load_model(
+            target,
+            dtype=dtype,
+            device=device,
+            expected_sha256=target_sha256,
+            quantization=quantization,
+            cuda_graphs=graphs,
+        )
         self.draft: LoadedModel | None = None
         if uses_draft(self.speculative):
             if isinstance(draft, LoadedModel):  # one loaded draft serving several targets (S2D)
                 self.draft = draft
             else:
-                self.draft = load_model(draft, dtype=draft_dtype or dtype, device=device, expected_sha256=draft_sha256,
-                                        quantization=draft_quantization, cuda_graphs=graphs, head_vocab=draft_vocab)
+                self.draft = load_model(
+                    draft,
+                    dtype=draft_dtype or dtype,
+                    device=device,
+                    expected_sha256=draft_sha256,
+                    quantization=draft_quantization,
+                    cuda_graphs=graphs,
+                    head_vocab=draft_vocab,
+                )
             check_compatible(self.target, self.draft)
         shape = resolve_shape(self.speculative, self.target, self.draft)
         proposer, num_draft = build_proposer(self.speculative, self.target, self.draft, max_model_len, shape=shape)
@@ -129,12 +145,19 @@ class LLM:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False
+    ) -> list[RequestOutput]:
         """Generate for one prompt or a list of prompts (strings or lists of token ids)."""
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int))
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        )
         prompt_list = [prompts] if single else list(prompts)
-        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompt_list)
+        params_list = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params or SamplingParams()] * len(prompt_list)
+        )
         if len(params_list) != len(prompt_list):
             raise ValueError("give one SamplingParams, or one per prompt")
         seqs = [self.engine.new_sequence(self.encode(p), params) for p, params in zip(prompt_list, params_list)]
@@ -173,7 +196,9 @@ class LLM:
     @staticmethod
     def _output(prompt: str | None, seq) -> RequestOutput:
         return RequestOutput(
-            request_id=seq.request_id, prompt=prompt, prompt_token_ids=seq.prompt_ids,
+            request_id=seq.request_id,
+            prompt=prompt,
+            prompt_token_ids=seq.prompt_ids,
             outputs=[CompletionOutput(0, seq.text, list(seq.output_ids), seq.finish_reason, seq.stop_reason)],
             metrics=seq.metrics,
         )

@@ -1,6 +1,6 @@
 """The `specgrove` command: generate | bench | models.
 
-  specgrove generate [--prompt TEXT | --chat MESSAGE | --prompt-ids 1,2,3] [--method draft_model|prompt_lookup|tree|none] ...
+  specgrove generate [--prompt TEXT | --chat MESSAGE | --prompt-ids 1,2,3] [--method METHOD] ...
   specgrove bench [--limit 20] [--methods plain,draft_model,tree:kary:2x3,...] [--json PATH] ...
   specgrove tune [--method tree:auto] [--temperature T] [--out tree.json]   Sequoia: acceptance vector, profile,
                                          DP, best tree (default --out: the cache file the method's 'auto' reads)
@@ -40,10 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     from specgrove.train.cli import add_parser as add_train_sorted
 
     parser = argparse.ArgumentParser(prog="specgrove", description="Lossless speculative decoding engine.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,tune,multidraft,train-sorted,"
-                                                                       "calibrate-sorted,serve,profile,models}")
-    for add in (_add_generate, _add_bench, _add_tune, _add_multidraft, add_train_sorted, add_calibrate_parser,
-                add_serve_parsers, _add_models):
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{generate,bench,tune,multidraft,train-sorted,calibrate-sorted,serve,profile,models}",
+    )
+    for add in (
+        _add_generate,
+        _add_bench,
+        _add_tune,
+        _add_multidraft,
+        add_train_sorted,
+        add_calibrate_parser,
+        add_serve_parsers,
+        _add_models,
+    ):
         add(sub)
     return parser
 
@@ -53,7 +64,9 @@ def _add_generate(sub) -> None:
     source = g.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="a raw text prompt (no chat template)")
     source.add_argument("--chat", help="a user message, sent through the target's chat template")
-    source.add_argument("--prompt-ids", type=_int_list, help="the prompt as token ids, e.g. 1,2,3 (models without a tokenizer)")
+    source.add_argument(
+        "--prompt-ids", type=_int_list, help="the prompt as token ids, e.g. 1,2,3 (models without a tokenizer)"
+    )
     model_options(g)
     speculative_options(g)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -72,31 +85,57 @@ def _add_bench(sub) -> None:
     from specgrove.bench.spec_bench import DEFAULT_METHODS
 
     b = sub.add_parser("bench", help="run Spec-Bench prompts through several methods and compare them")
-    b.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: $SPECGROVE_SPEC_BENCH, else "
-                                                "shared/data/spec_bench/question.jsonl in a parent directory)")
+    b.add_argument(
+        "--data",
+        default=None,
+        help="Spec-Bench question.jsonl (default: $SPECGROVE_SPEC_BENCH, else "
+        "shared/data/spec_bench/question.jsonl in a parent directory)",
+    )
     b.add_argument("--limit", type=int, default=20, help="number of prompts, mixed categories round-robin (default 20)")
     b.add_argument("--categories", type=_name_list, default=None, help="comma list of categories to keep")
-    b.add_argument("--methods", type=_method_list, default=list(DEFAULT_METHODS),
-                   help=f"comma list (default {','.join(DEFAULT_METHODS)}); also llama_cpp and any speculative "
-                        f"method but none: {grammar().removeprefix('none, ')}")
+    b.add_argument(
+        "--methods",
+        type=_method_list,
+        default=list(DEFAULT_METHODS),
+        help=f"comma list (default {','.join(DEFAULT_METHODS)}); also llama_cpp and any speculative "
+        f"method but none: {grammar().removeprefix('none, ')}",
+    )
     model_options(b)
     b.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
-    b.add_argument("--tree-acceptance", default=None, metavar="TREE_JSON",
-                   help="a `specgrove tune` file: its acceptance vector gives each tree method's predicted tau")
+    b.add_argument(
+        "--tree-acceptance",
+        default=None,
+        metavar="TREE_JSON",
+        help="a `specgrove tune` file: its acceptance vector gives each tree method's predicted tau",
+    )
     b.add_argument("--prompt-lookup-min", type=int, default=1)
     b.add_argument("--prompt-lookup-max", type=int, default=3)
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=None)
-    b.add_argument("--warmup", type=int, default=1, help="warm-up prompts per method, excluded from figures (default 1)")
-    b.add_argument("--interleave", action="store_true",
-                   help="the engine methods take turns prompt by prompt, so a machine whose speed drifts slows them "
-                        "alike (default: one method over every prompt, then the next)")
-    b.add_argument("--sorted-draft", default=None, metavar="DIR",
-                   help="the sorted draft (S2D) of the methods sorted, sorted@L, sorted@L:TREE and sorted@L1+L2 (made by `specgrove train-sorted`)")
-    b.add_argument("--targets", type=_name_list, default=None,
-                   help="several targets, one after the other in this process, sharing one loaded sorted draft "
-                        "(S2D's multi-target report); overrides --target")
+    b.add_argument(
+        "--warmup", type=int, default=1, help="warm-up prompts per method, excluded from figures (default 1)"
+    )
+    b.add_argument(
+        "--interleave",
+        action="store_true",
+        help="the engine methods take turns prompt by prompt, so a machine whose speed drifts slows them "
+        "alike (default: one method over every prompt, then the next)",
+    )
+    b.add_argument(
+        "--sorted-draft",
+        default=None,
+        metavar="DIR",
+        help="the sorted draft (S2D) of the methods sorted, sorted@L, sorted@L:TREE and sorted@L1+L2 "
+        "(made by `specgrove train-sorted`)",
+    )
+    b.add_argument(
+        "--targets",
+        type=_name_list,
+        default=None,
+        help="several targets, one after the other in this process, sharing one loaded sorted draft "
+        "(S2D's multi-target report); overrides --target",
+    )
     b.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement")
     b.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full results as JSON")
     b.set_defaults(func=cmd_bench)
@@ -105,49 +144,81 @@ def _add_bench(sub) -> None:
 def _add_tune(sub) -> None:
     t = sub.add_parser("tune", help="Sequoia: measure the acceptance vector, profile this machine, choose the tree")
     model_options(t)
-    t.add_argument("--method", default="tree:auto",
-                   help="the tree method to tune, with its tree 'auto': tree:auto (default), rrs:auto, rrs_wo:auto or "
-                        "spechub:auto; other strings of the method language are refused")
+    t.add_argument(
+        "--method",
+        default="tree:auto",
+        help="the tree method to tune, with its tree 'auto': tree:auto (default), rrs:auto, rrs_wo:auto or "
+        "spechub:auto; other strings of the method language are refused",
+    )
     t.add_argument("--temperature", type=float, default=0.0, help="the sampling setting to tune for (0 = greedy)")
     t.add_argument("--top-p", type=float, default=1.0)
     t.add_argument("--top-k", type=int, default=0)
     t.add_argument("--seed", type=int, default=0, help="seed of the generated tuning text (default 0)")
-    t.add_argument("--prompts", type=int, default=8, help="Spec-Bench prompts to generate tuning text from "
-                                                          "(questions 21.., disjoint from bench's first 20)")
+    t.add_argument(
+        "--prompts",
+        type=int,
+        default=8,
+        help="Spec-Bench prompts to generate tuning text from (questions 21.., disjoint from bench's first 20)",
+    )
     t.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: as bench)")
     t.add_argument("--max-new-tokens", type=int, default=96)
     t.add_argument("--width", type=int, default=16, help="siblings measured per position (acceptance vector length)")
-    t.add_argument("--budgets", type=_budget_list, default=[1, 2, 4, 8, 16, 32, 64], help="node budgets (default 1,2,...,64)")
+    t.add_argument(
+        "--budgets", type=_budget_list, default=[1, 2, 4, 8, 16, 32, 64], help="node budgets (default 1,2,...,64)"
+    )
     t.add_argument("--max-depth", type=int, default=10)
     t.add_argument("--repeats", type=int, default=5, help="timed repeats per profiled forward (median)")
-    t.add_argument("--acceptance", default=None, metavar="TREE_JSON",
-                   help="reuse the acceptance vector of an earlier tune file (same sampling setting) instead of measuring")
-    t.add_argument("--profile", default=None, metavar="TREE_JSON",
-                   help="reuse the machine profile of an earlier tune file (same machine, models and dtype) instead "
-                        "of timing forwards; with --acceptance too, no model is loaded")
-    t.add_argument("--out", default=None,
-                   help="write the best tree here (JSON; default: the cache file that the method's tree 'auto' reads "
-                        "for this target, draft, dtype and sampling setting, so it needs no tuning on first use)")
-    t.add_argument("--budget-trees", action="store_true",
-                   help="also write the best tree of every budget next to --out (NAME_bN.json)")
+    t.add_argument(
+        "--acceptance",
+        default=None,
+        metavar="TREE_JSON",
+        help="reuse the acceptance vector of an earlier tune file (same sampling setting) instead of measuring",
+    )
+    t.add_argument(
+        "--profile",
+        default=None,
+        metavar="TREE_JSON",
+        help="reuse the machine profile of an earlier tune file (same machine, models and dtype) instead "
+        "of timing forwards; with --acceptance too, no model is loaded",
+    )
+    t.add_argument(
+        "--out",
+        default=None,
+        help="write the best tree here (JSON; default: the cache file that the method's tree 'auto' reads "
+        "for this target, draft, dtype and sampling setting, so it needs no tuning on first use)",
+    )
+    t.add_argument(
+        "--budget-trees",
+        action="store_true",
+        help="also write the best tree of every budget next to --out (NAME_bN.json)",
+    )
     t.set_defaults(func=cmd_tune)
 
 
 def _add_multidraft(sub) -> None:
     from specgrove.models import defaults
 
-    md = sub.add_parser("multidraft", help="SpecHub vs RRS vs RRS without replacement: one-step acceptance on real "
-                                           "(p, q) pairs next to the OTM bound; binary-tree tau by depth")
+    md = sub.add_parser(
+        "multidraft",
+        help="SpecHub vs RRS vs RRS without replacement: one-step acceptance on real "
+        "(p, q) pairs next to the OTM bound; binary-tree tau by depth",
+    )
     md.add_argument("--target", default=defaults.DEFAULT_TARGET)
     md.add_argument("--draft", default=None)
     md.add_argument("--dtype", default="auto")
     md.add_argument("--device", default="cpu")
     md.add_argument("--temperatures", type=_float_list, default=[0.6, 1.0], help="default 0.6,1.0")
-    md.add_argument("--prompts", type=int, default=4, help="prompts whose target text gives the (p, q) pairs (default 4)")
+    md.add_argument(
+        "--prompts", type=int, default=4, help="prompts whose target text gives the (p, q) pairs (default 4)"
+    )
     md.add_argument("--max-new-tokens", type=int, default=64, help="tokens of target text per prompt (default 64)")
     md.add_argument("--top", type=int, default=50, help="tokens kept per pair for the OTM linear program (default 50)")
-    md.add_argument("--depths", type=_budget_list, default=[], help="binary tree depths to decode with each method, "
-                    "e.g. 2,3,4,5 (default: none; this is the slow part)")
+    md.add_argument(
+        "--depths",
+        type=_budget_list,
+        default=[],
+        help="binary tree depths to decode with each method, e.g. 2,3,4,5 (default: none; this is the slow part)",
+    )
     md.add_argument("--limit", type=int, default=20, help="Spec-Bench prompts for the depth table (default 20)")
     md.add_argument("--bench-max-new-tokens", type=int, default=64)
     md.add_argument("--seed", type=int, default=0)
@@ -174,8 +245,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from specgrove.sampling import SamplingParams
 
     # Validate the request before loading any model, so bad input fails in milliseconds.
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_tokens=args.max_new_tokens,
+        stop=args.stop,
+    )
     llm, spec = build_llm(args)
     if args.prompt_ids is not None:
         out = llm.generate(args.prompt_ids, params)[0]
@@ -187,10 +265,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     method = method_name(spec)  # canonical: "spechub:kary:2x2", not "tree"
     completion = out.outputs[0]
     if args.json:
-        print(json.dumps({
-            "text": completion.text, "token_ids": completion.token_ids, "finish_reason": completion.finish_reason,
-            "prompt_tokens": len(out.prompt_token_ids), "metrics": out.metrics.to_dict(), "method": method, "k": k,
-        }))
+        print(
+            json.dumps(
+                {
+                    "text": completion.text,
+                    "token_ids": completion.token_ids,
+                    "finish_reason": completion.finish_reason,
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "metrics": out.metrics.to_dict(),
+                    "method": method,
+                    "k": k,
+                }
+            )
+        )
         return 0
     print(completion.text)
     print(format_stats(out.metrics, method, k, completion.finish_reason))
@@ -204,7 +291,8 @@ def format_stats(metrics, method: str, k: int, finish_reason: str | None) -> str
         "",
         f"--- {method}" + (f", k={k}" if speculative else ""),
         f"tokens generated      {metrics.generated_tokens} (finish: {finish_reason})",
-        f"tokens/s              {metrics.tokens_per_s:.2f} ({metrics.total_time_s:.2f} s, prefill {metrics.prefill_time_s:.2f} s)",
+        f"tokens/s              {metrics.tokens_per_s:.2f} "
+        f"({metrics.total_time_s:.2f} s, prefill {metrics.prefill_time_s:.2f} s)",
         f"target forwards       {metrics.target_forwards}",
     ]
     if speculative:
@@ -213,8 +301,10 @@ def format_stats(metrics, method: str, k: int, finish_reason: str | None) -> str
             f"acceptance rate       {metrics.acceptance_rate:.1%}",
             f"per-position accept   {per_position}",
         ]
-    lines.append(f"time                  draft {metrics.draft_time_s:.2f} s, target {metrics.target_time_s:.2f} s, "
-                 f"verify {metrics.verify_time_s:.2f} s")
+    lines.append(
+        f"time                  draft {metrics.draft_time_s:.2f} s, target {metrics.target_time_s:.2f} s, "
+        f"verify {metrics.verify_time_s:.2f} s"
+    )
     return "\n".join(lines)
 
 
@@ -236,8 +326,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.targets and sorted_draft is not None:
         from specgrove.models.loader import load_model
 
-        sorted_draft = load_model(sorted_draft, dtype=args.dtype, device=args.device, quantization=args.draft_quantization,
-                                  cuda_graphs=False if args.enforce_eager else None)  # loaded once, for every target
+        sorted_draft = load_model(
+            sorted_draft,
+            dtype=args.dtype,
+            device=args.device,
+            quantization=args.draft_quantization,
+            cuda_graphs=False if args.enforce_eager else None,
+        )  # loaded once, for every target
     results = {}
     for target in args.targets or [args.target]:
         methods = list(args.methods)
@@ -245,16 +340,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
             skipped = [m for m in methods if needs_draft(m)]
             methods = [m for m in methods if m not in skipped]
             if skipped:
-                print(f"[specgrove] target {target} is the default draft itself: skipping {', '.join(skipped)}",
-                      file=sys.stderr)
+                print(
+                    f"[specgrove] target {target} is the default draft itself: skipping {', '.join(skipped)}",
+                    file=sys.stderr,
+                )
         config = BenchConfig(
-            target, args.draft, methods=methods, data=args.data, limit=args.limit, categories=args.categories,
-            num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
-            prompt_lookup_max=args.prompt_lookup_max, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            seed=args.seed, dtype=args.dtype, device=args.device, warmup=args.warmup,
-            measure_bandwidth=not args.no_bandwidth, tree_acceptance=args.tree_acceptance,
-            quantization=args.quantization, draft_quantization=args.draft_quantization, sorted_draft=sorted_draft,
-            enforce_eager=args.enforce_eager, interleave=args.interleave, draft_vocab=args.draft_vocab,
+            target,
+            args.draft,
+            methods=methods,
+            data=args.data,
+            limit=args.limit,
+            categories=args.categories,
+            num_speculative_tokens=args.num_speculative_tokens,
+            prompt_lookup_min=args.prompt_lookup_min,
+            prompt_lookup_max=args.prompt_lookup_max,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            dtype=args.dtype,
+            device=args.device,
+            warmup=args.warmup,
+            measure_bandwidth=not args.no_bandwidth,
+            tree_acceptance=args.tree_acceptance,
+            quantization=args.quantization,
+            draft_quantization=args.draft_quantization,
+            sorted_draft=sorted_draft,
+            enforce_eager=args.enforce_eager,
+            interleave=args.interleave,
+            draft_vocab=args.draft_vocab,
         )
         results[target] = run_bench(config)
         print_report(results[target])
@@ -274,15 +387,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from specgrove.tuning import auto_tree_path, budget_tree, tune, write_tree_file
 
     tuned_method(args.method)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            max_tokens=args.max_new_tokens)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_new_tokens
+    )
     if args.width < 1 or args.max_depth < 1 or args.prompts < 1 or args.repeats < 1:
         raise ValueError("--width, --max-depth, --prompts and --repeats must be >= 1")
     acceptance, profile = _tune_reused(args)
     target, draft = _tune_models(args, reuse_only=acceptance is not None and profile is not None)
-    result = tune(target, draft, params, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-                  width=args.width, budgets=args.budgets, max_depth=args.max_depth, repeats=args.repeats,
-                  data=args.data, acceptance=acceptance, profile=profile)
+    result = tune(
+        target,
+        draft,
+        params,
+        num_prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        width=args.width,
+        budgets=args.budgets,
+        max_depth=args.max_depth,
+        repeats=args.repeats,
+        data=args.data,
+        acceptance=acceptance,
+        profile=profile,
+    )
     out = write_tree_file(result, args.out or auto_tree_path(target, draft, params))
     console = _print_tune(result, out)
     if args.budget_trees:
@@ -298,8 +423,10 @@ def tuned_method(text: str):
 
     config = parse_method(text)
     if config.method != "tree" or config.tree != "auto":
-        raise ValueError(f"tune chooses the tree of a tree method with tree 'auto' (tree:auto, rrs:auto, rrs_wo:auto, "
-                         f"spechub:auto), not {text!r}: its tree is fixed, or it drafts no tree from a draft model")
+        raise ValueError(
+            f"tune chooses the tree of a tree method with tree 'auto' (tree:auto, rrs:auto, rrs_wo:auto, "
+            f"spechub:auto), not {text!r}: its tree is fixed, or it drafts no tree from a draft model"
+        )
     return config
 
 
@@ -343,13 +470,22 @@ def _tune_models(args: argparse.Namespace, reuse_only: bool):
     draft_name = args.draft or defaults.DEFAULT_DRAFT
     if reuse_only:
         device = torch.device(args.device)
-        return (SimpleNamespace(name=args.target, dtype=args.dtype, device=device),
-                SimpleNamespace(name=draft_name, device=device))
+        return (
+            SimpleNamespace(name=args.target, dtype=args.dtype, device=device),
+            SimpleNamespace(name=draft_name, device=device),
+        )
     graphs = False if args.enforce_eager else None
-    target = load_model(args.target, dtype=args.dtype, device=args.device, quantization=args.quantization,
-                        cuda_graphs=graphs)
-    draft = load_model(draft_name, dtype=args.dtype, device=args.device, quantization=args.draft_quantization,
-                       cuda_graphs=graphs, head_vocab=args.draft_vocab)
+    target = load_model(
+        args.target, dtype=args.dtype, device=args.device, quantization=args.quantization, cuda_graphs=graphs
+    )
+    draft = load_model(
+        draft_name,
+        dtype=args.dtype,
+        device=args.device,
+        quantization=args.draft_quantization,
+        cuda_graphs=graphs,
+        head_vocab=args.draft_vocab,
+    )
     check_compatible(target, draft)
     return target, draft
 
@@ -361,19 +497,30 @@ def _print_tune(result: dict, out):
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print("acceptance vector P[rank]: " + " ".join(f"{v:.3f}" for v in result["acceptance"]["values"]))
     profile = result["profile"]
-    for label, key in (("target forward ms by new tokens: ", "target_ms"), ("draft forward ms by tokens:      ",
-                                                                            "draft_ms")):
+    for label, key in (
+        ("target forward ms by new tokens: ", "target_ms"),
+        ("draft forward ms by tokens:      ", "draft_ms"),
+    ):
         console.print(label + ", ".join(f"{n}: {ms:.0f}" for n, ms in profile[key].items()))
     table = Table(title="best tree per node budget (predicted)", title_justify="left")
     for name in ("budget", "nodes", "depth", "level sizes", "tau", "step ms", "speedup"):
         table.add_column(name, justify="right")
     for c in result["choices"]:
-        table.add_row(str(c["budget"]), str(c["num_nodes"]), str(c["depth"]), ",".join(map(str, c["level_sizes"])),
-                      f"{c['predicted_accept_length']:.2f}", f"{c['step_time_ms']:.0f}", f"{c['predicted_speedup']:.2f}x")
+        table.add_row(
+            str(c["budget"]),
+            str(c["num_nodes"]),
+            str(c["depth"]),
+            ",".join(map(str, c["level_sizes"])),
+            f"{c['predicted_accept_length']:.2f}",
+            f"{c['step_time_ms']:.0f}",
+            f"{c['predicted_speedup']:.2f}x",
+        )
     console.print(table)
-    console.print(f"best: budget {result['budget']}, {result['num_nodes']} nodes, depth {result['depth']}, predicted "
-                  f"tau {result['predicted_accept_length']:.2f}, predicted speedup {result['predicted_speedup']:.2f}x; "
-                  f"wrote {out}")
+    console.print(
+        f"best: budget {result['budget']}, {result['num_nodes']} nodes, depth {result['depth']}, predicted "
+        f"tau {result['predicted_accept_length']:.2f}, predicted speedup {result['predicted_speedup']:.2f}x; "
+        f"wrote {out}"
+    )
     return console
 
 
@@ -387,26 +534,52 @@ def cmd_multidraft(args: argparse.Namespace) -> int:
     resolve_model_dir(args.target)
     if args.prompts < 1 or args.max_new_tokens < 1 or args.limit < 1:
         raise ValueError("--prompts, --max-new-tokens and --limit must be >= 1")
-    report = run_report(args.target, args.draft, temperatures=args.temperatures, num_prompts=args.prompts,
-                        max_new_tokens=args.max_new_tokens, top=args.top, depths=args.depths, bench_limit=args.limit,
-                        bench_max_new_tokens=args.bench_max_new_tokens, seed=args.seed, dtype=args.dtype,
-                        device=args.device, data=args.data)
+    report = run_report(
+        args.target,
+        args.draft,
+        temperatures=args.temperatures,
+        num_prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        top=args.top,
+        depths=args.depths,
+        bench_limit=args.limit,
+        bench_max_new_tokens=args.bench_max_new_tokens,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        data=args.data,
+    )
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"one step, 2 drafts, real (p, q) pairs on the top {args.top} tokens", title_justify="left")
     for name in ("T", "pairs", "1 draft", "method", "P(accept)", "OTM bound", "mean gap", "max gap"):
         table.add_column(name, justify="right")
     for t, figures in report["one_step"].items():
         for m, f in figures["methods"].items():
-            table.add_row(t, str(figures["num_pairs"]), f"{figures['single_draft_acceptance']:.4f}", m,
-                          f"{f['acceptance']:.4f}", f"{f['otm_bound']:.4f}", f"{f['mean_gap_to_bound']:.4f}",
-                          f"{f['max_gap_to_bound']:.4f}")
+            table.add_row(
+                t,
+                str(figures["num_pairs"]),
+                f"{figures['single_draft_acceptance']:.4f}",
+                m,
+                f"{f['acceptance']:.4f}",
+                f"{f['otm_bound']:.4f}",
+                f"{f['mean_gap_to_bound']:.4f}",
+                f"{f['max_gap_to_bound']:.4f}",
+            )
     console.print(table)
     for t, figures in report["one_step"].items():
-        console.print(f"T = {t}: " + "; ".join(f"{pair} on {w['fraction']:.0%} of pairs (mean {w['mean_difference']:+.4f})"
-                                              for pair, w in figures["wins"].items() if pair.startswith("spechub")))
+        console.print(
+            f"T = {t}: "
+            + "; ".join(
+                f"{pair} on {w['fraction']:.0%} of pairs (mean {w['mean_difference']:+.4f})"
+                for pair, w in figures["wins"].items()
+                if pair.startswith("spechub")
+            )
+        )
         dom = figures["dominance_condition"]
-        console.print(f"T = {t}: TV(p, q) <= q(hub) on {dom['fraction']:.0%} of pairs; there SpecHub >= both RRS "
-                      f"on {dom['spechub_at_least_both_rrs']} of {dom['pairs']}")
+        console.print(
+            f"T = {t}: TV(p, q) <= q(hub) on {dom['fraction']:.0%} of pairs; there SpecHub >= both RRS "
+            f"on {dom['spechub_at_least_both_rrs']} of {dom['pairs']}"
+        )
     if report["depth_table"]:
         table = Table(title="mean tokens per step (tau), binary trees", title_justify="left")
         table.add_column("T", justify="right")
@@ -418,8 +591,9 @@ def cmd_multidraft(args: argparse.Namespace) -> int:
             for m, row in rows.items():
                 table.add_row(t, m, *(f"{row[str(d)]:.2f} ± {stderr[m][str(d)]:.2f}" for d in args.depths))
             for pair, diffs in report["depth_spread"][t]["paired_difference"].items():
-                table.add_row(t, pair, *(f"{diffs[str(d)]['mean']:+.2f} ± {diffs[str(d)]['stderr']:.2f}"
-                                         for d in args.depths))
+                table.add_row(
+                    t, pair, *(f"{diffs[str(d)]['mean']:+.2f} ± {diffs[str(d)]['stderr']:.2f}" for d in args.depths)
+                )
         console.print(table)
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
@@ -443,8 +617,13 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     for name, model in defaults.BUILTIN_MODELS.items():
         fetched = (defaults.cache_root() / "gguf" / model.gguf_filename()).exists()
         converted = defaults.is_converted(name)
-        table.add_row(name, model.description, "yes" if fetched else "no", "yes" if converted else "no",
-                      str(defaults.converted_dir(name)))
+        table.add_row(
+            name,
+            model.description,
+            "yes" if fetched else "no",
+            "yes" if converted else "no",
+            str(defaults.converted_dir(name)),
+        )
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 

@@ -66,8 +66,10 @@ class SpeculativeConfig:
         if isinstance(value, str):
             return parse_method(value)
         if not isinstance(value, dict):
-            raise TypeError("speculative must be a method string like 'tree:kary:2x3' or a dict like "
-                            f"{{'method': 'draft_model', 'num_speculative_tokens': 4}}, got {value!r}")
+            raise TypeError(
+                "speculative must be a method string like 'tree:kary:2x3' or a dict like "
+                f"{{'method': 'draft_model', 'num_speculative_tokens': 4}}, got {value!r}"
+            )
         options = dict(value)
         method = options.pop("method", None)
         return parse_method("none" if method is None else method, **options)
@@ -86,32 +88,45 @@ class SpeculativeConfig:
     def validate(self) -> None:
         if self.method == "tree":
             if not self.tree:
-                raise ValueError("speculative method 'tree' needs a tree: 'chain:5', 'kary:2x3', 'widths:4,2,1', "
-                                 "a tree .json written by `specgrove tune`, or 'auto'")
+                raise ValueError(
+                    "speculative method 'tree' needs a tree: 'chain:5', 'kary:2x3', 'widths:4,2,1', "
+                    "a tree .json written by `specgrove tune`, or 'auto'"
+                )
         elif self.method == "sorted" and self.tree is not None:
             if self.sorted_exit is None:
-                raise ValueError("a sorted draft drafts a tree with one fixed exit: give sorted_exit too "
-                                 "(adaptive drafting makes chains)")
+                raise ValueError(
+                    "a sorted draft drafts a tree with one fixed exit: give sorted_exit too "
+                    "(adaptive drafting makes chains)"
+                )
             if self.tree == "auto":
-                raise ValueError("tree 'auto' is tuned for a draft model, not a sorted draft's exit: give a shape, "
-                                 "e.g. 'widths:4,2'")
+                raise ValueError(
+                    "tree 'auto' is tuned for a draft model, not a sorted draft's exit: give a shape, e.g. 'widths:4,2'"
+                )
         elif self.tree is not None:
-            raise ValueError(f"a tree ({self.tree!r}) is given but the method is {self.method!r}; use method 'tree' "
-                             "(or 'sorted' with a sorted_exit)")
+            raise ValueError(
+                f"a tree ({self.tree!r}) is given but the method is {self.method!r}; use method 'tree' "
+                "(or 'sorted' with a sorted_exit)"
+            )
         if self.tree is not None and self.tree != "auto":
             from specgrove.trees.sequoia import parse_tree
 
             self.num_speculative_tokens = len(parse_tree(self.tree))
         sorted_options = (self.sorted_exit, self.sorted_exits, self.sorted_thresholds)
         if self.method != "sorted" and any(o is not None for o in sorted_options):
-            raise ValueError(f"sorted_exit / sorted_exits / sorted_thresholds are options of method 'sorted', "
-                             f"not {self.method!r}")
+            raise ValueError(
+                f"sorted_exit / sorted_exits / sorted_thresholds are options of method 'sorted', not {self.method!r}"
+            )
         if self.sorted_exits is not None:
             exits = self.sorted_exits
-            if (not isinstance(exits, (list, tuple)) or len(exits) < 2
-                    or not all(isinstance(e, int) and e >= 1 for e in exits)):
-                raise ValueError(f"sorted_exits must be two or more exit layer counts >= 1 (adaptive drafting over "
-                                 f"them), got {exits!r}; for one exit use sorted_exit")
+            if (
+                not isinstance(exits, (list, tuple))
+                or len(exits) < 2
+                or not all(isinstance(e, int) and e >= 1 for e in exits)
+            ):
+                raise ValueError(
+                    f"sorted_exits must be two or more exit layer counts >= 1 (adaptive drafting over "
+                    f"them), got {exits!r}; for one exit use sorted_exit"
+                )
             if self.sorted_exit is not None:
                 raise ValueError("give sorted_exit (one fixed exit) or sorted_exits (adaptive over several), not both")
             if self.tree is not None:
@@ -120,7 +135,9 @@ class SpeculativeConfig:
         if self.sorted_exit is not None and self.sorted_thresholds is not None:
             raise ValueError("sorted_thresholds are for adaptive drafting; a fixed sorted_exit uses none")
         if self.sorted_exit is not None and (not isinstance(self.sorted_exit, int) or self.sorted_exit < 1):
-            raise ValueError(f"sorted_exit must be a layer count >= 1 (one of the draft's exits), got {self.sorted_exit!r}")
+            raise ValueError(
+                f"sorted_exit must be a layer count >= 1 (one of the draft's exits), got {self.sorted_exit!r}"
+            )
         if self.tree_sampling not in TREE_SAMPLING:
             raise ValueError(f"tree_sampling {self.tree_sampling!r} is unknown; use one of {', '.join(TREE_SAMPLING)}")
         if self.method not in (None, "none", *METHODS):
@@ -141,15 +158,16 @@ class SpeculativeConfig:
 
 
 # prefix -> how a tree's siblings are drawn and verified (SpeculativeConfig.tree_sampling)
-TREE_PREFIXES = {"tree:": "without_replacement", "rrs_wo:": "without_replacement", "rrs:": "iid",
-                 "spechub:": "hub"}
+TREE_PREFIXES = {"tree:": "without_replacement", "rrs_wo:": "without_replacement", "rrs:": "iid", "spechub:": "hub"}
 # the prefix method_name writes for each sampling
 _PREFIX_OF_SAMPLING = {"without_replacement": "tree:", "iid": "rrs:", "hub": "spechub:"}
 NO_SPECULATION = ("none", "plain")
 # the methods the grammar spells with more than their name
 _STRUCTURED = ("tree", "sorted")
-_FORMS = ("tree:SHAPE, rrs:SHAPE, rrs_wo:SHAPE, spechub:SHAPE, sorted, sorted@L, sorted@L:SHAPE or sorted@A+B "
-          "(SHAPE: chain:N, kary:BxD, widths:W1,W2,..., a tree .json from `specgrove tune`, or auto)")
+_FORMS = (
+    "tree:SHAPE, rrs:SHAPE, rrs_wo:SHAPE, spechub:SHAPE, sorted, sorted@L, sorted@L:SHAPE or sorted@A+B "
+    "(SHAPE: chain:N, kary:BxD, widths:W1,W2,..., a tree .json from `specgrove tune`, or auto)"
+)
 
 
 def register_method(name: str, needs_draft: bool) -> None:
@@ -168,12 +186,15 @@ def _sorted_parts(rest: str, text: str) -> dict:
     exits, _, shape = rest.partition(":")
     parts = exits.split("+")
     if not exits or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise ValueError(f"method {text!r}: after 'sorted@' come exit layer counts, e.g. sorted@6, sorted@6:kary:2x2 "
-                         "or sorted@6+12")
+        raise ValueError(
+            f"method {text!r}: after 'sorted@' come exit layer counts, e.g. sorted@6, sorted@6:kary:2x2 or sorted@6+12"
+        )
     if len(parts) > 1:
         if shape:
-            raise ValueError(f"method {text!r}: adaptive drafting over several exits makes chains; draft a tree "
-                             "with one exit (sorted@L:SHAPE)")
+            raise ValueError(
+                f"method {text!r}: adaptive drafting over several exits makes chains; draft a tree "
+                "with one exit (sorted@L:SHAPE)"
+            )
         return {"sorted_exits": [int(p) for p in parts]}
     out: dict = {"sorted_exit": int(parts[0])}
     if shape:
@@ -193,12 +214,12 @@ def method_fields(text: str) -> dict:
         return {"method": t}
     for prefix, sampling in TREE_PREFIXES.items():
         if t.startswith(prefix):
-            shape = t[len(prefix):]
+            shape = t[len(prefix) :]
             if not shape:
                 raise ValueError(f"method {text!r} needs a tree shape after {prefix!r}, e.g. {prefix}kary:2x3")
             return {"method": "tree", "tree": shape, "tree_sampling": sampling}
     if t.startswith("sorted@"):
-        return {"method": "sorted", **_sorted_parts(t[len("sorted@"):], text)}
+        return {"method": "sorted", **_sorted_parts(t[len("sorted@") :], text)}
     raise ValueError(f"unknown speculative method {text!r}; use {grammar()}")
 
 
@@ -212,8 +233,9 @@ def parse_method(text: str, **options) -> SpeculativeConfig:
         if value is None or key == "method":
             continue
         if key in given and given[key] != value:
-            raise ValueError(f"method {text!r} sets {key}={given[key]!r}, but {key}={value!r} is given too; "
-                             "give it once")
+            raise ValueError(
+                f"method {text!r} sets {key}={given[key]!r}, but {key}={value!r} is given too; give it once"
+            )
         merged[key] = value
     return SpeculativeConfig.of_fields(merged)
 

@@ -40,11 +40,22 @@ _LEVEL_FLAGS = {
 
 # oneDNN's ONEDNN_MAX_CPU_ISA names -> the highest level of ours they allow.
 _ONEDNN_CAPS = {
-    "sse41": "scalar", "avx": "scalar", "avx2": "avx2", "avx2_vnni": "avx2", "avx2_vnni_2": "avx2",
-    "avx512_core": "avx512", "avx512_core_vnni": "avx512_vnni", "avx512_core_bf16": "avx512_bf16",
-    "avx512_core_fp16": "avx512_bf16", "avx10_1_512": "avx512_bf16",
-    "avx512_core_amx": "amx", "avx512_core_amx_fp16": "amx", "avx10_1_512_amx": "amx",
-    "avx10_1_512_amx_fp16": "amx", "default": "amx", "all": "amx",
+    "sse41": "scalar",
+    "avx": "scalar",
+    "avx2": "avx2",
+    "avx2_vnni": "avx2",
+    "avx2_vnni_2": "avx2",
+    "avx512_core": "avx512",
+    "avx512_core_vnni": "avx512_vnni",
+    "avx512_core_bf16": "avx512_bf16",
+    "avx512_core_fp16": "avx512_bf16",
+    "avx10_1_512": "avx512_bf16",
+    "avx512_core_amx": "amx",
+    "avx512_core_amx_fp16": "amx",
+    "avx10_1_512_amx": "amx",
+    "avx10_1_512_amx_fp16": "amx",
+    "default": "amx",
+    "all": "amx",
 }
 _ATEN_CAPS = {"default": "scalar", "avx2": "avx2", "avx512": "amx"}
 
@@ -87,15 +98,23 @@ class CpuFeatures:
         return self.has("avx512_bf16")
 
     def describe(self) -> str:
-        capped = f" (capped from {self.detected_level} by {', '.join(f'{k}={v}' for k, v in self.caps)})" \
-            if self.level != self.detected_level else ""
+        capped = (
+            f" (capped from {self.detected_level} by {', '.join(f'{k}={v}' for k, v in self.caps)})"
+            if self.level != self.detected_level
+            else ""
+        )
         return f"{self.model_name or platform.machine()}: {self.level}{capped}"
 
     def as_dict(self) -> dict:
         """For benchmark result files: what the machine had and what the run used."""
         interesting = sorted(f for level in ISA_LEVELS for f in _LEVEL_FLAGS[level]) + ["avx_vnni", "avx_ne_convert"]
-        return {"model_name": self.model_name, "level": self.level, "detected_level": self.detected_level,
-                "caps": dict(self.caps), "flags": [f for f in interesting if f in self.flags]}
+        return {
+            "model_name": self.model_name,
+            "level": self.level,
+            "detected_level": self.detected_level,
+            "caps": dict(self.caps),
+            "flags": [f for f in interesting if f in self.flags],
+        }
 
 
 def _read_cpuinfo() -> tuple[set[str], str]:
@@ -157,8 +176,9 @@ def detect(flags: set[str], model_name: str = "", environ: dict[str, str] | None
     # run stands for the plain machine of that level.
     if level == detected:
         kept.update(f for f in ("avx_vnni", "avx_ne_convert") if f in flags)
-    return CpuFeatures(level=level, detected_level=detected, flags=frozenset(kept & flags), model_name=model_name,
-                       caps=tuple(caps))
+    return CpuFeatures(
+        level=level, detected_level=detected, flags=frozenset(kept & flags), model_name=model_name, caps=tuple(caps)
+    )
 
 
 _CAP_VARIABLES = ("SPECGROVE_MAX_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
@@ -184,7 +204,13 @@ def isa_cap_env(level: str) -> dict[str, str]:
     """Environment variables that cap this project, oneDNN and ATen to `level` (for a capped test run)."""
     if level not in ISA_LEVELS:
         raise ValueError(f"unknown ISA level {level!r}; use one of {', '.join(ISA_LEVELS)}")
-    onednn = {"scalar": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE", "avx512_vnni": "AVX512_CORE_VNNI",
-              "avx512_bf16": "AVX512_CORE_BF16", "amx": "DEFAULT"}[level]
+    onednn = {
+        "scalar": "SSE41",
+        "avx2": "AVX2",
+        "avx512": "AVX512_CORE",
+        "avx512_vnni": "AVX512_CORE_VNNI",
+        "avx512_bf16": "AVX512_CORE_BF16",
+        "amx": "DEFAULT",
+    }[level]
     aten = {"scalar": "default", "avx2": "avx2"}.get(level, "avx512")
     return {"SPECGROVE_MAX_ISA": level, "ONEDNN_MAX_CPU_ISA": onednn, "ATEN_CPU_CAPABILITY": aten}

@@ -49,7 +49,11 @@ class SamplingParams:
         def bad(msg: str) -> ValueError:
             return ValueError(f"invalid SamplingParams: {msg}")
 
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0 or self.temperature != self.temperature:
+        if (
+            not isinstance(self.temperature, (int, float))
+            or self.temperature < 0
+            or self.temperature != self.temperature
+        ):
             raise bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise bad(f"top_p must be in (0, 1], got {self.top_p}")

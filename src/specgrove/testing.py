@@ -12,9 +12,18 @@ def tiny_config(model_type: str = "qwen2", vocab_size: int = 8, seed: int = 0, *
 
     cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[model_type]
     kwargs = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     if model_type == "mistral":
         kwargs["sliding_window"] = 4096
@@ -22,8 +31,15 @@ def tiny_config(model_type: str = "qwen2", vocab_size: int = 8, seed: int = 0, *
     return cls(**kwargs)
 
 
-def make_tiny_model(directory: str | Path, model_type: str = "qwen2", vocab_size: int = 8, seed: int = 0,
-                    init_scale: float = 1.0, with_tokenizer: bool = False, **overrides) -> Path:
+def make_tiny_model(
+    directory: str | Path,
+    model_type: str = "qwen2",
+    vocab_size: int = 8,
+    seed: int = 0,
+    init_scale: float = 1.0,
+    with_tokenizer: bool = False,
+    **overrides,
+) -> Path:
     """Create and save a random model; `init_scale` widens the logits so distributions are not near-uniform."""
     from transformers import AutoModelForCausalLM
 

@@ -59,8 +59,9 @@ def tune_prompts(target: LoadedModel, num_prompts: int, data=None) -> list[list[
     return [p.token_ids for p in encode_questions(questions, target.tokenizer)]
 
 
-def generate_text(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], params: SamplingParams,
-                  max_new_tokens: int) -> list[TextSample]:
+def generate_text(
+    target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int
+) -> list[TextSample]:
     """The target's own continuations (a chain draft speeds this up; the output is the target's)."""
     max_len = max(len(p) for p in prompts) + max_new_tokens + 8
     proposer, k = build_proposer(parse_method("draft_model", num_speculative_tokens=4), target, draft, max_len)
@@ -68,8 +69,14 @@ def generate_text(target: LoadedModel, draft: LoadedModel, prompts: list[list[in
     samples = []
     for i, prompt in enumerate(prompts):
         seed = None if params.seed is None else params.seed + i
-        step_params = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                     min_p=params.min_p, seed=seed, max_tokens=max_new_tokens)
+        step_params = SamplingParams(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            seed=seed,
+            max_tokens=max_new_tokens,
+        )
         seq = engine.generate(engine.new_sequence(prompt, step_params))
         samples.append(TextSample(list(prompt), list(seq.output_ids)))
     return samples
@@ -86,8 +93,14 @@ def teacher_forced_logits(loaded: LoadedModel, sample: TextSample) -> torch.Tens
     return model.forward(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], cache, logits_at=index)[0]
 
 
-def measure_acceptance(target: LoadedModel, draft: LoadedModel, samples: list[TextSample], params: SamplingParams,
-                       width: int = DEFAULT_WIDTH, seed: int = 0) -> sequoia.AcceptanceVector:
+def measure_acceptance(
+    target: LoadedModel,
+    draft: LoadedModel,
+    samples: list[TextSample],
+    params: SamplingParams,
+    width: int = DEFAULT_WIDTH,
+    seed: int = 0,
+) -> sequoia.AcceptanceVector:
     """P teacher-forced over the samples' outputs, averaged over every output position."""
     generator = torch.Generator().manual_seed(seed)
     totals = [0.0] * width
@@ -108,8 +121,9 @@ def measure_acceptance(target: LoadedModel, draft: LoadedModel, samples: list[Te
     values = [min(1.0, t / positions) for t in totals]
     scale = sum(values)
     values = [v / scale for v in values] if scale > 1.0 else values  # rounding only
-    return sequoia.AcceptanceVector(values, params.temperature, params.top_p, params.top_k, "offline", positions,
-                                    params.min_p)
+    return sequoia.AcceptanceVector(
+        values, params.temperature, params.top_p, params.top_k, "offline", positions, params.min_p
+    )
 
 
 # ---- 3. the hardware profile -----------------------------------------------------------------------
@@ -117,8 +131,9 @@ def _sync(loaded: LoadedModel):
     return torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
 
 
-def _time_forward(loaded: LoadedModel, context_len: int, counts: list[int], params: SamplingParams,
-                  repeats: int) -> dict[int, float]:
+def _time_forward(
+    loaded: LoadedModel, context_len: int, counts: list[int], params: SamplingParams, repeats: int
+) -> dict[int, float]:
     """Median ms of a forward over n new tokens (+ process_logits of their logits) after `context_len`."""
     model = loaded.model
     sync = _sync(loaded)
@@ -151,20 +166,40 @@ def _time_forward(loaded: LoadedModel, context_len: int, counts: list[int], para
     return out
 
 
-def profile_machine(target: LoadedModel, draft: LoadedModel, context_len: int, params: SamplingParams,
-                    max_nodes: int = max(DEFAULT_BUDGETS), repeats: int = 5) -> sequoia.HardwareProfile:
+def profile_machine(
+    target: LoadedModel,
+    draft: LoadedModel,
+    context_len: int,
+    params: SamplingParams,
+    max_nodes: int = max(DEFAULT_BUDGETS),
+    repeats: int = 5,
+) -> sequoia.HardwareProfile:
     counts = sorted({1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128} & set(range(1, max_nodes + 2)) | {max_nodes + 1})
     target_ms = _time_forward(target, context_len, counts, params, repeats)
     draft_ms = _time_forward(draft, context_len, [n for n in counts if n <= max_nodes], params, repeats)
-    return sequoia.HardwareProfile(target_ms, draft_ms, context_len, str(target.device), str(target.dtype).removeprefix("torch."))
+    return sequoia.HardwareProfile(
+        target_ms, draft_ms, context_len, str(target.device), str(target.dtype).removeprefix("torch.")
+    )
 
 
 # ---- 4. the whole tune -----------------------------------------------------------------------------
-def tune(target: LoadedModel, draft: LoadedModel, params: SamplingParams, *, num_prompts: int = 8,
-         max_new_tokens: int = 96, width: int = DEFAULT_WIDTH, budgets=DEFAULT_BUDGETS,
-         max_depth: int = DEFAULT_MAX_DEPTH, repeats: int = 5, data=None, prompts: list[list[int]] | None = None,
-         acceptance: sequoia.AcceptanceVector | None = None, profile: sequoia.HardwareProfile | None = None,
-         log=None) -> dict:
+def tune(
+    target: LoadedModel,
+    draft: LoadedModel,
+    params: SamplingParams,
+    *,
+    num_prompts: int = 8,
+    max_new_tokens: int = 96,
+    width: int = DEFAULT_WIDTH,
+    budgets=DEFAULT_BUDGETS,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    repeats: int = 5,
+    data=None,
+    prompts: list[list[int]] | None = None,
+    acceptance: sequoia.AcceptanceVector | None = None,
+    profile: sequoia.HardwareProfile | None = None,
+    log=None,
+) -> dict:
     """Measure, profile and choose; returns the tree file's JSON object (sequoia.tree_file_dict) plus a
     "tune" section saying what it was measured on. A given `acceptance` (for the same sampling setting)
     or `profile` (of this machine, model pair and dtype) is used instead of measuring it again."""
@@ -181,10 +216,17 @@ def tune(target: LoadedModel, draft: LoadedModel, params: SamplingParams, *, num
         context_len = int(statistics.mean(len(s.prompt_ids) + len(s.output_ids) // 2 for s in samples))
     elif not acceptance.matches(params):
         measured_at = f"temperature {acceptance.temperature:g}, top_p {acceptance.top_p:g}, top_k {acceptance.top_k}"
-        raise ValueError(f"the given acceptance vector was measured at {measured_at}, not at the sampling setting "
-                         f"being tuned ({params.describe()}); measure it again or tune for its setting")
-    _say(log, "tune: acceptance vector P = " + " ".join(f"{v:.3f}" for v in acceptance.values[:8])
-         + (" ..." if len(acceptance.values) > 8 else "") + f" ({acceptance.num_positions} positions)")
+        raise ValueError(
+            f"the given acceptance vector was measured at {measured_at}, not at the sampling setting "
+            f"being tuned ({params.describe()}); measure it again or tune for its setting"
+        )
+    _say(
+        log,
+        "tune: acceptance vector P = "
+        + " ".join(f"{v:.3f}" for v in acceptance.values[:8])
+        + (" ..." if len(acceptance.values) > 8 else "")
+        + f" ({acceptance.num_positions} positions)",
+    )
     if profile is None:
         _say(log, f"tune: profiling forward times at context {context_len} ...")
         profile = profile_machine(target, draft, context_len, params, max(budgets), repeats)
@@ -192,9 +234,15 @@ def tune(target: LoadedModel, draft: LoadedModel, params: SamplingParams, *, num
     best = sequoia.best_choice(choices)
     result = sequoia.tree_file_dict(best, acceptance, profile, choices)
     result["tune"] = {
-        "target": target.name, "draft": draft.name, "dtype": str(target.dtype).removeprefix("torch."),
-        "sampling": params.describe(), "num_prompts": num_measured, "max_new_tokens": max_new_tokens,
-        "width": len(acceptance.values), "budgets": list(budgets), "max_depth": max_depth,
+        "target": target.name,
+        "draft": draft.name,
+        "dtype": str(target.dtype).removeprefix("torch."),
+        "sampling": params.describe(),
+        "num_prompts": num_measured,
+        "max_new_tokens": max_new_tokens,
+        "width": len(acceptance.values),
+        "budgets": list(budgets),
+        "max_depth": max_depth,
         "seconds": time.perf_counter() - started,
     }
     return result
@@ -204,7 +252,9 @@ def budget_tree(tune_result: dict, budget: int) -> dict:
     """The tree file for one fixed budget from a tune result (for comparisons at equal node counts)."""
     acceptance = sequoia.AcceptanceVector.from_dict(tune_result["acceptance"])
     profile = sequoia.HardwareProfile.from_dict(tune_result["profile"]) if tune_result.get("profile") else None
-    choice = sequoia.choice_for_budget(acceptance.values, budget, tune_result.get("max_depth", DEFAULT_MAX_DEPTH), profile)
+    choice = sequoia.choice_for_budget(
+        acceptance.values, budget, tune_result.get("max_depth", DEFAULT_MAX_DEPTH), profile
+    )
     out = sequoia.tree_file_dict(choice, acceptance, profile)
     out["tune"] = tune_result.get("tune")
     return out
@@ -248,8 +298,11 @@ class AutoTree:
         path = auto_tree_path(self.target, self.draft, params)
         if path not in self.shapes:
             if not path.is_file():
-                _say(self.log, f"tree 'auto': no tuned tree for {path.stem} yet; tuning once (about a minute or two; "
-                               f"`specgrove tune` does this ahead of time) ...")
+                _say(
+                    self.log,
+                    f"tree 'auto': no tuned tree for {path.stem} yet; tuning once (about a minute or two; "
+                    f"`specgrove tune` does this ahead of time) ...",
+                )
                 budgets = [b for b in DEFAULT_BUDGETS if b <= self.max_nodes]
                 write_tree_file(tune(self.target, self.draft, params, budgets=budgets, log=self.log), path)
             self.shapes[path] = sequoia.load_tree_file(path)[0]

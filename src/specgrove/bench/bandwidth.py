@@ -38,8 +38,9 @@ class BandwidthResult:
         return asdict(self)
 
 
-def measure_memory_bandwidth(num_floats: int = DEFAULT_NUM_FLOATS, repeats: int = 5,
-                             device: str | torch.device = "cpu") -> BandwidthResult:
+def measure_memory_bandwidth(
+    num_floats: int = DEFAULT_NUM_FLOATS, repeats: int = 5, device: str | torch.device = "cpu"
+) -> BandwidthResult:
     """Best-of-`repeats` bandwidth of copying `num_floats` fp32 values into another buffer, and of reading
     them (a sum)."""
     if num_floats < 1 or repeats < 1:
@@ -64,10 +65,14 @@ def measure_memory_bandwidth(num_floats: int = DEFAULT_NUM_FLOATS, repeats: int 
     copy_s = best(lambda: dst.copy_(src))
     read_s = best(lambda: src.sum())
     nbytes = src.numel() * src.element_size()
-    del src, dst
     return BandwidthResult(
-        memory_bandwidth_gbs=2 * nbytes / copy_s / 1e9, read_bandwidth_gbs=nbytes / read_s / 1e9,
-        bytes_per_copy=2 * nbytes, best_copy_s=copy_s, best_read_s=read_s, repeats=repeats, device=str(device),
+        memory_bandwidth_gbs=2 * nbytes / copy_s / 1e9,
+        read_bandwidth_gbs=nbytes / read_s / 1e9,
+        bytes_per_copy=2 * nbytes,
+        best_copy_s=copy_s,
+        best_read_s=read_s,
+        repeats=repeats,
+        device=str(device),
         torch_threads=torch.get_num_threads(),
     )
 

@@ -37,8 +37,14 @@ def _load(directory: str | Path, dtype: torch.dtype, device: torch.device, eos_t
 class HFPeer:
     """transformers models loaded from the converted directories; call `close()` (or use `with`) to free them."""
 
-    def __init__(self, target_dir: str | Path, draft_dir: str | Path | None = None, dtype: str | torch.dtype = "bfloat16",
-                 device: str | torch.device = "cpu", eos_token_ids: list[int] | None = None):
+    def __init__(
+        self,
+        target_dir: str | Path,
+        draft_dir: str | Path | None = None,
+        dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "cpu",
+        eos_token_ids: list[int] | None = None,
+    ):
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device)
         self.eos_token_ids = sorted(eos_token_ids or [])
@@ -55,8 +61,16 @@ class HFPeer:
         config.assistant_confidence_threshold = 0.0
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], method: str, max_new_tokens: int, num_speculative_tokens: int = 4,
-                 temperature: float = 0.0, seed: int | None = None, prompt_lookup_max: int = 3) -> tuple[list[int], float]:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        method: str,
+        max_new_tokens: int,
+        num_speculative_tokens: int = 4,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        prompt_lookup_max: int = 3,
+    ) -> tuple[list[int], float]:
         """Generate for one prompt; returns (new token ids, wall seconds including prefill)."""
         kwargs: dict = {"max_new_tokens": max_new_tokens, "min_new_tokens": 0}
         if temperature > 0:
@@ -81,7 +95,7 @@ class HFPeer:
         out = self.target.generate(input_ids, attention_mask=attention_mask, **kwargs)
         self._sync()
         seconds = time.perf_counter() - t0
-        return out[0, len(prompt_ids):].tolist(), seconds
+        return out[0, len(prompt_ids) :].tolist(), seconds
 
     def close(self) -> None:
         self.target = None
@@ -90,7 +104,7 @@ class HFPeer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def __enter__(self) -> "HFPeer":
+    def __enter__(self) -> HFPeer:
         return self
 
     def __exit__(self, *exc) -> None:

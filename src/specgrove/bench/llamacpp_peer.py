@@ -63,16 +63,24 @@ class LlamaCppPeer:
         except TypeError:  # an older llama-cpp-python without that switch
             self.llm = Llama(**kwargs)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None) -> tuple[list[int], float]:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None
+    ) -> tuple[list[int], float]:
         """Generate for one prompt; returns (new token ids, wall seconds including prefill)."""
         if seed is not None:
             self.llm.set_seed(seed)
         out: list[int] = []
         t0 = time.perf_counter()
         self.llm.reset()  # no KV reuse of a previous prompt's prefix: the engine has no prefix cache either
-        for token in self.llm.generate(prompt_ids, temp=temperature, top_k=0 if temperature > 0 else 1, top_p=1.0,
-                                       min_p=0.0, repeat_penalty=1.0, reset=False):
+        for token in self.llm.generate(
+            prompt_ids,
+            temp=temperature,
+            top_k=0 if temperature > 0 else 1,
+            top_p=1.0,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            reset=False,
+        ):
             out.append(int(token))
             if token in self.eos_token_ids or len(out) >= max_new_tokens:
                 break
@@ -83,7 +91,7 @@ class LlamaCppPeer:
             self.llm.close()
         self.llm = None
 
-    def __enter__(self) -> "LlamaCppPeer":
+    def __enter__(self) -> LlamaCppPeer:
         return self
 
     def __exit__(self, *exc) -> None:

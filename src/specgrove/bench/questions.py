@@ -32,7 +32,9 @@ def find_spec_bench(path: str | os.PathLike | None = None) -> Path:
         found = Path(explicit).expanduser()
         if not found.is_file():
             source = "--data" if path is not None else f"${SPEC_BENCH_ENV}"
-            raise SpecgroveError(f"Spec-Bench question file {found} ({source}) does not exist; pass the path of question.jsonl")
+            raise SpecgroveError(
+                f"Spec-Bench question file {found} ({source}) does not exist; pass the path of question.jsonl"
+            )
         return found
     starts = [Path.cwd().resolve(), Path(__file__).resolve().parent]
     for start in starts:
@@ -46,7 +48,9 @@ def find_spec_bench(path: str | os.PathLike | None = None) -> Path:
     )
 
 
-def load_questions(path: str | os.PathLike, limit: int | None = 20, categories: Sequence[str] | None = None) -> list[dict]:
+def load_questions(
+    path: str | os.PathLike, limit: int | None = 20, categories: Sequence[str] | None = None
+) -> list[dict]:
     """Read question.jsonl and choose `limit` questions of mixed categories: round-robin over the
     categories in file order (so 20 prompts cover all 13), each category's questions in file order."""
     questions = []
@@ -58,10 +62,17 @@ def load_questions(path: str | os.PathLike, limit: int | None = 20, categories: 
                 q = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SpecgroveError(f"{path}:{line_no} is not JSON ({e})") from None
-            if not (isinstance(q, dict) and isinstance(q.get("category"), str) and isinstance(q.get("turns"), list)
-                    and q["turns"] and isinstance(q["turns"][0], str)):
-                raise SpecgroveError(f'{path}:{line_no} is not a Spec-Bench question; expected '
-                                     f'{{"question_id", "category", "turns": ["...", ...]}}')
+            if not (
+                isinstance(q, dict)
+                and isinstance(q.get("category"), str)
+                and isinstance(q.get("turns"), list)
+                and q["turns"]
+                and isinstance(q["turns"][0], str)
+            ):
+                raise SpecgroveError(
+                    f"{path}:{line_no} is not a Spec-Bench question; expected "
+                    f'{{"question_id", "category", "turns": ["...", ...]}}'
+                )
             questions.append(q)
     by_category: dict[str, list[dict]] = {}
     for q in questions:
@@ -69,8 +80,10 @@ def load_questions(path: str | os.PathLike, limit: int | None = 20, categories: 
     if categories:
         unknown = [c for c in categories if c not in by_category]
         if unknown:
-            raise ValueError(f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
-                             f"{path} has: {', '.join(by_category)}")
+            raise ValueError(
+                f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                f"{path} has: {', '.join(by_category)}"
+            )
         by_category = {c: by_category[c] for c in by_category if c in categories}
     total = sum(len(v) for v in by_category.values())
     limit = total if limit is None else min(limit, total)
@@ -87,12 +100,21 @@ def load_questions(path: str | os.PathLike, limit: int | None = 20, categories: 
 def encode_questions(questions: list[dict], tokenizer) -> list[BenchPrompt]:
     """First turn of each question through the target's chat template."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("Spec-Bench prompts go through the target's chat template, and this target has none; "
-                         "pass prompts as token ids instead")
+        raise ValueError(
+            "Spec-Bench prompts go through the target's chat template, and this target has none; "
+            "pass prompts as token ids instead"
+        )
     prompts = []
     for q in questions:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True,
-                                             tokenize=False)
-        prompts.append(BenchPrompt(q.get("question_id", len(prompts)), q["category"],
-                                   tokenizer.encode(text, add_special_tokens=False), q["turns"][0]))
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True, tokenize=False
+        )
+        prompts.append(
+            BenchPrompt(
+                q.get("question_id", len(prompts)),
+                q["category"],
+                tokenizer.encode(text, add_special_tokens=False),
+                q["turns"][0],
+            )
+        )
     return prompts

@@ -39,14 +39,16 @@ draft forward).
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -114,14 +116,21 @@ def needs_draft(method: str) -> bool:
     return method in ("draft_model", "hf_assisted") or is_tree_method(method)
 
 
-def engine_config(method: str, num_speculative_tokens: int, prompt_lookup_min: int = 1,
-                  prompt_lookup_max: int = 3) -> SpeculativeConfig:
+def engine_config(
+    method: str, num_speculative_tokens: int, prompt_lookup_min: int = 1, prompt_lookup_max: int = 3
+) -> SpeculativeConfig:
     """The validated config of an engine method with the bench's k and prompt-lookup settings."""
     fields = engine_fields(method)
     if fields is None:
         raise ValueError(f"{method!r} is not an engine method of the bench; use {BENCH_GRAMMAR}")
-    return SpeculativeConfig.of_fields({**fields, "num_speculative_tokens": num_speculative_tokens,
-                                        "prompt_lookup_min": prompt_lookup_min, "prompt_lookup_max": prompt_lookup_max})
+    return SpeculativeConfig.of_fields(
+        {
+            **fields,
+            "num_speculative_tokens": num_speculative_tokens,
+            "prompt_lookup_min": prompt_lookup_min,
+            "prompt_lookup_max": prompt_lookup_max,
+        }
+    )
 
 
 BENCH_GRAMMAR = f"{', '.join(DEFAULT_METHODS + PEER_METHODS)}, or a method: {grammar().removeprefix('none, ')}"
@@ -161,8 +170,13 @@ def _ordered_methods(methods: Sequence[str]) -> list[str]:
     for m in list(methods):
         if baseline_of(m) not in methods:
             methods.append(baseline_of(m))
-    order = (list(ENGINE_METHODS) + [m for m in methods if is_tree_method(m)]
-             + [m for m in methods if is_sorted_method(m)] + list(HF_METHODS) + list(PEER_METHODS))
+    order = (
+        list(ENGINE_METHODS)
+        + [m for m in methods if is_tree_method(m)]
+        + [m for m in methods if is_sorted_method(m)]
+        + list(HF_METHODS)
+        + list(PEER_METHODS)
+    )
     return [m for m in order if m in methods]
 
 
@@ -217,8 +231,10 @@ class BenchConfig:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"num_speculative_tokens (k) must be an integer >= 1 for the benchmark, got {k!r}")
         if not (1 <= self.prompt_lookup_min <= self.prompt_lookup_max):
-            raise ValueError(f"prompt lookup needs 1 <= min <= max, got {self.prompt_lookup_min}, "
-                             f"{self.prompt_lookup_max}: pass prompt_lookup_min <= prompt_lookup_max")
+            raise ValueError(
+                f"prompt lookup needs 1 <= min <= max, got {self.prompt_lookup_min}, "
+                f"{self.prompt_lookup_max}: pass prompt_lookup_min <= prompt_lookup_max"
+            )
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an integer >= 0 (0: no warm-up), got {self.warmup!r}")
         if self.limit is not None and self.limit < 1:
@@ -236,10 +252,12 @@ class BenchConfig:
         from specgrove.sampling import SamplingParams
 
         if warmup:
-            return SamplingParams(temperature=self.temperature, seed=self.seed,
-                                  max_tokens=min(self.max_new_tokens, WARMUP_MAX_NEW_TOKENS))
-        return SamplingParams(temperature=self.temperature, top_p=1.0, top_k=0, min_p=0.0, seed=self.seed,
-                              max_tokens=self.max_new_tokens)
+            return SamplingParams(
+                temperature=self.temperature, seed=self.seed, max_tokens=min(self.max_new_tokens, WARMUP_MAX_NEW_TOKENS)
+            )
+        return SamplingParams(
+            temperature=self.temperature, top_p=1.0, top_k=0, min_p=0.0, seed=self.seed, max_tokens=self.max_new_tokens
+        )
 
 
 # ---- running ---------------------------------------------------------------------------------------
@@ -254,7 +272,7 @@ def _warm_up(engine, prompts: list[BenchPrompt], warmup_params, warmup: int) -> 
         engine.generate(engine.new_sequence(prompts[i % len(prompts)].token_ids, warmup_params))
 
 
-def _timed_prompt(engine, prompt: BenchPrompt, params, run: "MethodRun"):
+def _timed_prompt(engine, prompt: BenchPrompt, params, run: MethodRun):
     """Generate one prompt's answer, timed (prefill included), into `run`."""
     cuda = engine.target.device.type == "cuda"
     if cuda:
@@ -269,21 +287,25 @@ def _timed_prompt(engine, prompt: BenchPrompt, params, run: "MethodRun"):
     return seq
 
 
-def _run_engine_method(engine, prompts: list[BenchPrompt], params, warmup_params, warmup: int, progress: bool,
-                       desc: str) -> MethodRun:
+def _run_engine_method(
+    engine, prompts: list[BenchPrompt], params, warmup_params, warmup: int, progress: bool, desc: str
+) -> MethodRun:
     _warm_up(engine, prompts, warmup_params, warmup)
     run = MethodRun()
     with _progress(len(prompts), desc, progress) as bar:
         for p in prompts:
             seq = _timed_prompt(engine, p, params, run)
-            bar.set_postfix(tok_s=f"{sum(map(len, run.outputs)) / sum(run.seconds):.2f}",
-                            tau=f"{seq.metrics.mean_accept_length:.2f}")
+            bar.set_postfix(
+                tok_s=f"{sum(map(len, run.outputs)) / sum(run.seconds):.2f}",
+                tau=f"{seq.metrics.mean_accept_length:.2f}",
+            )
             bar.update()
     return run
 
 
-def _run_interleaved(engines: dict, prompts: list[BenchPrompt], params, warmup_params, warmup: int,
-                     progress: bool) -> dict[str, "MethodRun"]:
+def _run_interleaved(
+    engines: dict, prompts: list[BenchPrompt], params, warmup_params, warmup: int, progress: bool
+) -> dict[str, MethodRun]:
     """Every method on prompt 1, then every method on prompt 2, ...: a machine whose speed drifts over
     minutes (the bandwidth probe read 31-67 GB/s in runs of 2026-11-26) then slows all methods alike,
     not whichever ran during a slow spell, so the ratios between methods are what differs between them."""
@@ -298,14 +320,19 @@ def _run_interleaved(engines: dict, prompts: list[BenchPrompt], params, warmup_p
     return runs
 
 
-def _record_exit_counts(run: "MethodRun", engine) -> None:
+def _record_exit_counts(run: MethodRun, engine) -> None:
     """Adaptive sorted drafting: how often each exit drafted (warm-up included)."""
     if engine.proposer is not None and engine.proposer.exit_counts is not None:
         run.exit_counts = {str(e): n for e, n in sorted(engine.proposer.exit_counts.items())}
 
 
-def _run_peer_method(generate, prompts: list[BenchPrompt], warmup: int, progress: bool, desc: str,
-                     **gen_kwargs) -> MethodRun:
+def _generate_with(peer, method: str, ids, **kwargs):
+    return peer.generate(ids, method, **kwargs)
+
+
+def _run_peer_method(
+    generate, prompts: list[BenchPrompt], warmup: int, progress: bool, desc: str, **gen_kwargs
+) -> MethodRun:
     """An outside peer's run: generate(prompt_ids, **gen_kwargs) -> (new ids, wall seconds)."""
     warm_kwargs = {**gen_kwargs, "max_new_tokens": min(gen_kwargs["max_new_tokens"], WARMUP_MAX_NEW_TOKENS)}
     for i in range(warmup):
@@ -378,8 +405,16 @@ def _forward_figures(merged: SpecMetrics, is_speculative: bool, weight_bytes: di
     return out
 
 
-def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: MethodRun | None, greedy: bool,
-             is_hf: bool = False, plain: MethodRun | None = None, weight_bytes: dict | None = None) -> dict:
+def _figures(
+    run: MethodRun,
+    idx: list[int],
+    is_speculative: bool,
+    baseline: MethodRun | None,
+    greedy: bool,
+    is_hf: bool = False,
+    plain: MethodRun | None = None,
+    weight_bytes: dict | None = None,
+) -> dict:
     tokens, seconds, tps = _speed(run, idx)
     merged = _merge([run.metrics[i] for i in idx])
     same, same_count = _identical_outputs(run, baseline, idx, greedy)
@@ -402,8 +437,9 @@ def _figures(run: MethodRun, idx: list[int], is_speculative: bool, baseline: Met
     return out
 
 
-def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bool,
-              weight_bytes: dict | None = None) -> dict:
+def summarize(
+    runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bool, weight_bytes: dict | None = None
+) -> dict:
     """`weight_bytes`: {"target": bytes, "draft": bytes} for the weight bandwidth of each forward."""
     categories = list(dict.fromkeys(p.category for p in prompts))
     all_idx = list(range(len(prompts)))
@@ -412,19 +448,30 @@ def summarize(runs: dict[str, MethodRun], prompts: list[BenchPrompt], greedy: bo
         baseline = runs.get(baseline_of(method))
         speculative = method not in ("plain", "hf_plain") + PEER_METHODS
 
-        def figures(idx: list[int]) -> dict:
-            return _figures(run, idx, speculative, baseline, greedy, method in HF_METHODS, runs.get("plain"),
-                            weight_bytes)
+        figures = functools.partial(
+            _figures,
+            run,
+            is_speculative=speculative,
+            baseline=baseline,
+            greedy=greedy,
+            is_hf=method in HF_METHODS,
+            plain=runs.get("plain"),
+            weight_bytes=weight_bytes,
+        )
 
         entry = {"baseline": baseline_of(method), **figures(all_idx)}
         entry["per_category"] = {c: figures([i for i, p in enumerate(prompts) if p.category == c]) for c in categories}
         if run.exit_counts is not None:
             entry["exit_counts"] = run.exit_counts
         entry["per_prompt"] = [
-            {"question_id": p.question_id, "category": p.category, "generated_tokens": len(run.outputs[i]),
-             "time_s": run.seconds[i],
-             "mean_accept_length": run.metrics[i].mean_accept_length if (speculative and run.metrics[i]) else None,
-             "identical_to_baseline": (run.outputs[i] == baseline.outputs[i]) if (greedy and baseline) else None}
+            {
+                "question_id": p.question_id,
+                "category": p.category,
+                "generated_tokens": len(run.outputs[i]),
+                "time_s": run.seconds[i],
+                "mean_accept_length": run.metrics[i].mean_accept_length if (speculative and run.metrics[i]) else None,
+                "identical_to_baseline": (run.outputs[i] == baseline.outputs[i]) if (greedy and baseline) else None,
+            }
             for i, p in enumerate(prompts)
         ]
         result[method] = entry
@@ -453,8 +500,10 @@ def _draft_for(config: BenchConfig, methods: list[str]) -> str | os.PathLike | N
         require_llama_cpp()
     sorted_methods = [m for m in methods if is_sorted_method(m)]
     if sorted_methods and config.sorted_draft is None:
-        raise ValueError(f"methods {', '.join(sorted_methods)} need a sorted draft: pass --sorted-draft DIR "
-                         "(made by `specgrove train-sorted`)")
+        raise ValueError(
+            f"methods {', '.join(sorted_methods)} need a sorted draft: pass --sorted-draft DIR "
+            "(made by `specgrove train-sorted`)"
+        )
     drafted = [m for m in methods if needs_draft(m)]
     if drafted and config.draft is None:
         if str(config.target) != defaults.DEFAULT_TARGET:
@@ -471,17 +520,25 @@ def _acceptance(config: BenchConfig, say):
 
     acceptance = AcceptanceVector.from_dict(load_tree_file(config.tree_acceptance)[1]["acceptance"])
     if not acceptance.matches(config.sampling_params()):
-        say(f"note: the acceptance vector in {config.tree_acceptance} was measured at temperature "
-            f"{acceptance.temperature}, top_p {acceptance.top_p}; this run samples at temperature {config.temperature}")
+        say(
+            f"note: the acceptance vector in {config.tree_acceptance} was measured at temperature "
+            f"{acceptance.temperature}, top_p {acceptance.top_p}; this run samples at temperature {config.temperature}"
+        )
     return acceptance
 
 
 def _machine(device: str | None) -> dict:
     from specgrove.cpu import cpu_features
 
-    return {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "cpu": cpu_features().as_dict(),
-            "memory_bandwidth_gbs": None, "read_bandwidth_gbs": None}
+    return {
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "cpu": cpu_features().as_dict(),
+        "memory_bandwidth_gbs": None,
+        "read_bandwidth_gbs": None,
+    }
 
 
 def _measure_bandwidth(machine: dict, when: str, config: BenchConfig, say) -> None:
@@ -491,10 +548,13 @@ def _measure_bandwidth(machine: dict, when: str, config: BenchConfig, say) -> No
     bw = measure_memory_bandwidth(config.bandwidth_num_floats or DEFAULT_NUM_FLOATS, device=config.device or "cpu")
     if when == "start":
         machine.update(bw.to_dict())
-    machine.setdefault("bandwidth_runs", []).append({"when": when, "read_gbs": bw.read_bandwidth_gbs,
-                                                     "copy_gbs": bw.memory_bandwidth_gbs})
-    say(f"memory bandwidth at the {when}: read {bw.read_bandwidth_gbs:.1f} GB/s, copy (read + write) "
-        f"{bw.memory_bandwidth_gbs:.1f} GB/s")
+    machine.setdefault("bandwidth_runs", []).append(
+        {"when": when, "read_gbs": bw.read_bandwidth_gbs, "copy_gbs": bw.memory_bandwidth_gbs}
+    )
+    say(
+        f"memory bandwidth at the {when}: read {bw.read_bandwidth_gbs:.1f} GB/s, copy (read + write) "
+        f"{bw.memory_bandwidth_gbs:.1f} GB/s"
+    )
 
 
 @dataclass
@@ -530,13 +590,23 @@ class _Models:
             from specgrove.bench.llamacpp_peer import gguf_of
 
             gguf_path = gguf_of(target.path)  # fail now, not after the engine methods ran
-        loaded_as = {"dtype": str(target.dtype).removeprefix("torch."),
-                     "quantization": getattr(target.model, "quantization", None),
-                     "draft_quantization": getattr(draft.model, "quantization", None) if draft is not None else None}
-        weight_bytes = {"target": target.model.weight_bytes(),
-                        "draft": draft.model.weight_bytes() if draft is not None and draft.is_fast else None}
-        return _ModelRecord(target.path, draft.path if draft is not None else None, gguf_path,
-                            sorted(eos_token_ids(target)), loaded_as, weight_bytes)
+        loaded_as = {
+            "dtype": str(target.dtype).removeprefix("torch."),
+            "quantization": getattr(target.model, "quantization", None),
+            "draft_quantization": getattr(draft.model, "quantization", None) if draft is not None else None,
+        }
+        weight_bytes = {
+            "target": target.model.weight_bytes(),
+            "draft": draft.model.weight_bytes() if draft is not None and draft.is_fast else None,
+        }
+        return _ModelRecord(
+            target.path,
+            draft.path if draft is not None else None,
+            gguf_path,
+            sorted(eos_token_ids(target)),
+            loaded_as,
+            weight_bytes,
+        )
 
 
 def _load_models(config: BenchConfig, methods: list[str], draft: str | os.PathLike | None, say) -> _Models:
@@ -544,21 +614,35 @@ def _load_models(config: BenchConfig, methods: list[str], draft: str | os.PathLi
     from specgrove.models.loader import LoadedModel, check_compatible, load_model
 
     graphs = False if config.enforce_eager else None  # CUDA graphs (on a GPU only)
-    target = load_model(config.target, dtype=config.dtype, device=config.device, quantization=config.quantization,
-                        cuda_graphs=graphs)
+    target = load_model(
+        config.target, dtype=config.dtype, device=config.device, quantization=config.quantization, cuda_graphs=graphs
+    )
     say(f"loaded target {target.name} ({target.dtype}) in {target.load_seconds:.1f} s")
     draft_model = None
     if any(needs_draft(m) for m in methods):
-        draft_model = load_model(draft, dtype=config.dtype, device=config.device,
-                                 quantization=config.draft_quantization, cuda_graphs=graphs,
-                                 head_vocab=config.draft_vocab)
+        draft_model = load_model(
+            draft,
+            dtype=config.dtype,
+            device=config.device,
+            quantization=config.draft_quantization,
+            cuda_graphs=graphs,
+            head_vocab=config.draft_vocab,
+        )
         check_compatible(target, draft_model)
         say(f"loaded draft {draft_model.name} in {draft_model.load_seconds:.1f} s")
     sorted_model = None
     if any(is_sorted_method(m) for m in methods):
-        sorted_model = config.sorted_draft if isinstance(config.sorted_draft, LoadedModel) else load_model(
-            config.sorted_draft, dtype=config.dtype, device=config.device, quantization=config.draft_quantization,
-            cuda_graphs=graphs)
+        sorted_model = (
+            config.sorted_draft
+            if isinstance(config.sorted_draft, LoadedModel)
+            else load_model(
+                config.sorted_draft,
+                dtype=config.dtype,
+                device=config.device,
+                quantization=config.draft_quantization,
+                cuda_graphs=graphs,
+            )
+        )
         check_compatible(target, sorted_model)
     return _Models(target, draft_model, sorted_model)
 
@@ -583,10 +667,14 @@ class _EnginePlan:
         from specgrove.tuning import resolve_shape
 
         k = config.num_speculative_tokens
-        configs = {m: engine_config(m, k, config.prompt_lookup_min, config.prompt_lookup_max)
-                   for m in methods if engine_fields(m)}
-        shapes = {m: resolve_shape(c, models.target, models.draft_of(m))
-                  for m, c in configs.items() if c.tree is not None}
+        configs = {
+            m: engine_config(m, k, config.prompt_lookup_min, config.prompt_lookup_max)
+            for m in methods
+            if engine_fields(m)
+        }
+        shapes = {
+            m: resolve_shape(c, models.target, models.draft_of(m)) for m, c in configs.items() if c.tree is not None
+        }
         shapes["draft_model"] = TreeShape.chain(k)
         longest = max([k] + [shape_size(shape) for shape in shapes.values()])
         max_model_len = max(len(p.token_ids) for p in prompts) + config.max_new_tokens + longest + 8
@@ -596,13 +684,19 @@ class _EnginePlan:
         from specgrove.drafting.factory import build_proposer
         from specgrove.engine.engine import SpecEngine
 
-        proposer, num_draft = build_proposer(self.configs[method], self.models.target, self.models.draft_of(method),
-                                             self.max_model_len, shape=self.shapes.get(method))
+        proposer, num_draft = build_proposer(
+            self.configs[method],
+            self.models.target,
+            self.models.draft_of(method),
+            self.max_model_len,
+            shape=self.shapes.get(method),
+        )
         return SpecEngine(self.models.target, proposer, num_draft, self.max_model_len)
 
 
-def _run_engine_methods(plan: _EnginePlan, methods: list[str], prompts: list[BenchPrompt], config: BenchConfig,
-                        progress: bool) -> dict[str, MethodRun]:
+def _run_engine_methods(
+    plan: _EnginePlan, methods: list[str], prompts: list[BenchPrompt], config: BenchConfig, progress: bool
+) -> dict[str, MethodRun]:
     """Every engine method: one after the other, or taking turns prompt by prompt (`config.interleave`)."""
     params, warmup_params = config.sampling_params(), config.sampling_params(warmup=True)
     engine_methods = [m for m in methods if m not in HF_METHODS + PEER_METHODS]
@@ -620,8 +714,9 @@ def _run_engine_methods(plan: _EnginePlan, methods: list[str], prompts: list[Ben
     return runs
 
 
-def _run_hf_methods(record: _ModelRecord, methods: list[str], prompts: list[BenchPrompt], config: BenchConfig,
-                    progress: bool) -> dict[str, MethodRun]:
+def _run_hf_methods(
+    record: _ModelRecord, methods: list[str], prompts: list[BenchPrompt], config: BenchConfig, progress: bool
+) -> dict[str, MethodRun]:
     """transformers' generate() on the same converted weights: plain, assisted, prompt lookup."""
     from specgrove.bench.hf_peer import HFPeer
 
@@ -629,15 +724,28 @@ def _run_hf_methods(record: _ModelRecord, methods: list[str], prompts: list[Benc
     if not hf_methods:
         return {}
     gc.collect()  # the engine's copies go before transformers loads its own: one set of weights in memory at a time
-    peer = HFPeer(record.target_dir, record.draft_dir if "hf_assisted" in hf_methods else None, config.dtype,
-                  config.device or "cpu", record.eos_ids)
+    peer = HFPeer(
+        record.target_dir,
+        record.draft_dir if "hf_assisted" in hf_methods else None,
+        config.dtype,
+        config.device or "cpu",
+        record.eos_ids,
+    )
     runs = {}
     try:
         for method in hf_methods:
             runs[method] = _run_peer_method(
-                lambda ids, **kw: peer.generate(ids, method, **kw), prompts, config.warmup, progress, method,
-                max_new_tokens=config.max_new_tokens, num_speculative_tokens=config.num_speculative_tokens,
-                temperature=config.temperature, seed=config.seed, prompt_lookup_max=config.prompt_lookup_max)
+                functools.partial(_generate_with, peer, method),
+                prompts,
+                config.warmup,
+                progress,
+                method,
+                max_new_tokens=config.max_new_tokens,
+                num_speculative_tokens=config.num_speculative_tokens,
+                temperature=config.temperature,
+                seed=config.seed,
+                prompt_lookup_max=config.prompt_lookup_max,
+            )
     finally:
         peer.close()
     return runs
@@ -650,8 +758,16 @@ def _run_llama_cpp(record: _ModelRecord, prompts: list[BenchPrompt], config: Ben
     gc.collect()
     n_ctx = max(len(p.token_ids) for p in prompts) + config.max_new_tokens + 8
     with LlamaCppPeer(record.gguf_path, n_ctx, record.eos_ids) as peer:
-        return _run_peer_method(peer.generate, prompts, config.warmup, progress, "llama_cpp",
-                                max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
+        return _run_peer_method(
+            peer.generate,
+            prompts,
+            config.warmup,
+            progress,
+            "llama_cpp",
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            seed=config.seed,
+        )
 
 
 def _tree_figures(shapes: dict, acceptance) -> dict[str, dict]:
@@ -660,8 +776,12 @@ def _tree_figures(shapes: dict, acceptance) -> dict[str, dict]:
     for method, shape in shapes.items():
         fixed = isinstance(shape, TreeShape)
         # P[rank] is measured for siblings drawn without replacement: it predicts only those trees
-        predicted = (fixed and acceptance is not None and tree_sampling_of(method) == "without_replacement"
-                     and not is_sorted_method(method))  # the vector is the draft model's, not an exit's
+        predicted = (
+            fixed
+            and acceptance is not None
+            and tree_sampling_of(method) == "without_replacement"
+            and not is_sorted_method(method)
+        )  # the vector is the draft model's, not an exit's
         out[method] = {
             "tree": shape.to_dict() if fixed else "auto",
             "predicted_accept_length": shape.expected_accept_length(acceptance.values) if predicted else None,
@@ -677,8 +797,16 @@ def _baseline_bandwidth(runs: dict[str, MethodRun], target_weight_bytes: int) ->
     return target_weight_bytes * plain.target_forwards / plain.target_time_s / 1e9
 
 
-def _config_record(config: BenchConfig, methods: list[str], draft, acceptance, data_path: Path | None,
-                   prompts: list[BenchPrompt], record: _ModelRecord, started: float) -> dict:
+def _config_record(
+    config: BenchConfig,
+    methods: list[str],
+    draft,
+    acceptance,
+    data_path: Path | None,
+    prompts: list[BenchPrompt],
+    record: _ModelRecord,
+    started: float,
+) -> dict:
     """The report's "config": the run's settings as run (the models as loaded), its prompts and versions."""
     import transformers
 
@@ -686,27 +814,41 @@ def _config_record(config: BenchConfig, methods: list[str], draft, acceptance, d
 
     sorted_draft, device = config.sorted_draft, config.device
     return {
-        "target": str(config.target), "draft": str(draft) if draft is not None else None, "methods": methods,
+        "target": str(config.target),
+        "draft": str(draft) if draft is not None else None,
+        "methods": methods,
         "sorted_draft": None if sorted_draft is None else str(getattr(sorted_draft, "path", sorted_draft)),
         "interleave": config.interleave,
-        "num_speculative_tokens": config.num_speculative_tokens, "prompt_lookup_min": config.prompt_lookup_min,
+        "num_speculative_tokens": config.num_speculative_tokens,
+        "prompt_lookup_min": config.prompt_lookup_min,
         "prompt_lookup_max": config.prompt_lookup_max,
-        "tree_acceptance": (None if acceptance is None
-                            else {"file": str(config.tree_acceptance), **acceptance.to_dict()}),
-        "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "seed": config.seed,
+        "tree_acceptance": (
+            None if acceptance is None else {"file": str(config.tree_acceptance), **acceptance.to_dict()}
+        ),
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "seed": config.seed,
         "dtype": record.loaded_as["dtype"],
-        "device": str(device), "quantization": record.loaded_as["quantization"],
+        "device": str(device),
+        "quantization": record.loaded_as["quantization"],
         "draft_quantization": record.loaded_as["draft_quantization"],
         "draft_vocab": config.draft_vocab,
         "cuda_graphs": str(device).startswith("cuda") and not config.enforce_eager,
-        "warmup": config.warmup, "warmup_max_new_tokens": min(config.max_new_tokens, WARMUP_MAX_NEW_TOKENS),
-        "data": str(data_path) if data_path else None, "num_prompts": len(prompts),
+        "warmup": config.warmup,
+        "warmup_max_new_tokens": min(config.max_new_tokens, WARMUP_MAX_NEW_TOKENS),
+        "data": str(data_path) if data_path else None,
+        "num_prompts": len(prompts),
         "categories": list(dict.fromkeys(p.category for p in prompts)),
         "question_ids": [p.question_id for p in prompts],
         "prompt_tokens": [len(p.token_ids) for p in prompts],
-        "target_weight_bytes": record.weight_bytes["target"], "draft_weight_bytes": record.weight_bytes["draft"],
-        "versions": {"specgrove": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "target_weight_bytes": record.weight_bytes["target"],
+        "draft_weight_bytes": record.weight_bytes["draft"],
+        "versions": {
+            "specgrove": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "wall_time_s": time.perf_counter() - started,
     }
 
@@ -734,9 +876,11 @@ def run_bench(config: BenchConfig, *, progress: bool = True, log=None) -> dict:
     prompts = _bench_prompts(config, questions, models.target)
     plan = _EnginePlan.of(config, methods, models, prompts)
     record = models.record(methods)
-    say(f"{len(prompts)} prompts ({len(set(p.category for p in prompts))} categories), methods: {', '.join(methods)}; "
+    say(
+        f"{len(prompts)} prompts ({len(set(p.category for p in prompts))} categories), methods: {', '.join(methods)}; "
         f"k={config.num_speculative_tokens}, max_new_tokens={config.max_new_tokens}, "
-        f"temperature={config.temperature}")
+        f"temperature={config.temperature}"
+    )
     runs = _run_engine_methods(plan, methods, prompts, config, progress)
     trees = _tree_figures(plan.shapes, acceptance)
     plan = models = None  # freed before a peer loads its own copy of the weights
@@ -770,10 +914,12 @@ def _identical(entry: dict, key: str = "identical_to_baseline", count_key: str =
 
 
 def _headline(config: dict) -> str:
-    return (f"Spec-Bench: {config['num_prompts']} prompts, target {config['target']}"
-            f"{', draft ' + config['draft'] if config.get('draft') else ''}, {config['dtype']} on {config['device']}, "
-            f"k={config['num_speculative_tokens']}, max_new_tokens={config['max_new_tokens']}, "
-            f"temperature={config['temperature']}, warmup={config['warmup']}")
+    return (
+        f"Spec-Bench: {config['num_prompts']} prompts, target {config['target']}"
+        f"{', draft ' + config['draft'] if config.get('draft') else ''}, {config['dtype']} on {config['device']}, "
+        f"k={config['num_speculative_tokens']}, max_new_tokens={config['max_new_tokens']}, "
+        f"temperature={config['temperature']}, warmup={config['warmup']}"
+    )
 
 
 def _method_table(methods: dict):
@@ -781,19 +927,38 @@ def _method_table(methods: dict):
     from rich.table import Table
 
     table = Table()
-    for name in ("method", "tokens/s", "speedup", "vs plain", "tau", "pred. tau", "accept", "identical",
-                 "identical vs plain", "ms/target fwd", "target GB/s", "ms/draft fwd", "draft GB/s"):
+    for name in (
+        "method",
+        "tokens/s",
+        "speedup",
+        "vs plain",
+        "tau",
+        "pred. tau",
+        "accept",
+        "identical",
+        "identical vs plain",
+        "ms/target fwd",
+        "target GB/s",
+        "ms/draft fwd",
+        "draft GB/s",
+    ):
         table.add_column(name, justify="left" if name == "method" else "right")
     for method, e in methods.items():
         hf = "speedup_vs_plain" in e
         table.add_row(
-            method, _fmt(e["tokens_per_s"]), _fmt(e["speedup"], ".2f", "x") + f" ({e['baseline']})",
+            method,
+            _fmt(e["tokens_per_s"]),
+            _fmt(e["speedup"], ".2f", "x") + f" ({e['baseline']})",
             _fmt(e["speedup_vs_plain"], ".2f", "x") if hf else _fmt(e["speedup"], ".2f", "x"),
-            _fmt(e["mean_accept_length"]), _fmt(e.get("predicted_accept_length")), _fmt(e["acceptance_rate"], ".1%"),
+            _fmt(e["mean_accept_length"]),
+            _fmt(e.get("predicted_accept_length")),
+            _fmt(e["acceptance_rate"], ".1%"),
             _identical(e),
             _identical(e, "identical_to_plain", "identical_to_plain_count") if hf else _identical(e),
-            _fmt(e.get("target_ms_per_forward"), ".1f"), _fmt(e.get("target_weight_gbs"), ".1f"),
-            _fmt(e.get("draft_ms_per_forward"), ".1f"), _fmt(e.get("draft_weight_gbs"), ".1f"),
+            _fmt(e.get("target_ms_per_forward"), ".1f"),
+            _fmt(e.get("target_weight_gbs"), ".1f"),
+            _fmt(e.get("draft_ms_per_forward"), ".1f"),
+            _fmt(e.get("draft_weight_gbs"), ".1f"),
         )
     return table
 
@@ -804,8 +969,10 @@ def _exit_count_lines(methods: dict) -> list[str]:
     for method, e in methods.items():
         if e.get("exit_counts"):
             total = sum(e["exit_counts"].values())
-            lines.append(f"{method}: draft tokens per exit " + ", ".join(
-                f"{layer} layers {n / total:.0%}" for layer, n in e["exit_counts"].items()))
+            lines.append(
+                f"{method}: draft tokens per exit "
+                + ", ".join(f"{layer} layers {n / total:.0%}" for layer, n in e["exit_counts"].items())
+            )
     return lines
 
 
@@ -837,8 +1004,10 @@ def _bandwidth_line(result: dict) -> str:
     runs = result["machine"].get("bandwidth_runs") or []
     reads = [r["read_gbs"] for r in runs]
     achieved = result.get("baseline_weight_bandwidth_gbs")
-    line = "memory bandwidth: " + (", ".join(f"{r['when']} read {r['read_gbs']:.1f} / copy {r['copy_gbs']:.1f} GB/s"
-                                             for r in runs) or "not measured")
+    line = "memory bandwidth: " + (
+        ", ".join(f"{r['when']} read {r['read_gbs']:.1f} / copy {r['copy_gbs']:.1f} GB/s" for r in runs)
+        or "not measured"
+    )
     line += f"; plain decoding reads the target's weights at {_fmt(achieved, '.1f', ' GB/s')}"
     if reads and achieved:  # the machine's bandwidth moves with its neighbours' load: the share against each
         low, high = achieved / max(reads), achieved / min(reads)

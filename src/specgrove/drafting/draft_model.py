@@ -36,11 +36,12 @@ from specgrove.verify.speculative import rejection_select
 
 SAMPLING_MODES = ("without_replacement", "iid", "hub")
 BATCHED_CATCH_UP = 32  # catch-ups up to this many tokens share one batched draft forward; longer ones
-                       # (a new prompt) run alone, chunked as the target's prefill
+# (a new prompt) run alone, chunked as the target's prefill
 
 
-def draw_children(logits: torch.Tensor, count: int, params, sampler, sampling: str = "without_replacement"
-                  ) -> list[tuple[int, torch.Tensor | None]]:
+def draw_children(
+    logits: torch.Tensor, count: int, params, sampler, sampling: str = "without_replacement"
+) -> list[tuple[int, torch.Tensor | None]]:
     """`count` children of one node as (token, the q it was drawn from; None = deterministic).
 
     Greedy: the top-`count` tokens of the draft logits. Otherwise each child is drawn from the processed
@@ -71,12 +72,20 @@ def draw_children(logits: torch.Tensor, count: int, params, sampler, sampling: s
 class DraftModelProposer(Proposer):
     name = "draft_model"
 
-    def __init__(self, draft: LoadedModel, max_model_len: int,
-                 shape: TreeShape | Callable[[SamplingParams], TreeShape] | None = None,
-                 sampling: str = "without_replacement"):
+    def __init__(
+        self,
+        draft: LoadedModel,
+        max_model_len: int,
+        shape: TreeShape | Callable[[SamplingParams], TreeShape] | None = None,
+        sampling: str = "without_replacement",
+    ):
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sibling sampling {sampling!r} is unknown; use one of {', '.join(SAMPLING_MODES)}")
-        if shape is not None and not draft.model.supports_trees and not (isinstance(shape, TreeShape) and shape.is_chain()):
+        if (
+            shape is not None
+            and not draft.model.supports_trees
+            and not (isinstance(shape, TreeShape) and shape.is_chain())
+        ):
             raise ValueError(f"token trees need a Llama-family draft model; {draft.name} runs chains only")
         self.draft = draft
         self.model = draft.model
@@ -154,8 +163,9 @@ class DraftModelProposer(Proposer):
                 positions[b, :n] = torch.arange(end - n, end)
                 positions[b, n:] = end - 1
             rows = [states[i]["row"] for i in short]
-            logits = self.model.forward(ids, positions, cache, rows=rows, logits_at="last",
-                                        num_new=[len(news[i]) for i in short])
+            logits = self.model.forward(
+                ids, positions, cache, rows=rows, logits_at="last", num_new=[len(news[i]) for i in short]
+            )
             for b, i in enumerate(short):
                 cache.commit(rows[b])
                 out[i] = logits[b, -1]
@@ -207,13 +217,19 @@ class DraftModelProposer(Proposer):
                     level_mask = written.attention_mask()[1:, 1:][prior:]  # this level x all nodes so far
                     ids[b, : len(nodes)] = torch.tensor([d.tokens[n] for n in nodes])
                     positions[b, : len(nodes)] = torch.tensor([d.root_position + d.depths[n] for n in nodes])
-                    positions[b, len(nodes):] = d.root_position + depth
+                    positions[b, len(nodes) :] = d.root_position + depth
                     mask[b, : len(nodes), :prior] = level_mask[:, :prior]
                     mask[b, : len(nodes), prior : prior + len(nodes)] = level_mask[:, prior:]
                     states[i]["tree"] = written
-                logits = self.model.forward(ids, positions, cache, tree_mask=mask, extend=True,
-                                            rows=[states[i]["row"] for i in members],
-                                            num_new=[len(drafts[i].tokens) - prior for i in members])
+                logits = self.model.forward(
+                    ids,
+                    positions,
+                    cache,
+                    tree_mask=mask,
+                    extend=True,
+                    rows=[states[i]["row"] for i in members],
+                    num_new=[len(drafts[i].tokens) - prior for i in members],
+                )
                 for b, i in enumerate(members):
                     d = drafts[i]
                     seqs[i].metrics.draft_forwards += 1

@@ -39,8 +39,10 @@ def resolve_shape(config: SpeculativeConfig):
     if config.tree is None:
         return None
     if config.tree == "auto":
-        raise ValueError("tree 'auto' is tuned on this machine: resolve it with specgrove.tuning.resolve_shape "
-                         "(LLM and bench do) and pass the shape")
+        raise ValueError(
+            "tree 'auto' is tuned on this machine: resolve it with specgrove.tuning.resolve_shape "
+            "(LLM and bench do) and pass the shape"
+        )
     return parse_tree(config.tree)
 
 
@@ -70,8 +72,9 @@ def _draft_model(spec: ProposerSpec):
 def _sorted(spec: ProposerSpec):
     c = spec.config
     exits = c.sorted_exits if c.sorted_exits is not None else c.sorted_exit
-    return sorted_proposer(_needs_draft(spec), spec.max_model_len, exits, c.sorted_thresholds, spec.shape,
-                           c.tree_sampling)
+    return sorted_proposer(
+        _needs_draft(spec), spec.max_model_len, exits, c.sorted_thresholds, spec.shape, c.tree_sampling
+    )
 
 
 def _prompt_lookup(spec: ProposerSpec):
@@ -97,8 +100,9 @@ register("sorted", _sorted, needs_draft=True)
 register("prompt_lookup", _prompt_lookup)
 
 
-def build_proposer(config: SpeculativeConfig, target: LoadedModel, draft: LoadedModel | None,
-                   max_model_len: int, shape=_UNSET):
+def build_proposer(
+    config: SpeculativeConfig, target: LoadedModel, draft: LoadedModel | None, max_model_len: int, shape=_UNSET
+):
     """(proposer, draft tokens per step) of a validated config; (None, 0) without speculation. `shape`: the
     config's tree resolved by the caller (`resolve_shape`, or `specgrove.tuning.resolve_shape` for 'auto');
     by default a fixed tree is parsed here."""

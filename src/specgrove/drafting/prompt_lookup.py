@@ -26,7 +26,7 @@ class PromptLookupProposer(Proposer):
         arr = np.asarray(tokens, dtype=np.int64)
         length = len(arr)
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
-            pattern = arr[length - n:]
+            pattern = arr[length - n :]
             windows = np.lib.stride_tricks.sliding_window_view(arr[: length - 1], n)  # starts 0..length-1-n
             hits = np.flatnonzero((windows == pattern).all(axis=1))
             hits = hits[hits + n < length]  # a continuation must exist (excludes the suffix itself)

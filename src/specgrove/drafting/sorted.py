@@ -45,8 +45,10 @@ def sorted_spec(draft: LoadedModel) -> SortedSpec:
     if spec is None:
         spec = SortedSpec([draft.model.config.num_layers], [0.0], source=str(draft.path))
     if spec.depth != draft.model.config.num_layers:
-        raise ValueError(f"{draft.path}: sorted.json's deepest exit is {spec.depth} but the model has "
-                         f"{draft.model.config.num_layers} layers")
+        raise ValueError(
+            f"{draft.path}: sorted.json's deepest exit is {spec.depth} but the model has "
+            f"{draft.model.config.num_layers} layers"
+        )
     return spec
 
 
@@ -95,13 +97,19 @@ class LayeredCache:
             start = self.filled[layer]
             if start not in prepared:
                 positions = torch.arange(start, t + 1, device=device)
-                mask = (torch.arange(t + 1, device=device)[None, :] <= positions[:, None])[None, None]  # [1, 1, T, t + 1]
-                prepared[start] = (positions[None], self.model.rope(positions[None]),
-                                   torch.zeros(1, len(positions), dtype=torch.long, device=device),
-                                   self.model.fold_groups(mask))
+                mask = (torch.arange(t + 1, device=device)[None, :] <= positions[:, None])[
+                    None, None
+                ]  # [1, 1, T, t + 1]
+                prepared[start] = (
+                    positions[None],
+                    self.model.rope(positions[None]),
+                    torch.zeros(1, len(positions), dtype=torch.long, device=device),
+                    self.model.fold_groups(mask),
+                )
             positions, rope, write_rows, mask = prepared[start]
-            h = self.model.layer_forward(layer, self.hidden[start : t + 1][None], rope, self.kv, write_rows,
-                                         positions, mask, t + 1)
+            h = self.model.layer_forward(
+                layer, self.hidden[start : t + 1][None], rope, self.kv, write_rows, positions, mask, t + 1
+            )
             self.hidden[start : t + 1] = h[0]
             self.filled[layer] = t + 1
         return self.hidden[t]
@@ -113,8 +121,13 @@ class SortedDraftProposer(Proposer):
 
     name = "sorted"
 
-    def __init__(self, draft: LoadedModel, max_model_len: int, thresholds: Seq[float] | None = None,
-                 exits: Seq[int] | None = None):
+    def __init__(
+        self,
+        draft: LoadedModel,
+        max_model_len: int,
+        thresholds: Seq[float] | None = None,
+        exits: Seq[int] | None = None,
+    ):
         if not draft.is_fast:
             raise ValueError(f"a sorted draft needs the fast runtime (Llama family); {draft.name} is not")
         spec = sorted_spec(draft)
@@ -133,14 +146,16 @@ class SortedDraftProposer(Proposer):
         self.exit_counts: Counter = Counter()
 
     @classmethod
-    def fixed(cls, draft: LoadedModel, exit_layer: int, max_model_len: int, shape=None,
-              sampling: str = "without_replacement") -> DraftModelProposer:
+    def fixed(
+        cls, draft: LoadedModel, exit_layer: int, max_model_len: int, shape=None, sampling: str = "without_replacement"
+    ) -> DraftModelProposer:
         """A proposer drafting with the sub-model of `exit_layer` layers alone (chains or trees)."""
         spec = sorted_spec(draft)
         if exit_layer not in spec.exits:
             raise ValueError(f"exit {exit_layer} is not one of the draft's exits {spec.exits}")
-        sub = LoadedModel(**{**draft.__dict__, "model": draft.model.truncated(exit_layer),
-                             "name": f"{draft.name}@{exit_layer}"})
+        sub = LoadedModel(
+            **{**draft.__dict__, "model": draft.model.truncated(exit_layer), "name": f"{draft.name}@{exit_layer}"}
+        )
         proposer = DraftModelProposer(sub, max_model_len, shape, sampling)
         proposer.name = f"sorted@{exit_layer}"
         return proposer
@@ -187,8 +202,15 @@ class SortedDraftProposer(Proposer):
         draft_probs = None if params.greedy else torch.stack(out_probs)
         return TokenTree(out_tokens, list(range(-1, len(out_tokens) - 1)), draft_probs)
 
-def sorted_proposer(draft: LoadedModel, max_model_len: int, exit_layer: int | Seq[int] | None = None,
-                    thresholds: Seq[float] | None = None, shape=None, sampling: str = "without_replacement"):
+
+def sorted_proposer(
+    draft: LoadedModel,
+    max_model_len: int,
+    exit_layer: int | Seq[int] | None = None,
+    thresholds: Seq[float] | None = None,
+    shape=None,
+    sampling: str = "without_replacement",
+):
     """The proposer for method "sorted": adaptive over every exit (exit_layer None) or over some of them
     (a list of several, e.g. the shallow ones for a small target), drafting chains; or one fixed exit (an
     int, or a list of one), drafting chains or the token tree `shape` (siblings drawn as `sampling` says)."""
@@ -196,5 +218,6 @@ def sorted_proposer(draft: LoadedModel, max_model_len: int, exit_layer: int | Se
         if shape is not None and not (isinstance(shape, TreeShape) and shape.is_chain()):
             raise ValueError("adaptive sorted drafting makes chains; draft a tree with one fixed exit")
         return SortedDraftProposer(draft, max_model_len, thresholds, exit_layer)
-    return SortedDraftProposer.fixed(draft, exit_layer if isinstance(exit_layer, int) else exit_layer[0], max_model_len,
-                                     shape, sampling)
+    return SortedDraftProposer.fixed(
+        draft, exit_layer if isinstance(exit_layer, int) else exit_layer[0], max_model_len, shape, sampling
+    )

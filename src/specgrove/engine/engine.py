@@ -37,8 +37,14 @@ class SpecEngine:
     (one row each, `CachePool`), so `step_batch` verifies all of them in one batched target forward;
     `step` is a batch of one. `max_num_seqs` bounds the rows (None: grow as needed)."""
 
-    def __init__(self, target: LoadedModel, proposer: Proposer | None = None, num_speculative_tokens: int = 0,
-                 max_model_len: int = 4096, max_num_seqs: int | None = None):
+    def __init__(
+        self,
+        target: LoadedModel,
+        proposer: Proposer | None = None,
+        num_speculative_tokens: int = 0,
+        max_model_len: int = 4096,
+        max_num_seqs: int | None = None,
+    ):
         if num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
         self.target = target
@@ -55,8 +61,9 @@ class SpecEngine:
         self._sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
 
     # ---- request lifecycle -------------------------------------------------------------------
-    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     sampler=None) -> Sequence:
+    def new_sequence(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, sampler=None
+    ) -> Sequence:
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
         if any((not isinstance(t, int)) or t < 0 or t >= self.model.vocab_size for t in prompt_ids):
@@ -107,7 +114,9 @@ class SpecEngine:
         trees = [TokenTree() for _ in seqs]
         if not wanted:
             return trees
-        for i, tree in zip(wanted, self.proposer.propose_batch([seqs[i] for i in wanted], [num_draft[i] for i in wanted])):
+        for i, tree in zip(
+            wanted, self.proposer.propose_batch([seqs[i] for i in wanted], [num_draft[i] for i in wanted])
+        ):
             trees[i] = tree
         return trees
 
@@ -141,8 +150,7 @@ class SpecEngine:
             positions[b, size:] = offsets[-1]
             if mask is not None:
                 mask[b, :size, :size] = tree.attention_mask()
-        logits = self.model.forward(ids, positions, cache, tree_mask=mask, rows=rows,
-                                    num_new=None if chains else sizes)
+        logits = self.model.forward(ids, positions, cache, tree_mask=mask, rows=rows, num_new=None if chains else sizes)
         self._sync()
         t2 = time.perf_counter()
 

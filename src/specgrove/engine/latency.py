@@ -42,7 +42,7 @@ class LinearTime:
         return self.a + self.b * tokens + self.c * context
 
     @classmethod
-    def fit(cls, samples: list[dict]) -> "LinearTime":
+    def fit(cls, samples: list[dict]) -> LinearTime:
         """Least squares over samples {"tokens", "context", "seconds"}, coefficients kept >= 0."""
         if len(samples) < 3:
             raise ValueError(f"a latency fit needs at least 3 measurements, got {len(samples)}")
@@ -78,7 +78,7 @@ class PiecewiseTime:
         return base + self.c * context
 
     @classmethod
-    def fit(cls, samples: list[dict]) -> "PiecewiseTime":
+    def fit(cls, samples: list[dict]) -> PiecewiseTime:
         """c from the within-token-count covariance of time and context (0 <= c <= every sample's time /
         context); f(n) = mean of time - c context."""
         if not samples:
@@ -137,29 +137,46 @@ class LatencyModel:
         return 0.0 if self.draft is None else self.draft(tokens, context)
 
     def save(self, path: str | os.PathLike) -> None:
-        data = {"version": PROFILE_VERSION, "device": self.device, "target": _time_to_json(self.target),
-                "draft": None if self.draft is None else _time_to_json(self.draft), "samples": self.samples}
+        data = {
+            "version": PROFILE_VERSION,
+            "device": self.device,
+            "target": _time_to_json(self.target),
+            "draft": None if self.draft is None else _time_to_json(self.draft),
+            "samples": self.samples,
+        }
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LatencyModel":
+    def load(cls, path: str | os.PathLike) -> LatencyModel:
         try:
             with open(path) as f:
                 data = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"latency profile {path} not found; write one with `specgrove profile --out {path}`") from None
+            raise FileNotFoundError(
+                f"latency profile {path} not found; write one with `specgrove profile --out {path}`"
+            ) from None
         except json.JSONDecodeError as error:
-            raise ValueError(f"latency profile {path} is not valid JSON ({error}); rewrite it with `specgrove profile`") from None
+            raise ValueError(
+                f"latency profile {path} is not valid JSON ({error}); rewrite it with `specgrove profile`"
+            ) from None
         if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION or "target" not in data:
-            raise ValueError(f"{path} is not a specgrove latency profile (version {PROFILE_VERSION}); "
-                             f"rewrite it with `specgrove profile`")
+            raise ValueError(
+                f"{path} is not a specgrove latency profile (version {PROFILE_VERSION}); "
+                f"rewrite it with `specgrove profile`"
+            )
         draft = data.get("draft")
         try:
-            return cls(_time_from_json(data["target"]), None if draft is None else _time_from_json(draft),
-                       data.get("device", ""), data.get("samples", {}))
+            return cls(
+                _time_from_json(data["target"]),
+                None if draft is None else _time_from_json(draft),
+                data.get("device", ""),
+                data.get("samples", {}),
+            )
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: a malformed latency model ({error}); rewrite it with `specgrove profile`") from None
+            raise ValueError(
+                f"{path}: a malformed latency model ({error}); rewrite it with `specgrove profile`"
+            ) from None
 
 
 def time_forward(model, rows: int, tokens_per_row: int, context: int, repeats: int = 3) -> float:
@@ -181,22 +198,39 @@ def time_forward(model, rows: int, tokens_per_row: int, context: int, repeats: i
     return statistics.median(times[1:])
 
 
-def measure(model, rows=(1, 2, 4, 8), tokens_per_row=(1, 2, 4, 8), contexts=(128, 512), repeats: int = 3,
-            progress=None) -> list[dict]:
+def measure(
+    model, rows=(1, 2, 4, 8), tokens_per_row=(1, 2, 4, 8), contexts=(128, 512), repeats: int = 3, progress=None
+) -> list[dict]:
     samples = []
     for b in rows:
         for t in tokens_per_row:
             for c in contexts:
                 seconds = time_forward(model, b, t, c, repeats)
-                samples.append({"rows": b, "tokens_per_row": t, "context_per_row": c, "tokens": b * t,
-                                "context": b * c, "seconds": seconds})
+                samples.append(
+                    {
+                        "rows": b,
+                        "tokens_per_row": t,
+                        "context_per_row": c,
+                        "tokens": b * t,
+                        "context": b * c,
+                        "seconds": seconds,
+                    }
+                )
                 if progress is not None:
                     progress(samples[-1])
     return samples
 
 
-def profile(target, draft=None, rows=(1, 2, 4, 8), tokens_per_row=(1, 2, 4, 8), contexts=(128, 512),
-            repeats: int = 3, progress=None, fit: str = "piecewise") -> LatencyModel:
+def profile(
+    target,
+    draft=None,
+    rows=(1, 2, 4, 8),
+    tokens_per_row=(1, 2, 4, 8),
+    contexts=(128, 512),
+    repeats: int = 3,
+    progress=None,
+    fit: str = "piecewise",
+) -> LatencyModel:
     """Measure target (and draft: one and two tokens per row, as drafting runs) forwards and fit the
     model: "piecewise" (default) or SmartSpec's "linear"."""
     if fit not in FITS:
@@ -206,5 +240,9 @@ def profile(target, draft=None, rows=(1, 2, 4, 8), tokens_per_row=(1, 2, 4, 8), 
         target_samples = measure(target, rows, tokens_per_row, contexts, repeats, progress)
         draft_samples = measure(draft, rows, (1, 2), contexts, repeats, progress) if draft is not None else []
     device = str(getattr(target, "device", "cpu"))
-    return LatencyModel(kind.fit(target_samples), kind.fit(draft_samples) if draft_samples else None,
-                        device, {"target": target_samples, "draft": draft_samples})
+    return LatencyModel(
+        kind.fit(target_samples),
+        kind.fit(draft_samples) if draft_samples else None,
+        device,
+        {"target": target_samples, "draft": draft_samples},
+    )

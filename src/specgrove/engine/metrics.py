@@ -1,14 +1,14 @@
 """Speculation metrics, defined once.
 
-  target_forwards       target forward passes in the decode phase (one per speculative step)
-  draft_forwards        draft model forward passes this sequence took part in (draft-model proposers)
-  proposed_per_step[s]  draft tokens proposed at step s (tree nodes; 0 for a plain step)
-  accepted_per_step[s]  draft tokens the verifier accepted at step s
-  mean_accept_length    tau = mean over steps of (accepted + 1): the bonus/correction token counts
-  acceptance_rate       sum(accepted) / sum(proposed)
-  per_position_acceptance[i]  accepted at depth i+1 / steps that proposed a token at depth i+1
-  rank_acceptance[r]    Sequoia's online acceptance vector: verified tree nodes whose child of rank r
-                        (r-th drawn sibling) was the accepted one / verified nodes that had an r-th child
+target_forwards       target forward passes in the decode phase (one per speculative step)
+draft_forwards        draft model forward passes this sequence took part in (draft-model proposers)
+proposed_per_step[s]  draft tokens proposed at step s (tree nodes; 0 for a plain step)
+accepted_per_step[s]  draft tokens the verifier accepted at step s
+mean_accept_length    tau = mean over steps of (accepted + 1): the bonus/correction token counts
+acceptance_rate       sum(accepted) / sum(proposed)
+per_position_acceptance[i]  accepted at depth i+1 / steps that proposed a token at depth i+1
+rank_acceptance[r]    Sequoia's online acceptance vector: verified tree nodes whose child of rank r
+                      (r-th drawn sibling) was the accepted one / verified nodes that had an r-th child
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ class SpecMetrics:
     generated_tokens: int = 0
     last_depth: int = 0  # depth of the last step's proposal (the goodput policy's acceptance estimate)
 
-    def record_step(self, depth_proposed: int, num_proposed: int, num_accepted: int,
-                    decisions: list[tuple[int, int]] = ()) -> None:
+    def record_step(
+        self, depth_proposed: int, num_proposed: int, num_accepted: int, decisions: list[tuple[int, int]] = ()
+    ) -> None:
         """One step: a tree of `num_proposed` nodes reaching depth `depth_proposed`, `num_accepted` accepted;
         `decisions`: (children, accepted rank or -1) at each verified node (VerifyResult.decisions)."""
         for num_children, rank in decisions:
@@ -91,10 +92,19 @@ class SpecMetrics:
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
 
-    def merge(self, other: "SpecMetrics") -> "SpecMetrics":
+    def merge(self, other: SpecMetrics) -> SpecMetrics:
         out = SpecMetrics()
-        for name in ("target_forwards", "prefill_forwards", "draft_forwards", "draft_time_s", "target_time_s",
-                     "verify_time_s", "prefill_time_s", "total_time_s", "generated_tokens"):
+        for name in (
+            "target_forwards",
+            "prefill_forwards",
+            "draft_forwards",
+            "draft_time_s",
+            "target_time_s",
+            "verify_time_s",
+            "prefill_time_s",
+            "total_time_s",
+            "generated_tokens",
+        ):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.proposed_per_step = self.proposed_per_step + other.proposed_per_step
         out.accepted_per_step = self.accepted_per_step + other.accepted_per_step

@@ -77,13 +77,22 @@ def expected_tokens(shape: TreeShape, alpha: float) -> float:
 
 
 class GoodputPolicy(Policy):
-    def __init__(self, latency, max_k: int, prior_alpha: float = 0.7, prior_trials: float = 2.0,
-                 decay: float = 0.8, probe_every: int = 16):
+    def __init__(
+        self,
+        latency,
+        max_k: int,
+        prior_alpha: float = 0.7,
+        prior_trials: float = 2.0,
+        decay: float = 0.8,
+        probe_every: int = 16,
+    ):
         if max_k < 0:
             raise ValueError(f"max_k must be >= 0, got {max_k}")
         if not 0.0 <= prior_alpha <= 1.0 or not 0.0 < decay <= 1.0 or prior_trials < 0 or probe_every < 0:
-            raise ValueError("goodput policy: prior_alpha in [0, 1], decay in (0, 1], prior_trials >= 0, "
-                             "probe_every >= 0 (0: never probe)")
+            raise ValueError(
+                "goodput policy: prior_alpha in [0, 1], decay in (0, 1], prior_trials >= 0, "
+                "probe_every >= 0 (0: never probe)"
+            )
         self.latency = latency
         self.max_k = max_k
         self.prior_alpha = prior_alpha

@@ -36,6 +36,7 @@ class QueueFullError(SpecgroveError):
 class RequestTimes:
     """A request's perf_counter times: added, first token generated, finished (None until then; a failed
     request has no finish time)."""
+
     arrival: float
     first_token: float | None = None
     finish: float | None = None
@@ -70,8 +71,9 @@ class Scheduler:
     # ---- requests --------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
-            raise QueueFullError(f"{len(self.waiting)} requests are already waiting (max_waiting={self.max_waiting}); "
-                                 f"retry later")
+            raise QueueFullError(
+                f"{len(self.waiting)} requests are already waiting (max_waiting={self.max_waiting}); retry later"
+            )
         if seq.request_id in self.times:
             raise ValueError(f"request id {seq.request_id!r} is already waiting or running; give each request its own")
         self.times[seq.request_id] = RequestTimes(arrival=time.perf_counter())

@@ -34,8 +34,16 @@ def build() -> Path:
 
 # --- operation ----------------------------------------------------------------------------------
 
-def invariant_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, row_index: torch.Tensor,
-                        mask: torch.Tensor, scale: float, isa: int | None = None) -> torch.Tensor:
+
+def invariant_attention(
+    q: torch.Tensor,
+    k_layer: torch.Tensor,
+    v_layer: torch.Tensor,
+    row_index: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    isa: int | None = None,
+) -> torch.Tensor:
     """Attention of q [B, T, Hq, D] over one layer of a KV cache, k_layer / v_layer [R, Hkv, S_max, D]
     (float32; views with any strides but unit stride in D are read in place). Batch row b reads cache row
     row_index[b]; query (b, t) sees key slot s < span where mask [B, T, span] (bool) is true. Query head h
@@ -44,13 +52,21 @@ def invariant_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.T
     `isa` picks the path (ISA_SCALAR, ISA_AVX2; default `best_isa()`); both give the same bits."""
     level = check_isa(isa)
     if q.dim() != 4 or k_layer.dim() != 4 or mask.dim() != 3:
-        raise ValueError(f"expected q [B, T, Hq, D], k/v [R, Hkv, S_max, D], mask [B, T, span]; got q "
-                         f"{tuple(q.shape)}, k {tuple(k_layer.shape)}, mask {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected q [B, T, Hq, D], k/v [R, Hkv, S_max, D], mask [B, T, span]; got q "
+            f"{tuple(q.shape)}, k {tuple(k_layer.shape)}, mask {tuple(mask.shape)}"
+        )
     for name, t in (("q", q), ("k_layer", k_layer), ("v_layer", v_layer)):
         if t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {t.dtype}")
     k = k_layer if k_layer.stride(-1) == 1 else k_layer.contiguous()
     v = v_layer if v_layer.stride(-1) == 1 else v_layer.contiguous()
-    return load_extension().attention(q.detach().contiguous(), k.detach(), v.detach(),
-                                      row_index.to(torch.int64).contiguous(), mask.to(torch.bool).contiguous(),
-                                      float(scale), level)
+    return load_extension().attention(
+        q.detach().contiguous(),
+        k.detach(),
+        v.detach(),
+        row_index.to(torch.int64).contiguous(),
+        mask.to(torch.bool).contiguous(),
+        float(scale),
+        level,
+    )

@@ -2,8 +2,8 @@
 
 Each kernel is one C++ file under `csrc/`, compiled on first use by torch's JIT extension builder (a C++17
 compiler and ninja) into `$SPECGROVE_CACHE/kernels/<stem>-<hash>` (default `~/.cache/specgrove`), the hash
-covering the source, the headers of `csrc/`, the flags and the torch and Python versions; an already built library is loaded
-directly, without the compiler. `scripts/bootstrap.sh` builds them ahead of time (`build_all`).
+covering the source, the headers of `csrc/`, the flags and the torch and Python versions; an already built
+library is loaded directly, without the compiler. `scripts/bootstrap.sh` builds them ahead of time (`build_all`).
 
 The files are compiled for baseline x86-64; their AVX2 functions carry a GCC target attribute and run only
 when `best_isa()` says so. `best_isa` follows `specgrove.cpu` (the CPU's flags, capped by
@@ -114,9 +114,14 @@ class CppExtension:
                 raise RuntimeError(f"cannot build the {self.stem} kernels: missing " + "; ".join(missing))
             directory.mkdir(parents=True, exist_ok=True)
             try:
-                self._module = cpp_extension.load(name=name, sources=[str(self.source)], extra_cflags=_CFLAGS,
-                                                  extra_ldflags=_LDFLAGS, build_directory=str(directory),
-                                                  verbose=False)
+                self._module = cpp_extension.load(
+                    name=name,
+                    sources=[str(self.source)],
+                    extra_cflags=_CFLAGS,
+                    extra_ldflags=_LDFLAGS,
+                    build_directory=str(directory),
+                    verbose=False,
+                )
             except Exception as e:  # torch raises RuntimeError / CalledProcessError with the compiler output
                 raise RuntimeError(f"building the {self.stem} kernels in {directory} failed: {e}") from e
             return self._module

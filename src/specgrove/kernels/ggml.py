@@ -48,7 +48,6 @@ def repack_q4k_x8(weight: torch.Tensor | np.ndarray, n: int, k: int) -> torch.Te
     return load_extension().repack_q4k_x8(_weight_tensor(weight, Q4_K, n, k).contiguous(), k)
 
 
-
 def _type_name(type_: int) -> str:
     return TYPE_NAMES.get(type_, str(type_))
 
@@ -56,8 +55,10 @@ def _type_name(type_: int) -> str:
 def row_bytes(type_: int, k: int) -> int:
     """Bytes of one weight row of `k` inputs in ggml type `type_`; ValueError if `k` is not whole blocks."""
     if type_ not in DEQUANT_TYPES:
-        raise ValueError(f"ggml type {_type_name(type_)} is not supported; use one of "
-                         f"{', '.join(TYPE_NAMES[t] for t in DEQUANT_TYPES)}")
+        raise ValueError(
+            f"ggml type {_type_name(type_)} is not supported; use one of "
+            f"{', '.join(TYPE_NAMES[t] for t in DEQUANT_TYPES)}"
+        )
     block = BLOCK_SIZE[type_]
     if k <= 0 or k % block:
         raise ValueError(f"K={k} is not a positive multiple of {_type_name(type_)}'s block size {block}")
@@ -65,6 +66,7 @@ def row_bytes(type_: int, k: int) -> int:
 
 
 # --- build and CPU level (specgrove.kernels.build) -------------------------------------------------
+
 
 def load_extension() -> ModuleType:
     """The compiled extension (built on first use; RuntimeError naming a missing compiler or ninja)."""
@@ -85,6 +87,7 @@ def cpu_isa_level(max_level: int | None = None) -> int:
 
 # --- operations ---------------------------------------------------------------------------------
 
+
 def _weight_tensor(weight: torch.Tensor | np.ndarray, type_: int, n: int, k: int) -> torch.Tensor:
     """`weight` as a CPU uint8 [n, row_bytes] tensor (any shape with that many bytes)."""
     nbytes = row_bytes(type_, k)
@@ -93,8 +96,9 @@ def _weight_tensor(weight: torch.Tensor | np.ndarray, type_: int, n: int, k: int
         raise ValueError(f"weight must hold raw ggml bytes (uint8), got {w.dtype}")
     if w.shape != (n, nbytes):
         if w.numel() != n * nbytes:
-            raise ValueError(f"weight has {w.numel()} bytes; {n} rows of {_type_name(type_)} with K={k} need "
-                             f"{n * nbytes}")
+            raise ValueError(
+                f"weight has {w.numel()} bytes; {n} rows of {_type_name(type_)} with K={k} need {n * nbytes}"
+            )
         w = w.reshape(n, nbytes)
     return w
 
@@ -104,8 +108,9 @@ def ggml_dequantize(weight: torch.Tensor | np.ndarray, type_: int, n: int, k: in
     return load_extension().dequantize(_weight_tensor(weight, type_, n, k), type_, k)
 
 
-def quantize_activations(x: torch.Tensor, block: int,
-                         isa: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_activations(
+    x: torch.Tensor, block: int, isa: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row of x [M, K] quantized by itself per `block` (32 or 256) values, as the matmul does:
     d = amax/127, q = nearbyint(x * 127/amax) in [-127, 127] (d = 0, q = 0 for an all-zero block).
     Returns (int8 q [M, K], float32 d [M, K/block], int16 bsums [M, K/16]: sums of 16 consecutive q).
@@ -117,15 +122,17 @@ def quantize_activations(x: torch.Tensor, block: int,
     return load_extension().quantize_activations(x.detach(), block, check_isa(isa))
 
 
-def ggml_matmul(x: torch.Tensor, weight: torch.Tensor | np.ndarray, type_: int, n: int, k: int,
-                isa: int | None = None) -> torch.Tensor:
+def ggml_matmul(
+    x: torch.Tensor, weight: torch.Tensor | np.ndarray, type_: int, n: int, k: int, isa: int | None = None
+) -> torch.Tensor:
     """x [..., k] (any float dtype) times the transpose of `n` ggml rows of `type_`: float32 [..., n].
 
     `isa` picks the path (ISA_SCALAR, ISA_AVX2; default `cpu_isa_level()`); all paths give the same bits.
     ValueError for an unsupported type, a `k` that is not whole blocks (256 for Q4_K / Q6_K) or wrong shapes."""
     if type_ not in ACT_BLOCK:
-        raise ValueError(f"ggml_matmul supports {', '.join(TYPE_NAMES[t] for t in MATMUL_TYPES)}, "
-                         f"not {_type_name(type_)}")
+        raise ValueError(
+            f"ggml_matmul supports {', '.join(TYPE_NAMES[t] for t in MATMUL_TYPES)}, not {_type_name(type_)}"
+        )
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} inputs per token, the weight has K={k}")
     w = _weight_tensor(weight, type_, n, k)

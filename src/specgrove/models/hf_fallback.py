@@ -29,7 +29,9 @@ class HFChainCache:
 
     def check_room(self, num_new: int, rows: Sequence[int] | None = None) -> None:
         if self.lengths[0] + num_new > self.max_len:
-            raise ValueError(f"sequence needs {self.lengths[0] + num_new} positions but max_model_len is {self.max_len}")
+            raise ValueError(
+                f"sequence needs {self.lengths[0] + num_new} positions but max_model_len is {self.max_len}"
+            )
 
     def _crop(self, length: int) -> None:
         excess = self.dynamic.get_seq_length() - length
@@ -70,7 +72,11 @@ class HFCausalLM:
         self.hf_config = hf_model.config
         self.dtype = dtype
         self.device = torch.device(device)
-        self.vocab_size = hf_model.config.vocab_size if hasattr(hf_model.config, "vocab_size") else hf_model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = (
+            hf_model.config.vocab_size
+            if hasattr(hf_model.config, "vocab_size")
+            else hf_model.get_output_embeddings().weight.shape[0]
+        )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -84,8 +90,17 @@ class HFCausalLM:
         return HFChainCache(max_len)
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, cache: HFChainCache, tree_mask=None, rows=None, logits_at="all", num_new=None,
-                extend: bool = False):
+    def forward(
+        self,
+        input_ids,
+        positions,
+        cache: HFChainCache,
+        tree_mask=None,
+        rows=None,
+        logits_at="all",
+        num_new=None,
+        extend: bool = False,
+    ):
         batch, num_tokens = input_ids.shape
         if batch != 1 or (rows is not None and list(rows) != [0]):
             raise UnsupportedError("the transformers fallback runs one sequence at a time (batch size 1)")
@@ -96,7 +111,9 @@ class HFCausalLM:
             causal = torch.ones(region, region, dtype=torch.bool).tril()[prior:]
             own = torch.arange(region)[None, :] == (prior + torch.arange(num_tokens))[:, None]
             if not torch.equal(tree_mask[0].cpu().bool() | own, causal):
-                raise UnsupportedError("token trees need a Llama-family model; the transformers fallback runs chains only")
+                raise UnsupportedError(
+                    "token trees need a Llama-family model; the transformers fallback runs chains only"
+                )
         cache.check_room(prior + num_tokens)
         cache._crop(cache.lengths[0] + prior)  # drop uncommitted positions not extended
         out = self.model(

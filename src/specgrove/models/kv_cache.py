@@ -149,16 +149,22 @@ class CachePool:
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 
 
-def forward_chunked(model, cache, row: int, tokens: list[int], start: int, want_logits: bool = False
-                    ) -> tuple[torch.Tensor | None, int]:
+def forward_chunked(
+    model, cache, row: int, tokens: list[int], start: int, want_logits: bool = False
+) -> tuple[torch.Tensor | None, int]:
     """Run `tokens` (positions start..) through `model` into cache row `row`, PREFILL_CHUNK at a time,
     committing each chunk. Returns (the logits [V] after the last token when asked, the forwards run)."""
     logits, forwards = None, 0
     end = start + len(tokens)
     for begin in range(start, end, PREFILL_CHUNK):
         stop = min(begin + PREFILL_CHUNK, end)
-        out = model.forward(torch.tensor([tokens[begin - start : stop - start]]), torch.arange(begin, stop)[None], cache,
-                            rows=[row], logits_at="last" if want_logits and stop == end else None)
+        out = model.forward(
+            torch.tensor([tokens[begin - start : stop - start]]),
+            torch.arange(begin, stop)[None],
+            cache,
+            rows=[row],
+            logits_at="last" if want_logits and stop == end else None,
+        )
         cache.commit(row)
         forwards += 1
         if out is not None:

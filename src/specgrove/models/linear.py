@@ -79,31 +79,43 @@ def int8_available() -> bool:
 def int4_available(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
-        return (hasattr(torch.ops.aten, "_weight_int4pack_mm") and torch.cuda.is_available()
-                and torch.cuda.get_device_capability(device)[0] >= 8)
+        return (
+            hasattr(torch.ops.aten, "_weight_int4pack_mm")
+            and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device)[0] >= 8
+        )
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def w8a8_available(device: torch.device | str = "cpu") -> bool:
     """fbgemm's int8 kernel is present and sums its products exactly here (AVX-512 VNNI; see `check_w8a8`)."""
-    return (torch.device(device).type == "cpu" and hasattr(torch.ops.quantized, "linear_dynamic")
-            and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
-            and cpu_features().int8_exact)
+    return (
+        torch.device(device).type == "cpu"
+        and hasattr(torch.ops.quantized, "linear_dynamic")
+        and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+        and cpu_features().int8_exact
+    )
 
 
 def check_w8a8(device: torch.device | str = "cpu") -> None:
     """Refuse w8a8 where fbgemm would compute it wrongly: without AVX-512 VNNI its u8 x s8 products are
     summed in saturating 16-bit pairs (a token with a large range came out 17% wrong, silently)."""
-    if torch.device(device).type != "cpu" or not hasattr(torch.ops.quantized, "linear_dynamic") or not any(
-            e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm")):
-        raise ValueError("w8a8 needs PyTorch's x86/fbgemm quantized CPU backend (quantized::linear_dynamic); "
-                         "on CUDA or elsewhere use int4, int8 or none")
+    if (
+        torch.device(device).type != "cpu"
+        or not hasattr(torch.ops.quantized, "linear_dynamic")
+        or not any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+    ):
+        raise ValueError(
+            "w8a8 needs PyTorch's x86/fbgemm quantized CPU backend (quantized::linear_dynamic); "
+            "on CUDA or elsewhere use int4, int8 or none"
+        )
     features = cpu_features()
     if not features.int8_exact:
         raise UnsupportedOnCpuError(
             f"w8a8 needs AVX-512 VNNI, which this CPU ({features.describe()}) lacks: fbgemm's int8 kernel would sum "
             "its products in saturating 16-bit pairs and give wrong outputs. Use the model's own GGUF weights "
-            "(quantization='gguf'), or int8 / int4 weight-only, or none.")
+            "(quantization='gguf'), or int8 / int4 weight-only, or none."
+        )
 
 
 def _w8a8_engine() -> None:
@@ -215,7 +227,8 @@ class GGUFLinear:
                 raise UnsupportedOnCpuError(
                     f"GGML type {ggml.TYPE_NAMES.get(run[0].type, run[0].type)} has no kernel here (supported: "
                     f"{', '.join(ggml.TYPE_NAMES[t] for t in ggml.MATMUL_TYPES)}); load the model with "
-                    "quantization='none' (dequantized) instead")
+                    "quantization='none' (dequantized) instead"
+                )
             data = (run[0].data if len(run) == 1 else torch.cat([p.data for p in run])).contiguous()
             rows, type_ = sum(p.n for p in run), run[0].type
             one, many = (data, type_), (data, type_)
@@ -223,8 +236,10 @@ class GGUFLinear:
                 # rows interleaved by 8 for the AVX2 kernel (ggml.Q4_K_X8): the same bits, fewer instructions
                 many = (ggml.repack_q4k_x8(data, rows, self.in_features), ggml.Q4_K_X8)
                 one = many if layout == "x8" else one
-            for (d, t), weights, types in ((one, self._weights, self._types), (many, self._weights_many,
-                                                                               self._types_many)):
+            for (d, t), weights, types in (
+                (one, self._weights, self._types),
+                (many, self._weights_many, self._types_many),
+            ):
                 weights.append(d)
                 types.append(t)
             i = j + 1
@@ -278,7 +293,8 @@ class Linear:
             raise UnsupportedOnCpuError(
                 f"oneDNN cannot prepack {weight.dtype} weights on this CPU ({cpu_features().describe()}): bf16 "
                 "prepacking needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; load with pack_weights=None (chosen per CPU) "
-                "or dtype float32")
+                "or dtype float32"
+            )
         self.pad_rows = PAD_ROWS if self.packed and weight.dtype == torch.bfloat16 else 0
         if quantization == "int8":
             if not int8_available():
@@ -302,13 +318,19 @@ class Linear:
     def _init_int4(self, weight: torch.Tensor) -> None:
         device = weight.device
         if device.type == "cpu" and not cpu_features().has("avx512"):
-            warnings.warn(f"int4 on this CPU ({cpu_features().describe()}): PyTorch's int4 CPU kernel has no fast path "
-                          "without AVX-512 (correct, but slower than fp32); the GGUF format (quantization='gguf') is "
-                          "the fast quantized path here", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"int4 on this CPU ({cpu_features().describe()}): PyTorch's int4 CPU kernel has no fast path "
+                "without AVX-512 (correct, but slower than fp32); the GGUF format (quantization='gguf') is "
+                "the fast quantized path here",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         if not int4_available(device):
-            raise ValueError(f"int4 weights need PyTorch's int4 kernel for {device.type} "
-                             "(_weight_int4pack_mm_for_cpu on CPU; _weight_int4pack_mm on a CUDA GPU of compute "
-                             "capability 8.0 or newer), which this machine or torch build lacks; use int8 or none")
+            raise ValueError(
+                f"int4 weights need PyTorch's int4 kernel for {device.type} "
+                "(_weight_int4pack_mm_for_cpu on CPU; _weight_int4pack_mm on a CUDA GPU of compute "
+                "capability 8.0 or newer), which this machine or torch build lacks; use int8 or none"
+            )
         if device.type == "cuda" and weight.dtype != torch.bfloat16:
             raise ValueError("int4 weights on CUDA need dtype bfloat16 (PyTorch's tinygemm kernel)")
         self.group_size = INT4_GROUP_SIZE
@@ -334,8 +356,9 @@ class Linear:
         scales = int8_row_scales(w)
         with warnings.catch_warnings():  # deprecated for a future torch; torch 2.13 (pinned) has it
             warnings.simplefilter("ignore")
-            qweight = torch.quantize_per_channel(w, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0,
-                                                 torch.qint8)
+            qweight = torch.quantize_per_channel(
+                w, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8
+            )
         self.weight = torch.ops.quantized.linear_prepack(qweight, None)
         # The two constant rows that pin the kernel's input range to [-1, 1] (see the module docstring).
         self.bounds = torch.cat([torch.ones(1, self.in_features), -torch.ones(1, self.in_features)])

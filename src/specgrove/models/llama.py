@@ -14,7 +14,6 @@ of up to 32 new tokens replay CUDA graphs (`specgrove.models.cuda_graphs`).
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +43,12 @@ class LlamaConfig:
     sliding_window: int | None
 
     @classmethod
-    def from_hf(cls, hf_config) -> "LlamaConfig":
+    def from_hf(cls, hf_config) -> LlamaConfig:
         model_type = hf_config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model type {model_type!r} is not in the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise ValueError(
+                f"model type {model_type!r} is not in the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
         if getattr(hf_config, "hidden_act", "silu") != "silu":
             raise ValueError(f"activation {hf_config.hidden_act!r} is not supported by the fast runtime (silu only)")
         num_heads = hf_config.num_attention_heads
@@ -88,8 +89,15 @@ class _WeightReader:
     """Takes a checkpoint's tensors by name, each once (popped, so memory is freed as the model is built), onto
     the model's device and dtype; matrices become Linear (dense) or GGUFLinear (from the GGUF file)."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, packed: bool,
-                 quantization: str | None, gguf_weights=None):
+    def __init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        packed: bool,
+        quantization: str | None,
+        gguf_weights=None,
+    ):
         self.weights, self.dtype, self.device = weights, dtype, device
         self.packed, self.quantization, self.gguf_weights = packed, quantization, gguf_weights
 
@@ -118,12 +126,16 @@ class _WeightReader:
         attn, mlp = p + "self_attn.", p + "mlp."
         return LayerWeights(
             input_norm=self.take(p + "input_layernorm.weight"),
-            qkv=self.linear((attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
-                            self.fuse_optional(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")),
+            qkv=self.linear(
+                (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+                self.fuse_optional(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"),
+            ),
             o=self.linear((attn + "o_proj.weight",), self.maybe(attn + "o_proj.bias")),
             post_norm=self.take(p + "post_attention_layernorm.weight"),
-            gate_up=self.linear((mlp + "gate_proj.weight", mlp + "up_proj.weight"),
-                                self.fuse_optional(mlp + "gate_proj.bias", mlp + "up_proj.bias")),
+            gate_up=self.linear(
+                (mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+                self.fuse_optional(mlp + "gate_proj.bias", mlp + "up_proj.bias"),
+            ),
             down=self.linear((mlp + "down_proj.weight",), self.maybe(mlp + "down_proj.bias")),
         )
 
@@ -149,9 +161,19 @@ class LlamaModel:
     supports_trees = True
     supports_batching = True
 
-    def __init__(self, config: LlamaConfig, hf_config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device,
-                 pack_weights: bool | None = None, quantization: str | None = None, cuda_graphs: bool | None = None,
-                 gguf_weights=None, head_tokens: torch.Tensor | None = None):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        hf_config,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device,
+        pack_weights: bool | None = None,
+        quantization: str | None = None,
+        cuda_graphs: bool | None = None,
+        gguf_weights=None,
+        head_tokens: torch.Tensor | None = None,
+    ):
         self.config = config
         self.hf_config = hf_config
         self.dtype = dtype
@@ -160,8 +182,10 @@ class LlamaModel:
         ids = self._check_options(weights, quantization, gguf_weights, head_tokens)
         available = packing_available(self.device, dtype)
         if pack_weights and not available:
-            raise ValueError("weight prepacking needs a CPU with oneDNN and float32 weights, or bfloat16 weights on a CPU "
-                             "whose oneDNN can reorder them (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
+            raise ValueError(
+                "weight prepacking needs a CPU with oneDNN and float32 weights, or bfloat16 weights on a CPU "
+                "whose oneDNN can reorder them (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
+            )
         self.packed = available if pack_weights is None else pack_weights
         # None, "int8", "int4", "w8a8" or "gguf" (every matrix multiply incl. the head)
         self.quantization = quantization
@@ -233,8 +257,9 @@ class LlamaModel:
         if ids is not None:
             head = head[ids.to(head.device)].contiguous()
         if self.head_token_ids is not None and head.shape[0] != len(self.head_token_ids):
-            raise ValueError(f"lm_head.weight has {head.shape[0]} rows but lm_head.token_ids names "
-                             f"{len(self.head_token_ids)}")
+            raise ValueError(
+                f"lm_head.weight has {head.shape[0]} rows but lm_head.token_ids names {len(self.head_token_ids)}"
+            )
         return Linear(head, None, self.packed, self.quantization)
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -288,7 +313,12 @@ class LlamaModel:
         return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
 
     def build_attention_mask(
-        self, cache: KVCache, rows: list[int], num_tokens: int, tree_mask: torch.Tensor | None, prior: int = 0,
+        self,
+        cache: KVCache,
+        rows: list[int],
+        num_tokens: int,
+        tree_mask: torch.Tensor | None,
+        prior: int = 0,
         min_span: int = 0,
     ) -> tuple[torch.Tensor, int]:
         """Boolean mask [B, 1, T, S] over keys 0..S-1 of each row's cache, S = max(max(len) + prior + T, min_span).
@@ -313,7 +343,10 @@ class LlamaModel:
             if tuple(tree_mask.shape[-2:]) != (num_tokens, region):
                 raise ValueError(f"tree_mask must be [B, {num_tokens}, {region}], got {tuple(tree_mask.shape)}")
             # Every token sees itself (also padding rows, which keeps their softmax finite).
-            own = torch.arange(region, device=self.device)[None, :] == (prior + torch.arange(num_tokens, device=self.device))[:, None]
+            own = (
+                torch.arange(region, device=self.device)[None, :]
+                == (prior + torch.arange(num_tokens, device=self.device))[:, None]
+            )
             tree_mask = tree_mask.to(self.device, torch.bool) | own
         gathered = torch.gather(
             tree_mask, 2, rel.clamp(0, region - 1)[:, None, :].expand(-1, num_tokens, -1)
@@ -358,8 +391,9 @@ class LlamaModel:
         graph = None
         if self.graphs is not None and logits_at is not None:
             graph = self.graphs.lookup(cache, rows, num_tokens, prior)
-        mask, span = self.build_attention_mask(cache, rows, num_tokens, tree_mask, prior,
-                                               0 if graph is None else graph.span)
+        mask, span = self.build_attention_mask(
+            cache, rows, num_tokens, tree_mask, prior, 0 if graph is None else graph.span
+        )
         # GQA without repeating K/V: fold the query heads of a group into the query axis.
         mask = self.fold_groups(mask)
         row_index = torch.tensor(rows, device=self.device)
@@ -389,8 +423,17 @@ class LlamaModel:
             h = torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
         return self.logits(h)
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor,
-                      slots: torch.Tensor, row_index: torch.Tensor, span: int, all_rows: bool = False) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        mask: torch.Tensor,
+        slots: torch.Tensor,
+        row_index: torch.Tensor,
+        span: int,
+        all_rows: bool = False,
+    ) -> torch.Tensor:
         """Every layer over new tokens input_ids [B, T] at `positions` (no host work: what a CUDA graph
         captures). Writes their KV into cache rows `row_index` [B] at `slots` [B, T]; `mask` as layer_forward
         takes it; `all_rows`: row_index is 0..batch-1 of the cache (attend by slicing, not gathering)."""
@@ -409,9 +452,18 @@ class LlamaModel:
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rope(positions.to(self.device))
 
-    def layer_forward(self, li: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
-                      write_rows: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, span: int,
-                      row_index: torch.Tensor | None = None) -> torch.Tensor:
+    def layer_forward(
+        self,
+        li: int,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        write_rows: torch.Tensor,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
+        span: int,
+        row_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Layer `li` over hidden states h [B, T, H]: writes the tokens' keys/values into cache slots
         (write_rows, slots) [B, T] of layer li, attends over keys 0..span-1 of rows `row_index` (None = all
         rows, in order) with the boolean mask [B, 1, groups * T, span] (query groups folded), returns h."""
@@ -426,17 +478,19 @@ class LlamaModel:
             ops, isa = self._ops, self._attention_isa
             rows0 = write_rows[:, 0].contiguous()
             qkv = layer.qkv(ops.rms_norm(h, layer.input_norm, c.rms_norm_eps, isa))
-            q = ops.rope_store(qkv, cos[:, :, 0], sin[:, :, 0], cache.k[li], cache.v[li], rows0, slots,
-                               c.num_heads, c.num_kv_heads)
-            attn = self._attention(q, cache.k[li], cache.v[li], rows0, mask, c.head_dim ** -0.5, isa)
+            q = ops.rope_store(
+                qkv, cos[:, :, 0], sin[:, :, 0], cache.k[li], cache.v[li], rows0, slots, c.num_heads, c.num_kv_heads
+            )
+            attn = self._attention(q, cache.k[li], cache.v[li], rows0, mask, c.head_dim**-0.5, isa)
             h = layer.o(attn.view(batch, num_tokens, q_size), residual=h)
             x = ops.rms_norm(h, layer.post_norm, c.rms_norm_eps, isa)
             return layer.down(ops.silu_mul(layer.gate_up(x), isa), residual=h)
         x = self._rms_norm(h, layer.input_norm)
         qkv = layer.qkv(x)
         # RoPE on the query and key heads together: one set of kernels.
-        qk = self._apply_rope(qkv[..., : q_size + kv_size].view(batch, num_tokens, c.num_heads + c.num_kv_heads,
-                                                                c.head_dim), cos, sin)
+        qk = self._apply_rope(
+            qkv[..., : q_size + kv_size].view(batch, num_tokens, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin
+        )
         q, k = qk[:, :, : c.num_heads], qk[:, :, c.num_heads :]
         v = qkv[..., q_size + kv_size :].view(batch, num_tokens, c.num_kv_heads, c.head_dim)
         # Write the new keys/values into their slots ([B, S, H, D] views of the cache).
@@ -482,7 +536,7 @@ class LlamaModel:
         full[..., self.head_token_ids] = out
         return full
 
-    def truncated(self, depth: int) -> "LlamaModel":
+    def truncated(self, depth: int) -> LlamaModel:
         """The sub-model of the first `depth` layers with the same final norm and head (weights shared)."""
         if not 1 <= depth <= len(self.layers):
             raise ValueError(f"a sub-model needs 1..{len(self.layers)} layers, got {depth}")

@@ -23,8 +23,14 @@ from specgrove.models.hf_fallback import HFCausalLM
 from specgrove.models.linear import QUANTIZATIONS, check_w8a8
 from specgrove.models.llama import SUPPORTED_MODEL_TYPES, LlamaConfig, LlamaModel
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def default_dtype(device: str | torch.device | None = "cpu") -> torch.dtype:
@@ -142,7 +148,7 @@ def gguf_source(spec: str | os.PathLike) -> Path | None:
 
 
 def resolve_quantization(quantization: str | None, spec, device: torch.device, fast: bool):
-    """"auto": the model's own GGUF blocks (`gguf`) where it comes from a GGUF file whose matrix types have a kernel
+    """ "auto": the model's own GGUF blocks (`gguf`) where it comes from a GGUF file whose matrix types have a kernel
     and runs on CPU in the fast runtime, else none. An explicit "gguf" that cannot run raises, saying why.
     Returns (the format, the parsed GGUF file when the format is gguf, else None)."""
     if quantization == "none":
@@ -164,11 +170,14 @@ def resolve_quantization(quantization: str | None, spec, device: torch.device, f
         from specgrove.models.gguf_weights import GGUFWeights
 
         weights = GGUFWeights(source)
-        unsupported = sorted({ggml.TYPE_NAMES.get(t, str(t)) for t in weights.types().values()
-                              if t not in ggml.MATMUL_TYPES})
+        unsupported = sorted(
+            {ggml.TYPE_NAMES.get(t, str(t)) for t in weights.types().values() if t not in ggml.MATMUL_TYPES}
+        )
         if unsupported:
-            reason = (f"{source.name} holds {', '.join(unsupported)} matrices, which have no kernel here "
-                      f"(supported: {', '.join(ggml.TYPE_NAMES[t] for t in ggml.MATMUL_TYPES)})")
+            reason = (
+                f"{source.name} holds {', '.join(unsupported)} matrices, which have no kernel here "
+                f"(supported: {', '.join(ggml.TYPE_NAMES[t] for t in ggml.MATMUL_TYPES)})"
+            )
         else:
             ggml.load_extension()  # built once; a missing compiler raises here with what to install
     if reason is None:
@@ -181,7 +190,9 @@ def resolve_quantization(quantization: str | None, spec, device: torch.device, f
 def load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
-    has_tokenizer = any((directory / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+    has_tokenizer = any(
+        (directory / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    )
     if not has_tokenizer:
         return None
     return AutoTokenizer.from_pretrained(str(directory))
@@ -240,16 +251,28 @@ def load_model(
         head_tokens = None
         if head_vocab is not None:
             head_tokens = head_vocabulary(load_tokenizer(directory), hf_config.vocab_size, head_vocab)
-        model = LlamaModel(LlamaConfig.from_hf(hf_config), hf_config, weights, torch_dtype, torch_device,
-                           quantization=quantization, cuda_graphs=cuda_graphs, gguf_weights=gguf_weights,
-                           head_tokens=head_tokens)
+        model = LlamaModel(
+            LlamaConfig.from_hf(hf_config),
+            hf_config,
+            weights,
+            torch_dtype,
+            torch_device,
+            quantization=quantization,
+            cuda_graphs=cuda_graphs,
+            gguf_weights=gguf_weights,
+            head_tokens=head_tokens,
+        )
     else:
         if head_vocab is not None:
-            raise ValueError(f"head_vocab needs a Llama-family model (fast runtime); {hf_config.model_type!r} runs "
-                             "through the transformers fallback")
+            raise ValueError(
+                f"head_vocab needs a Llama-family model (fast runtime); {hf_config.model_type!r} runs "
+                "through the transformers fallback"
+            )
         if quantization is not None:
-            raise ValueError(f"quantization={quantization!r} needs a Llama-family model (fast runtime); "
-                             f"{hf_config.model_type!r} runs through the transformers fallback")
+            raise ValueError(
+                f"quantization={quantization!r} needs a Llama-family model (fast runtime); "
+                f"{hf_config.model_type!r} runs through the transformers fallback"
+            )
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype, use_safetensors=True)
@@ -260,8 +283,15 @@ def load_model(
     if marker.exists():
         info = json.loads(marker.read_text())
     return LoadedModel(
-        name=str(spec), path=directory, model=model, tokenizer=tokenizer, hf_config=hf_config,
-        dtype=torch_dtype, device=torch_device, load_seconds=time.perf_counter() - t0, info=info,
+        name=str(spec),
+        path=directory,
+        model=model,
+        tokenizer=tokenizer,
+        hf_config=hf_config,
+        dtype=torch_dtype,
+        device=torch_device,
+        load_seconds=time.perf_counter() - t0,
+        info=info,
     )
 
 

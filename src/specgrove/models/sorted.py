@@ -29,8 +29,17 @@ import torch
 SORTED_FILE = "sorted.json"
 FORMAT = "specgrove-sorted/1"
 HEAD_TOKEN_IDS = "lm_head.token_ids"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 @dataclass
@@ -64,7 +73,7 @@ class SortedSpec:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "SortedSpec | None":
+    def load(cls, directory: str | Path) -> SortedSpec | None:
         path = Path(directory) / SORTED_FILE
         if not path.exists():
             return None
@@ -74,8 +83,8 @@ class SortedSpec:
         return cls(**data)
 
 
-# Measured thresholds are written by `specgrove calibrate-sorted` (see docs/methods.md, "Sorted drafts (S2D)"); before that
-# every exit but the last stops only when it is very sure.
+# Measured thresholds are written by `specgrove calibrate-sorted` (see docs/methods.md, "Sorted drafts (S2D)");
+# before that every exit but the last stops only when it is very sure.
 DEFAULT_THRESHOLD = 0.8
 
 
@@ -92,8 +101,9 @@ def parse_exits(text: str | Sequence[int]) -> list[int]:
     return [int(x) for x in text]
 
 
-def truncated_weights(weights: dict[str, torch.Tensor], depth: int,
-                      head_token_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def truncated_weights(
+    weights: dict[str, torch.Tensor], depth: int, head_token_ids: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The first `depth` layers, embedding, final norm and output layer of a Llama-family state dict (the
     output layer cut to the rows `head_token_ids` when given)."""
     out = {}
@@ -114,8 +124,13 @@ def truncated_weights(weights: dict[str, torch.Tensor], depth: int,
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def write_sorted(out: str | Path, config, weights: dict[str, torch.Tensor], spec: SortedSpec,
-                 tokenizer_from: str | Path | None = None) -> Path:
+def write_sorted(
+    out: str | Path,
+    config,
+    weights: dict[str, torch.Tensor],
+    spec: SortedSpec,
+    tokenizer_from: str | Path | None = None,
+) -> Path:
     """Write a sorted draft directory: config (depth = the last exit, untied head), safetensors, sorted.json,
     and the tokenizer files of `tokenizer_from`."""
     from safetensors.torch import save_file
@@ -143,8 +158,14 @@ def write_sorted(out: str | Path, config, weights: dict[str, torch.Tensor], spec
     return out
 
 
-def build_sorted(init: str | Path, exits: Sequence[int], out: str | Path, thresholds: Sequence[float] | None = None,
-                 head_token_ids: Sequence[int] | torch.Tensor | None = None, extra: dict | None = None) -> Path:
+def build_sorted(
+    init: str | Path,
+    exits: Sequence[int],
+    out: str | Path,
+    thresholds: Sequence[float] | None = None,
+    head_token_ids: Sequence[int] | torch.Tensor | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Make a sorted draft by truncating a Llama-family model (built-in name, HF directory or GGUF) to its
     first max(exits) layers (no training: `specgrove train-sorted` fine-tunes it)."""
     from transformers import AutoConfig
@@ -159,8 +180,17 @@ def build_sorted(init: str | Path, exits: Sequence[int], out: str | Path, thresh
         raise ValueError(f"a sorted draft needs a Llama-family model; {init} is {config.model_type!r}")
     if exits[-1] > config.num_hidden_layers:
         raise ValueError(f"exit {exits[-1]} is deeper than {init}'s {config.num_hidden_layers} layers")
-    ids = None if head_token_ids is None else torch.as_tensor(list(head_token_ids) if not isinstance(head_token_ids, torch.Tensor) else head_token_ids)
+    ids = (
+        None
+        if head_token_ids is None
+        else torch.as_tensor(list(head_token_ids) if not isinstance(head_token_ids, torch.Tensor) else head_token_ids)
+    )
     weights = truncated_weights(read_safetensors(source), exits[-1], ids)
-    spec = SortedSpec(exits, list(thresholds) if thresholds else [], source=str(init),
-                      head_tokens=None if ids is None else len(ids), extra=dict(extra or {}))
+    spec = SortedSpec(
+        exits,
+        list(thresholds) if thresholds else [],
+        source=str(init),
+        head_tokens=None if ids is None else len(ids),
+        extra=dict(extra or {}),
+    )
     return write_sorted(out, config, weights, spec, tokenizer_from=source)

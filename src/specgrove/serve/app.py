@@ -96,6 +96,7 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 @dataclass
 class ServerState:
     """What every handler needs; build_app keeps it on `app.state.server`."""
+
     engine: AsyncEngine
     model_name: str
 
@@ -139,8 +140,7 @@ async def invalid_request(request: Request, exc: RequestValidationError):
         reason = first.get("ctx", {}).get("error", "")
         return error_response(400, f"the request body is not valid JSON: {reason}".strip())
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return error_response(400, f"invalid field {where or 'body'}: {first.get('msg', 'bad value')}",
-                          param=where or None)
+    return error_response(400, f"invalid field {where or 'body'}: {first.get('msg', 'bad value')}", param=where or None)
 
 
 # ---- endpoints ---------------------------------------------------------------------------------------
@@ -154,8 +154,18 @@ async def health(server: ServerState = Depends(server_state)):
 
 @router.get("/v1/models")
 async def models(server: ServerState = Depends(server_state)):
-    return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
-                                        "owned_by": "specgrove", "max_model_len": server.max_model_len}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": server.model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "specgrove",
+                "max_model_len": server.max_model_len,
+            }
+        ],
+    }
 
 
 @router.get("/metrics")
@@ -206,8 +216,7 @@ def prepare(server: ServerState, chat: bool, body: _Common) -> tuple[list[int], 
 
 def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) -> SamplingParams:
     if body.model is not None and body.model != server.model_name:
-        raise BadRequest(f"model {body.model!r} is not served here; this server serves {server.model_name!r}",
-                         "model")
+        raise BadRequest(f"model {body.model!r} is not served here; this server serves {server.model_name!r}", "model")
     if body.n != 1:
         raise BadRequest(f"n={body.n} is not supported; send one request per completion", "n")
     if max_tokens is None:
@@ -215,28 +224,40 @@ def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) 
     if max_tokens <= 0:
         raise BadRequest(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
     try:
-        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-                              seed=body.seed, max_tokens=max_tokens, stop=body.stop, ignore_eos=body.ignore_eos,
-                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+        return SamplingParams(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            seed=body.seed,
+            max_tokens=max_tokens,
+            stop=body.stop,
+            ignore_eos=body.ignore_eos,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+        )
     except (ValueError, SpecgroveError) as error:
         raise BadRequest(str(error)) from None
 
 
-def fit_default_max_tokens(server: ServerState, params: SamplingParams, prompt_ids: list[int],
-                           explicit: bool) -> None:
+def fit_default_max_tokens(server: ServerState, params: SamplingParams, prompt_ids: list[int], explicit: bool) -> None:
     if not explicit:
         room = server.max_model_len - len(prompt_ids) - server.engine.engine.num_speculative_tokens - 1
         if room < 1:
-            raise BadRequest(f"the prompt ({len(prompt_ids)} tokens) leaves no room in the context "
-                             f"(max_model_len={server.max_model_len}); shorten it", "prompt")
+            raise BadRequest(
+                f"the prompt ({len(prompt_ids)} tokens) leaves no room in the context "
+                f"(max_model_len={server.max_model_len}); shorten it",
+                "prompt",
+            )
         params.max_tokens = params.max_new_tokens = min(params.max_tokens, room)
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
-            raise BadRequest("one prompt per request: send a string, a list of token ids, or a list of one string",
-                             "prompt")
+            raise BadRequest(
+                "one prompt per request: send a string, a list of token ids, or a list of one string", "prompt"
+            )
         prompt = prompt[0]
     if isinstance(prompt, str):
         if tokenizer is None:
@@ -277,8 +298,9 @@ def submit(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, r
         raise BadRequest(str(error), "prompt") from None
 
 
-async def run(server: ServerState, request: Request, chat: bool, body: _Common, prompt_ids: list[int],
-              params: SamplingParams):
+async def run(
+    server: ServerState, request: Request, chat: bool, body: _Common, prompt_ids: list[int], params: SamplingParams
+):
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     stream = submit(server.engine, prompt_ids, params, request_id)
     created = int(time.time())
@@ -313,7 +335,7 @@ async def next_delta(engine: AsyncEngine, request: Request, stream: RequestStrea
     while True:
         try:
             return await asyncio.wait_for(stream.queue.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if await request.is_disconnected():
                 engine.abort(stream.request_id)
                 return None
@@ -322,15 +344,30 @@ async def next_delta(engine: AsyncEngine, request: Request, stream: RequestStrea
 def completion_body(server: ServerState, request_id: str, created: int, chat: bool, seq: Sequence) -> dict:
     text = final_text(server.tokenizer, seq)
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(seq),
-                  "logprobs": None}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason(seq),
+            "logprobs": None,
+        }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason(seq), "logprobs": None,
-                  "stop_reason": seq.stop_reason}
+        choice = {
+            "index": 0,
+            "text": text,
+            "finish_reason": finish_reason(seq),
+            "logprobs": None,
+            "stop_reason": seq.stop_reason,
+        }
         obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": created, "model": server.model_name, "choices": [choice],
-            "usage": usage_of(seq)}
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": created,
+        "model": server.model_name,
+        "choices": [choice],
+        "usage": usage_of(seq),
+    }
 
 
 def final_text(tokenizer, seq: Sequence) -> str:
@@ -355,6 +392,7 @@ def event(data: dict) -> str:
 @dataclass
 class ChunkWriter:
     """The events of one streamed response: OpenAI's text_completion or chat.completion.chunk objects."""
+
     request_id: str
     model_name: str
     created: int
@@ -375,8 +413,16 @@ class ChunkWriter:
 
     def _event(self, choices: list[dict], extra: dict) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return event({"id": self.request_id, "object": obj, "created": self.created, "model": self.model_name,
-                      "choices": choices, **extra})
+        return event(
+            {
+                "id": self.request_id,
+                "object": obj,
+                "created": self.created,
+                "model": self.model_name,
+                "choices": choices,
+                **extra,
+            }
+        )
 
 
 async def sse(server: ServerState, request: Request, stream: RequestStream, writer: ChunkWriter):
@@ -431,5 +477,5 @@ def settled_text(tokenizer, seq: Sequence, hold: int, finished: bool) -> str | N
 def unsent(text: str, sent: str) -> tuple[str, str]:
     """(the part of `text` not sent yet, all that is sent after it); nothing new unless text extends `sent`."""
     if len(text) > len(sent) and text.startswith(sent):
-        return text[len(sent):], text
+        return text[len(sent) :], text
     return "", sent

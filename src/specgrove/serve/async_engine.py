@@ -104,8 +104,10 @@ class AsyncEngine:
             waiting = len(self._inbox) + len(self.scheduler.waiting)
             if waiting >= self.scheduler.max_waiting:
                 self.metrics.rejected.inc()
-                raise QueueFullError(f"the server is at capacity: {waiting} requests are waiting "
-                                     f"(max_waiting={self.scheduler.max_waiting}); retry later")
+                raise QueueFullError(
+                    f"the server is at capacity: {waiting} requests are waiting "
+                    f"(max_waiting={self.scheduler.max_waiting}); retry later"
+                )
             self.streams[request_id] = stream
             self._inbox.append(seq)
             self._wake.notify()
@@ -148,7 +150,9 @@ class AsyncEngine:
                         self.metrics.record_finish(out.seq, out.times)
                         self.streams.pop(out.seq.request_id, None)
                     if stream is not None:
-                        stream.put(Delta(out.new_token_ids, out.finished, out.seq.finish_reason, out.seq.error, out.seq))
+                        stream.put(
+                            Delta(out.new_token_ids, out.finished, out.seq.finish_reason, out.seq.error, out.seq)
+                        )
                 self.metrics.running.set(len(self.scheduler.running))
                 self.metrics.waiting.set(len(self.scheduler.waiting))
         except Exception as error:  # the loop itself broke: fail every open request, report unhealthy

@@ -10,32 +10,49 @@ from specgrove.serve.server import build_server, make_policy, policy_k
 
 
 def add_parsers(sub) -> None:
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and speculation",
-                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics. "
-                                   "Requests are batched continuously; every step the policy chooses how far to "
-                                   "speculate.")
+    s = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with continuous batching and speculation",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics. "
+        "Requests are batched continuously; every step the policy chooses how far to "
+        "speculate.",
+    )
     model_options(s)
     speculative_options(s)
-    s.add_argument("--policy", default="goodput",
-                   help="speculation policy: goodput (SmartSpec; needs --profile) or fixed:K (K = 0 disables "
-                        "speculation); default goodput")
-    s.add_argument("--profile", default=None, metavar="JSON",
-                   help="latency profile from `specgrove profile` (goodput policy; default: measured at start-up)")
+    s.add_argument(
+        "--policy",
+        default="goodput",
+        help="speculation policy: goodput (SmartSpec; needs --profile) or fixed:K (K = 0 disables "
+        "speculation); default goodput",
+    )
+    s.add_argument(
+        "--profile",
+        default=None,
+        metavar="JSON",
+        help="latency profile from `specgrove profile` (goodput policy; default: measured at start-up)",
+    )
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (default 8)")
-    s.add_argument("--max-waiting", type=int, default=64,
-                   help="requests queued beyond those; more get HTTP 429 (default 64)")
+    s.add_argument(
+        "--max-waiting", type=int, default=64, help="requests queued beyond those; more get HTTP 429 (default 64)"
+    )
     s.add_argument("--max-model-len", type=int, default=4096)
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the target's name)")
     s.set_defaults(func=cmd_serve)
 
-    lt = sub.add_parser("loadtest", help="SmartSpec's experiment: Poisson arrivals at several rates against the "
-                                         "server (loopback), per policy; latency, TTFT, tokens/s; JSON + plot")
+    lt = sub.add_parser(
+        "loadtest",
+        help="SmartSpec's experiment: Poisson arrivals at several rates against the "
+        "server (loopback), per policy; latency, TTFT, tokens/s; JSON + plot",
+    )
     model_options(lt)
     speculative_options(lt)
-    lt.add_argument("--policies", default="fixed:0,fixed:1,fixed:3,fixed:5,goodput",
-                    help="comma list of policies (fixed:0 = no speculation); default fixed:0,fixed:1,fixed:3,fixed:5,goodput")
+    lt.add_argument(
+        "--policies",
+        default="fixed:0,fixed:1,fixed:3,fixed:5,goodput",
+        help="comma list of policies (fixed:0 = no speculation); default fixed:0,fixed:1,fixed:3,fixed:5,goodput",
+    )
     lt.add_argument("--rates", default="0.05,0.1,0.2", help="request rates per second (default 0.05,0.1,0.2)")
     lt.add_argument("--requests", type=int, default=8, help="requests per rate (default 8)")
     lt.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
@@ -47,16 +64,23 @@ def add_parsers(sub) -> None:
     lt.add_argument("--out", required=True, help="output prefix: OUT.json and OUT.png")
     lt.set_defaults(func=cmd_loadtest, num_speculative_tokens=5)
 
-    p = sub.add_parser("profile", help="SmartSpec: measure target and draft forward times on this machine and fit "
-                                       "the latency model of the goodput policy")
+    p = sub.add_parser(
+        "profile",
+        help="SmartSpec: measure target and draft forward times on this machine and fit "
+        "the latency model of the goodput policy",
+    )
     model_options(p)
     p.add_argument("--no-draft", action="store_true", help="profile the target only (prompt lookup)")
     p.add_argument("--rows", default="1,2,4,8", help="batch rows to measure (default 1,2,4,8)")
     p.add_argument("--tokens", default="1,2,4,8", help="new tokens per row (default 1,2,4,8)")
     p.add_argument("--contexts", default="128,512", help="context positions per row (default 128,512)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--fit", choices=("piecewise", "linear"), default="piecewise",
-                   help="latency model: piecewise in tokens as measured (default) or SmartSpec's linear fit")
+    p.add_argument(
+        "--fit",
+        choices=("piecewise", "linear"),
+        default="piecewise",
+        help="latency model: piecewise in tokens as measured (default) or SmartSpec's linear fit",
+    )
     p.add_argument("--out", required=True, help="the profile JSON to write")
     p.set_defaults(func=cmd_profile)
 
@@ -80,8 +104,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
     policy = make_policy(args.policy, llm, args.profile)
     app, _ = build_server(llm, policy, args.max_num_seqs, args.max_waiting, args.served_model_name or llm.target.name)
-    print(f"[specgrove] serving {args.served_model_name or llm.target.name} on http://{args.host}:{args.port} "
-          f"(policy {policy.name}, max_num_seqs {args.max_num_seqs})", file=sys.stderr)
+    print(
+        f"[specgrove] serving {args.served_model_name or llm.target.name} on http://{args.host}:{args.port} "
+        f"(policy {policy.name}, max_num_seqs {args.max_num_seqs})",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -101,8 +128,18 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     fixed = [k for k in (policy_k(p) for p in policies) if k is not None]
     args.num_speculative_tokens = max([args.num_speculative_tokens, *fixed])
     llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
-    report = run_loadtest(llm, policies, rates, args.requests, args.max_tokens, args.profile, args.max_num_seqs,
-                          args.seed, args.data, log=lambda m: print(m, file=sys.stderr))
+    report = run_loadtest(
+        llm,
+        policies,
+        rates,
+        args.requests,
+        args.max_tokens,
+        args.profile,
+        args.max_num_seqs,
+        args.seed,
+        args.data,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=1)
     plot(report, args.out + ".png")
@@ -123,23 +160,42 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.num_threads)
     graphs = False if args.enforce_eager else None
-    target = load_model(args.target, dtype=args.dtype, device=args.device,
-                        quantization=None if args.quantization == "none" else args.quantization, cuda_graphs=graphs)
+    target = load_model(
+        args.target,
+        dtype=args.dtype,
+        device=args.device,
+        quantization=None if args.quantization == "none" else args.quantization,
+        cuda_graphs=graphs,
+    )
     draft = None
     if not args.no_draft:
         if args.draft is None and args.target != defaults.DEFAULT_TARGET:
             raise ValueError("give --draft, or --no-draft to profile the target alone")
-        draft = load_model(args.draft or defaults.DEFAULT_DRAFT, dtype=args.dtype, device=args.device,
-                           quantization=None if args.draft_quantization == "none" else args.draft_quantization,
-                           cuda_graphs=graphs)
+        draft = load_model(
+            args.draft or defaults.DEFAULT_DRAFT,
+            dtype=args.dtype,
+            device=args.device,
+            quantization=None if args.draft_quantization == "none" else args.draft_quantization,
+            cuda_graphs=graphs,
+        )
     console = Console(stderr=True)
 
     def show(sample: dict) -> None:
-        console.print(f"  rows {sample['rows']:>2} x {sample['tokens_per_row']:>2} tokens, context "
-                      f"{sample['context_per_row']:>5}: {sample['seconds'] * 1000:8.1f} ms")
+        console.print(
+            f"  rows {sample['rows']:>2} x {sample['tokens_per_row']:>2} tokens, context "
+            f"{sample['context_per_row']:>5}: {sample['seconds'] * 1000:8.1f} ms"
+        )
 
-    model = profile(target.model, draft.model if draft is not None else None, rows, tokens, contexts, args.repeats, show,
-                    fit=args.fit)
+    model = profile(
+        target.model,
+        draft.model if draft is not None else None,
+        rows,
+        tokens,
+        contexts,
+        args.repeats,
+        show,
+        fit=args.fit,
+    )
     model.save(args.out)
     console.print(f"target: {describe(model.target)}")
     if model.draft is not None:

@@ -68,9 +68,18 @@ async def _one(client, url: str, model: str, messages: list[dict], max_tokens: i
     first = None
     usage = None
     status = None
-    async with client.stream("POST", url + "/v1/chat/completions", json={
-            "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}) as response:
+    async with client.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as response:
         status = response.status_code
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
@@ -83,13 +92,20 @@ async def _one(client, url: str, model: str, messages: list[dict], max_tokens: i
             if "error" in data:
                 status = data["error"].get("code", 500)
     end = time.perf_counter()
-    return {"status": status, "start": start, "end": end, "latency_s": end - start,
-            "ttft_s": (first - start) if first is not None else None,
-            "completion_tokens": usage["completion_tokens"] if usage else 0,
-            "accepted_tokens": usage["speculation"]["accepted_tokens"] if usage else 0}
+    return {
+        "status": status,
+        "start": start,
+        "end": end,
+        "latency_s": end - start,
+        "ttft_s": (first - start) if first is not None else None,
+        "completion_tokens": usage["completion_tokens"] if usage else 0,
+        "accepted_tokens": usage["speculation"]["accepted_tokens"] if usage else 0,
+    }
 
 
-async def _run_rate(url: str, model: str, prompts: list[list[dict]], rate: float, max_tokens: int, seed: int) -> list[dict]:
+async def _run_rate(
+    url: str, model: str, prompts: list[list[dict]], rate: float, max_tokens: int, seed: int
+) -> list[dict]:
     import httpx
 
     rng = random.Random(seed)
@@ -107,16 +123,32 @@ def summarize(results: list[dict]) -> dict:
     ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
     span = (max(r["end"] for r in ok) - min(r["start"] for r in ok)) if ok else 0.0
     tokens = sum(r["completion_tokens"] for r in ok)
-    return {"requests": len(results), "ok": len(ok), "mean_latency_s": statistics.fmean(lat) if lat else float("nan"),
-            "p50_latency_s": percentile(lat, 50), "p99_latency_s": percentile(lat, 99),
-            "mean_ttft_s": statistics.fmean(ttft) if ttft else float("nan"), "p50_ttft_s": percentile(ttft, 50),
-            "p99_ttft_s": percentile(ttft, 99), "tokens_per_s": tokens / span if span > 0 else 0.0,
-            "completion_tokens": tokens}
+    return {
+        "requests": len(results),
+        "ok": len(ok),
+        "mean_latency_s": statistics.fmean(lat) if lat else float("nan"),
+        "p50_latency_s": percentile(lat, 50),
+        "p99_latency_s": percentile(lat, 99),
+        "mean_ttft_s": statistics.fmean(ttft) if ttft else float("nan"),
+        "p50_ttft_s": percentile(ttft, 50),
+        "p99_ttft_s": percentile(ttft, 99),
+        "tokens_per_s": tokens / span if span > 0 else 0.0,
+        "completion_tokens": tokens,
+    }
 
 
-def run_loadtest(llm, policies: list[str], rates: list[float], num_requests: int, max_tokens: int,
-                 profile_path: str | None, max_num_seqs: int, seed: int = 0, data: str | None = None,
-                 log=print) -> dict:
+def run_loadtest(
+    llm,
+    policies: list[str],
+    rates: list[float],
+    num_requests: int,
+    max_tokens: int,
+    profile_path: str | None,
+    max_num_seqs: int,
+    seed: int = 0,
+    data: str | None = None,
+    log=print,
+) -> dict:
     from specgrove.bench.questions import find_spec_bench, load_questions
     from specgrove.serve.server import build_server, make_policy
 
@@ -125,10 +157,20 @@ def run_loadtest(llm, policies: list[str], rates: list[float], num_requests: int
         questions = [questions[i % len(questions)] for i in range(num_requests)]
     prompts = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
     model = llm.target.name
-    report = {"config": {"policies": policies, "rates": rates, "requests": num_requests, "max_tokens": max_tokens,
-                         "max_num_seqs": max_num_seqs, "seed": seed, "target": llm.target.name,
-                         "draft": llm.draft.name if llm.draft is not None else None,
-                         "k_max": llm.engine.num_speculative_tokens}, "results": []}
+    report = {
+        "config": {
+            "policies": policies,
+            "rates": rates,
+            "requests": num_requests,
+            "max_tokens": max_tokens,
+            "max_num_seqs": max_num_seqs,
+            "seed": seed,
+            "target": llm.target.name,
+            "draft": llm.draft.name if llm.draft is not None else None,
+            "k_max": llm.engine.num_speculative_tokens,
+        },
+        "results": [],
+    }
     for policy_text in policies:
         policy = make_policy(policy_text, llm, profile_path)
         app, engine = build_server(llm, policy, max_num_seqs, max_waiting=num_requests, model_name=model)
@@ -140,9 +182,12 @@ def run_loadtest(llm, policies: list[str], rates: list[float], num_requests: int
                     row["mean_k"] = statistics.fmean(policy.chosen)
                     policy.chosen.clear()
                 report["results"].append(row)
-                log(f"{policy_text:>10} rate {rate:g}/s: mean {row['mean_latency_s']:.2f} s, p50 {row['p50_latency_s']:.2f}, "
+                log(
+                    f"{policy_text:>10} rate {rate:g}/s: mean {row['mean_latency_s']:.2f} s, "
+                    f"p50 {row['p50_latency_s']:.2f}, "
                     f"p99 {row['p99_latency_s']:.2f}, ttft {row['mean_ttft_s']:.2f} s, {row['tokens_per_s']:.2f} tok/s"
-                    + (f", mean k {row['mean_k']:.2f}" if "mean_k" in row else ""))
+                    + (f", mean k {row['mean_k']:.2f}" if "mean_k" in row else "")
+                )
     return report
 
 

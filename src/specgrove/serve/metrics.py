@@ -37,19 +37,31 @@ class ServerMetrics:
         self.drafts = Counter("specgrove_drafts", "steps that proposed at least one draft token", registry=r)
         self.draft_tokens = Counter("specgrove_draft_tokens", "draft tokens proposed", registry=r)
         self.accepted_tokens = Counter("specgrove_accepted_tokens", "draft tokens accepted by the target", registry=r)
-        self.accepted_per_position = Counter("specgrove_accepted_tokens_per_position",
-                                             "draft tokens accepted at each draft depth (1-based)", ["position"],
-                                             registry=r)
+        self.accepted_per_position = Counter(
+            "specgrove_accepted_tokens_per_position",
+            "draft tokens accepted at each draft depth (1-based)",
+            ["position"],
+            registry=r,
+        )
         self.steps = Counter("specgrove_steps", "request steps (one target verification each)", registry=r)
         self.generated_tokens = Counter("specgrove_generated_tokens", "tokens generated", registry=r)
         self.prompt_tokens = Counter("specgrove_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.finished = Counter("specgrove_requests_finished", "finished requests", ["finish_reason"], registry=r)
-        self.rejected = Counter("specgrove_requests_rejected", "requests refused because the queue was full",
-                                registry=r)
-        self.latency = Histogram("specgrove_request_latency_seconds", "request latency, arrival to finish",
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("specgrove_time_to_first_token_seconds", "arrival to first generated token",
-                              buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter(
+            "specgrove_requests_rejected", "requests refused because the queue was full", registry=r
+        )
+        self.latency = Histogram(
+            "specgrove_request_latency_seconds",
+            "request latency, arrival to finish",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "specgrove_time_to_first_token_seconds",
+            "arrival to first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.running = Gauge("specgrove_requests_running", "requests in the running batch", registry=r)
         self.waiting = Gauge("specgrove_requests_waiting", "requests waiting for a batch slot", registry=r)
         self.counted_steps: dict[str, int] = {}  # steps already added to the counters, by request id

@@ -34,8 +34,14 @@ def make_policy(text: str, llm, profile_path: str | None):
         latency = LatencyModel.load(profile_path)
     else:
         print("[specgrove] no --profile: measuring this machine (about a minute)", file=sys.stderr)
-        latency = profile(llm.target.model, llm.draft.model if llm.draft is not None else None,
-                          rows=(1, 2, 4), tokens_per_row=(1, 4), contexts=(128,), repeats=2)
+        latency = profile(
+            llm.target.model,
+            llm.draft.model if llm.draft is not None else None,
+            rows=(1, 2, 4),
+            tokens_per_row=(1, 4),
+            contexts=(128,),
+            repeats=2,
+        )
     return GoodputPolicy(latency, llm.engine.num_speculative_tokens)
 
 

@@ -60,14 +60,18 @@ class ExitStatistics:
             rows = self.target_index == index
             n = int(rows.sum())
             if n:
-                out[name] = (float(self.agrees[rows].float().mean()),
-                             None if self.in_top is None else float(self.in_top[rows].float().mean()), n)
+                out[name] = (
+                    float(self.agrees[rows].float().mean()),
+                    None if self.in_top is None else float(self.in_top[rows].float().mean()),
+                    n,
+                )
         return out
 
 
 @torch.inference_mode()
-def exit_statistics(draft, samples: Sequence, exits: Sequence[int], limit: int | None = None,
-                    top_n: int = 4) -> list[ExitStatistics]:
+def exit_statistics(
+    draft, samples: Sequence, exits: Sequence[int], limit: int | None = None, top_n: int = 4
+) -> list[ExitStatistics]:
     """Teacher-forced confidence, agreement and top-`top_n` hits of every exit over the samples'
     continuations, each position labelled with its sample's target."""
     model = draft.model
@@ -95,8 +99,10 @@ def exit_statistics(draft, samples: Sequence, exits: Sequence[int], limit: int |
     if not conf[exits[0]]:
         raise ValueError("no sample has a continuation to calibrate on")
     target_index = torch.cat(index)
-    return [ExitStatistics(e, torch.cat(conf[e]), torch.cat(agree[e]), torch.cat(in_top[e]), target_index,
-                           tuple(names)) for e in exits]
+    return [
+        ExitStatistics(e, torch.cat(conf[e]), torch.cat(agree[e]), torch.cat(in_top[e]), target_index, tuple(names))
+        for e in exits
+    ]
 
 
 def choose_thresholds(stats: Sequence[ExitStatistics]) -> list[float]:

@@ -57,11 +57,17 @@ def _positive_int(text: str) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `train-sorted` to the `specgrove` subcommands; its func is cmd_train_sorted."""
     p = subparsers.add_parser(
-        "train-sorted", help="sorted fine-tuning (SoFT) of a sorted draft on the targets' own text",
+        "train-sorted",
+        help="sorted fine-tuning (SoFT) of a sorted draft on the targets' own text",
         description="Generate distillation text with the target(s), then train every exit of a sorted draft "
-                    "(S2D) on it. Re-running the same command resumes.")
-    p.add_argument("--init", required=True, help="a sorted draft directory (sorted.json), or a model (built-in name, "
-                                                 "HF directory, .gguf) to cut to its first max(exits) layers")
+        "(S2D) on it. Re-running the same command resumes.",
+    )
+    p.add_argument(
+        "--init",
+        required=True,
+        help="a sorted draft directory (sorted.json), or a model (built-in name, "
+        "HF directory, .gguf) to cut to its first max(exits) layers",
+    )
     p.add_argument("--exits", default=None, help="exit layer counts, e.g. 2,4,6,8 (default: the init draft's)")
     _add_distillation_arguments(p)
     p.add_argument("--out", required=True, help="output directory: the trained sorted draft, logs and checkpoint")
@@ -75,18 +81,30 @@ def _add_distillation_arguments(p: argparse.ArgumentParser) -> None:
     """Step 1: the prompts, the targets that continue them, and the samples file."""
     from specgrove.models import defaults
 
-    p.add_argument("--targets", type=_name_list, default=[],
-                   help=f"comma list of target models whose text the draft learns (built-in names like "
-                        f"{defaults.DEFAULT_TARGET}, or directories); not needed when --data holds samples")
-    p.add_argument("--data", default=SPEC_BENCH,
-                   help=f"prompts: '{SPEC_BENCH}' (Spec-Bench questions 21.., disjoint from the benchmark's "
-                        "first 20; default), a JSONL of {\"prompt\": text} (raw), {\"turns\": [...]} (chat template) "
-                        "or {\"prompt_ids\": [...]} lines, or a JSONL of finished samples (prompt_ids + output_ids)")
+    p.add_argument(
+        "--targets",
+        type=_name_list,
+        default=[],
+        help=f"comma list of target models whose text the draft learns (built-in names like "
+        f"{defaults.DEFAULT_TARGET}, or directories); not needed when --data holds samples",
+    )
+    p.add_argument(
+        "--data",
+        default=SPEC_BENCH,
+        help=f"prompts: '{SPEC_BENCH}' (Spec-Bench questions 21.., disjoint from the benchmark's "
+        'first 20; default), a JSONL of {"prompt": text} (raw), {"turns": [...]} (chat template) '
+        'or {"prompt_ids": [...]} lines, or a JSONL of finished samples (prompt_ids + output_ids)',
+    )
     p.add_argument("--num-prompts", type=_positive_int, default=None, help="prompts to use (default: all)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"continuation length limit per prompt (default {DEFAULT_MAX_NEW_TOKENS}; EOS stops earlier)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="distillation sampling temperature (0 = greedy, default)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"continuation length limit per prompt (default {DEFAULT_MAX_NEW_TOKENS}; EOS stops earlier)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="distillation sampling temperature (0 = greedy, default)"
+    )
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--gen-batch", type=_positive_int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--target-dtype", default="bfloat16", help="dtype the targets generate in (default bfloat16)")
@@ -95,21 +113,42 @@ def _add_distillation_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     """Step 2: SoftSettings, the teacher distributions, and when to stop."""
-    p.add_argument("--head-tokens", type=_positive_int, default=None,
-                   help="shrink the output layer to the N most frequent tokens of the data plus the targets' EOS")
-    p.add_argument("--kl-weight", type=float, default=0.0,
-                   help="mix in KL to the targets' own distributions: loss = (1 - w) CE + w KL(target top-k || exit); "
-                        "w > 0 first computes each sample's target top-k by teacher forcing (default 0: CE only)")
-    p.add_argument("--exit-weights", type=_float_list, default=None,
-                   help="weights of the exits' losses, one per exit, e.g. 1,1,4 to favour the deepest exit "
-                        "(default: equal)")
-    p.add_argument("--freeze-head", action="store_true",
-                   help="keep the final norm and output layer fixed: the shallow exits learn to feed the head the "
-                        "deepest exit was trained for")
-    p.add_argument("--teacher-top-k", type=_positive_int, default=None,
-                   help="tokens kept per position of the target's distribution (default 16)")
-    p.add_argument("--teacher", default=None,
-                   help="the teacher distributions file (default OUT/teacher.jsonl; resumable, reused across runs)")
+    p.add_argument(
+        "--head-tokens",
+        type=_positive_int,
+        default=None,
+        help="shrink the output layer to the N most frequent tokens of the data plus the targets' EOS",
+    )
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=0.0,
+        help="mix in KL to the targets' own distributions: loss = (1 - w) CE + w KL(target top-k || exit); "
+        "w > 0 first computes each sample's target top-k by teacher forcing (default 0: CE only)",
+    )
+    p.add_argument(
+        "--exit-weights",
+        type=_float_list,
+        default=None,
+        help="weights of the exits' losses, one per exit, e.g. 1,1,4 to favour the deepest exit (default: equal)",
+    )
+    p.add_argument(
+        "--freeze-head",
+        action="store_true",
+        help="keep the final norm and output layer fixed: the shallow exits learn to feed the head the "
+        "deepest exit was trained for",
+    )
+    p.add_argument(
+        "--teacher-top-k",
+        type=_positive_int,
+        default=None,
+        help="tokens kept per position of the target's distribution (default 16)",
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="the teacher distributions file (default OUT/teacher.jsonl; resumable, reused across runs)",
+    )
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--epochs", type=_positive_int, default=1, help="passes over the data (default 1)")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="number of steps (overrides --epochs)")
@@ -118,19 +157,39 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=0.04, help="linear warm-up, a fraction of the steps (default 0.04)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every N steps (default 50)")
-    p.add_argument("--stop-after", type=_positive_int, default=None,
-                   help="stop (checkpointed) after N steps of this run; run the same command again to continue")
-    p.add_argument("--data-only", action="store_true",
-                   help="only generate the distillation samples (resumable), no training")
-    p.add_argument("--keep-checkpoint", action="store_true",
-                   help="keep the last checkpoint's weights and optimizer state after training")
+    p.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        default=None,
+        help="stop (checkpointed) after N steps of this run; run the same command again to continue",
+    )
+    p.add_argument(
+        "--data-only", action="store_true", help="only generate the distillation samples (resumable), no training"
+    )
+    p.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="keep the last checkpoint's weights and optimizer state after training",
+    )
     p.add_argument("--seed", type=int, default=0, help="data order (and sampling) seed (default 0)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="training compute dtype: float32 (default) or bfloat16 autocast; weights stay fp32")
-    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="dtype of the output draft's weights (default float32)")
-    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                   help="batches drawn without grouping similar lengths (more padding)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="training compute dtype: float32 (default) or bfloat16 autocast; weights stay fp32",
+    )
+    p.add_argument(
+        "--save-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the output draft's weights (default float32)",
+    )
+    p.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="batches drawn without grouping similar lengths (more padding)",
+    )
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
@@ -139,10 +198,13 @@ def _check_vocab(init, name: str, hf_config, tokenizer) -> None:
     if int(hf_config.vocab_size) != init.vocab_size:
         raise IncompatibleModelsError(
             f"target {name} has a vocabulary of {hf_config.vocab_size} tokens but the draft {init.name} has "
-            f"{init.vocab_size}; the draft must share its targets' tokenizer: use a draft from the target's family")
+            f"{init.vocab_size}; the draft must share its targets' tokenizer: use a draft from the target's family"
+        )
     if tokenizer is not None and init.tokenizer is not None and tokenizer.get_vocab() != init.tokenizer.get_vocab():
-        raise IncompatibleModelsError(f"target {name}'s tokenizer maps tokens differently from the draft "
-                                      f"{init.name}'s; the draft must share its targets' tokenizer")
+        raise IncompatibleModelsError(
+            f"target {name}'s tokenizer maps tokens differently from the draft "
+            f"{init.name}'s; the draft must share its targets' tokenizer"
+        )
 
 
 def collect_samples(args, init) -> tuple[list, dict, set[int]]:
@@ -156,8 +218,10 @@ def collect_samples(args, init) -> tuple[list, dict, set[int]]:
         return samples, {"samples_file": str(args.data), "source": "samples file"}, set()
 
     if not args.targets:
-        raise ValueError(f"--data {args.data} holds prompts: pass --targets to generate the text the draft learns, "
-                         f"or pass a JSONL of finished samples as --data")
+        raise ValueError(
+            f"--data {args.data} holds prompts: pass --targets to generate the text the draft learns, "
+            f"or pass a JSONL of finished samples as --data"
+        )
     records = None
     if args.data != SPEC_BENCH and not data.is_spec_bench_file(args.data):
         records = data.read_prompt_records(args.data, args.num_prompts)
@@ -167,14 +231,30 @@ def collect_samples(args, init) -> tuple[list, dict, set[int]]:
     samples_path = Path(args.samples) if args.samples else Path(args.out) / SAMPLES_FILE
     samples, eos = [], set()
     for name, directory, prompts, eos_ids in targets:
-        samples += data.distill(lambda directory=directory, name=name: load_target(args, name, directory), prompts,
-                                samples_path, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, name=name,
-                                eos_ids=eos_ids, progress=args.progress)
+        samples += data.distill(
+            lambda directory=directory, name=name: load_target(args, name, directory),
+            prompts,
+            samples_path,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.gen_batch,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            name=name,
+            eos_ids=eos_ids,
+            progress=args.progress,
+        )
         eos |= set(eos_ids)
-    info = {"prompts": args.data, "num_prompts": args.num_prompts, "targets": list(args.targets),
-            "samples_file": str(samples_path), "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature, "top_p": args.top_p, "target_dtype": args.target_dtype}
+    info = {
+        "prompts": args.data,
+        "num_prompts": args.num_prompts,
+        "targets": list(args.targets),
+        "samples_file": str(samples_path),
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "target_dtype": args.target_dtype,
+    }
     return samples, info, eos
 
 
@@ -231,12 +311,27 @@ def soft_settings(args: argparse.Namespace) -> SoftSettings:
     """The SoftSettings the arguments give (validated there)."""
     from specgrove.train.soft import SoftSettings
 
-    return SoftSettings(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                        max_len=args.max_len, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed,
-                        dtype=args.dtype, group_by_length=args.group_by_length, head_tokens=args.head_tokens,
-                        kl_weight=args.kl_weight, exit_weights=args.exit_weights, freeze_head=args.freeze_head,
-                        save_every=args.save_every, save_dtype=args.save_dtype,
-                        keep_checkpoint=args.keep_checkpoint, threads=args.threads, device=args.device)
+    return SoftSettings(
+        lr=args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        dtype=args.dtype,
+        group_by_length=args.group_by_length,
+        head_tokens=args.head_tokens,
+        kl_weight=args.kl_weight,
+        exit_weights=args.exit_weights,
+        freeze_head=args.freeze_head,
+        save_every=args.save_every,
+        save_dtype=args.save_dtype,
+        keep_checkpoint=args.keep_checkpoint,
+        threads=args.threads,
+        device=args.device,
+    )
 
 
 def cmd_train_sorted(args: argparse.Namespace) -> int:
@@ -254,15 +349,26 @@ def cmd_train_sorted(args: argparse.Namespace) -> int:
     _say(f"init {args.init}: exits {init.spec.exits} of a {init.config.num_hidden_layers}-layer draft")
     samples, info, eos = collect_samples(args, init)
     if args.data_only:
-        print(f"{len(samples)} samples ({sum(len(s.output_ids) for s in samples)} continuation tokens) in "
-              f"{info.get('samples_file')}")
+        print(
+            f"{len(samples)} samples ({sum(len(s.output_ids) for s in samples)} continuation tokens) in "
+            f"{info.get('samples_file')}"
+        )
         return 0
     eos |= data.eos_ids_of(init.config, init.tokenizer)
     teachers = None
     if settings.kl_weight > 0:
         teachers, info["teacher"] = teacher_distributions(args, samples)
-    result = train_soft(init, samples, args.out, settings, eos_ids=eos, data_info=info, progress=args.progress,
-                        stop_after=args.stop_after, teachers=teachers)
+    result = train_soft(
+        init,
+        samples,
+        args.out,
+        settings,
+        eos_ids=eos,
+        data_info=info,
+        progress=args.progress,
+        stop_after=args.stop_after,
+        teachers=teachers,
+    )
     print_training_result(result, args.out)
     return 0
 
@@ -295,18 +401,25 @@ def print_training_result(result: dict, out) -> None:
 def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     """Add `calibrate-sorted`: measure each exit's confidence vs agreement on target text, choose thresholds."""
     p = subparsers.add_parser(
-        "calibrate-sorted", help="choose a sorted draft's exit thresholds by measurement on target text",
+        "calibrate-sorted",
+        help="choose a sorted draft's exit thresholds by measurement on target text",
         description="Teacher-forced over distillation samples (the targets' own text), choose for each exit the "
-                    "smallest confidence threshold at which it agrees with the target as often as the deepest "
-                    "exit does (specgrove.train.calibrate); --write stores them in the draft's sorted.json.")
+        "smallest confidence threshold at which it agrees with the target as often as the deepest "
+        "exit does (specgrove.train.calibrate); --write stores them in the draft's sorted.json.",
+    )
     p.add_argument("--draft", required=True, help="the sorted draft directory")
     p.add_argument("--samples", required=True, help="a samples JSONL (train-sorted's OUT/samples.jsonl)")
-    p.add_argument("--limit", type=_positive_int, default=64,
-                   help="samples to use (default 64, from the end of the file)")
+    p.add_argument(
+        "--limit", type=_positive_int, default=64, help="samples to use (default 64, from the end of the file)"
+    )
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--top-n", type=_positive_int, default=4,
-                   help="also report how often the target's token is among an exit's top N (default 4: the first "
-                        "level of a tree with N children at the root)")
+    p.add_argument(
+        "--top-n",
+        type=_positive_int,
+        default=4,
+        help="also report how often the target's token is among an exit's top N (default 4: the first "
+        "level of a tree with N children at the root)",
+    )
     p.add_argument("--write", action="store_true", help="write the chosen thresholds into sorted.json")
     p.set_defaults(func=cmd_calibrate_sorted)
     return p
@@ -326,7 +439,7 @@ def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
     spec = sorted_spec(draft)
     if SortedSpec.load(draft.path) is None and args.write:
         raise ValueError(f"{args.draft} has no sorted.json to write thresholds into; make it with train-sorted")
-    stats = exit_statistics(draft, samples[-args.limit:], spec.exits, top_n=args.top_n)
+    stats = exit_statistics(draft, samples[-args.limit :], spec.exits, top_n=args.top_n)
     thresholds = choose_thresholds(stats)
     num_samples = min(args.limit, len(samples))
     print_calibration(stats, thresholds, spec.thresholds, num_samples, args.top_n)
@@ -338,8 +451,9 @@ def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_calibration(stats: Sequence[ExitStatistics], thresholds: list[float], old_thresholds: list[float],
-                      num_samples: int, top_n: int) -> None:
+def print_calibration(
+    stats: Sequence[ExitStatistics], thresholds: list[float], old_thresholds: list[float], num_samples: int, top_n: int
+) -> None:
     """Each exit's agreement, top-n rate and chosen threshold; per target when the samples have several."""
     from rich.console import Console
     from rich.table import Table
@@ -350,8 +464,15 @@ def print_calibration(stats: Sequence[ExitStatistics], thresholds: list[float], 
         table.add_column(name, justify="right")
     for s, t, old in zip(stats, thresholds, old_thresholds):
         precision, share = s.precision_at(t)
-        table.add_row(str(s.exit_layer), f"{s.agreement:.3f}", f"{s.in_top_rate():.3f}", f"{t:.2f}",
-                      f"{precision:.3f}", f"{share:.1%}", f"{old:.2f}")
+        table.add_row(
+            str(s.exit_layer),
+            f"{s.agreement:.3f}",
+            f"{s.in_top_rate():.3f}",
+            f"{t:.2f}",
+            f"{precision:.3f}",
+            f"{share:.1%}",
+            f"{old:.2f}",
+        )
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     if len(stats[0].target_names) > 1:
@@ -368,8 +489,14 @@ def print_calibration(stats: Sequence[ExitStatistics], thresholds: list[float], 
 def calibration_record(stats: Sequence[ExitStatistics], samples_file, num_samples: int, top_n: int) -> dict:
     """sorted.json's extra["calibration"]: what the thresholds were chosen on, and each exit's rates."""
     per_target = {str(s.exit_layer): s.by_target() for s in stats}
-    return {"samples": str(samples_file), "num_samples": num_samples, "positions": len(stats[0].agrees),
-            "agreement": {str(s.exit_layer): s.agreement for s in stats},
-            f"in_top_{top_n}": {str(s.exit_layer): s.in_top_rate() for s in stats},
-            "per_target": {e: {t: {"agreement": a, f"in_top_{top_n}": r, "positions": n}
-                               for t, (a, r, n) in v.items()} for e, v in per_target.items()}}
+    return {
+        "samples": str(samples_file),
+        "num_samples": num_samples,
+        "positions": len(stats[0].agrees),
+        "agreement": {str(s.exit_layer): s.agreement for s in stats},
+        f"in_top_{top_n}": {str(s.exit_layer): s.in_top_rate() for s in stats},
+        "per_target": {
+            e: {t: {"agreement": a, f"in_top_{top_n}": r, "positions": n} for t, (a, r, n) in v.items()}
+            for e, v in per_target.items()
+        },
+    }

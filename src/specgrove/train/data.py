@@ -53,8 +53,9 @@ class Sample:
         return self.target, tuple(self.prompt_ids)
 
     def to_json(self) -> str:
-        return json.dumps({"target": self.target, "prompt_ids": self.prompt_ids, "output_ids": self.output_ids,
-                           **self.meta})
+        return json.dumps(
+            {"target": self.target, "prompt_ids": self.prompt_ids, "output_ids": self.output_ids, **self.meta}
+        )
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
@@ -113,12 +114,16 @@ def read_prompt_records(path: str | os.PathLike, limit: int | None = None) -> li
     {"prompt_ids": [ids]}. The first `limit` are kept."""
     records = _read_jsonl(path)
     for i, r in enumerate(records, 1):
-        ok = (isinstance(r.get("prompt"), str) or
-              (isinstance(r.get("turns"), list) and r["turns"] and isinstance(r["turns"][0], str)) or
-              (isinstance(r.get("prompt_ids"), list) and all(isinstance(t, int) for t in r["prompt_ids"])))
+        ok = (
+            isinstance(r.get("prompt"), str)
+            or (isinstance(r.get("turns"), list) and r["turns"] and isinstance(r["turns"][0], str))
+            or (isinstance(r.get("prompt_ids"), list) and all(isinstance(t, int) for t in r["prompt_ids"]))
+        )
         if not ok:
-            raise SpecgroveError(f'{path}: record {i} is not a prompt; expected {{"prompt": "text"}}, '
-                                 f'{{"turns": ["text", ...]}} (Spec-Bench) or {{"prompt_ids": [1, 2, 3]}}')
+            raise SpecgroveError(
+                f'{path}: record {i} is not a prompt; expected {{"prompt": "text"}}, '
+                f'{{"turns": ["text", ...]}} (Spec-Bench) or {{"prompt_ids": [1, 2, 3]}}'
+            )
     return records if limit is None else records[:limit]
 
 
@@ -133,8 +138,9 @@ def encode_prompt_records(records: Sequence[dict], tokenizer) -> list[list[int]]
             out.append([int(t) for t in r["prompt_ids"]])
         elif "prompt" in r:
             if tokenizer is None:
-                raise SpecgroveError('text prompts need a tokenizer and this target has none; '
-                                     'give {"prompt_ids": [...]}')
+                raise SpecgroveError(
+                    'text prompts need a tokenizer and this target has none; give {"prompt_ids": [...]}'
+                )
             out.append(list(tokenizer.encode(r["prompt"], add_special_tokens=False)))
         else:
             out.append(encode_questions([{"category": "custom", **r}], tokenizer)[0].token_ids)
@@ -152,8 +158,7 @@ def eos_ids_of(hf_config, tokenizer) -> set[int]:
 
 
 # ---- generation ------------------------------------------------------------------------------------
-def _checked_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     batch_size: int) -> list[list[int]]:
+def _checked_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """The prompts as lists of ints, once the model, the limits and every prompt are checked."""
     from specgrove.models.llama import LlamaModel
 
@@ -172,10 +177,18 @@ def _checked_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: in
     return prompts
 
 
-def batched_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Iterable[int] = (),
-                     batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     seeds: Sequence[int] | None = None,
-                     on_done: Callable[[int, list[int], str], None] | None = None) -> list[list[int]]:
+def batched_generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_ids: Iterable[int] = (),
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    seeds: Sequence[int] | None = None,
+    on_done: Callable[[int, list[int], str], None] | None = None,
+) -> list[list[int]]:
     """Continue every prompt with `model` (a fast-runtime LlamaModel), `batch_size` rows of one KV cache
     decoding together; returns the outputs in prompt order (each ends with its EOS token, if any).
 
@@ -226,11 +239,15 @@ def batched_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: in
             p = prompts[i]
             logits = None
             for start in range(0, len(p), PREFILL_CHUNK):
-                chunk = p[start:start + PREFILL_CHUNK]
+                chunk = p[start : start + PREFILL_CHUNK]
                 last = start + PREFILL_CHUNK >= len(p)
-                logits = model.forward(torch.tensor([chunk], device=device),
-                                       torch.arange(start, start + len(chunk), device=device)[None], cache,
-                                       rows=[slot], logits_at="last" if last else None)
+                logits = model.forward(
+                    torch.tensor([chunk], device=device),
+                    torch.arange(start, start + len(chunk), device=device)[None],
+                    cache,
+                    rows=[slot],
+                    logits_at="last" if last else None,
+                )
                 cache.commit(slot)
             if not take(slot, choose(slot, logits[0, -1])):
                 return
@@ -262,8 +279,9 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
         if not (isinstance(r.get("prompt_ids"), list) and isinstance(r.get("output_ids"), list)):
             raise SpecgroveError(f"{path}: record {i} is not a distillation sample (needs prompt_ids and output_ids)")
         meta = {k: v for k, v in r.items() if k not in ("target", "prompt_ids", "output_ids")}
-        samples.append(Sample(str(r.get("target", "")), [int(t) for t in r["prompt_ids"]],
-                              [int(t) for t in r["output_ids"]], meta))
+        samples.append(
+            Sample(str(r.get("target", "")), [int(t) for t in r["prompt_ids"]], [int(t) for t in r["output_ids"]], meta)
+        )
     return samples
 
 
@@ -278,10 +296,20 @@ def _open_for_append(path: Path):
     return open(path, "a", encoding="utf-8")
 
 
-def distill(target, prompts: Sequence[Sequence[int]], path: str | os.PathLike, max_new_tokens: int = 256,
-            batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-            name: str | None = None, eos_ids: Iterable[int] | None = None, progress: bool = True,
-            log: Callable[[str], None] | None = None) -> list[Sample]:
+def distill(
+    target,
+    prompts: Sequence[Sequence[int]],
+    path: str | os.PathLike,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    name: str | None = None,
+    eos_ids: Iterable[int] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[Sample]:
     """The target's continuation of each prompt, appended to the JSONL file `path` as it finishes;
     pairs (target name, prompt) already in the file are not generated again. Returns this target's
     samples in prompt order (a repeated prompt counts once).
@@ -304,9 +332,11 @@ def distill(target, prompts: Sequence[Sequence[int]], path: str | os.PathLike, m
     reused = [done[(name, p)] for p in unique if (name, p) in done]
     differ = [s for s in reused if any(k in s.meta and s.meta[k] != v for k, v in wanted.items())]
     if differ:
-        say(f"warning: {len(differ)} samples of {name} in {path} were made with other settings "
+        say(
+            f"warning: {len(differ)} samples of {name} in {path} were made with other settings "
             f"({ {k: differ[0].meta.get(k) for k in wanted} } instead of {wanted}); they are reused as they are; "
-            f"delete {path} (or pass another samples file) to generate them again")
+            f"delete {path} (or pass another samples file) to generate them again"
+        )
     if len(todo) < len(unique):
         say(f"{name}: {len(unique) - len(todo)} of {len(unique)} prompts already in {path}, generating {len(todo)}")
     if todo:
@@ -316,8 +346,18 @@ def distill(target, prompts: Sequence[Sequence[int]], path: str | os.PathLike, m
         meta_common = dict(wanted)
         t0 = time.perf_counter()
         tokens = 0
-        with _open_for_append(path) as f, tqdm(total=len(todo), desc=f"distill {Path(name).name}", unit="prompt",
-                                               disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        with (
+            _open_for_append(path) as f,
+            tqdm(
+                total=len(todo),
+                desc=f"distill {Path(name).name}",
+                unit="prompt",
+                disable=not progress,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
+
             def on_done(j: int, output: list[int], reason: str) -> None:
                 nonlocal tokens
                 index = todo[j]
@@ -332,6 +372,15 @@ def distill(target, prompts: Sequence[Sequence[int]], path: str | os.PathLike, m
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
                 bar.update()
 
-            batched_generate(target.model, [unique[i] for i in todo], max_new_tokens, eos, batch_size, temperature,
-                             top_p, seeds=[seed + i for i in todo], on_done=on_done)
+            batched_generate(
+                target.model,
+                [unique[i] for i in todo],
+                max_new_tokens,
+                eos,
+                batch_size,
+                temperature,
+                top_p,
+                seeds=[seed + i for i in todo],
+                on_done=on_done,
+            )
     return [done[(name, p)] for p in unique]

@@ -226,8 +226,10 @@ def load_init(init: str | os.PathLike, exits: Sequence[int] | str | None = None)
     directory = resolve_model_dir(init)
     config = AutoConfig.from_pretrained(str(directory))
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"a sorted draft needs a Llama-family model ({', '.join(SUPPORTED_MODEL_TYPES)}); "
-                         f"{init} is {config.model_type!r}")
+        raise ValueError(
+            f"a sorted draft needs a Llama-family model ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+            f"{init} is {config.model_type!r}"
+        )
     existing = SortedSpec.load(directory)
     if exits is None or (isinstance(exits, str) and not exits.strip()):
         if existing is None:
@@ -236,8 +238,10 @@ def load_init(init: str | os.PathLike, exits: Sequence[int] | str | None = None)
     exits = parse_exits(exits)
     spec = SortedSpec(exits, [])  # validates: increasing, >= 1
     if exits[-1] > config.num_hidden_layers:
-        raise ValueError(f"exit {exits[-1]} is deeper than {init}'s {config.num_hidden_layers} layers; "
-                         f"pass exits of at most {config.num_hidden_layers} layers")
+        raise ValueError(
+            f"exit {exits[-1]} is deeper than {init}'s {config.num_hidden_layers} layers; "
+            f"pass exits of at most {config.num_hidden_layers} layers"
+        )
     weights = read_safetensors(directory)
     ids = weights.get(HEAD_TOKEN_IDS)
     weights = truncated_weights(weights, exits[-1])
@@ -267,8 +271,9 @@ class SortedTrainModel(torch.nn.Module):
             self.lm.lm_head = torch.nn.Linear(config.hidden_size, len(token_ids), bias=False)
         missing, unexpected = self.lm.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
         if missing or unexpected:
-            raise ValueError(f"the draft's weights do not fit its config: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
+            raise ValueError(
+                f"the draft's weights do not fit its config: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
         self.head_token_ids = None if token_ids is None else token_ids.to(torch.int64).clone()
         self.label_map = None  # vocabulary id -> head row, -100 outside the head
         if token_ids is not None:
@@ -281,6 +286,7 @@ class SortedTrainModel(torch.nn.Module):
     def _capture_hook(self, exit_: int):
         def hook(module, args, output):
             self._captured[exit_] = output[0] if isinstance(output, tuple) else output
+
         return hook
 
     def to(self, *args, **kwargs):
@@ -324,8 +330,14 @@ class SortedTrainModel(torch.nn.Module):
             return ids
         return torch.where(ids >= 0, self.label_map[ids.clamp(min=0)], ids)
 
-    def _loss_sum(self, h: torch.Tensor, rows: torch.Tensor, soft_rows: torch.Tensor | None = None,
-                  soft_p: torch.Tensor | None = None, kl_weight: float = 0.0) -> torch.Tensor:
+    def _loss_sum(
+        self,
+        h: torch.Tensor,
+        rows: torch.Tensor,
+        soft_rows: torch.Tensor | None = None,
+        soft_p: torch.Tensor | None = None,
+        kl_weight: float = 0.0,
+    ) -> torch.Tensor:
         """Summed loss of hidden states h [N, H]: (1 - w) CE against `rows` [N] + w KL(soft_p || q) over the
         teacher's top-k head rows soft_rows [N, k] (-100 = not in the head; soft_p is 0 there)."""
         logits = self.head_logits(h).float()
@@ -337,9 +349,14 @@ class SortedTrainModel(torch.nn.Module):
             return kl
         return (1.0 - kl_weight) * F.nll_loss(logq, rows, reduction="sum") + kl_weight * kl
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
-             kl_weight: float = 0.0, exit_weights: Sequence[float] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kl_weight: float = 0.0,
+        exit_weights: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(the exit_weights-weighted mean (default: the mean) over exits of the token-mean loss, per-exit loss
         [E], number of loss tokens). labels [B, T] are
         vocabulary ids, -100 where no loss is taken; position t predicts labels[t + 1]. soft: the teacher's
@@ -367,8 +384,13 @@ class SortedTrainModel(torch.nn.Module):
             total = None
             for start in range(0, count, CE_CHUNK):
                 piece = slice(start, start + CE_CHUNK)
-                args = (selected[piece], rows[piece], None if soft_rows is None else soft_rows[piece],
-                        None if soft_p is None else soft_p[piece], kl_weight)
+                args = (
+                    selected[piece],
+                    rows[piece],
+                    None if soft_rows is None else soft_rows[piece],
+                    None if soft_p is None else soft_p[piece],
+                    kl_weight,
+                )
                 if torch.is_grad_enabled() and count > CE_CHUNK:
                     part = checkpoint(self._loss_sum, *args, use_reentrant=False)
                 else:
@@ -401,8 +423,9 @@ class Example:
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None  # top-k ids, log-probs [len(ids) - first, k]
 
 
-def build_examples(samples: Iterable, max_len: int,
-                   teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[Example]:
+def build_examples(
+    samples: Iterable, max_len: int, teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> list[Example]:
     """Samples -> examples. A sequence longer than max_len keeps the end of its prompt (at least
     max_len // 2 tokens of it, or all of it) and the start of its continuation; samples with an empty
     continuation give no example. teachers: sample key (specgrove.train.teacher) -> its teacher top-k,
@@ -416,7 +439,7 @@ def build_examples(samples: Iterable, max_len: int,
             continue
         if len(prompt) + len(output) > max_len:
             keep = min(len(prompt), max(max_len // 2, max_len - len(output)))
-            prompt = prompt[len(prompt) - keep:]
+            prompt = prompt[len(prompt) - keep :]
         ids = (prompt + output)[:max_len]
         teacher = None
         if teachers is not None:
@@ -439,8 +462,9 @@ def examples_digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def collate(examples: Sequence[Example], device: torch.device | str = "cpu"
-            ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+def collate(
+    examples: Sequence[Example], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Right-padded input ids [B, L] (pad id 0), labels [B, L] (-100 on prompt and padding) and, when the
     examples have teachers, their top-k aligned with the labels (ids [B, L, k], -100 where no label;
     log-probabilities [B, L, k])."""
@@ -453,17 +477,18 @@ def collate(examples: Sequence[Example], device: torch.device | str = "cpu"
         soft_ids = torch.full((len(examples), length, k), -100, dtype=torch.int64)
         soft_lp = torch.zeros(len(examples), length, k)
     for b, e in enumerate(examples):
-        ids[b, :len(e.ids)] = torch.tensor(e.ids)
-        labels[b, e.first:len(e.ids)] = torch.tensor(e.ids[e.first:])
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        labels[b, e.first : len(e.ids)] = torch.tensor(e.ids[e.first :])
         if with_teacher:
-            soft_ids[b, e.first:len(e.ids)] = e.teacher[0]
-            soft_lp[b, e.first:len(e.ids)] = e.teacher[1]
+            soft_ids[b, e.first : len(e.ids)] = e.teacher[0]
+            soft_lp[b, e.first : len(e.ids)] = e.teacher[1]
     soft = (soft_ids.to(device), soft_lp.to(device)) if with_teacher else None
     return ids.to(device), labels.to(device), soft
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool = True) -> list[list[int]]:
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
     """Example indices of each batch of epoch `epoch`: a permutation drawn from (seed, epoch); with
     grouping, each window of GROUP_WINDOW batches is sorted by length before it is cut into batches and
     the batches are shuffled. Always ceil(n / batch_size) batches."""
@@ -471,18 +496,19 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
     perm = torch.randperm(n, generator=generator).tolist()
     if not group_by_length:
-        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+        return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
     window = batch_size * GROUP_WINDOW
     batches = []
     for start in range(0, n, window):
-        chunk = sorted(perm[start:start + window], key=lambda i: -lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(perm[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     order = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in order]
 
 
-def choose_head_tokens(samples: Iterable, num_tokens: int, eos_ids: Iterable[int], vocab_size: int,
-                       allowed: Sequence[int] | None = None) -> list[int]:
+def choose_head_tokens(
+    samples: Iterable, num_tokens: int, eos_ids: Iterable[int], vocab_size: int, allowed: Sequence[int] | None = None
+) -> list[int]:
     """The `num_tokens` head tokens (ascending ids): every EOS id, then the most frequent tokens of the
     samples' prompts and continuations (ties: smaller id first), then unseen ids in order. `allowed`
     restricts the choice (an init whose head is already shrunk)."""
@@ -493,8 +519,9 @@ def choose_head_tokens(samples: Iterable, num_tokens: int, eos_ids: Iterable[int
         raise ValueError(f"--head-tokens {num_tokens} is more than the {len(pool)} tokens the head can hold")
     missing = [t for t in eos if t not in pool_set]
     if missing:
-        raise ValueError(f"EOS token(s) {missing} are not in the init draft's head; "
-                         f"start from a draft with the full head")
+        raise ValueError(
+            f"EOS token(s) {missing} are not in the init draft's head; start from a draft with the full head"
+        )
     if len(eos) > num_tokens:
         raise ValueError(f"--head-tokens {num_tokens} cannot hold the targets' {len(eos)} EOS tokens; raise it")
     counts = Counter()
@@ -503,7 +530,7 @@ def choose_head_tokens(samples: Iterable, num_tokens: int, eos_ids: Iterable[int
         counts.update(s.output_ids)
     chosen = set(eos)
     ranked = sorted((t for t in pool if t not in chosen), key=lambda t: (-counts.get(t, 0), t))
-    chosen.update(ranked[:num_tokens - len(chosen)])
+    chosen.update(ranked[: num_tokens - len(chosen)])
     return sorted(chosen)
 
 
@@ -554,8 +581,14 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-def save_checkpoint(out: Path, model: SortedTrainModel, optimizer: torch.optim.Optimizer, names: list[str],
-                    state: dict, weights: bool = True) -> Path:
+def save_checkpoint(
+    out: Path,
+    model: SortedTrainModel,
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    state: dict,
+    weights: bool = True,
+) -> Path:
     """Write OUT/checkpoint atomically: a temporary directory renamed into place."""
     from safetensors.torch import save_file
 
@@ -595,15 +628,18 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],
-                      steps: dict[str, float]) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor], steps: dict[str, float]
+) -> None:
     state_dict = optimizer.state_dict()
     state_dict["state"] = {}
     for index, name in enumerate(names):
         if name in steps:
-            state_dict["state"][index] = {"step": torch.tensor(float(steps[name]), dtype=torch.float32),
-                                          "exp_avg": tensors[f"{name}.exp_avg"],
-                                          "exp_avg_sq": tensors[f"{name}.exp_avg_sq"]}
+            state_dict["state"][index] = {
+                "step": torch.tensor(float(steps[name]), dtype=torch.float32),
+                "exp_avg": tensors[f"{name}.exp_avg"],
+                "exp_avg_sq": tensors[f"{name}.exp_avg_sq"],
+            }
     optimizer.load_state_dict(state_dict)
 
 
@@ -656,30 +692,47 @@ def _check_samples(samples: Sequence, vocab_size: int) -> None:
     for s in samples:
         ids = list(s.prompt_ids) + list(s.output_ids)
         if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-            raise ValueError(f"a sample of {s.target or 'the data'} has token ids outside the draft's vocabulary "
-                             f"[0, {vocab_size}); the targets must share the draft's tokenizer")
+            raise ValueError(
+                f"a sample of {s.target or 'the data'} has token ids outside the draft's vocabulary "
+                f"[0, {vocab_size}); the targets must share the draft's tokenizer"
+            )
 
 
-def plan_training(init: InitModel, samples: Sequence, settings: SoftSettings, eos_ids: Iterable[int],
-                  teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> TrainPlan:
+def plan_training(
+    init: InitModel,
+    samples: Sequence,
+    settings: SoftSettings,
+    eos_ids: Iterable[int],
+    teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+) -> TrainPlan:
     """Check the settings against the draft and the data, and turn the samples into examples."""
     exits = list(init.spec.exits)
     if settings.exit_weights is not None and len(settings.exit_weights) != len(exits):
-        raise ValueError(f"--exit-weights gives {len(settings.exit_weights)} weights for the {len(exits)} exits "
-                         f"{exits}: give one per exit, e.g. {','.join(['1'] * (len(exits) - 1) + ['4'])}")
+        raise ValueError(
+            f"--exit-weights gives {len(settings.exit_weights)} weights for the {len(exits)} exits "
+            f"{exits}: give one per exit, e.g. {','.join(['1'] * (len(exits) - 1) + ['4'])}"
+        )
     samples = list(samples)
     _check_samples(samples, init.vocab_size)
     if settings.kl_weight > 0 and teachers is None:
         raise ValueError("--kl-weight > 0 needs the targets' distributions (specgrove.train.teacher.compute_teachers)")
     examples = build_examples(samples, settings.max_len, teachers if settings.kl_weight > 0 else None)
     if not examples:
-        raise ValueError("the data has no continuation tokens to train on (no samples, or every output is empty); "
-                         "check --data / --targets and raise --max-new-tokens")
+        raise ValueError(
+            "the data has no continuation tokens to train on (no samples, or every output is empty); "
+            "check --data / --targets and raise --max-new-tokens"
+        )
     batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
     total = settings.max_steps if settings.max_steps is not None else settings.epochs * batches_per_epoch
     eos = sorted(set(int(t) for t in eos_ids))
-    fingerprint = {"settings": settings.fingerprint(), "init": init.name, "exits": exits,
-                   "data": examples_digest(examples), "examples": len(examples), "total_steps": total}
+    fingerprint = {
+        "settings": settings.fingerprint(),
+        "init": init.name,
+        "exits": exits,
+        "data": examples_digest(examples),
+        "examples": len(examples),
+        "total_steps": total,
+    }
     if settings.head_tokens is not None:
         fingerprint["eos_ids"] = eos
     return TrainPlan(samples, examples, exits, eos, batches_per_epoch, total, fingerprint)
@@ -695,7 +748,8 @@ def resumable_checkpoint(out: Path, fingerprint: dict) -> tuple[Path | None, dic
         raise SpecgroveError(
             f"{checkpoint_dir} belongs to a run with other settings or data; to resume, run the same command "
             f"again; to start over, delete {checkpoint_dir} or pass another --out "
-            f"(checkpoint: {json.dumps(state.get('fingerprint'))}; now: {json.dumps(fingerprint)})")
+            f"(checkpoint: {json.dumps(state.get('fingerprint'))}; now: {json.dumps(fingerprint)})"
+        )
     return checkpoint_dir, state
 
 
@@ -703,14 +757,16 @@ def _already_trained(out: Path, checkpoint_dir: Path, state: dict, log) -> dict:
     from specgrove.models.sorted import SORTED_FILE
 
     if not (out / SORTED_FILE).exists():
-        raise SpecgroveError(f"{out} holds a finished run's checkpoint but no trained draft; delete "
-                             f"{checkpoint_dir} to train again")
+        raise SpecgroveError(
+            f"{out} holds a finished run's checkpoint but no trained draft; delete {checkpoint_dir} to train again"
+        )
     _say(log, f"{out} is already trained ({state['step']} steps); delete {checkpoint_dir} to train again")
     return {**state.get("summary", {}), "status": "already-completed", "out": str(out)}
 
 
-def build_model(init: InitModel, plan: TrainPlan, settings: SoftSettings, device: torch.device,
-                checkpoint_dir: Path | None) -> SortedTrainModel:
+def build_model(
+    init: InitModel, plan: TrainPlan, settings: SoftSettings, device: torch.device, checkpoint_dir: Path | None
+) -> SortedTrainModel:
     """The trainable draft on `device`: the checkpoint's weights, or (seeded with settings.seed) init's with
     the head cut to settings.head_tokens."""
     if checkpoint_dir is not None:
@@ -721,8 +777,9 @@ def build_model(init: InitModel, plan: TrainPlan, settings: SoftSettings, device
         torch.manual_seed(settings.seed)
         weights = init.weights
         if settings.head_tokens is not None:
-            head_ids = choose_head_tokens(plan.samples, settings.head_tokens, plan.eos, init.vocab_size,
-                                          allowed=init.head_token_ids)
+            head_ids = choose_head_tokens(
+                plan.samples, settings.head_tokens, plan.eos, init.vocab_size, allowed=init.head_token_ids
+            )
             weights = shrink_head(weights, head_ids)
     model = SortedTrainModel(init.config, weights, plan.exits).to(device)
     model.train()
@@ -737,8 +794,13 @@ def build_optimizer(model: SortedTrainModel, settings: SoftSettings) -> tuple[to
             param.requires_grad_(False)
         else:
             named.append((name, param))
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                  weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for _, p in named],
+        lr=settings.lr,
+        betas=settings.betas,
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+    )
     return optimizer, [n for n, _ in named]
 
 
@@ -786,15 +848,26 @@ def write_train_config(run: SoftRun, data_info: dict | None) -> dict:
     settings, plan, init = run.settings, run.plan, run.init
     head_ids = run.model.head_token_ids
     record = {
-        "settings": asdict(settings) | {"betas": list(settings.betas)}, "init": init.name,
-        "init_dir": str(init.directory), "exits": plan.exits, "thresholds": init.spec.thresholds,
-        "head_tokens": None if head_ids is None else len(head_ids), "eos_ids": plan.eos,
-        "data": {**(data_info or {}), "samples": len(plan.samples), "examples": len(plan.examples),
-                 "loss_tokens": plan.loss_tokens, "sequence_tokens": plan.sequence_tokens,
-                 "digest": plan.fingerprint["data"]},
-        "total_steps": plan.total_steps, "batches_per_epoch": plan.batches_per_epoch,
+        "settings": asdict(settings) | {"betas": list(settings.betas)},
+        "init": init.name,
+        "init_dir": str(init.directory),
+        "exits": plan.exits,
+        "thresholds": init.spec.thresholds,
+        "head_tokens": None if head_ids is None else len(head_ids),
+        "eos_ids": plan.eos,
+        "data": {
+            **(data_info or {}),
+            "samples": len(plan.samples),
+            "examples": len(plan.examples),
+            "loss_tokens": plan.loss_tokens,
+            "sequence_tokens": plan.sequence_tokens,
+            "digest": plan.fingerprint["data"],
+        },
+        "total_steps": plan.total_steps,
+        "batches_per_epoch": plan.batches_per_epoch,
         "warmup_steps": warmup_steps(plan.total_steps, settings.warmup),
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
         "resumed_from_step": run.start_step if run.resumed else None,
     }
     (run.out / TRAIN_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -815,8 +888,15 @@ def open_train_log(run: SoftRun) -> TextIO:
 def progress_bar(run: SoftRun, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=run.plan.total_steps, initial=run.start_step, desc="train-sorted", unit="step",
-                disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=run.plan.total_steps,
+        initial=run.start_step,
+        desc="train-sorted",
+        unit="step",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def batch_at(run: SoftRun, step: int) -> list[Example]:
@@ -824,8 +904,9 @@ def batch_at(run: SoftRun, step: int) -> list[Example]:
     settings = run.settings
     epoch, position = divmod(step, run.plan.batches_per_epoch)
     if epoch not in run.epoch_order:
-        run.epoch_order = {epoch: epoch_batches(run.plan.lengths, settings.batch_size, settings.seed, epoch,
-                                                settings.group_by_length)}
+        run.epoch_order = {
+            epoch: epoch_batches(run.plan.lengths, settings.batch_size, settings.seed, epoch, settings.group_by_length)
+        }
     return [run.plan.examples[i] for i in run.epoch_order[epoch][position]]
 
 
@@ -865,11 +946,17 @@ def record_step(run: SoftRun, step: int, batch: Sequence[Example], result: StepR
     mean = float(result.loss.detach())
     run.exit_losses = [float(x) for x in result.exit_losses]
     run.losses.append(mean)
-    return {"step": step + 1, "loss": mean,
-            "loss_exits": {str(e): v for e, v in zip(run.plan.exits, run.exit_losses)},
-            "lr": result.lr, "grad_norm": result.grad_norm, "tokens": run.tokens,
-            "sequence_tokens": run.sequence_tokens, "epoch": step // run.plan.batches_per_epoch,
-            "elapsed_s": round(run.elapsed(), 3)}
+    return {
+        "step": step + 1,
+        "loss": mean,
+        "loss_exits": {str(e): v for e, v in zip(run.plan.exits, run.exit_losses)},
+        "lr": result.lr,
+        "grad_norm": result.grad_norm,
+        "tokens": run.tokens,
+        "sequence_tokens": run.sequence_tokens,
+        "epoch": step // run.plan.batches_per_epoch,
+        "elapsed_s": round(run.elapsed(), 3),
+    }
 
 
 def log_step(log_file: TextIO, bar, record: dict) -> None:
@@ -884,51 +971,100 @@ def checkpoint_state(run: SoftRun, step: int, completed: bool = False, summary: 
     settings, plan = run.settings, run.plan
     total = plan.total_steps
     epoch, position = divmod(step, plan.batches_per_epoch)
-    return {"step": step, "total_steps": total, "completed": completed, "fingerprint": plan.fingerprint,
-            "schedule": {"kind": "linear warm-up + cosine", "step": step, "lr": settings.lr,
-                         "warmup_steps": warmup_steps(total, settings.warmup), "total_steps": total},
-            "data": {"seed": settings.seed, "epoch": epoch, "position": position,
-                     "batches_per_epoch": plan.batches_per_epoch},
-            "tokens": run.tokens, "sequence_tokens": run.sequence_tokens,
-            "elapsed_s": run.elapsed(), "loss_history": run.losses,
-            "summary": summary or {}}
+    return {
+        "step": step,
+        "total_steps": total,
+        "completed": completed,
+        "fingerprint": plan.fingerprint,
+        "schedule": {
+            "kind": "linear warm-up + cosine",
+            "step": step,
+            "lr": settings.lr,
+            "warmup_steps": warmup_steps(total, settings.warmup),
+            "total_steps": total,
+        },
+        "data": {
+            "seed": settings.seed,
+            "epoch": epoch,
+            "position": position,
+            "batches_per_epoch": plan.batches_per_epoch,
+        },
+        "tokens": run.tokens,
+        "sequence_tokens": run.sequence_tokens,
+        "elapsed_s": run.elapsed(),
+        "loss_history": run.losses,
+        "summary": summary or {},
+    }
 
 
 def save_run(run: SoftRun, step: int, summary: dict | None = None) -> None:
     """Checkpoint after `step` steps; with a summary, the finished run's (weights only with keep_checkpoint)."""
     completed = summary is not None
-    save_checkpoint(run.out, run.model, run.optimizer, run.names, checkpoint_state(run, step, completed, summary),
-                    weights=run.settings.keep_checkpoint if completed else True)
+    save_checkpoint(
+        run.out,
+        run.model,
+        run.optimizer,
+        run.names,
+        checkpoint_state(run, step, completed, summary),
+        weights=run.settings.keep_checkpoint if completed else True,
+    )
 
 
 def run_summary(run: SoftRun) -> dict:
     wall, steps = run.elapsed(), len(run.losses)
-    return {"out": str(run.out), "steps": steps, "total_steps": run.plan.total_steps,
-            "final_loss": run.losses[-1] if run.losses else None,
-            "final_loss_exits": dict(zip(map(str, run.plan.exits), run.exit_losses)), "tokens": run.tokens,
-            "sequence_tokens": run.sequence_tokens, "wall_s": wall, "s_per_step": wall / steps if steps else None}
+    return {
+        "out": str(run.out),
+        "steps": steps,
+        "total_steps": run.plan.total_steps,
+        "final_loss": run.losses[-1] if run.losses else None,
+        "final_loss_exits": dict(zip(map(str, run.plan.exits), run.exit_losses)),
+        "tokens": run.tokens,
+        "sequence_tokens": run.sequence_tokens,
+        "wall_s": wall,
+        "s_per_step": wall / steps if steps else None,
+    }
 
 
 def write_trained_draft(run: SoftRun, config_record: dict, summary: dict) -> None:
     """OUT as a sorted draft directory; sorted.json's extra records how it was trained."""
     init, head_ids = run.init, run.model.head_token_ids
-    spec = SortedSpec(run.plan.exits, init.spec.thresholds, source=init.name,
-                      head_tokens=None if head_ids is None else len(head_ids),
-                      extra={"soft": {"settings": config_record["settings"], "data": config_record["data"],
-                                      "eos_ids": run.plan.eos, "steps": run.plan.total_steps, "tokens": run.tokens,
-                                      "sequence_tokens": run.sequence_tokens, "wall_s": summary["wall_s"],
-                                      "final_loss": summary["final_loss"],
-                                      "final_loss_exits": summary["final_loss_exits"],
-                                      "torch": torch.__version__}})
+    spec = SortedSpec(
+        run.plan.exits,
+        init.spec.thresholds,
+        source=init.name,
+        head_tokens=None if head_ids is None else len(head_ids),
+        extra={
+            "soft": {
+                "settings": config_record["settings"],
+                "data": config_record["data"],
+                "eos_ids": run.plan.eos,
+                "steps": run.plan.total_steps,
+                "tokens": run.tokens,
+                "sequence_tokens": run.sequence_tokens,
+                "wall_s": summary["wall_s"],
+                "final_loss": summary["final_loss"],
+                "final_loss_exits": summary["final_loss_exits"],
+                "torch": torch.__version__,
+            }
+        },
+    )
     save_dtype = TRAIN_DTYPES[run.settings.save_dtype.lower()]
     write_sorted(run.out, init.config, run.model.export_weights(save_dtype), spec, tokenizer_from=init.directory)
 
 
-def train_soft(init: InitModel | str | os.PathLike, samples: Sequence, out: str | os.PathLike,
-               settings: SoftSettings | None = None, exits: Sequence[int] | str | None = None,
-               eos_ids: Iterable[int] = (), data_info: dict | None = None, progress: bool = True,
-               log: Callable[[str], None] | None = None, stop_after: int | None = None,
-               teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+def train_soft(
+    init: InitModel | str | os.PathLike,
+    samples: Sequence,
+    out: str | os.PathLike,
+    settings: SoftSettings | None = None,
+    exits: Sequence[int] | str | None = None,
+    eos_ids: Iterable[int] = (),
+    data_info: dict | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+    teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict:
     """Sorted fine-tuning of `init` on distillation `samples` (specgrove.train.data.Sample), writing the
     trained sorted draft to `out`, resuming from out/checkpoint when there is one.
 
@@ -977,6 +1113,7 @@ def train_soft(init: InitModel | str | os.PathLike, samples: Sequence, out: str 
         return {**summary, "status": "stopped"}
     write_trained_draft(run, config_record, summary)
     save_run(run, total, summary)
-    _say(log, f"trained {total} steps in {summary['wall_s']:.1f} s; final loss {summary['final_loss']:.4f}; "
-              f"wrote {out}")
+    _say(
+        log, f"trained {total} steps in {summary['wall_s']:.1f} s; final loss {summary['final_loss']:.4f}; wrote {out}"
+    )
     return {**summary, "status": "completed"}

@@ -41,7 +41,9 @@ def sample_key(sample: Sample) -> str:
 
 
 @torch.inference_mode()
-def teacher_topk(model, prompt_ids: Sequence[int], output_ids: Sequence[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_topk(
+    model, prompt_ids: Sequence[int], output_ids: Sequence[int], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k next-token (ids [n, k] int64, log-probabilities [n, k] fp32) of `model` (a fast-runtime
     LlamaModel) before each of the n continuation tokens, teacher-forced on prompt + continuation."""
     ids = list(prompt_ids) + list(output_ids)
@@ -52,11 +54,14 @@ def teacher_topk(model, prompt_ids: Sequence[int], output_ids: Sequence[int], k:
     cache = model.new_cache(1, len(ids))
     top_ids, top_lp = [], []
     for start in range(0, len(ids) - 1, PREFILL_CHUNK):
-        chunk = ids[start:min(start + PREFILL_CHUNK, len(ids) - 1)]
+        chunk = ids[start : min(start + PREFILL_CHUNK, len(ids) - 1)]
         wanted = [i - start for i in range(max(start, first), start + len(chunk)) if i <= last]
-        logits = model.forward(torch.tensor([chunk], device=model.device),
-                               torch.arange(start, start + len(chunk), device=model.device)[None], cache,
-                               logits_at=torch.tensor([wanted], device=model.device) if wanted else None)
+        logits = model.forward(
+            torch.tensor([chunk], device=model.device),
+            torch.arange(start, start + len(chunk), device=model.device)[None],
+            cache,
+            logits_at=torch.tensor([wanted], device=model.device) if wanted else None,
+        )
         cache.commit(0)
         if wanted:
             lp = torch.log_softmax(logits[0].float(), -1)
@@ -74,15 +79,25 @@ def read_teachers(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torc
     out = {}
     for i, r in enumerate(_read_jsonl(path), 1):
         try:
-            out[str(r["key"])] = (torch.tensor(r["ids"], dtype=torch.int64), torch.tensor(r["logprobs"], dtype=torch.float32))
+            out[str(r["key"])] = (
+                torch.tensor(r["ids"], dtype=torch.int64),
+                torch.tensor(r["logprobs"], dtype=torch.float32),
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise SpecgroveError(f"{path}: record {i} is not a teacher record ({e}); delete the file to compute it again") from None
+            raise SpecgroveError(
+                f"{path}: record {i} is not a teacher record ({e}); delete the file to compute it again"
+            ) from None
     return out
 
 
-def compute_teachers(samples: Sequence[Sample], path: str | os.PathLike, load_target: Callable[[str], object],
-                     k: int = DEFAULT_TOP_K, progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def compute_teachers(
+    samples: Sequence[Sample],
+    path: str | os.PathLike,
+    load_target: Callable[[str], object],
+    k: int = DEFAULT_TOP_K,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The teacher distributions of every sample, computing (and appending to `path`) those it lacks.
     load_target(name) -> a LoadedModel, called once per target that has samples left to do."""
     from tqdm.auto import tqdm
@@ -94,26 +109,40 @@ def compute_teachers(samples: Sequence[Sample], path: str | os.PathLike, load_ta
     have = read_teachers(path)
     short = [key for key, (ids, _) in have.items() if ids.shape[1] < k]
     if short:
-        raise SpecgroveError(f"{path} holds teacher distributions of fewer than {k} tokens; delete it or lower --teacher-top-k")
+        raise SpecgroveError(
+            f"{path} holds teacher distributions of fewer than {k} tokens; delete it or lower --teacher-top-k"
+        )
     todo: dict[str, list[Sample]] = {}
     for s in samples:
         if s.output_ids and sample_key(s) not in have:
             todo.setdefault(s.target, []).append(s)
     for target_name, group in todo.items():
         if not target_name:
-            raise SpecgroveError("a sample names no target, so its teacher cannot be loaded; give samples with a \"target\"")
+            raise SpecgroveError(
+                'a sample names no target, so its teacher cannot be loaded; give samples with a "target"'
+            )
         loaded = load_target(target_name)
         say(f"teacher {target_name}: top-{k} distributions of {len(group)} samples -> {path}")
         t0, tokens = time.perf_counter(), 0
-        with _open_for_append(path) as f, tqdm(total=len(group), desc=f"teacher {Path(target_name).name}",
-                                               unit="sample", disable=not progress, file=sys.stderr,
-                                               dynamic_ncols=True) as bar:
+        with (
+            _open_for_append(path) as f,
+            tqdm(
+                total=len(group),
+                desc=f"teacher {Path(target_name).name}",
+                unit="sample",
+                disable=not progress,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
             for s in group:
                 ids, lp = teacher_topk(loaded.model, s.prompt_ids, s.output_ids, k)
                 key = sample_key(s)
                 rounded = [[round(v, 4) for v in row] for row in lp.tolist()]  # as the file holds them
-                f.write(json.dumps({"key": key, "target": s.target, "k": k, "ids": ids.tolist(),
-                                    "logprobs": rounded}) + "\n")
+                f.write(
+                    json.dumps({"key": key, "target": s.target, "k": k, "ids": ids.tolist(), "logprobs": rounded})
+                    + "\n"
+                )
                 f.flush()
                 have[key] = (ids, torch.tensor(rounded, dtype=torch.float32))
                 tokens += len(s.prompt_ids) + len(s.output_ids)

@@ -113,7 +113,7 @@ class AcceptanceVector:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AcceptanceVector":
+    def from_dict(cls, d: dict) -> AcceptanceVector:
         if not isinstance(d, dict):
             raise ValueError(f"an acceptance vector must be a JSON object, got {type(d).__name__}")
         allowed = {"values", "temperature", "top_p", "top_k", "min_p", "source", "num_positions"}
@@ -237,7 +237,8 @@ def measure_acceptance_offline(
     `params` (SamplingParams) labels the vector; without it: temperature 1 (or 0 when greedy)."""
     if target_probs.dim() != 2 or draft_probs.shape != target_probs.shape:
         raise ValueError(
-            f"target_probs and draft_probs must both be [N, V], got {tuple(target_probs.shape)} and {tuple(draft_probs.shape)}"
+            f"target_probs and draft_probs must both be [N, V], got {tuple(target_probs.shape)} and "
+            f"{tuple(draft_probs.shape)}"
         )
     rows = target_probs.shape[0]
     if rows == 0:
@@ -445,9 +446,13 @@ class HardwareProfile:
             try:
                 n, ms = int(key), float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"invalid hardware profile: {name} entry {key!r}: {value!r} is not tokens -> ms") from None
+                raise ValueError(
+                    f"invalid hardware profile: {name} entry {key!r}: {value!r} is not tokens -> ms"
+                ) from None
             if n < 1 or not math.isfinite(ms) or ms < 0 or (positive and ms == 0):
-                raise ValueError(f"invalid hardware profile: {name}[{key}] = {value!r}; need tokens >= 1 and a time > 0")
+                raise ValueError(
+                    f"invalid hardware profile: {name}[{key}] = {value!r}; need tokens >= 1 and a time > 0"
+                )
             out[n] = ms
         return dict(sorted(out.items()))
 
@@ -477,7 +482,7 @@ class HardwareProfile:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HardwareProfile":
+    def from_dict(cls, d: dict) -> HardwareProfile:
         if not isinstance(d, dict):
             raise ValueError(f"a hardware profile must be a JSON object, got {type(d).__name__}")
         for key in ("target_ms", "draft_ms"):
@@ -538,7 +543,9 @@ def _choice_for_budget(t: _Tables, budget: int, max_depth: int, profile: Hardwar
     return best
 
 
-def choice_for_budget(values, num_nodes: int, max_depth: int = 10, profile: HardwareProfile | None = None) -> TreeChoice:
+def choice_for_budget(
+    values, num_nodes: int, max_depth: int = 10, profile: HardwareProfile | None = None
+) -> TreeChoice:
     """One budget: with a profile, the fastest of the optimal trees with at most `num_nodes` nodes and
     depth <= max_depth; without one, the optimal tree of depth <= max_depth (no timing)."""
     _check_budget(num_nodes, max_depth)
@@ -647,8 +654,10 @@ def _sequoia_tree(text: str) -> TreeShape:
     _, size, path = text.split(":", 2) if text.count(":") >= 2 else (None, "", "")
     nodes, _, depth = size.lower().partition("x")
     if not nodes.isdigit() or (depth and not depth.isdigit()) or not path:
-        raise ValueError(f"bad tree spec {text!r}: use sequoia:N:FILE.json or sequoia:NxD:FILE.json "
-                         "(N nodes, depth <= D, FILE written by `specgrove tune`)")
+        raise ValueError(
+            f"bad tree spec {text!r}: use sequoia:N:FILE.json or sequoia:NxD:FILE.json "
+            "(N nodes, depth <= D, FILE written by `specgrove tune`)"
+        )
     _, data = load_tree_file(path)
     if data.get("acceptance") is None:
         raise ValueError(f"{path} has no acceptance vector; write it with `specgrove tune --out {path}`")

@@ -41,13 +41,13 @@ class TreeShape:
 
     # ---- constructors ------------------------------------------------------------------------
     @classmethod
-    def chain(cls, length: int) -> "TreeShape":
+    def chain(cls, length: int) -> TreeShape:
         if length < 0:
             raise ValueError(f"a chain needs length >= 0, got {length}")
         return cls(tuple(range(-1, length - 1)))
 
     @classmethod
-    def from_widths(cls, widths: Sequence[int]) -> "TreeShape":
+    def from_widths(cls, widths: Sequence[int]) -> TreeShape:
         """Every node at depth d-1 (the root at d = 1) gets widths[d-1] children."""
         if any(w < 1 for w in widths):
             raise ValueError(f"branching widths must be >= 1, got {list(widths)}")
@@ -63,11 +63,11 @@ class TreeShape:
         return cls(tuple(parents))
 
     @classmethod
-    def kary(cls, branching: int, depth: int) -> "TreeShape":
+    def kary(cls, branching: int, depth: int) -> TreeShape:
         return cls.from_widths([branching] * depth)
 
     @classmethod
-    def from_nested(cls, children: list) -> "TreeShape":
+    def from_nested(cls, children: list) -> TreeShape:
         """From nested lists: each list holds a node's subtrees in rank order; [[[]], []] = the root with
         two children, the first of which has one child."""
         parents: list[int] = []
@@ -82,7 +82,7 @@ class TreeShape:
         return cls(tuple(parents))
 
     @classmethod
-    def parse(cls, spec: str) -> "TreeShape":
+    def parse(cls, spec: str) -> TreeShape:
         """'chain:5', 'kary:2x3' or 'widths:4,2,1'; 'SPEC@N' keeps the first N nodes in breadth-first order
         (e.g. 'kary:2x3@8': a binary tree cut to 8 nodes, to compare equal budgets). Tree files and Sequoia's
         'sequoia:N:FILE' specs are read by `specgrove.trees.sequoia.parse_tree`, which takes every spec."""
@@ -105,8 +105,9 @@ class TreeShape:
                 return cls.from_widths([int(w) for w in arg.split(",") if w.strip()])
         except ValueError as e:
             raise ValueError(f"bad tree spec {spec!r}: {e}") from None
-        raise ValueError(f"bad tree spec {spec!r}; use chain:N, kary:BxD, widths:W1,W2,..., "
-                         "sequoia:N:FILE.json or a tree .json file")
+        raise ValueError(
+            f"bad tree spec {spec!r}; use chain:N, kary:BxD, widths:W1,W2,..., sequoia:N:FILE.json or a tree .json file"
+        )
 
     # ---- structure ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -147,7 +148,7 @@ class TreeShape:
         """Nodes per depth (what one draft forward per level processes)."""
         return [len(level) for level in self.levels()]
 
-    def truncated(self, max_nodes: int) -> "TreeShape":
+    def truncated(self, max_nodes: int) -> TreeShape:
         """The first `max_nodes` nodes (breadth-first order keeps it a tree)."""
         return TreeShape(self.parents[: max(0, max_nodes)])
 

@@ -40,7 +40,7 @@ class TokenTree:
             raise ValueError("draft_probs needs one row per node")
 
     @classmethod
-    def chain(cls, tokens: list[int], draft_probs: torch.Tensor | None = None) -> "TokenTree":
+    def chain(cls, tokens: list[int], draft_probs: torch.Tensor | None = None) -> TokenTree:
         return cls(list(tokens), list(range(-1, len(tokens) - 1)), draft_probs)
 
     def __len__(self) -> int:

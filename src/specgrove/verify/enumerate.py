@@ -36,7 +36,7 @@ class _ScriptedSampler:
         return choice
 
     def _taken_after_forced(self) -> list[int]:
-        return self._taken[len(self.forced):]
+        return self._taken[len(self.forced) :]
 
     def categorical(self, probs: torch.Tensor) -> int:
         probs = probs.double()

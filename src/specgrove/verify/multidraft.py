@@ -136,8 +136,9 @@ def _is_hub_pair(child_tokens: Sequence[int], child_draft_probs: Sequence, hub: 
     return child_tokens[1] == hub and second is not None and float(second[hub]) == 1.0
 
 
-def spechub_select(p: torch.Tensor, child_tokens: Sequence[int], child_draft_probs: Sequence["torch.Tensor | None"],
-                   sampler) -> tuple[int | None, torch.Tensor]:
+def spechub_select(
+    p: torch.Tensor, child_tokens: Sequence[int], child_draft_probs: Sequence[torch.Tensor | None], sampler
+) -> tuple[int | None, torch.Tensor]:
     """Node rule (see specgrove.verify.speculative.verify_tree) for children drawn by `draw_hub_pair`.
     A node with one child is standard speculative sampling, one with more than two (or a deterministic
     proposal) recursive rejection sampling over the recorded q's."""
@@ -146,8 +147,10 @@ def spechub_select(p: torch.Tensor, child_tokens: Sequence[int], child_draft_pro
     q = child_draft_probs[0]
     plan = hub_plan(p, q)
     if not _is_hub_pair(child_tokens, child_draft_probs, plan.hub):
-        raise ValueError(f"children {list(child_tokens)} are not a SpecHub pair around the hub {plan.hub}; "
-                         "SpecHub's verifier needs children drawn by draw_hub_pair (tree_sampling='hub')")
+        raise ValueError(
+            f"children {list(child_tokens)} are not a SpecHub pair around the hub {plan.hub}; "
+            "SpecHub's verifier needs children drawn by draw_hub_pair (tree_sampling='hub')"
+        )
     hub_position = 0 if child_tokens[0] == plan.hub else 1
     other_position = 1 - hub_position
     other = child_tokens[other_position]

@@ -70,10 +70,14 @@ def rejection_select(
     return None, p
 
 
-NodeRule = Callable[[torch.Tensor, Sequence[int], Sequence["torch.Tensor | None"], object], tuple["int | None", torch.Tensor]]
+NodeRule = Callable[
+    [torch.Tensor, Sequence[int], Sequence["torch.Tensor | None"], object], tuple["int | None", torch.Tensor]
+]
 
 
-def verify_tree(tree: TokenTree, target_probs: torch.Tensor, sampler, node_rule: NodeRule = rejection_select) -> VerifyResult:
+def verify_tree(
+    tree: TokenTree, target_probs: torch.Tensor, sampler, node_rule: NodeRule = rejection_select
+) -> VerifyResult:
     """Walk `tree` with the target distributions `target_probs` [N+1, V] (row 0 = root, row i+1 = node i; any
     object indexable by row, e.g. `specgrove.sampling.ProcessedRows`, which processes only the rows visited)."""
     accepted: list[int] = []
