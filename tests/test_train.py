@@ -283,7 +283,7 @@ def test_training_is_the_plain_loop_bit_for_bit(dirs, samples, tmp_path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert [r["loss"] for r in _log(tmp_path / "out")] == losses
     trained = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(torch.equal(trained[name], p.detach()) for name, p in model.lm.named_parameters())
