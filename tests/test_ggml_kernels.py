@@ -234,6 +234,32 @@ def test_batch_invariance_over_tiles_and_row_chunks(type_, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
+@pytest.mark.parametrize("type_", [ggml.Q4_K, ggml.Q6_K, ggml.Q4_K_X8], ids=["Q4_K", "Q6_K", "Q4_K_x8"])
+def test_any_thread_count_gives_every_row_once_and_the_same_bits(type_, isa):
+    """Rows are split over the threads in claimed blocks (each thread its own range, then the others' from the
+    back): with 1 to 5 threads, over 2,000 rows (many claims per thread, a range that is not whole blocks), one
+    token and five, every output equals the one-thread scalar result bit for bit (a row lost or done twice
+    leaves garbage or a wrong sum)."""
+    if type_ == ggml.Q4_K_X8 and isa != ggml.ISA_AVX2:
+        pytest.skip("Q4_K x8 runs on the AVX2 path only")
+    n, k, ext = 2008, 256, ggml.load_extension()
+    plain = ggml.Q4_K if type_ == ggml.Q4_K_X8 else type_
+    w = torch.from_numpy(random_blocks(plain, n, k, seed=60))
+    weight = ggml.repack_q4k_x8(w, n, k) if type_ == ggml.Q4_K_X8 else w
+    x, bias = _x(5, k, seed=5), torch.randn(n)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = {m: ext.linear(x[:m], [w], [plain], bias, None, ggml.ISA_SCALAR) for m in (1, 5)}
+        for t in (1, 2, 3, 4, 5):
+            torch.set_num_threads(t)
+            for m in (1, 5):
+                assert torch.equal(ext.linear(x[:m], [weight], [type_], bias, None, isa), ref[m]), f"{t} threads, M={m}"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=["scalar", "avx2"])
 def test_nan_stays_in_its_token(isa):
     w = random_blocks(ggml.Q4_K, 8, 256, seed=6)
     x = _x(3, 256)

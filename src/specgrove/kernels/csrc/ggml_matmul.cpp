@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -927,6 +928,60 @@ bool cpu_has_avx2() { return false; }
 #endif  // SG_X86
 
 // ---------------------------------------------------------------------------------------------
+// Splitting rows over threads
+
+// Blocks of about this many weight bytes are what a thread claims at a time (parallel_rows).
+constexpr int64_t kClaimBytes = int64_t(1) << 16;
+
+// fn(r0, r1) over rows [0, n), every row exactly once, on the torch threads. Each thread owns one contiguous
+// range (a multiple of `align` rows) and works through it from the front, `block` rows at a time, so that it
+// reads one continuous stream; a thread done with its own takes blocks from the back of the others' ranges.
+// On a shared machine one core is often slower for a while; with fixed halves the call waits for it (handing
+// out interleaved blocks instead breaks each thread's stream and is slower still: docs/benchmarks.md).
+// Which thread computes a row does not change its result.
+template <class F>
+void parallel_rows(int64_t n, int64_t align, int64_t block, const F& fn) {
+  if (n <= 0) return;
+  TORCH_CHECK(n < (int64_t(1) << 32), "parallel_rows: ", n, " rows do not fit its 32-bit claims");
+  block = std::max<int64_t>(1, block);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + block - 1) / block);
+  if (threads <= 1 || at::in_parallel_region()) {
+    fn(int64_t(0), n);
+    return;
+  }
+  // A range's front (low 32 bits) and back (high 32 bits), claimed from either end by compare-and-swap.
+  struct alignas(64) Range {
+    std::atomic<uint64_t> front_back;
+  };
+  std::vector<Range> ranges(static_cast<size_t>(threads));
+  const int64_t per = std::max<int64_t>(align, n / threads / align * align);
+  for (int64_t t = 0; t < threads; ++t) {
+    const uint64_t front = uint64_t(std::min(n, t * per)), back = uint64_t(t == threads - 1 ? n : std::min(n, (t + 1) * per));
+    ranges[t].front_back.store(front | (back << 32), std::memory_order_relaxed);
+  }
+  // Claims up to `block` rows of range r, from its front or its back; false when the range is used up.
+  auto claim = [&](Range& r, bool from_front, int64_t& r0, int64_t& r1) {
+    uint64_t v = r.front_back.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t front = int64_t(v & 0xffffffffu), back = int64_t(v >> 32);
+      if (front >= back) return false;
+      r0 = from_front ? front : std::max(front, back - block);
+      r1 = from_front ? std::min(back, front + block) : back;
+      const uint64_t next = from_front ? uint64_t(r1) | (uint64_t(back) << 32) : uint64_t(front) | (uint64_t(r0) << 32);
+      if (r.front_back.compare_exchange_weak(v, next, std::memory_order_relaxed)) return true;
+    }
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t me = t0; me < t1; ++me) {
+      int64_t r0, r1;
+      while (claim(ranges[me], true, r0, r1)) fn(r0, r1);
+      for (int64_t k = 1; k < threads; ++k)
+        while (claim(ranges[(me + k) % threads], false, r0, r1)) fn(r0, r1);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Torch entry points
 
 void check_weight(const torch::Tensor& weight, int64_t type, int64_t K, Format& f, int64_t& row_bytes) {
@@ -1055,11 +1110,10 @@ void matmul_into(const Acts& acts, const uint8_t* W, int64_t type, int64_t N, in
                  float* y, int64_t stride) {
   const int64_t M = acts.M, K = acts.K;
   if (M == 0 || N == 0) return;
-  // Contiguous row ranges of at least ~64 KiB of weights each; parallel_for gives each thread one
-  // range of equal length, so two threads split the rows evenly.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / row_bytes);
+  // Blocks of ~64 KiB of weights, whole passes of the AVX2 kernel (8 rows), per claim.
+  const int64_t block = std::max<int64_t>(8, kClaimBytes / row_bytes / 8 * 8);
   if (isa == ISA_SCALAR) {
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { matmul_rows_scalar(type, W, row_bytes, K, acts, n0, n1, y, stride); });
+    parallel_rows(N, 8, block, [&](int64_t n0, int64_t n1) { matmul_rows_scalar(type, W, row_bytes, K, acts, n0, n1, y, stride); });
     return;
   }
 #if SG_X86
@@ -1085,7 +1139,7 @@ void matmul_into(const Acts& acts, const uint8_t* W, int64_t type, int64_t N, in
   }
   const int64_t nb = K / acts.block;
   // The lambda itself is not compiled for AVX2; it only calls the AVX2 function.
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { matmul_rows_avx2(type, W, row_bytes, nb, tiles, n0, n1, y, stride); });
+  parallel_rows(N, 8, block, [&](int64_t n0, int64_t n1) { matmul_rows_avx2(type, W, row_bytes, nb, tiles, n0, n1, y, stride); });
 #endif
 }
 
@@ -1173,8 +1227,9 @@ torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> weights, std::v
       }
       const Acts acts = qa.view();
       const uint8_t* W = weights[i].data_ptr<uint8_t>();
-      const int64_t grain = std::max<int64_t>(1, (1 << 16) / (nb * kX8Record));
-      at::parallel_for(0, rows[i] / 8, grain, [&](int64_t g0, int64_t g1) {
+      // more than 8 tokens: claims as large as the kernel's L2 chunks (matmul_x8_avx2)
+      const int64_t claim = (M > 8 ? 4 : 1) * kClaimBytes / (nb * kX8Record);
+      parallel_rows(rows[i] / 8, 1, claim, [&](int64_t g0, int64_t g1) {
         matmul_x8_avx2(W, nb, acts, asum32.data(), g0, g1, y + col, N);
       });
 #endif
