@@ -177,8 +177,12 @@ def test_forward_is_batch_invariant_on_the_real_target(default_llm):
     positions = torch.zeros_like(ids)
     positions[0] = len(prompt) - 1 + torch.tensor(tree.position_offsets())
     positions[1] = 17 + torch.arange(len(tree) + 1).clamp(max=2)
-    batched = model.forward(ids, positions, cache, tree_mask=mask, rows=[0, 1], num_new=[len(tree) + 1, 3])
+    batched, features = model.forward(
+        ids, positions, cache, tree_mask=mask, rows=[0, 1], num_new=[len(tree) + 1, 3], features=[-1]
+    )
     assert torch.equal(batched[0, [0] + [n + 1 for n in path]], one_by_one)
+    # The features a draft head reads are batch-invariant too: the output layer over them gives the same bits.
+    assert torch.equal(model.logits(features[0, [0] + [n + 1 for n in path]]), one_by_one)
 
 
 @pytest.mark.parametrize("method", ["draft_model", "prompt_lookup", "tree"])

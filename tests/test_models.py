@@ -144,3 +144,31 @@ def torch_float32():
     import torch
 
     return torch.float32
+
+
+def test_forward_returns_the_features_of_the_layers_asked_for(tiny_target):
+    """`forward(features=...)`: the hidden states after the layers asked for, from the same forward (its logits
+    unchanged), every new token's whatever `logits_at` picks; -1 is the last layer before the final norm, so the
+    output layer applied to it gives the logits back."""
+    import torch
+
+    model = tiny_target.model
+    ids, positions = torch.tensor([[1, 2, 3, 1, 2]]), torch.arange(5)[None]
+    plain = model.forward(ids, positions, model.new_cache(1, 8))
+    logits, last = model.forward(ids, positions, model.new_cache(1, 8), features=[-1])
+    hidden = model.config.hidden_size
+    assert last.shape == (1, 5, hidden) and torch.equal(logits, plain)
+    assert torch.equal(model.logits(last), plain)
+    n = len(model.layers)
+    first_last_logits, both = model.forward(
+        ids, positions, model.new_cache(1, 8), features=[0, n - 1], logits_at="last"
+    )
+    assert both.shape == (1, 5, 2 * hidden) and first_last_logits.shape == (1, 1, plain.shape[-1])
+    assert torch.equal(both[..., hidden:], last) and not torch.equal(both[..., :hidden], last)
+    # (one row through the output layer instead of five: this float path is not batch-invariant)
+    assert torch.allclose(first_last_logits[0, 0], plain[0, -1], atol=1e-5, rtol=1e-5)
+    none, again = model.forward(ids, positions, model.new_cache(1, 8), features=[-1], logits_at=None)
+    assert none is None and torch.equal(again, last)
+    for bad in ([], [n], [-n - 1]):
+        with pytest.raises(ValueError, match="features must be one or more layer indices"):
+            model.forward(ids, positions, model.new_cache(1, 8), features=bad)

@@ -14,6 +14,7 @@ of up to 32 new tokens replay CUDA graphs (`specgrove.models.cuda_graphs`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -365,7 +366,8 @@ class LlamaModel:
         logits_at: torch.Tensor | str | None = "all",
         num_new: list[int] | None = None,
         extend: bool = False,
-    ) -> torch.Tensor | None:
+        features: Sequence[int] | None = None,
+    ) -> torch.Tensor | None | tuple[torch.Tensor | None, torch.Tensor]:
         """Run T new tokens per row through the model, writing their KV (uncommitted) into `cache`.
 
         input_ids, positions: [B, T]. tree_mask: [B, T, T] bool (row i may attend to new token j), None =
@@ -377,6 +379,11 @@ class LlamaModel:
         extend: keep the uncommitted slots of the previous forward(s) and write after them (a draft tree
         grown one level per forward); tree_mask is then [B, T, prior + T] over old and new uncommitted
         slots, and a later `commit` picks among all of them. Rows must have the same number of prior slots.
+
+        features: layer indices (negative counts from the last layer; -1 is the last layer's output before the
+        final norm). When given, returns (logits, features): features [B, T, H * len(features)] are the hidden
+        states after those layers, concatenated in the order given, for every new token, from this same forward
+        (what a feature-level draft head reads). They are not reduced by `logits_at`.
         """
         input_ids = input_ids.to(self.device)
         positions = positions.to(self.device)
@@ -388,8 +395,9 @@ class LlamaModel:
         cache.check_room(prior + num_tokens, rows)
         if isinstance(logits_at, str) and logits_at not in ("all", "last"):
             raise ValueError(f"logits_at must be 'all', 'last', None or an index tensor, got {logits_at!r}")
+        layers = self.feature_layers(features)
         graph = None
-        if self.graphs is not None and logits_at is not None:
+        if self.graphs is not None and logits_at is not None and layers is None:
             graph = self.graphs.lookup(cache, rows, num_tokens, prior)
         mask, span = self.build_attention_mask(
             cache, rows, num_tokens, tree_mask, prior, 0 if graph is None else graph.span
@@ -404,24 +412,45 @@ class LlamaModel:
             logits = graph.run(input_ids, positions, mask, slots, row_index)
         else:
             all_rows = rows == list(range(cache.batch_size))
-            h = self.hidden_states(input_ids, positions, cache, mask, slots, row_index, span, all_rows)
+            collected = None if layers is None else dict.fromkeys(layers)
+            h = self.hidden_states(input_ids, positions, cache, mask, slots, row_index, span, all_rows, collected)
 
         for b, r in enumerate(rows):
             cache.pending[r] = prior + (num_tokens if num_new is None else num_new[b])
-        if logits_at is None:
+        if logits_at is None and layers is None:
             return None
-        if isinstance(logits_at, str):
-            counts = [num_tokens] * batch if num_new is None else num_new
-            index = None if logits_at == "all" else torch.tensor([[n - 1] for n in counts], device=self.device)
-        else:
-            index = logits_at.to(self.device)
+        index = self._logit_index(logits_at, batch, num_tokens, num_new)
         if graph is not None:  # the graph computed every token's logits into its buffer: copy out the ones asked for
             if index is None:
                 return logits.clone()
             return torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
-        if index is not None:
-            h = torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
-        return self.logits(h)
+        logits = None
+        if logits_at is not None:
+            logits = self.logits(
+                h if index is None else torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
+            )
+        if layers is None:
+            return logits
+        return logits, torch.cat([collected[li] for li in layers], dim=-1)
+
+    def feature_layers(self, features: Sequence[int] | None) -> list[int] | None:
+        """`features` (layer indices, negative from the end) as layer numbers 0..L-1; None stays None."""
+        if features is None:
+            return None
+        n = len(self.layers)
+        layers = [int(i) for i in features]
+        if not layers or any(not -n <= i < n for i in layers):
+            raise ValueError(f"features must be one or more layer indices in [-{n}, {n}), got {list(features)}")
+        return [i % n for i in layers]
+
+    def _logit_index(self, logits_at, batch: int, num_tokens: int, num_new: list[int] | None) -> torch.Tensor | None:
+        """The token indices [B, M] whose logits `forward` returns; None for every token (or no logits)."""
+        if logits_at is None or (isinstance(logits_at, str) and logits_at == "all"):
+            return None
+        if isinstance(logits_at, str):  # "last"
+            counts = [num_tokens] * batch if num_new is None else num_new
+            return torch.tensor([[n - 1] for n in counts], device=self.device)
+        return logits_at.to(self.device)
 
     def hidden_states(
         self,
@@ -433,16 +462,20 @@ class LlamaModel:
         row_index: torch.Tensor,
         span: int,
         all_rows: bool = False,
+        collect: dict[int, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Every layer over new tokens input_ids [B, T] at `positions` (no host work: what a CUDA graph
         captures). Writes their KV into cache rows `row_index` [B] at `slots` [B, T]; `mask` as layer_forward
-        takes it; `all_rows`: row_index is 0..batch-1 of the cache (attend by slicing, not gathering)."""
+        takes it; `all_rows`: row_index is 0..batch-1 of the cache (attend by slicing, not gathering).
+        `collect`: layer numbers as keys; each gets the hidden states after that layer."""
         batch, num_tokens = input_ids.shape
         write_rows = row_index[:, None].expand(batch, num_tokens)
         rope = self._rope(positions)
         h = self.embed_tokens(input_ids)
         for li in range(len(self.layers)):
             h = self.layer_forward(li, h, rope, cache, write_rows, slots, mask, span, None if all_rows else row_index)
+            if collect is not None and li in collect:
+                collect[li] = h
         return h
 
     # ---- pieces of the forward (also used layer by layer by sorted drafts, specgrove.drafting.sorted) ----
