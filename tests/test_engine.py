@@ -179,3 +179,35 @@ def test_statistical_test_catches_a_wrong_verifier(tiny_target, tiny_draft, monk
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)  # correction from p: biased
     with pytest.raises(AssertionError, match="pvalue"):
         test_sampled_distribution_matches_target(tiny_target, tiny_draft, "draft_model", dict(temperature=1.0))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_engine_hands_a_proposer_the_target_features_of_every_committed_token(tiny_target, tiny_draft, temperature):
+    """A proposer that declares `feature_layers` finds in `seq.target_features` the target's hidden states of
+    every token in the target's cache, prompt and accepted draft tokens alike (rejected ones never), taken from
+    the prefill and verification forwards themselves: the same values a fresh forward over the text gives."""
+
+    class FeatureReader(DraftModelProposer):
+        feature_layers = (-1, 0)
+
+    engine = SpecEngine(tiny_target, FeatureReader(tiny_draft, 256), 3, 256)
+    seq = run(engine, PROMPT, SamplingParams(temperature=temperature, max_tokens=30, ignore_eos=True, seed=3))
+    assert seq.metrics.acceptance_rate < 1.0  # some draft tokens were rejected (their features must not appear)
+    got = torch.cat(seq.target_features)
+    n = len(seq.token_ids) - 1  # the last token is the next root: not in the cache yet
+    assert got.shape[0] >= n and got.shape[1] == 2 * tiny_target.model.config.hidden_size
+    model = tiny_target.model
+    _, fresh = model.forward(
+        torch.tensor([seq.token_ids[:n]]),
+        torch.arange(n)[None],
+        model.new_cache(1, n),
+        logits_at=None,
+        features=[-1, 0],
+    )
+    # (float rounding only: this tiny fp32 path is not batch-invariant, and its features reach ~20 in size)
+    assert torch.allclose(got[:n], fresh[0], atol=1e-4, rtol=1e-5)
+    # and without a proposer that asks, nothing is kept
+    plain = run(
+        SpecEngine(tiny_target, DraftModelProposer(tiny_draft, 256), 3, 256), PROMPT, SamplingParams(max_tokens=5)
+    )
+    assert plain.target_features == []

@@ -29,6 +29,10 @@ class Proposer:
     node_rule = staticmethod(rejection_select)
     # Adaptive sorted drafting: how many draft tokens each exit produced; None for other drafters.
     exit_counts: Counter | None = None
+    # The target layers whose hidden states the proposer reads (a feature-level draft head), as
+    # `LlamaModel.forward(features=...)` takes them: the engine then gets them from its own prefill and
+    # verification forwards and appends the committed tokens' to `seq.target_features`. None: no features.
+    feature_layers: tuple[int, ...] | None = None
 
     def propose(self, seq: Sequence, num_tokens: int) -> TokenTree:
         """Propose at most `num_tokens` draft tokens continuing `seq.token_ids` (may return an empty tree)."""

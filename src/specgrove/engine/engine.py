@@ -14,6 +14,7 @@ import torch
 
 from specgrove.drafting.base import Proposer
 from specgrove.engine.sequence import Sequence
+from specgrove.errors import UnsupportedError
 from specgrove.models.kv_cache import CachePool, forward_chunked
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import ProcessedRows, Sampler, SamplingParams
@@ -58,6 +59,13 @@ class SpecEngine:
         if not all(getattr(m, "supports_batching", True) for m in (self.model, draft_model) if m is not None):
             max_num_seqs = 1  # the transformers fallback runs one sequence at a time
         self.pool = CachePool(self.model, max_model_len, max_num_seqs)
+        # The target features the proposer reads (a feature-level draft head), from the same forwards.
+        self.feature_layers = proposer.feature_layers if proposer is not None else None
+        if self.feature_layers is not None and not getattr(self.model, "supports_features", True):
+            raise UnsupportedError(
+                f"the {proposer.name} proposer reads the target's hidden states, which the transformers fallback "
+                "does not return; load the target in the runtime's own formats"
+            )
         self._sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
 
     # ---- request lifecycle -------------------------------------------------------------------
@@ -90,7 +98,15 @@ class SpecEngine:
         start = time.perf_counter()
         seq.cache_row = self.pool.acquire()
         seq.target_cache = self.pool.cache
-        _, forwards = forward_chunked(self.model, seq.target_cache, seq.cache_row, seq.prompt_ids[:-1], 0)
+        _, forwards = forward_chunked(
+            self.model,
+            seq.target_cache,
+            seq.cache_row,
+            seq.prompt_ids[:-1],
+            0,
+            features=self.feature_layers,
+            feature_chunks=seq.target_features,
+        )
         seq.metrics.prefill_forwards += forwards
         self._sync()
         seq.metrics.prefill_time_s += time.perf_counter() - start
@@ -150,7 +166,18 @@ class SpecEngine:
             positions[b, size:] = offsets[-1]
             if mask is not None:
                 mask[b, :size, :size] = tree.attention_mask()
-        logits = self.model.forward(ids, positions, cache, tree_mask=mask, rows=rows, num_new=None if chains else sizes)
+        logits = self.model.forward(
+            ids,
+            positions,
+            cache,
+            tree_mask=mask,
+            rows=rows,
+            num_new=None if chains else sizes,
+            features=self.feature_layers,
+        )
+        features = None
+        if self.feature_layers is not None:
+            logits, features = logits
         self._sync()
         t2 = time.perf_counter()
 
@@ -164,7 +191,10 @@ class SpecEngine:
                 node_rule = self.proposer.node_rule if self.proposer is not None else rejection_select
                 # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
                 result = verify_tree(tree, ProcessedRows(row_logits, seq.params), seq.sampler, node_rule)
-            cache.commit(rows[b], [0] + [node + 1 for node in result.accepted_nodes])
+            committed = [0] + [node + 1 for node in result.accepted_nodes]
+            cache.commit(rows[b], committed)
+            if features is not None:
+                seq.target_features.append(features[b, committed])
             metrics = seq.metrics
             # Every sequence of the batch waited for the whole draft phase and target forward.
             metrics.draft_time_s += t1 - t0

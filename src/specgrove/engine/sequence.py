@@ -27,6 +27,10 @@ class Sequence:
     proposer_state: dict = field(default_factory=dict)
     target_cache: object | None = None
     cache_row: int = 0
+    # The target's features (`Proposer.feature_layers`) of the tokens in its cache, in order: chunks [n_i, F]
+    # appended by the engine after prefill and after each step's commit (all of token_ids but the last, until
+    # the proposer takes them: it may remove the chunks it has consumed). Empty unless the proposer asks.
+    target_features: list = field(default_factory=list)
     error: str | None = None  # why a request with finish_reason "error" failed
 
     @property

@@ -66,6 +66,7 @@ class HFChainCache:
 class HFCausalLM:
     supports_trees = False
     supports_batching = False  # one sequence at a time (batch size 1)
+    supports_features = False  # no hidden states for a feature-level draft head
 
     def __init__(self, hf_model, dtype: torch.dtype, device):
         self.model = hf_model.eval()

@@ -150,10 +150,19 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 
 
 def forward_chunked(
-    model, cache, row: int, tokens: list[int], start: int, want_logits: bool = False
+    model,
+    cache,
+    row: int,
+    tokens: list[int],
+    start: int,
+    want_logits: bool = False,
+    features: tuple[int, ...] | None = None,
+    feature_chunks: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, int]:
     """Run `tokens` (positions start..) through `model` into cache row `row`, PREFILL_CHUNK at a time,
-    committing each chunk. Returns (the logits [V] after the last token when asked, the forwards run)."""
+    committing each chunk. Returns (the logits [V] after the last token when asked, the forwards run).
+    `features` (layer indices, as `LlamaModel.forward` takes them): each chunk's features [n, F] are appended
+    to `feature_chunks`."""
     logits, forwards = None, 0
     end = start + len(tokens)
     for begin in range(start, end, PREFILL_CHUNK):
@@ -164,7 +173,11 @@ def forward_chunked(
             cache,
             rows=[row],
             logits_at="last" if want_logits and stop == end else None,
+            features=features,
         )
+        if features is not None:
+            out, feats = out
+            feature_chunks.append(feats[0])
         cache.commit(row)
         forwards += 1
         if out is not None:
