@@ -166,18 +166,14 @@ class SpecEngine:
             positions[b, size:] = offsets[-1]
             if mask is not None:
                 mask[b, :size, :size] = tree.attention_mask()
-        logits = self.model.forward(
-            ids,
-            positions,
-            cache,
-            tree_mask=mask,
-            rows=rows,
-            num_new=None if chains else sizes,
-            features=self.feature_layers,
-        )
+        num_new = None if chains else sizes
         features = None
-        if self.feature_layers is not None:
-            logits, features = logits
+        if self.feature_layers is None:
+            logits = self.model.forward(ids, positions, cache, tree_mask=mask, rows=rows, num_new=num_new)
+        else:
+            logits, features = self.model.forward(
+                ids, positions, cache, tree_mask=mask, rows=rows, num_new=num_new, features=self.feature_layers
+            )
         self._sync()
         t2 = time.perf_counter()
 
