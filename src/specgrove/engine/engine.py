@@ -166,14 +166,16 @@ class SpecEngine:
             positions[b, size:] = offsets[-1]
             if mask is not None:
                 mask[b, :size, :size] = tree.attention_mask()
-        num_new = None if chains else sizes
-        features = None
-        if self.feature_layers is None:
-            logits = self.model.forward(ids, positions, cache, tree_mask=mask, rows=rows, num_new=num_new)
-        else:
-            logits, features = self.model.forward(
-                ids, positions, cache, tree_mask=mask, rows=rows, num_new=num_new, features=self.feature_layers
-            )
+        out = self.model.forward(
+            ids,
+            positions,
+            cache,
+            tree_mask=mask,
+            rows=rows,
+            num_new=None if chains else sizes,
+            features=self.feature_layers,
+        )
+        logits, features = (out, None) if self.feature_layers is None else out
         self._sync()
         t2 = time.perf_counter()
 

@@ -101,7 +101,10 @@ class HFCausalLM:
         logits_at="all",
         num_new=None,
         extend: bool = False,
+        features=None,
     ):
+        if features is not None:
+            raise UnsupportedError("the transformers fallback does not return hidden states (features)")
         batch, num_tokens = input_ids.shape
         if batch != 1 or (rows is not None and list(rows) != [0]):
             raise UnsupportedError("the transformers fallback runs one sequence at a time (batch size 1)")

@@ -167,12 +167,16 @@ def forward_chunked(
     end = start + len(tokens)
     for begin in range(start, end, PREFILL_CHUNK):
         stop = min(begin + PREFILL_CHUNK, end)
-        args = (torch.tensor([tokens[begin - start : stop - start]]), torch.arange(begin, stop)[None], cache)
-        logits_at = "last" if want_logits and stop == end else None
-        if features is None:  # (the transformers fallback takes no `features`)
-            out = model.forward(*args, rows=[row], logits_at=logits_at)
-        else:
-            out, feats = model.forward(*args, rows=[row], logits_at=logits_at, features=features)
+        out = model.forward(
+            torch.tensor([tokens[begin - start : stop - start]]),
+            torch.arange(begin, stop)[None],
+            cache,
+            rows=[row],
+            logits_at="last" if want_logits and stop == end else None,
+            features=features,
+        )
+        if features is not None:
+            out, feats = out
             feature_chunks.append(feats[0])
         cache.commit(row)
         forwards += 1

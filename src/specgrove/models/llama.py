@@ -395,7 +395,7 @@ class LlamaModel:
         cache.check_room(prior + num_tokens, rows)
         if isinstance(logits_at, str) and logits_at not in ("all", "last"):
             raise ValueError(f"logits_at must be 'all', 'last', None or an index tensor, got {logits_at!r}")
-        layers = self.feature_layers(features)
+        layers = self._feature_layer_numbers(features)
         graph = None
         if self.graphs is not None and logits_at is not None and layers is None:
             graph = self.graphs.lookup(cache, rows, num_tokens, prior)
@@ -433,7 +433,7 @@ class LlamaModel:
             return logits
         return logits, torch.cat([collected[li] for li in layers], dim=-1)
 
-    def feature_layers(self, features: Sequence[int] | None) -> list[int] | None:
+    def _feature_layer_numbers(self, features: Sequence[int] | None) -> list[int] | None:
         """`features` (layer indices, negative from the end) as layer numbers 0..L-1; None stays None."""
         if features is None:
             return None
