@@ -24,6 +24,7 @@ from specgrove.cli_options import (
     _method_list,
     _name_list,
     build_llm,
+    eagle_head_option,
     model_options,
     speculative_options,
 )
@@ -38,12 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     from specgrove.serve.cli import add_parsers as add_serve_parsers
     from specgrove.train.cli import add_calibrate_parser
     from specgrove.train.cli import add_parser as add_train_sorted
+    from specgrove.train.eagle_cli import add_parser as add_train_eagle
 
     parser = argparse.ArgumentParser(prog="specgrove", description="Lossless speculative decoding engine.")
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{generate,bench,tune,multidraft,train-sorted,calibrate-sorted,serve,profile,models}",
+        metavar="{generate,bench,tune,multidraft,train-sorted,calibrate-sorted,train-eagle,serve,profile,models}",
     )
     for add in (
         _add_generate,
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_multidraft,
         add_train_sorted,
         add_calibrate_parser,
+        add_train_eagle,
         add_serve_parsers,
         _add_models,
     ):
@@ -129,6 +132,7 @@ def _add_bench(sub) -> None:
         help="the sorted draft (S2D) of the methods sorted, sorted@L, sorted@L:TREE and sorted@L1+L2 "
         "(made by `specgrove train-sorted`)",
     )
+    eagle_head_option(b)
     b.add_argument(
         "--targets",
         type=_name_list,
@@ -368,6 +372,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             enforce_eager=args.enforce_eager,
             interleave=args.interleave,
             draft_vocab=args.draft_vocab,
+            eagle_head=args.eagle_head,
         )
         results[target] = run_bench(config)
         print_report(results[target])

@@ -143,6 +143,16 @@ def speculative_options(p: argparse.ArgumentParser, default_method: str = "draft
     )
     p.add_argument("--prompt-lookup-min", type=int, default=1)
     p.add_argument("--prompt-lookup-max", type=int, default=3)
+    eagle_head_option(p)
+
+
+def eagle_head_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--eagle-head",
+        default=None,
+        metavar="DIR",
+        help="method eagle: the draft head directory (default: where `specgrove train-eagle` puts this target's head)",
+    )
 
 
 # ---- the LLM they describe ---------------------------------------------------------------------------
@@ -160,6 +170,7 @@ def speculative_config(args: argparse.Namespace):
         tree_sampling=args.tree_sampling,
         sorted_exit=args.sorted_exit,
         sorted_thresholds=args.sorted_thresholds,
+        eagle_head=args.eagle_head,
     )
 
 

@@ -16,6 +16,10 @@ method, shared by every entry point.
     sorted@L              exit L alone, a chain of k
     sorted@L:SHAPE        exit L alone drafting the tree SHAPE (siblings without replacement)
     sorted@A+B+...        adaptive over the exits A, B, ... only
+    eagle                 a chain of k from a feature-level draft head (EAGLE family, `specgrove train-eagle`)
+    eagle:SHAPE           the head drafting the tree SHAPE (siblings as tree_sampling says)
+    eagle:dynamic:N[,D,K] EAGLE-2's dynamic tree of N nodes, D levels, the top K expanded per level
+    eagle:mixed:N[,D,K]   the same plus prompt lookup's continuation as one more branch
 
 SHAPE is `chain:N`, `kary:BxD`, `widths:W1,W2,...`, a tree .json written by `specgrove tune`, or
 `auto` (tuned for this target, draft and temperature on first use; draft models only).
@@ -53,6 +57,10 @@ class SpeculativeConfig:
     sorted_exit: int | None = None
     sorted_exits: list[int] | None = None
     sorted_thresholds: list[float] | None = None
+    # method "eagle": a feature-level draft head (specgrove.models.eagle) from this directory (default: where
+    # `specgrove train-eagle` writes the head of this target). `tree` is then a static shape, or EAGLE-2's
+    # dynamic tree "dynamic:N[,D,K]", or "mixed:N[,D,K]" (the dynamic tree plus a prompt-lookup branch).
+    eagle_head: str | None = None
 
     @classmethod
     def from_any(cls, value) -> SpeculativeConfig:
@@ -86,7 +94,14 @@ class SpeculativeConfig:
         return config
 
     def validate(self) -> None:
-        if self.method == "tree":
+        from specgrove.trees.dynamic import DynamicTree, is_dynamic
+
+        if self.method == "eagle" and self.tree is not None:
+            if self.tree == "auto":
+                raise ValueError("tree 'auto' is tuned for a draft model; give the eagle head a shape or dynamic:N")
+            if is_dynamic(self.tree):
+                self.num_speculative_tokens = DynamicTree.parse(self.tree).nodes
+        elif self.method == "tree":
             if not self.tree:
                 raise ValueError(
                     "speculative method 'tree' needs a tree: 'chain:5', 'kary:2x3', 'widths:4,2,1', "
@@ -107,7 +122,9 @@ class SpeculativeConfig:
                 f"a tree ({self.tree!r}) is given but the method is {self.method!r}; use method 'tree' "
                 "(or 'sorted' with a sorted_exit)"
             )
-        if self.tree is not None and self.tree != "auto":
+        if self.eagle_head is not None and self.method != "eagle":
+            raise ValueError(f"eagle_head is an option of method 'eagle', not {self.method!r}")
+        if self.tree is not None and self.tree != "auto" and not (self.method == "eagle" and is_dynamic(self.tree)):
             from specgrove.trees.sequoia import parse_tree
 
             self.num_speculative_tokens = len(parse_tree(self.tree))
@@ -163,9 +180,10 @@ TREE_PREFIXES = {"tree:": "without_replacement", "rrs_wo:": "without_replacement
 _PREFIX_OF_SAMPLING = {"without_replacement": "tree:", "iid": "rrs:", "hub": "spechub:"}
 NO_SPECULATION = ("none", "plain")
 # the methods the grammar spells with more than their name
-_STRUCTURED = ("tree", "sorted")
+_STRUCTURED = ("tree", "sorted", "eagle")
 _FORMS = (
-    "tree:SHAPE, rrs:SHAPE, rrs_wo:SHAPE, spechub:SHAPE, sorted, sorted@L, sorted@L:SHAPE or sorted@A+B "
+    "tree:SHAPE, rrs:SHAPE, rrs_wo:SHAPE, spechub:SHAPE, sorted, sorted@L, sorted@L:SHAPE, sorted@A+B, "
+    "eagle, eagle:SHAPE, eagle:dynamic:N[,D,K] or eagle:mixed:N[,D,K] "
     "(SHAPE: chain:N, kary:BxD, widths:W1,W2,..., a tree .json from `specgrove tune`, or auto)"
 )
 
@@ -220,6 +238,10 @@ def method_fields(text: str) -> dict:
             return {"method": "tree", "tree": shape, "tree_sampling": sampling}
     if t.startswith("sorted@"):
         return {"method": "sorted", **_sorted_parts(t[len("sorted@") :], text)}
+    if t.startswith("eagle:"):
+        if not t[len("eagle:") :]:
+            raise ValueError(f"method {text!r} needs a tree after 'eagle:', e.g. eagle:kary:2x3 or eagle:dynamic:12")
+        return {"method": "eagle", "tree": t[len("eagle:") :]}
     raise ValueError(f"unknown speculative method {text!r}; use {grammar()}")
 
 
@@ -249,6 +271,8 @@ def method_name(config: SpeculativeConfig) -> str:
         return "none"
     if config.method == "tree":
         return _PREFIX_OF_SAMPLING[config.tree_sampling] + str(config.tree)
+    if config.method == "eagle":
+        return "eagle" + (f":{config.tree}" if config.tree else "")
     if config.method == "sorted":
         if config.sorted_exits:
             return "sorted@" + "+".join(str(e) for e in config.sorted_exits)

@@ -117,12 +117,18 @@ def needs_draft(method: str) -> bool:
 
 
 def engine_config(
-    method: str, num_speculative_tokens: int, prompt_lookup_min: int = 1, prompt_lookup_max: int = 3
+    method: str,
+    num_speculative_tokens: int,
+    prompt_lookup_min: int = 1,
+    prompt_lookup_max: int = 3,
+    eagle_head: str | os.PathLike | None = None,
 ) -> SpeculativeConfig:
-    """The validated config of an engine method with the bench's k and prompt-lookup settings."""
+    """The validated config of an engine method with the bench's k, prompt-lookup settings and eagle head."""
     fields = engine_fields(method)
     if fields is None:
         raise ValueError(f"{method!r} is not an engine method of the bench; use {BENCH_GRAMMAR}")
+    if fields["method"] == "eagle" and eagle_head is not None:
+        fields["eagle_head"] = str(eagle_head)
     return SpeculativeConfig.of_fields(
         {
             **fields,
@@ -219,6 +225,7 @@ class BenchConfig:
     draft_vocab: int | None = None
     sorted_draft: str | os.PathLike | LoadedModel | None = None
     enforce_eager: bool = False  # no CUDA graphs
+    eagle_head: str | os.PathLike | None = None  # method eagle's head (None: train-eagle's default place)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -668,7 +675,7 @@ class _EnginePlan:
 
         k = config.num_speculative_tokens
         configs = {
-            m: engine_config(m, k, config.prompt_lookup_min, config.prompt_lookup_max)
+            m: engine_config(m, k, config.prompt_lookup_min, config.prompt_lookup_max, config.eagle_head)
             for m in methods
             if engine_fields(m)
         }

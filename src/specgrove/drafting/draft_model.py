@@ -188,16 +188,26 @@ class DraftModelProposer(Proposer):
         roots, forwards = self._catch_up([states[i] for i in active], [list(seqs[i].token_ids) for i in active])
         for i, n in zip(active, forwards):
             seqs[i].metrics.draft_forwards += n
-        drafts = {i: _Draft(shapes[i], len(seqs[i].token_ids) - 1, root) for i, root in zip(active, roots)}
-        cache = self.pool.cache
-        for depth in range(1, max(len(shapes[i].levels()) for i in active) + 1):
+        drafts = {i: self._new_draft(shapes[i], seqs[i], root) for i, root in zip(active, roots)}
+        self._grow(seqs, states, drafts)
+        for i in active:
+            trees[i] = drafts[i].tree(seqs[i].params.greedy)
+        return trees
+
+    def _new_draft(self, shape: TreeShape, seq: Sequence, root):
+        """The tree being drafted for `seq`: `root` is what `_catch_up` returned for it (the draft logits)."""
+        return _Draft(shape, len(seq.token_ids) - 1, root)
+
+    def _grow(self, seqs: list[Sequence], states: dict, drafts: dict) -> None:
+        """Draw the drafts level by level: one batched draft forward per level over every sequence that still
+        has nodes to expand (rows with the same number of nodes written so far go together)."""
+        for depth in range(1, max(d.num_levels for d in drafts.values()) + 1):
             growing = []
-            for i in active:
-                d = drafts[i]
-                if d.done or depth > len(d.levels):
+            for i, d in drafts.items():
+                if d.done or depth > d.num_levels:
                     d.done = True
                     continue
-                if d.draw_level(depth, seqs[i], self.sampling) and depth < len(d.levels):
+                if d.draw_level(depth, seqs[i], self.sampling) and depth < d.num_levels:
                     growing.append(i)
                 else:
                     d.done = True
@@ -209,6 +219,7 @@ class DraftModelProposer(Proposer):
                 width = max(len(drafts[i].tokens) - prior for i in members)
                 ids = torch.zeros(len(members), width, dtype=torch.long)
                 positions = torch.zeros(len(members), width, dtype=torch.long)
+                parents = torch.full((len(members), width), -1, dtype=torch.long)
                 mask = torch.zeros(len(members), width, prior + width, dtype=torch.bool)
                 for b, i in enumerate(members):
                     d = drafts[i]
@@ -218,15 +229,16 @@ class DraftModelProposer(Proposer):
                     ids[b, : len(nodes)] = torch.tensor([d.tokens[n] for n in nodes])
                     positions[b, : len(nodes)] = torch.tensor([d.root_position + d.depths[n] for n in nodes])
                     positions[b, len(nodes) :] = d.root_position + depth
+                    parents[b, : len(nodes)] = torch.tensor([d.parents[n] for n in nodes])
                     mask[b, : len(nodes), :prior] = level_mask[:, :prior]
                     mask[b, : len(nodes), prior : prior + len(nodes)] = level_mask[:, prior:]
                     states[i]["tree"] = written
-                logits = self.model.forward(
+                logits, hidden = self._level_forward(
+                    [drafts[i] for i in members],
                     ids,
                     positions,
-                    cache,
-                    tree_mask=mask,
-                    extend=True,
+                    parents,
+                    mask,
                     rows=[states[i]["row"] for i in members],
                     num_new=[len(drafts[i].tokens) - prior for i in members],
                 )
@@ -235,11 +247,16 @@ class DraftModelProposer(Proposer):
                     seqs[i].metrics.draft_forwards += 1
                     for j, n in enumerate(range(prior, len(d.tokens))):
                         d.logits_of[n] = logits[b, j]
-        for i in active:
-            d = drafts[i]
-            draft_probs = None if seqs[i].params.greedy else torch.stack(d.probs)
-            trees[i] = TokenTree(d.tokens, d.parents, draft_probs)
-        return trees
+                        if hidden is not None:
+                            d.hidden_of[n] = hidden[b, j]
+
+    def _level_forward(self, drafts, ids, positions, parents, mask, rows, num_new):
+        """One draft forward over a level's new nodes (ids [B, T] at `positions`, their tree-node `parents`,
+        written after the earlier levels' uncommitted slots): (logits [B, T, V], hidden states or None)."""
+        logits = self.model.forward(
+            ids, positions, self.pool.cache, tree_mask=mask, extend=True, rows=rows, num_new=num_new
+        )
+        return logits, None
 
     def release(self, seq: Sequence) -> None:
         state = seq.proposer_state.pop(self.name, None)
@@ -251,9 +268,12 @@ class _Draft:
     """One sequence's tree while it is drafted: the shape to fill, the nodes drawn so far, the draft
     logits after each node (-1: the root)."""
 
-    def __init__(self, shape: TreeShape, root_position: int, root_logits: torch.Tensor):
+    def __init__(
+        self, shape: TreeShape, root_position: int, root_logits: torch.Tensor, root_hidden: torch.Tensor | None = None
+    ):
         self.shape = shape
         self.levels = shape.levels()
+        self.num_levels = len(self.levels)
         self.root_position = root_position
         self.tokens: list[int] = []
         self.parents: list[int] = []
@@ -261,8 +281,14 @@ class _Draft:
         self.probs: list[torch.Tensor | None] = []
         self.node_of: dict[int, int] = {-1: -1}  # shape node -> tree node (nodes q cannot fill are dropped)
         self.logits_of: dict[int, torch.Tensor] = {-1: root_logits}
+        # a feature-level head's output at each node (its next input), for specgrove.drafting.eagle
+        self.hidden_of: dict[int, torch.Tensor | None] = {-1: root_hidden}
         self.level_start = 0
         self.done = False
+
+    def tree(self, greedy: bool) -> TokenTree:
+        """The drafted tree, with the q each node was drawn from (none when greedy: deterministic)."""
+        return TokenTree(self.tokens, self.parents, None if greedy else torch.stack(self.probs))
 
     def draw_level(self, depth: int, seq: Sequence, sampling: str) -> bool:
         """Draw the children of the nodes of level `depth`; False when the level came out empty."""

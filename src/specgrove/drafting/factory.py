@@ -15,6 +15,7 @@ from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.drafting.prompt_lookup import PromptLookupProposer
 from specgrove.drafting.sorted import sorted_proposer
 from specgrove.models.loader import LoadedModel
+from specgrove.trees.dynamic import DynamicTree, is_dynamic
 from specgrove.trees.sequoia import parse_tree
 from specgrove.trees.shape import TreeShape
 
@@ -38,6 +39,8 @@ def resolve_shape(config: SpeculativeConfig):
     'auto' is tuned by running the engine, above this layer: `specgrove.tuning.resolve_shape` resolves it."""
     if config.tree is None:
         return None
+    if config.method == "eagle" and is_dynamic(config.tree):
+        return DynamicTree.parse(config.tree)
     if config.tree == "auto":
         raise ValueError(
             "tree 'auto' is tuned on this machine: resolve it with specgrove.tuning.resolve_shape "
@@ -77,6 +80,16 @@ def _sorted(spec: ProposerSpec):
     )
 
 
+def _eagle(spec: ProposerSpec):
+    from specgrove.drafting.eagle import EagleProposer
+    from specgrove.models.eagle import default_head_dir, load_eagle_head
+
+    c = spec.config
+    head = load_eagle_head(c.eagle_head or default_head_dir(spec.target), spec.target)
+    lookup = PromptLookupProposer(c.prompt_lookup_min, c.prompt_lookup_max)
+    return EagleProposer(head, spec.max_model_len, spec.shape, c.tree_sampling, lookup)
+
+
 def _prompt_lookup(spec: ProposerSpec):
     return PromptLookupProposer(spec.config.prompt_lookup_min, spec.config.prompt_lookup_max)
 
@@ -98,6 +111,7 @@ register("draft_model", _draft_model, needs_draft=True)
 register("tree", _draft_model, needs_draft=True)
 register("sorted", _sorted, needs_draft=True)
 register("prompt_lookup", _prompt_lookup)
+register("eagle", _eagle)
 
 
 def build_proposer(

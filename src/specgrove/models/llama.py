@@ -239,16 +239,17 @@ class LlamaModel:
         """The output layer: lm_head (or the tied embedding), cut to `ids` or to the checkpoint's own token ids."""
         weights, gguf_weights = reader.weights, reader.gguf_weights
         if "lm_head.token_ids" in weights:
-            if gguf_weights is not None:
-                raise ValueError("a head cut to some tokens (lm_head.token_ids) cannot come from a GGUF file")
+            # the checkpoint's head is already cut; with gguf_weights, its matrix is those rows' blocks
             self.head_token_ids = weights.pop("lm_head.token_ids").to(self.device, torch.int64)
-            if "lm_head.weight" not in weights:
+            if gguf_weights is None and "lm_head.weight" not in weights:
                 raise ValueError("lm_head.token_ids needs its own lm_head.weight")
         if gguf_weights is not None:
             weights.pop("lm_head.weight", None)
             head = gguf_weights.matrix("lm_head.weight", tied=self.config.tie_word_embeddings)
             if ids is not None:  # the rows of those tokens, as they are stored
                 head = dataclasses.replace(head, data=head.data[ids].contiguous(), n=int(ids.numel()))
+            if self.head_token_ids is not None and head.n != len(self.head_token_ids):
+                raise ValueError(f"the head has {head.n} rows but lm_head.token_ids names {len(self.head_token_ids)}")
             return GGUFLinear([head], None)
         if "lm_head.weight" in weights and (not self.config.tie_word_embeddings or self.head_token_ids is not None):
             head = reader.take("lm_head.weight")
@@ -290,6 +291,10 @@ class LlamaModel:
         return KVCache(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, max_len, self.dtype, self.device)
 
     # ---- forward -----------------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm with this model's epsilon and kernels (batch-invariant in the gguf format)."""
+        return self._rms_norm(x, weight)
+
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self._ops is not None:  # batch-invariant fp32: specgrove.kernels.layer_ops
             return self._ops.rms_norm(x, weight, self.config.rms_norm_eps, self._attention_isa)
@@ -367,6 +372,7 @@ class LlamaModel:
         num_new: list[int] | None = None,
         extend: bool = False,
         features: Sequence[int] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | None | tuple[torch.Tensor | None, torch.Tensor]:
         """Run T new tokens per row through the model, writing their KV (uncommitted) into `cache`.
 
@@ -384,6 +390,9 @@ class LlamaModel:
         final norm). When given, returns (logits, features): features [B, T, H * len(features)] are the hidden
         states after those layers, concatenated in the order given, for every new token, from this same forward
         (what a feature-level draft head reads). They are not reduced by `logits_at`.
+
+        inputs_embeds: [B, T, H] the first layer's input instead of the embedding of input_ids (a draft head's
+        own input, specgrove.models.eagle); input_ids still give the shape.
         """
         input_ids = input_ids.to(self.device)
         positions = positions.to(self.device)
@@ -397,7 +406,7 @@ class LlamaModel:
             raise ValueError(f"logits_at must be 'all', 'last', None or an index tensor, got {logits_at!r}")
         layers = self._feature_layer_numbers(features)
         graph = None
-        if self.graphs is not None and logits_at is not None and layers is None:
+        if self.graphs is not None and logits_at is not None and layers is None and inputs_embeds is None:
             graph = self.graphs.lookup(cache, rows, num_tokens, prior)
         mask, span = self.build_attention_mask(
             cache, rows, num_tokens, tree_mask, prior, 0 if graph is None else graph.span
@@ -413,7 +422,9 @@ class LlamaModel:
         else:
             all_rows = rows == list(range(cache.batch_size))
             collected = None if layers is None else dict.fromkeys(layers)
-            h = self.hidden_states(input_ids, positions, cache, mask, slots, row_index, span, all_rows, collected)
+            h = self.hidden_states(
+                input_ids, positions, cache, mask, slots, row_index, span, all_rows, collected, inputs_embeds
+            )
 
         for b, r in enumerate(rows):
             cache.pending[r] = prior + (num_tokens if num_new is None else num_new[b])
@@ -463,15 +474,17 @@ class LlamaModel:
         span: int,
         all_rows: bool = False,
         collect: dict[int, torch.Tensor | None] | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Every layer over new tokens input_ids [B, T] at `positions` (no host work: what a CUDA graph
         captures). Writes their KV into cache rows `row_index` [B] at `slots` [B, T]; `mask` as layer_forward
         takes it; `all_rows`: row_index is 0..batch-1 of the cache (attend by slicing, not gathering).
-        `collect`: layer numbers as keys; each gets the hidden states after that layer."""
+        `collect`: layer numbers as keys; each gets the hidden states after that layer. `embeds`: the first
+        layer's input in place of the tokens' embeddings."""
         batch, num_tokens = input_ids.shape
         write_rows = row_index[:, None].expand(batch, num_tokens)
         rope = self._rope(positions)
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids) if embeds is None else embeds
         for li in range(len(self.layers)):
             h = self.layer_forward(li, h, rope, cache, write_rows, slots, mask, span, None if all_rows else row_index)
             if collect is not None and li in collect:

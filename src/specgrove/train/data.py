@@ -188,13 +188,19 @@ def batched_generate(
     seed: int = 0,
     seeds: Sequence[int] | None = None,
     on_done: Callable[[int, list[int], str], None] | None = None,
+    features: Sequence[int] | None = None,
+    on_features: Callable[[int, torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Continue every prompt with `model` (a fast-runtime LlamaModel), `batch_size` rows of one KV cache
     decoding together; returns the outputs in prompt order (each ends with its EOS token, if any).
 
     Greedy = the argmax, first index on ties (as the engine). With a temperature > 0, prompt i samples
     with its own generator seeded with seeds[i] (default seed + i). `on_done(i, output, reason)` is called
-    as each prompt finishes (reason "stop" at EOS, "length" at max_new_tokens), in completion order."""
+    as each prompt finishes (reason "stop" at EOS, "length" at max_new_tokens), in completion order.
+
+    `features` (target layer indices, `LlamaModel.forward(features=...)`): just before `on_done`,
+    `on_features(i, feats)` gets the hidden states of every token the model ran, prompt and output but the last
+    output token, [len(prompt) + len(output) - 1, H * len(features)] in bfloat16, from the same forwards."""
     from specgrove.sampling import SamplingParams, process_logits
 
     prompts = _checked_prompts(model, prompts, max_new_tokens, batch_size)
@@ -210,7 +216,18 @@ def batched_generate(
 
     slot_prompt: list[int | None] = [None] * rows  # which prompt each cache row holds
     generators: list[torch.Generator | None] = [None] * rows
+    feature_chunks: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     queue = iter(range(len(prompts)))
+
+    def forward(ids, positions, rows_, logits_at):
+        """The model's logits, keeping each row's features when they are asked for."""
+        out = model.forward(ids, positions, cache, rows=rows_, logits_at=logits_at, features=features)
+        if features is None:
+            return out
+        logits, feats = out
+        for b, slot in enumerate(rows_):
+            feature_chunks[slot].append(feats[b].to(torch.bfloat16))
+        return logits
 
     def choose(slot: int, logits: torch.Tensor) -> int:
         if params.greedy:
@@ -224,6 +241,11 @@ def batched_generate(
         outputs[i].append(token)
         reason = "stop" if token in eos else "length" if len(outputs[i]) >= max_new_tokens else None
         if reason is not None:
+            if features is not None:
+                feats = torch.cat(feature_chunks[slot])
+                feature_chunks[slot] = []
+                if on_features is not None:
+                    on_features(i, feats)
             if on_done is not None:
                 on_done(i, outputs[i], reason)
             slot_prompt[slot] = None
@@ -241,12 +263,11 @@ def batched_generate(
             for start in range(0, len(p), PREFILL_CHUNK):
                 chunk = p[start : start + PREFILL_CHUNK]
                 last = start + PREFILL_CHUNK >= len(p)
-                logits = model.forward(
+                logits = forward(
                     torch.tensor([chunk], device=device),
                     torch.arange(start, start + len(chunk), device=device)[None],
-                    cache,
-                    rows=[slot],
-                    logits_at="last" if last else None,
+                    [slot],
+                    "last" if last else None,
                 )
                 cache.commit(slot)
             if not take(slot, choose(slot, logits[0, -1])):
@@ -260,7 +281,7 @@ def batched_generate(
             break
         ids = torch.tensor([[outputs[slot_prompt[s]][-1]] for s in live], device=device)
         positions = torch.tensor([[cache.lengths[s]] for s in live], device=device)
-        logits = model.forward(ids, positions, cache, rows=live, logits_at="last")
+        logits = forward(ids, positions, live, "last")
         for b, s in enumerate(live):
             cache.commit(s)
             if take(s, choose(s, logits[b, 0])):
@@ -309,10 +330,13 @@ def distill(
     eos_ids: Iterable[int] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    features: Sequence[int] | None = None,
+    on_features: Callable[[Sample, torch.Tensor], None] | None = None,
 ) -> list[Sample]:
     """The target's continuation of each prompt, appended to the JSONL file `path` as it finishes;
     pairs (target name, prompt) already in the file are not generated again. Returns this target's
-    samples in prompt order (a repeated prompt counts once).
+    samples in prompt order (a repeated prompt counts once). `features`: `on_features(sample, feats)` gets the
+    target's features of each new sample (as `batched_generate` gives them) before its line is written.
 
     target: a LoadedModel, or a function returning one, called only when a prompt is left to generate
     (then `name` and `eos_ids` must be given). eos_ids default: the engine's (specgrove.engine.engine)."""
@@ -365,6 +389,8 @@ def distill(
                 if temperature > 0:
                     meta["seed"] = seed + index
                 sample = Sample(name, list(unique[index]), list(output), meta)
+                if on_features is not None:
+                    on_features(sample, pending_features.pop(j))
                 f.write(sample.to_json() + "\n")
                 f.flush()
                 done[sample.key] = sample
@@ -372,6 +398,7 @@ def distill(
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
                 bar.update()
 
+            pending_features: dict[int, torch.Tensor] = {}
             batched_generate(
                 target.model,
                 [unique[i] for i in todo],
@@ -382,5 +409,7 @@ def distill(
                 top_p,
                 seeds=[seed + i for i in todo],
                 on_done=on_done,
+                features=features,
+                on_features=None if on_features is None else pending_features.__setitem__,
             )
     return [done[(name, p)] for p in unique]

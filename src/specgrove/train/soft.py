@@ -583,13 +583,15 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(
     out: Path,
-    model: SortedTrainModel,
+    params: dict[str, torch.nn.Parameter],
+    export: Callable[[], dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     names: list[str],
     state: dict,
     weights: bool = True,
 ) -> Path:
-    """Write OUT/checkpoint atomically: a temporary directory renamed into place."""
+    """Write OUT/checkpoint atomically (a temporary directory renamed into place): the weights `export()` returns,
+    AdamW's moments of `params` (name -> parameter, `names` in the optimizer's order), the RNG states, `state`."""
     from safetensors.torch import save_file
 
     final = out / CHECKPOINT_DIR
@@ -597,10 +599,9 @@ def save_checkpoint(
     old = out / f"{CHECKPOINT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = dict(model.lm.named_parameters())
     steps = {}
     if weights:
-        save_file(model.export_weights(torch.float32), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_file(export(), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         tensors = {}
         for name in names:
             st = optimizer.state.get(params[name], {})
@@ -1002,7 +1003,8 @@ def save_run(run: SoftRun, step: int, summary: dict | None = None) -> None:
     completed = summary is not None
     save_checkpoint(
         run.out,
-        run.model,
+        dict(run.model.lm.named_parameters()),
+        lambda: run.model.export_weights(torch.float32),
         run.optimizer,
         run.names,
         checkpoint_state(run, step, completed, summary),
