@@ -20,7 +20,7 @@ from specgrove.train.cli import _name_list, _positive_int
 from specgrove.train.data import SPEC_BENCH
 
 DEFAULT_MAX_NEW_TOKENS = 192
-DEFAULT_HEAD_TOKENS = 32768
+DEFAULT_HEAD_TOKENS = 16384
 
 
 def _say(msg: str) -> None:
@@ -64,7 +64,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help=f"the output layer cut to the N most frequent tokens of the data (default {DEFAULT_HEAD_TOKENS})",
     )
     p.add_argument(
-        "--intermediate-size", type=_positive_int, default=None, help="the head's MLP width (default: the target's / 2)"
+        "--intermediate-size",
+        type=_positive_int,
+        default=None,
+        help="the head's MLP width (default 2048, at most the target's)",
     )
     p.add_argument(
         "--feature-layers",

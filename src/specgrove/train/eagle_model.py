@@ -22,6 +22,10 @@ from torch import nn
 
 from specgrove.models.eagle import HEAD_TOKEN_IDS, EagleConfig
 
+# The head's MLP width by default: a quarter of the 1.5B target's, which keeps a draft forward near a twentieth of
+# the target's and an epoch of training within minutes on a 2-core CPU (docs/benchmarks.md, session 7)
+DEFAULT_INTERMEDIATE = 2048
+
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
@@ -194,8 +198,8 @@ class EagleTrainHead(nn.Module):
 
 def head_config(target, intermediate_size: int | None = None, feature_layers=None, training: dict | None = None):
     """The EagleConfig of a new head for `target` (a LoadedModel on the fast runtime): the target's attention
-    geometry, an MLP of `intermediate_size` (default: the target's / 2), `feature_layers` (default: low, middle
-    and last layer), bound to the target by its fingerprint."""
+    geometry, an MLP of `intermediate_size` (default: DEFAULT_INTERMEDIATE, at most the target's), `feature_layers`
+    (default: low, middle and last layer), bound to the target by its fingerprint."""
     from specgrove.models.eagle import (
         check_feature_layers,
         default_feature_layers,
@@ -208,7 +212,7 @@ def head_config(target, intermediate_size: int | None = None, feature_layers=Non
     layers = default_feature_layers(c.num_layers) if feature_layers is None else feature_layers
     return EagleConfig(
         hidden_size=c.hidden_size,
-        intermediate_size=int(intermediate_size or max(1, c.intermediate_size // 2)),
+        intermediate_size=int(intermediate_size or min(DEFAULT_INTERMEDIATE, c.intermediate_size)),
         num_heads=c.num_heads,
         num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim,
