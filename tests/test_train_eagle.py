@@ -150,3 +150,12 @@ def test_training_prompts_leave_out_public_evaluation_sets():
     assert len(got) == sum(q["category"] in TRAINABLE_CATEGORIES for q in questions) - sum(
         q["category"] in TRAINABLE_CATEGORIES for q in questions[:20]
     )
+
+
+def test_self_instruct_asks_for_distinct_requests():
+    from specgrove.train.self_instruct import STYLES, TOPICS, instruction_texts
+
+    texts = instruction_texts(128)
+    assert len(set(texts)) == 128 and all(t for t in texts)
+    with pytest.raises(ValueError, match="at most"):
+        instruction_texts(len(TOPICS) * len(STYLES) + 1)

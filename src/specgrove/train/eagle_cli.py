@@ -21,6 +21,9 @@ from specgrove.train.data import SPEC_BENCH
 
 DEFAULT_MAX_NEW_TOKENS = 192
 DEFAULT_HEAD_TOKENS = 16384
+DEFAULT_SELF_PROMPTS = 128
+REQUEST_MAX_TOKENS = 96
+REQUESTS_FILE = "requests.jsonl"
 
 
 def _say(msg: str) -> None:
@@ -88,7 +91,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, default=d.batch_size, help=f"samples per step (default {d.batch_size})"
     )
     p.add_argument(
-        "--context", type=_positive_int, default=d.context, help=f"prompt tokens kept as context (default {d.context})"
+        "--self-prompts",
+        type=int,
+        default=DEFAULT_SELF_PROMPTS,
+        help=f"requests the target writes itself and then answers, with the Spec-Bench prompts (default "
+        f"{DEFAULT_SELF_PROMPTS}; 0: none)",
+    )
+    p.add_argument(
+        "--max-len",
+        type=_positive_int,
+        default=d.max_len,
+        help=f"tokens per training sequence, the end of each sample (default {d.max_len})",
+    )
+    p.add_argument(
+        "--no-prompt-loss",
+        dest="prompt_loss",
+        action="store_false",
+        help="train on the answers only (default: the prompts' tokens too, the target's distribution over them)",
     )
     p.add_argument(
         "--holdout", type=float, default=d.holdout, help=f"fraction of samples held out (default {d.holdout})"
@@ -115,7 +134,8 @@ def _settings(args):
         epochs=args.epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
-        context=args.context,
+        max_len=args.max_len,
+        prompt_loss=args.prompt_loss,
         holdout=args.holdout,
         seed=args.seed,
     )
@@ -125,6 +145,7 @@ def _samples(args, target, work: Path, layers: list[int]) -> tuple[list, dict]:
     """The training samples (generated with their features, or read), and where they came from."""
     from specgrove.train import data
     from specgrove.train.eagle import SAMPLES_FILE, eagle_prompts, ensure_features, feature_path, save_features
+    from specgrove.train.self_instruct import chat_prompts, instruction_texts
 
     if args.data != SPEC_BENCH and data.is_sample_file(args.data):
         samples = data.read_samples(args.data)
@@ -137,18 +158,33 @@ def _samples(args, target, work: Path, layers: list[int]) -> tuple[list, dict]:
             if not records:
                 raise ValueError(f"{args.data} holds no prompts")
             prompts = data.encode_prompt_records(records, target.tokenizer)
-        samples = data.distill(
-            target,
-            prompts,
-            work / SAMPLES_FILE,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.gen_batch,
-            seed=args.seed,
-            progress=args.progress,
-            features=layers,
-            on_features=lambda s, f: save_features(feature_path(work, s), f, layers),
-        )
+
+        def generate(prompts, path, max_new_tokens):
+            return data.distill(
+                target,
+                prompts,
+                path,
+                max_new_tokens=max_new_tokens,
+                batch_size=args.gen_batch,
+                seed=args.seed,
+                progress=args.progress,
+                features=layers,
+                on_features=lambda s, f: save_features(feature_path(work, s), f, layers),
+            )
+
+        samples = generate(prompts, work / SAMPLES_FILE, args.max_new_tokens)
         info = {"prompts": args.data, "num_prompts": len(prompts), "samples_file": str(work / SAMPLES_FILE)}
+        if args.self_prompts > 0 and args.data == SPEC_BENCH:
+            requests = generate(
+                chat_prompts(target.tokenizer, instruction_texts(args.self_prompts)),
+                work / REQUESTS_FILE,
+                REQUEST_MAX_TOKENS,
+            )
+            texts = [target.tokenizer.decode(s.output_ids, skip_special_tokens=True).strip() for s in requests]
+            asked = chat_prompts(target.tokenizer, [t for t in texts if t])
+            answered = generate(asked, work / SAMPLES_FILE, args.max_new_tokens)
+            samples = samples + requests + answered
+            info["self_prompts"] = len(answered)
     if not samples:
         raise SpecgroveError(f"no samples to train on from {args.data}")
     ensure_features(samples, work, layers, lambda: target, progress=args.progress)
@@ -199,7 +235,7 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
     token_ids = torch.tensor(choose_head_tokens(samples, head_tokens, eos, vocab))
     config = head_config(target, args.intermediate_size, layers)
     module = new_train_head(target, config, token_ids, settings.init_std, settings.seed)
-    examples = build_examples(samples, work, layers, settings.context)
+    examples = build_examples(samples, work, layers, settings.max_len, settings.prompt_loss)
     train, held_out = split_holdout(examples, settings.holdout, settings.seed)
     digest = hashlib.sha256(json.dumps(sorted(sample_key(s) for s in samples)).encode()).hexdigest()[:16]
     fingerprint = {
