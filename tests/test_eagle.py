@@ -236,3 +236,36 @@ def test_a_missing_or_foreign_head_is_refused_clearly(tiny_target, tiny_dirs, he
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"")
     with pytest.raises(EagleHeadError, match="not a draft head config"):
         load_eagle_head(tmp_path / "bad", tiny_target)
+
+
+def test_eagle_auto_tree_is_tuned_for_the_head(tiny_dirs, tiny_target, head_dir, monkeypatch, tmp_path):
+    """tune measures the head's own acceptance vector (teacher forced over the target's features) and profiles
+    its forward; eagle:auto reads the tree it chose from the cache and decodes as the plain target does."""
+    from specgrove.api import LLM
+    from specgrove.trees.sequoia import load_tree_file
+    from specgrove.tuning import TextSample, auto_tree_path, head_teacher_forced_logits, tune, write_tree_file
+
+    monkeypatch.setenv("SPECGROVE_CACHE", str(tmp_path))
+    params = SamplingParams(temperature=0, max_tokens=12)
+    head = load_eagle_head(head_dir, tiny_target)
+    # the measured q of an output token is the head's root distribution when drafting it
+    ids = [1, 2, 3, 1, 2, 6, 0, 4]
+    measured = head_teacher_forced_logits(tiny_target, head, TextSample(ids[:5], ids[5:]))
+    engine = make_engine(head, None)
+    for m in (5, 7):
+        seq = engine.new_sequence(ids[:m], params)
+        engine.prefill(seq)
+        engine.proposer.propose(seq, 1)
+        torch.testing.assert_close(seq.proposer_state["eagle"]["root"][0], measured[m - 5], atol=1e-4, rtol=1e-4)
+        engine.finish(seq)
+    prompts = [[1, 2, 3, 1, 2], [4, 5, 6, 4], [7, 1, 7, 2, 7]]
+    result = tune(tiny_target, head, params, prompts=prompts, max_new_tokens=10, budgets=[1, 2, 4], repeats=1)
+    assert result["tune"]["draft"] == str(head_dir.resolve()) and sum(result["acceptance"]["values"]) > 0
+    path = write_tree_file(result, auto_tree_path(tiny_target, head, params))
+    speculative = {"method": "eagle", "tree": "auto", "eagle_head": str(head_dir)}
+    llm = LLM(tiny_dirs["target"], dtype="float32", speculative=speculative, max_model_len=96)
+    shape, _ = load_tree_file(path)
+    assert llm.engine.proposer.shape_for(8, params) == shape  # the tuned tree, read from the cache
+    plain = LLM(tiny_dirs["target"], dtype="float32", max_model_len=96)
+    got = llm.generate([1, 2, 3, 1, 2], params)[0].outputs[0].token_ids
+    assert got == plain.generate([1, 2, 3, 1, 2], params)[0].outputs[0].token_ids

@@ -151,9 +151,10 @@ def _add_tune(sub) -> None:
     t.add_argument(
         "--method",
         default="tree:auto",
-        help="the tree method to tune, with its tree 'auto': tree:auto (default), rrs:auto, rrs_wo:auto or "
-        "spechub:auto; other strings of the method language are refused",
+        help="the tree method to tune, with its tree 'auto': tree:auto (default), rrs:auto, rrs_wo:auto, "
+        "spechub:auto, or eagle:auto (a draft head's tree; --eagle-head); other strings are refused",
     )
+    eagle_head_option(t)
     t.add_argument("--temperature", type=float, default=0.0, help="the sampling setting to tune for (0 = greedy)")
     t.add_argument("--top-p", type=float, default=1.0)
     t.add_argument("--top-k", type=int, default=0)
@@ -391,14 +392,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from specgrove.sampling import SamplingParams
     from specgrove.tuning import auto_tree_path, budget_tree, tune, write_tree_file
 
-    tuned_method(args.method)
+    config = tuned_method(args.method)
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_new_tokens
     )
     if args.width < 1 or args.max_depth < 1 or args.prompts < 1 or args.repeats < 1:
         raise ValueError("--width, --max-depth, --prompts and --repeats must be >= 1")
     acceptance, profile = _tune_reused(args)
-    target, draft = _tune_models(args, reuse_only=acceptance is not None and profile is not None)
+    target, draft = _tune_models(args, reuse_only=acceptance is not None and profile is not None, config=config)
     result = tune(
         target,
         draft,
@@ -427,10 +428,10 @@ def tuned_method(text: str):
     from specgrove.config import parse_method
 
     config = parse_method(text)
-    if config.method != "tree" or config.tree != "auto":
+    if config.method not in ("tree", "eagle") or config.tree != "auto":
         raise ValueError(
             f"tune chooses the tree of a tree method with tree 'auto' (tree:auto, rrs:auto, rrs_wo:auto, "
-            f"spechub:auto), not {text!r}: its tree is fixed, or it drafts no tree from a draft model"
+            f"spechub:auto, eagle:auto), not {text!r}: its tree is fixed, or it drafts no tree"
         )
     return config
 
@@ -457,8 +458,9 @@ def _tune_reused(args: argparse.Namespace):
     return acceptance, profile
 
 
-def _tune_models(args: argparse.Namespace, reuse_only: bool):
-    """The target and draft to measure; with nothing to measure, their names, dtype and device only."""
+def _tune_models(args: argparse.Namespace, reuse_only: bool, config=None):
+    """The target and draft (a draft model, or method eagle's head) to measure; with nothing to measure, their
+    names, dtype and device only."""
     from types import SimpleNamespace
 
     import torch
@@ -468,11 +470,18 @@ def _tune_models(args: argparse.Namespace, reuse_only: bool):
 
     if not reuse_only:
         resolve_model_dir(args.target)
-    if args.draft is None and args.target != defaults.DEFAULT_TARGET:
+    eagle = config is not None and config.method == "eagle"
+    if args.draft is None and args.target != defaults.DEFAULT_TARGET and not eagle:
         raise ValueError(f"tune needs --draft when the target is not the default ({defaults.DEFAULT_TARGET})")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     draft_name = args.draft or defaults.DEFAULT_DRAFT
+    if eagle:
+        from pathlib import Path
+
+        from specgrove.models.eagle import default_head_dir
+
+        draft_name = str(Path(args.eagle_head or default_head_dir(args.target)).expanduser().resolve())
     if reuse_only:
         device = torch.device(args.device)
         return (
@@ -483,6 +492,12 @@ def _tune_models(args: argparse.Namespace, reuse_only: bool):
     target = load_model(
         args.target, dtype=args.dtype, device=args.device, quantization=args.quantization, cuda_graphs=graphs
     )
+    if eagle:
+        from dataclasses import replace
+
+        from specgrove.tuning import eagle_head_of
+
+        return target, eagle_head_of(replace(config, eagle_head=args.eagle_head), target)
     draft = load_model(
         draft_name,
         dtype=args.dtype,

@@ -97,8 +97,6 @@ class SpeculativeConfig:
         from specgrove.trees.dynamic import DynamicTree, is_dynamic
 
         if self.method == "eagle" and self.tree is not None:
-            if self.tree == "auto":
-                raise ValueError("tree 'auto' is tuned for a draft model; give the eagle head a shape or dynamic:N")
             if is_dynamic(self.tree):
                 self.num_speculative_tokens = DynamicTree.parse(self.tree).nodes
         elif self.method == "tree":

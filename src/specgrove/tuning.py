@@ -19,15 +19,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from specgrove.bench.questions import encode_questions, find_spec_bench, load_questions
 from specgrove.config import parse_method
+from specgrove.drafting.eagle import EagleProposer
 from specgrove.drafting.factory import build_proposer
 from specgrove.drafting.factory import resolve_shape as fixed_shape
 from specgrove.engine.engine import SpecEngine
 from specgrove.models.defaults import cache_root
+from specgrove.models.eagle import EagleHead, default_head_dir, load_eagle_head
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import SamplingParams, process_logits
 from specgrove.trees import sequoia
@@ -64,7 +67,10 @@ def generate_text(
 ) -> list[TextSample]:
     """The target's own continuations (a chain draft speeds this up; the output is the target's)."""
     max_len = max(len(p) for p in prompts) + max_new_tokens + 8
-    proposer, k = build_proposer(parse_method("draft_model", num_speculative_tokens=4), target, draft, max_len)
+    if isinstance(draft, EagleHead):
+        proposer, k = EagleProposer(draft, max_len), 4
+    else:
+        proposer, k = build_proposer(parse_method("draft_model", num_speculative_tokens=4), target, draft, max_len)
     engine = SpecEngine(target, proposer, k, max_len)
     samples = []
     for i, prompt in enumerate(prompts):
@@ -93,9 +99,36 @@ def teacher_forced_logits(loaded: LoadedModel, sample: TextSample) -> torch.Tens
     return model.forward(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], cache, logits_at=index)[0]
 
 
+@torch.inference_mode()
+def head_teacher_forced_logits(target: LoadedModel, head: EagleHead, sample: TextSample) -> torch.Tensor:
+    """A draft head's logits [len(output), V] for each output token at depth 1: from the pairs before it, run
+    with the target's own features of the text (teacher forced)."""
+    ids = sample.prompt_ids + sample.output_ids
+    n = len(ids) - 1
+    cache = target.model.new_cache(1, n)
+    _, feats = target.model.forward(
+        torch.tensor([ids[:-1]]), torch.arange(n)[None], cache, logits_at=None, features=head.feature_layers
+    )
+    # pair t = (features of token t, token t+1) predicts token t+2: output token i comes from pair i-2
+    first = len(sample.prompt_ids)
+    pairs = [i - 2 for i in range(first, len(ids))]
+    if pairs[0] < 0:
+        raise ValueError("a draft head needs a prompt of at least 2 tokens to predict the first output token")
+    head_cache = head.new_cache(1, n)
+    logits, _ = head.forward(
+        torch.tensor([ids[1:n]]),
+        feats[:, : n - 1],
+        torch.arange(1, n)[None],
+        head_cache,
+        from_target=True,
+        logits_at=torch.tensor([pairs]),
+    )
+    return logits[0]
+
+
 def measure_acceptance(
     target: LoadedModel,
-    draft: LoadedModel,
+    draft: LoadedModel | EagleHead,
     samples: list[TextSample],
     params: SamplingParams,
     width: int = DEFAULT_WIDTH,
@@ -109,7 +142,10 @@ def measure_acceptance(
         if not sample.output_ids:
             continue
         p_logits = teacher_forced_logits(target, sample)
-        q_logits = teacher_forced_logits(draft, sample)
+        if isinstance(draft, EagleHead):
+            q_logits = head_teacher_forced_logits(target, draft, sample)
+        else:
+            q_logits = teacher_forced_logits(draft, sample)
         p = process_logits(p_logits, params)
         # Greedy drafting ranks siblings by the draft's logits: pass its soft distribution.
         q = torch.softmax(q_logits.float(), -1) if params.greedy else process_logits(q_logits, params)
@@ -166,9 +202,31 @@ def _time_forward(
     return out
 
 
+class _HeadForward:
+    """A draft head's drafting forward (its own outputs as input) in a model's calling convention, for timing."""
+
+    def __init__(self, head: EagleHead):
+        self.head = head
+        self.vocab_size = head.vocab_size
+
+    def new_cache(self, batch_size: int, max_len: int):
+        return self.head.new_cache(batch_size, max_len)
+
+    def forward(self, ids, positions, cache, tree_mask=None, logits_at="all"):
+        inputs = torch.zeros(*ids.shape, self.head.config.hidden_size)
+        mask = (
+            tree_mask
+            if tree_mask is not None
+            else torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None]
+        )
+        return self.head.forward(ids, inputs, positions, cache, from_target=False, tree_mask=mask, logits_at=logits_at)[
+            0
+        ]
+
+
 def profile_machine(
     target: LoadedModel,
-    draft: LoadedModel,
+    draft: LoadedModel | EagleHead,
     context_len: int,
     params: SamplingParams,
     max_nodes: int = max(DEFAULT_BUDGETS),
@@ -176,6 +234,8 @@ def profile_machine(
 ) -> sequoia.HardwareProfile:
     counts = sorted({1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128} & set(range(1, max_nodes + 2)) | {max_nodes + 1})
     target_ms = _time_forward(target, context_len, counts, params, repeats)
+    if isinstance(draft, EagleHead):
+        draft = SimpleNamespace(model=_HeadForward(draft), device=draft.device)
     draft_ms = _time_forward(draft, context_len, [n for n in counts if n <= max_nodes], params, repeats)
     return sequoia.HardwareProfile(
         target_ms, draft_ms, context_len, str(target.device), str(target.dtype).removeprefix("torch.")
@@ -280,17 +340,25 @@ def auto_tree_path(target: LoadedModel, draft: LoadedModel, params: SamplingPara
 
 def resolve_shape(config, target: LoadedModel, draft: LoadedModel | None):
     """A config's tree for `drafting.factory.build_proposer`: an AutoTree for 'auto' (tuned per sampling setting
-    on first use, cached), else the fixed TreeShape or None (`drafting.factory.resolve_shape`)."""
+    on first use, cached; for method eagle, tuned for its draft head), else the fixed TreeShape, dynamic tree or None
+    (`drafting.factory.resolve_shape`)."""
     if config.tree == "auto":
-        return AutoTree(target, draft)
+        return AutoTree(target, eagle_head_of(config, target) if config.method == "eagle" else draft)
     return fixed_shape(config)
+
+
+def eagle_head_of(config, target: LoadedModel) -> EagleHead:
+    """Method eagle's head for `target` (the config's directory, or where train-eagle puts it)."""
+    return load_eagle_head(config.eagle_head or default_head_dir(target), target)
 
 
 class AutoTree:
     """The tuned tree for each sampling setting a request uses: read from the cache, or tuned (and
     cached) the first time a setting is seen. Callable as the proposer's shape: params -> TreeShape."""
 
-    def __init__(self, target: LoadedModel, draft: LoadedModel, max_nodes: int = max(DEFAULT_BUDGETS), log=None):
+    def __init__(
+        self, target: LoadedModel, draft: LoadedModel | EagleHead, max_nodes: int = max(DEFAULT_BUDGETS), log=None
+    ):
         self.target, self.draft, self.max_nodes, self.log = target, draft, max_nodes, log
         self.shapes: dict[Path, TreeShape] = {}
 

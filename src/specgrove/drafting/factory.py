@@ -85,7 +85,7 @@ def _eagle(spec: ProposerSpec):
     from specgrove.models.eagle import default_head_dir, load_eagle_head
 
     c = spec.config
-    head = load_eagle_head(c.eagle_head or default_head_dir(spec.target), spec.target)
+    head = load_eagle_head(c.eagle_head or default_head_dir(spec.target), spec.target)  # loaded once per target
     lookup = PromptLookupProposer(c.prompt_lookup_min, c.prompt_lookup_max)
     return EagleProposer(head, spec.max_model_len, spec.shape, c.tree_sampling, lookup)
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -359,6 +360,8 @@ class EagleHead:
         self.norm_feature = weights["norm_feature.weight"].to(tm.device, tm.dtype)
         self.vocab_size = tm.vocab_size
         self.feature_layers = tuple(config.feature_layers)
+        self.name = "eagle-head"  # its directory, once loaded from one (load_eagle_head)
+        self.device, self.dtype = tm.device, tm.dtype
 
     def weight_bytes(self) -> int:
         """Bytes one drafting forward reads (fc runs only on the target's features, once per step)."""
@@ -406,8 +409,21 @@ class EagleHead:
         )
 
 
+_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target model -> {(directory, mtime): head}
+
+
 def load_eagle_head(directory: str | Path, target) -> EagleHead:
-    """The head in `directory` for `target`, checked against it (EagleHeadError otherwise)."""
-    config, weights = read_head(directory)
-    check_binding(config, target, directory)
-    return EagleHead(config, weights, target)
+    """The head in `directory` for `target`, checked against it (EagleHeadError otherwise). Loaded once per target
+    and directory (tuning a tree and building the proposer share it), again when its weights file changes."""
+    path = Path(directory).expanduser().resolve()
+    weights_file = path / WEIGHTS_FILE
+    key = (str(path), weights_file.stat().st_mtime_ns if weights_file.exists() else None)
+    loaded = _LOADED.setdefault(target.model, {})
+    if key not in loaded:
+        config, weights = read_head(directory)
+        check_binding(config, target, directory)
+        head = EagleHead(config, weights, target)
+        head.name = str(path)
+        loaded.clear()  # one head per target at a time
+        loaded[key] = head
+    return loaded[key]
