@@ -159,3 +159,19 @@ def test_self_instruct_asks_for_distinct_requests():
     assert len(set(texts)) == 128 and all(t for t in texts)
     with pytest.raises(ValueError, match="at most"):
         instruction_texts(len(TOPICS) * len(STYLES) + 1)
+
+
+def test_train_eagle_takes_finished_samples_and_computes_their_features(tiny_dirs, prompts_file, tmp_path, capsys):
+    first = tmp_path / "first"
+    code, _, err = run_cli(train_args(tiny_dirs, prompts_file, first, "--data-only"), capsys)
+    assert code == 0, err
+    samples = tmp_path / "first-work" / "samples.jsonl"
+    out = tmp_path / "from-samples"
+    code, stdout, err = run_cli(train_args(tiny_dirs, samples, out, "--max-steps", "2"), capsys)
+    assert code == 0, err
+    features = sorted((tmp_path / "from-samples-work" / "features").glob("*.safetensors"))
+    assert len(features) == len(PROMPTS)  # teacher-forced, one file per sample
+    theirs = {p.name: load_file(str(p))["features"] for p in (tmp_path / "first-work" / "features").glob("*")}
+    for p in features:  # the same features as the generation's own (bf16, up to batch rounding)
+        torch.testing.assert_close(load_file(str(p))["features"].float(), theirs[p.name].float(), atol=2e-2, rtol=2e-2)
+    assert read_head(out)[0].training["steps"] == 2

@@ -132,6 +132,9 @@ def _target_output_source(target):
 
     tied = bool(target.model.config.tie_word_embeddings)
     if getattr(target.model, "quantization", None) == "gguf":
+        head = target.model.lm_head
+        if target.model.head_token_ids is None and head.parts is not None and len(head.parts) == 1:
+            return "gguf", head.parts[0]  # the loaded target's own blocks
         source = gguf_source(target.name)
         if source is None:
             raise EagleHeadError(f"cannot find the GGUF file of {target.name} to read its output layer")

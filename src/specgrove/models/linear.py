@@ -196,6 +196,7 @@ class GGUFLinear:
         "nbytes",
         "numel",
         "out_features",
+        "parts",
         "quantization",
         "resident_bytes",
     )
@@ -244,6 +245,9 @@ class GGUFLinear:
                 types.append(t)
             i = j + 1
         extra = 0 if bias is None else bias.numel() * 4
+        # the matrices as they came (GGUFMatrix), where they are what the one-token forward reads (no copy kept)
+        held = {id(d) for d in self._weights}
+        self.parts = list(parts) if all(id(p.data) in held for p in parts) else None
         self.nbytes = sum(d.numel() for d in self._weights) + extra  # read by a one-token forward
         distinct = {id(d): d.numel() for d in self._weights + self._weights_many}
         self.resident_bytes = sum(distinct.values()) + extra  # held in memory (both layouts under "auto")
