@@ -269,3 +269,25 @@ def test_eagle_auto_tree_is_tuned_for_the_head(tiny_dirs, tiny_target, head_dir,
     plain = LLM(tiny_dirs["target"], dtype="float32", max_model_len=96)
     got = llm.generate([1, 2, 3, 1, 2], params)[0].outputs[0].token_ids
     assert got == plain.generate([1, 2, 3, 1, 2], params)[0].outputs[0].token_ids
+
+
+def test_bench_runs_every_eagle_tree(tiny_dirs, head_dir):
+    from specgrove.bench.spec_bench import BenchConfig, run_bench
+
+    methods = ["plain", "eagle", "eagle:widths:2,1", "eagle:dynamic:4,2,2", "eagle:mixed:4,2,2"]
+    config = BenchConfig(
+        tiny_dirs["target"],
+        None,
+        methods=methods,
+        prompts=[[1, 2, 3, 1, 2], [4, 5, 6, 4, 5, 6]],
+        max_new_tokens=12,
+        dtype="float32",
+        measure_bandwidth=False,
+        warmup=0,
+        eagle_head=head_dir,
+    )
+    result = run_bench(config)
+    for method in methods[1:]:
+        run = result["methods"][method]
+        assert run["identical_count"] == 2, method  # greedy: the plain target's tokens
+        assert run["mean_accept_length"] >= 1.0

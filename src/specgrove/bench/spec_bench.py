@@ -180,6 +180,14 @@ def _ordered_methods(methods: Sequence[str]) -> list[str]:
         list(ENGINE_METHODS)
         + [m for m in methods if is_tree_method(m)]
         + [m for m in methods if is_sorted_method(m)]
+        + [  # the other drafters of the method language (eagle, a registered one), in the order given
+            m
+            for m in methods
+            if engine_fields(m) is not None
+            and m not in ENGINE_METHODS
+            and not is_tree_method(m)
+            and not is_sorted_method(m)
+        ]
         + list(HF_METHODS)
         + list(PEER_METHODS)
     )
