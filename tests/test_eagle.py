@@ -123,6 +123,18 @@ def test_one_step_distribution_is_exact(tree, setting, tiny_target, head):
     assert max_difference(dist, exact) < 1e-6
 
 
+@pytest.mark.parametrize("setting", SETTINGS[:2])
+def test_spechub_pairs_from_the_head_are_exact(setting, tiny_target, head):
+    """SpecHub's hub pairs drawn from the head's q (tree_sampling 'hub') and verified by SpecHub's rule."""
+    params = SamplingParams(max_tokens=3, **setting)
+    engine = make_engine(head, "widths:2,1", sampling="hub")
+    vocab = tiny_target.vocab_size
+    dist, emitted = speculative_sequence_distribution(engine, tiny_target, PROMPT, params, 3, vocab)
+    exact = target_sequence_distribution(tiny_target, PROMPT, 3, params, vocab)
+    assert any(len(s) > 1 for s in emitted)
+    assert max_difference(dist, exact) < 1e-6
+
+
 def acceptance_possible(engine, target, params) -> bool:
     p_root = target_conditionals(target, PROMPT, (), params)[0]
     seq = engine.new_sequence(PROMPT, params, sampler=Sampler(0))
