@@ -93,7 +93,7 @@ class EagleProposer(DraftModelProposer):
         state["feature_base"] = upto
         return out
 
-    def _catch_up(self, states: list[dict], token_lists: list[list[int]], seqs: list[Sequence] | None = None):
+    def _catch_up(self, states: list[dict], token_lists: list[list[int]], seqs: list[Sequence]):
         """Run each sequence's new committed pairs through the head (committed); return per sequence the root
         (logits after its last pair, the head's output there) and the forwards it took."""
         cache = self.pool.cache
