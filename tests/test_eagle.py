@@ -228,7 +228,8 @@ def test_the_method_language_spells_eagle():
     assert parse_method("eagle:mixed:8").num_speculative_tokens == 8
     assert parse_method("eagle:kary:2x2").num_speculative_tokens == 6
     assert DynamicTree.parse("mixed:8") == DynamicTree(8, 6, 4, 4)
-    for bad in ("eagle:dynamic:", "eagle:dynamic:4,2", "eagle:auto", "eagle:"):
+    assert parse_method("eagle:auto").tree == "auto"  # Sequoia's tree for the head (tune)
+    for bad in ("eagle:dynamic:", "eagle:dynamic:4,2", "eagle:"):
         with pytest.raises(ValueError):
             parse_method(bad)
     with pytest.raises(ValueError, match="eagle_head"):
