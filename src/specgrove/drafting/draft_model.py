@@ -79,8 +79,7 @@ class DraftModelProposer(Proposer):
         shape: TreeShape | Callable[[SamplingParams], TreeShape] | None = None,
         sampling: str = "without_replacement",
     ):
-        if sampling not in SAMPLING_MODES:
-            raise ValueError(f"sibling sampling {sampling!r} is unknown; use one of {', '.join(SAMPLING_MODES)}")
+        self._set_sampling(sampling)
         if (
             shape is not None
             and not draft.model.supports_trees
@@ -94,8 +93,12 @@ class DraftModelProposer(Proposer):
         # None: a chain of whatever length the engine asks for; a callable: a shape per sampling setting
         # (the "auto" tree, tuned per setting).
         self.shape = shape
+
+    def _set_sampling(self, sampling: str) -> None:
+        """How siblings are drawn, and the verifier that goes with it (the engine asks for `node_rule`)."""
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sibling sampling {sampling!r} is unknown; use one of {', '.join(SAMPLING_MODES)}")
         self.sampling = sampling
-        # the verifier that goes with the way children are drawn (the engine asks for it)
         self.node_rule = spechub_select if sampling == "hub" else rejection_select
 
     def shape_for(self, num_tokens: int, params: SamplingParams) -> TreeShape:
@@ -141,10 +144,13 @@ class DraftModelProposer(Proposer):
         state["tree"] = TokenTree()
         return tokens[common:]
 
-    def _catch_up(self, states: list[dict], token_lists: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:
+    def _catch_up(
+        self, states: list[dict], token_lists: list[list[int]], seqs: list[Sequence]
+    ) -> tuple[list[torch.Tensor], list[int]]:
         """Bring every state's row to its tokens; return the draft logits [V] after each last token and
         the forwards each took. Short catch-ups (the usual 1..k+1 tokens) run as one batched forward; long
-        ones (a new prompt) run alone, in chunks."""
+        ones (a new prompt) run alone, in chunks. (`seqs`: the sequences, for subclasses that read more of
+        them than their tokens.)"""
         cache = self.pool.cache
         news = [self._reconcile(st, toks) for st, toks in zip(states, token_lists)]
         out: list[torch.Tensor | None] = [None] * len(states)
@@ -180,22 +186,29 @@ class DraftModelProposer(Proposer):
         sequence that still has nodes at that level (rows with the same number of nodes written so far
         go together; a batch of chains is always one group)."""
         shapes = [self.shape_for(k, s.params) for s, k in zip(seqs, num_tokens)]
-        active = [i for i, shape in enumerate(shapes) if len(shape) > 0]
+        active = [i for i, shape in enumerate(shapes) if len(shape) > 0 and self._can_draft(seqs[i])]
         trees = [TokenTree() for _ in seqs]
         if not active:
             return trees
         states = {i: self._state(seqs[i]) for i in active}
-        roots, forwards = self._catch_up([states[i] for i in active], [list(seqs[i].token_ids) for i in active])
+        roots, forwards = self._catch_up(
+            [states[i] for i in active], [list(seqs[i].token_ids) for i in active], [seqs[i] for i in active]
+        )
         for i, n in zip(active, forwards):
             seqs[i].metrics.draft_forwards += n
-        drafts = {i: self._new_draft(shapes[i], seqs[i], root) for i, root in zip(active, roots)}
+        drafts = {i: self._new_draft(shapes[i], seqs[i], root, num_tokens[i]) for i, root in zip(active, roots)}
         self._grow(seqs, states, drafts)
         for i in active:
             trees[i] = drafts[i].tree(seqs[i].params.greedy)
         return trees
 
-    def _new_draft(self, shape: TreeShape, seq: Sequence, root):
-        """The tree being drafted for `seq`: `root` is what `_catch_up` returned for it (the draft logits)."""
+    def _can_draft(self, seq: Sequence) -> bool:
+        """Whether a tree can be drafted for `seq` now (else it gets an empty one)."""
+        return True
+
+    def _new_draft(self, shape: TreeShape, seq: Sequence, root, num_tokens: int):
+        """The tree being drafted for `seq` (`shape`, for a budget of `num_tokens`): `root` is what
+        `_catch_up` returned for it (the draft logits)."""
         return _Draft(shape, len(seq.token_ids) - 1, root)
 
     def _grow(self, seqs: list[Sequence], states: dict, drafts: dict) -> None:

@@ -35,8 +35,6 @@ from specgrove.sampling import SamplingParams
 from specgrove.trees.dynamic import DynamicTree
 from specgrove.trees.shape import TreeShape
 from specgrove.trees.tree import TokenTree
-from specgrove.verify.multidraft import spechub_select
-from specgrove.verify.speculative import rejection_select
 
 
 class EagleProposer(DraftModelProposer):
@@ -56,8 +54,7 @@ class EagleProposer(DraftModelProposer):
         self.pool = CachePool(head, max_model_len)
         self.dynamic = shape if isinstance(shape, DynamicTree) else None
         self.shape = None if self.dynamic is not None else shape
-        self.sampling = sampling
-        self.node_rule = spechub_select if sampling == "hub" else rejection_select
+        self._set_sampling(sampling)
         self.lookup = lookup or PromptLookupProposer(1, 3)
         self.feature_layers = head.feature_layers
 
@@ -153,33 +150,19 @@ class EagleProposer(DraftModelProposer):
             states[i]["root"] = roots[i]
         return roots, forwards
 
-    def propose_batch(self, seqs: list[Sequence], num_tokens: list[int]) -> list[TokenTree]:
-        shapes = [self.shape_for(k, s.params) for s, k in zip(seqs, num_tokens)]
+    def _can_draft(self, seq: Sequence) -> bool:
         # a one-token prompt has no pair yet (its token has no features before the first step)
-        active = [i for i, shape in enumerate(shapes) if len(shape) > 0 and len(seqs[i].token_ids) > 1]
-        trees = [TokenTree() for _ in seqs]
-        if not active:
-            return trees
-        states = {i: self._state(seqs[i]) for i in active}
-        roots, forwards = self._catch_up(
-            [states[i] for i in active], [list(seqs[i].token_ids) for i in active], [seqs[i] for i in active]
-        )
-        for i, n in zip(active, forwards):
-            seqs[i].metrics.draft_forwards += n
-        drafts = {}
-        for i, (logits, hidden) in zip(active, roots):
-            root_position = len(seqs[i].token_ids) - 1
-            if self.dynamic is None:
-                drafts[i] = _Draft(shapes[i], root_position, logits, hidden)
-            else:
-                budget = min(num_tokens[i], self.dynamic.nodes)
-                # the branch takes at most half the budget: the head drafts the rest
-                branch = self.lookup.lookup(seqs[i].token_ids, min(self.dynamic.lookup, max(1, budget // 2)))
-                drafts[i] = _DynamicDraft(self.dynamic, budget, root_position, logits, hidden, branch)
-        self._grow(seqs, states, drafts)
-        for i in active:
-            trees[i] = drafts[i].tree(seqs[i].params.greedy)
-        return trees
+        return len(seq.token_ids) > 1
+
+    def _new_draft(self, shape: TreeShape, seq: Sequence, root, num_tokens: int):
+        logits, hidden = root
+        root_position = len(seq.token_ids) - 1
+        if self.dynamic is None:
+            return _Draft(shape, root_position, logits, hidden)
+        budget = min(num_tokens, self.dynamic.nodes)
+        # the branch takes at most half the budget: the head drafts the rest
+        branch = self.lookup.lookup(seq.token_ids, min(self.dynamic.lookup, max(1, budget // 2)))
+        return _DynamicDraft(self.dynamic, budget, root_position, logits, hidden, branch)
 
     def _level_forward(self, drafts, ids, positions, parents, mask, rows, num_new):
         inputs = torch.zeros(ids.shape[0], ids.shape[1], self.head.config.hidden_size, dtype=self.head.model.dtype)

@@ -1,0 +1,3 @@
+# 2026-11-30 (session 8), AMD EPYC (Zen 3, avx2 fma f16c; no AVX-512, no VNNI), 2 cores, commit 3660aa4 (+ the eagle proposer's propose_batch folded into the draft model's, no change of behaviour); CPU flags: 2026-11-30-avx2.lscpu.txt
+# the head: session 7's default recipe (~/.cache/specgrove/eagle/qwen2.5-coder-1.5b-instruct, see 2026-11-30-avx2-eagle-greedy.cmd)
+.venv/bin/specgrove bench --limit 20 --max-new-tokens 64 --interleave -k 3 --draft-vocab 32768 --temperature 0.6 --seed 0 --methods plain,draft_model,prompt_lookup,eagle,eagle:widths:2,1,1,eagle:dynamic:6,4,2,eagle:mixed:8,4,2 --json benchmarks/results/2026-11-30-avx2-eagle-t0.6.json
