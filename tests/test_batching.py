@@ -153,15 +153,11 @@ def test_queue_bound_abort_and_rows(tiny_target):
     engine = SpecEngine(tiny_target, None, 0, max_model_len=64)
     scheduler = Scheduler(engine, max_num_seqs=2, max_waiting=2)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    seqs = [engine.new_sequence([1, 2, 3], params, request_id=f"r{i}") for i in range(4)]
-    scheduler.add(seqs[0])
-    scheduler.add(seqs[1])
+    seqs = [engine.new_sequence([1, 2, 3], params, request_id=f"r{i}") for i in range(5)]
+    for seq in seqs[:4]:  # two take the free rows at the next step, two wait
+        scheduler.add(seq)
     with pytest.raises(QueueFullError, match="max_waiting=2"):
-        scheduler.add(seqs[2])
-    scheduler.step()
-    assert len(scheduler.running) == 2 and engine.pool.in_use == 2
-    scheduler.add(seqs[2])
-    scheduler.add(seqs[3])
+        scheduler.add(seqs[4])
     scheduler.step()
     assert len(scheduler.running) == 2 and len(scheduler.waiting) == 2, "max_num_seqs bounds the batch"
     assert scheduler.abort("r0") and seqs[0].finish_reason == "abort"
@@ -171,6 +167,12 @@ def test_queue_bound_abort_and_rows(tiny_target):
     assert seqs[1].output_ids == plain_greedy(tiny_target, [1, 2, 3], 30)
     assert seqs[2].output_ids == seqs[1].output_ids
     assert seqs[3].output_ids == [] and engine.pool.in_use == 0
+    none_wait = Scheduler(engine, max_num_seqs=1, max_waiting=0)
+    none_wait.add(seqs[4])  # max_waiting 0: a request a free row takes is still served
+    with pytest.raises(QueueFullError):
+        none_wait.add(engine.new_sequence([1, 2], params, request_id="r5"))
+    none_wait.run_to_completion()
+    assert seqs[4].output_ids == seqs[1].output_ids
 
 
 def test_one_failing_request_does_not_stop_the_others(tiny_target, tiny_draft, monkeypatch):
@@ -410,3 +412,100 @@ def test_transformers_fallback_runs_one_sequence_at_a_time(tiny_dirs, tiny_targe
         assert max(sizes) == 1
         for seq, prompt, m in zip(seqs, PROMPTS, MAX_TOKENS):
             assert seq.finish_reason == "length" and seq.output_ids == plain_greedy(tiny_target, prompt, m)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_that_fails_verification_changes_no_other_row(temperature, tiny_target, tiny_draft, monkeypatch):
+    """A fault in row b of a 3-row batch, after the target forward: no row commits twice, none takes a token
+    more than it asked for, and each good request ends exactly as it does served alone (same seed)."""
+    original = SpecEngine._verify
+
+    def fails_for_bad(self, seq, tree, row_logits):
+        if seq.request_id == "bad":
+            raise RuntimeError("row b exploded")
+        return original(self, seq, tree, row_logits)
+
+    def params(max_tokens, seed):
+        return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=seed)
+
+    requests = [(PROMPTS[0], 1, 11), ([1, 2], 6, 12), (PROMPTS[2], 9, 13)]  # the middle one is row b
+
+    def alone(prompt, max_tokens, seed):
+        engine = SpecEngine(tiny_target, make_proposer("draft_model", tiny_draft), 3, max_model_len=64)
+        return engine.generate(engine.new_sequence(prompt, params(max_tokens, seed))).output_ids
+
+    expected = [alone(*r) for r in requests]
+    engine = SpecEngine(tiny_target, make_proposer("draft_model", tiny_draft), 3, max_model_len=64)
+    monkeypatch.setattr(SpecEngine, "_verify", fails_for_bad)
+    scheduler = Scheduler(engine, max_num_seqs=3)
+    seqs = [
+        engine.new_sequence(p, params(m, s), request_id=name)
+        for name, (p, m, s) in zip(["first", "bad", "last"], requests)
+    ]
+    for s in seqs:
+        scheduler.add(s)
+    steps = {s.request_id: 0 for s in seqs}
+    while scheduler.has_unfinished:
+        for out in scheduler.step():
+            steps[out.seq.request_id] += 1
+    first, bad, last = seqs
+    assert bad.finish_reason == "error" and "row b exploded" in bad.error and bad.output_ids == []
+    assert len(first.output_ids) == 1 and first.output_ids == expected[0]  # max_tokens 1: one token, not two
+    assert last.output_ids == expected[2]
+    assert len(first.metrics.accepted_per_step) == 1  # the failed batch step left no trace in the metrics either
+    assert engine.pool.in_use == 0
+
+
+def test_a_failed_step_leaves_every_sequence_as_it_was(tiny_target, tiny_draft, monkeypatch):
+    """step_batch is a transaction: after a fault in the last row's verification, every row's tokens, cache
+    length, sampler state and metrics are those before the step, and running the step again without the
+    fault gives what one clean step gives."""
+
+    def build():
+        engine = SpecEngine(tiny_target, make_proposer("tree", tiny_draft), 3, max_model_len=64)
+        seqs = [
+            engine.new_sequence(p, SamplingParams(temperature=1.0, max_tokens=20, seed=i, ignore_eos=True))
+            for i, p in enumerate(PROMPTS[:3])
+        ]
+        for s in seqs:
+            engine.prefill(s)
+        return engine, seqs
+
+    clean_engine, clean = build()
+    clean_out = clean_engine.step_batch(clean, [3, 3, 3])
+    engine, seqs = build()
+    before = [
+        (
+            list(s.token_ids),
+            engine.pool.cache.lengths[s.cache_row],
+            s.sampler.get_state().clone(),
+            len(s.metrics.accepted_per_step),
+        )
+        for s in seqs
+    ]
+    original = SpecEngine._verify
+    calls = []
+
+    def fails_last(self, seq, tree, row_logits):
+        calls.append(seq.request_id)
+        if seq is seqs[-1]:
+            raise RuntimeError("late fault")
+        return original(self, seq, tree, row_logits)
+
+    monkeypatch.setattr(SpecEngine, "_verify", fails_last)
+    with pytest.raises(RuntimeError, match="late fault"):
+        engine.step_batch(seqs, [3, 3, 3])
+    assert len(calls) == 3  # the first two rows were verified before the fault
+    for s, (tokens, length, state, steps) in zip(seqs, before):
+        assert list(s.token_ids) == tokens and engine.pool.cache.lengths[s.cache_row] == length
+        assert torch.equal(s.sampler.get_state(), state) and len(s.metrics.accepted_per_step) == steps
+    monkeypatch.setattr(SpecEngine, "_verify", original)
+    assert engine.step_batch(seqs, [3, 3, 3]) == clean_out
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in clean]
+
+
+def test_step_batch_refuses_a_finished_sequence(tiny_target):
+    engine = SpecEngine(tiny_target, None, 0, max_model_len=64)
+    seq = engine.generate(engine.new_sequence([1, 2], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)))
+    with pytest.raises(ValueError, match="unfinished"):
+        engine.step_batch([seq], [0])

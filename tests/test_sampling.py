@@ -39,6 +39,11 @@ def test_top_k_top_p_min_p():
         (dict(min_p=2.0), "min_p"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(stop=[""]), "stop"),
+        (dict(temperature=1e-300), "too small"),
+        (dict(temperature=float("inf")), "finite"),
+        (dict(temperature=float("nan")), "finite"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
     ],
 )
 def test_bad_values_are_clear_errors(kwargs, message):
@@ -76,3 +81,14 @@ def test_processed_rows_are_computed_only_where_the_walk_goes():
         assert lazy.rows_processed == got.num_accepted + 1  # the root and the accepted path, nothing else
         for row in lazy._rows:
             assert torch.allclose(lazy[row], full[row], atol=1e-7)
+
+
+def test_the_smallest_temperature_accepted_still_gives_a_distribution():
+    """MIN_TEMPERATURE keeps logits / temperature inside float32 for any logits a model gives (|x| <= 1e4)."""
+    from specgrove.sampling import MIN_TEMPERATURE
+
+    logits = torch.tensor([[1e4, -1e4, 3.0, 3.0 + 1e-3, 0.0]])
+    p = process_logits(logits, SamplingParams(temperature=MIN_TEMPERATURE))
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(1))
+    SamplingParams(seed=2**63 - 1)  # the bounds themselves are fine
+    SamplingParams(seed=-(2**63))

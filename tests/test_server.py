@@ -135,6 +135,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, "role"),
     ("/v1/chat/completions", {"messages": "abc"}, "messages"),
+    # the distribution of temperature 1e-300 is NaN: refused before it reaches a batch
+    ("/v1/completions", {"prompt": "abc", "temperature": 1e-300}, "too small"),
+    ("/v1/completions", {"prompt": "abc", "seed": 2**64}, "seed"),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', "lone surrogate"),
+    ("/v1/completions", b'{"prompt": "abc", "stop": ["x\\udc00"]}', "lone surrogate"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "lone surrogate"),
 ]
 
 
@@ -368,3 +374,123 @@ def test_loadtest_and_profile_commands(tiny_dirs, tmp_path, capsys):
     assert main([str(a) for a in bad]) != 0
     assert "--policy is goodput or fixed:K, got 'sometimes'" in capsys.readouterr().err
     assert not (tmp_path / "never.json").exists()
+
+
+def _streamed_text(server, body):
+    text = ""
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += chunk["choices"][0]["text"]
+    return text
+
+
+def test_the_stream_always_adds_up_to_the_non_streamed_text(server, tiny_target):
+    """Over many stop strings (short, long, longer than the text, at its start, middle and end, absent), the
+    concatenated stream equals the non-streamed text."""
+    full = expected_text(tiny_target, "abcab", 14)
+    stops = {full[i : i + n] for n in (1, 2, 4, 7) for i in range(0, len(full) - n + 1, 3)}
+    stops |= {full, full + "x", "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzz", full[-3:] + "zzzzzzzzzzzzzzzzzzzz"}
+    stops.discard("")
+    for stop in sorted(stops):
+        body = {"prompt": "abcab", "max_tokens": 14, "temperature": 0, "stop": [stop]}
+        whole = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert whole == (full[: full.index(stop)] if stop in full else full)
+        assert _streamed_text(server, body) == whole, stop
+
+
+def test_settled_text_never_sends_what_a_stop_string_will_cut(tiny_target):
+    """The engine may have run past a stream's delta (and past a stop string) when the delta is read: what is
+    sent stays a prefix of the final text, also when the text is shorter than the stop string."""
+    from specgrove.engine.sequence import Sequence as Seq
+    from specgrove.serve.app import settled_text
+
+    tok = tiny_target.tokenizer
+    ids = tok.encode("abcdabcdab", add_special_tokens=False)
+    for stop in ["cda", "dabcdabcdabcdabcdab", "b", "abcdabcdab"]:
+        seq = Seq("r", [1], SamplingParams(temperature=0, max_tokens=20, stop=[stop]), None, output_ids=list(ids))
+        text = tok.decode(ids, skip_special_tokens=True)
+        final = text[: text.find(stop)] if stop in text else text
+        hold = len(stop) - 1
+        for n in range(len(ids) + 1):
+            seq.output_ids = list(ids[:n])
+            sent = settled_text(tok, seq, hold, finished=False)
+            assert final.startswith(sent), (stop, n, sent)
+
+
+def test_max_waiting_zero_serves_an_idle_server(tiny_target, tiny_draft):
+    """--max-waiting 0: no request may wait, but one that a free row admits at once is served."""
+    with Server(tiny_target, tiny_draft, max_num_seqs=2, max_waiting=0) as server:
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 4)
+
+
+def test_the_running_gauge_returns_to_zero_after_disconnects(server):
+    body = {"prompt": "abc", "max_tokens": 40, "temperature": 0, "stream": True}
+    for _ in range(4):
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # first chunk, then hang up
+    deadline = time.time() + 30
+    while time.time() < deadline and (server.engine.pool.in_use or server.metric("specgrove_requests_running")):
+        time.sleep(0.1)
+    assert server.engine.pool.in_use == 0
+    assert server.metric("specgrove_requests_running") == 0 and server.metric("specgrove_requests_waiting") == 0
+
+
+def test_the_engine_loop_recovers_from_a_crash(server, tiny_target, monkeypatch):
+    """A crash of the loop itself (not of one request) ends the open requests with an error, frees their rows,
+    and the server serves the next request without anyone restarting it."""
+    original = Scheduler.step
+    crashed = []
+
+    def crash_once(self):
+        if not crashed and self.running:
+            crashed.append(1)
+            raise RuntimeError("loop exploded")
+        return original(self)
+
+    monkeypatch.setattr(Scheduler, "step", crash_once)
+    body = {"prompt": "abc", "max_tokens": 6, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "loop exploded" in events[-1]["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 6)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert server.metric("specgrove_engine_restarts_total") == 1
+    assert server.engine.pool.in_use == 0
+
+
+def test_error_shapes_defaults_and_retry_after(tiny_target, tiny_draft, monkeypatch):
+    """404/405 answer in OpenAI's error shape; completions' max_tokens null means 16; a 429 says when to
+    retry."""
+    original = SpecEngine.step_batch
+
+    def slow_step(self, seqs, ks=None):  # a real model's step length, so the first request is still running
+        time.sleep(0.05)
+        return original(self, seqs, ks)
+
+    monkeypatch.setattr(SpecEngine, "step_batch", slow_step)
+    with Server(tiny_target, tiny_draft, max_num_seqs=1, max_waiting=0, max_model_len=64) as server:
+        for method, path in (("GET", "/v1/nowhere"), ("GET", "/v1/completions"), ("DELETE", "/v1/models")):
+            r = httpx.request(method, server.url + path)
+            assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "param", "code"}
+            assert r.json()["error"]["code"] == r.status_code
+        r = httpx.post(
+            server.url + "/v1/completions",
+            json={"prompt": "abc", "max_tokens": None, "temperature": 0, "ignore_eos": True},
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+        # one request holds the only row, none may wait: the next gets 429 with Retry-After
+        body = {"prompt": "abc", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break
+            busy = httpx.post(server.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 2})
+        assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1

@@ -6,11 +6,18 @@ and the target's p live on the same support and speculative sampling stays exact
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from specgrove.errors import UnsupportedError
+
+# The smallest temperature above 0 accepted: logits / temperature must stay far inside float32's range
+# (|logits| reach ~1e2, float32 ends at 3.4e38) so the softmax is a distribution, not NaN; 1e-4 leaves room
+# for any logits a model gives. 0 is greedy.
+MIN_TEMPERATURE = 1e-4
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -50,11 +57,17 @@ class SamplingParams:
             return ValueError(f"invalid SamplingParams: {msg}")
 
         if (
-            not isinstance(self.temperature, (int, float))
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
             or self.temperature < 0
-            or self.temperature != self.temperature
         ):
-            raise bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise bad(
+                f"temperature {self.temperature} is too small to sample from (logits / temperature leave float32's "
+                f"range); use 0 for greedy decoding or at least {MIN_TEMPERATURE}"
+            )
         if not (0.0 < self.top_p <= 1.0):
             raise bad(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
@@ -63,8 +76,10 @@ class SamplingParams:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -MAX_SEED - 1 <= self.seed <= MAX_SEED
+        ):
+            raise bad(f"seed must be None or an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop must be a non-empty string or a list of non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
@@ -153,6 +168,13 @@ class Sampler:
 
     def categorical(self, probs: torch.Tensor) -> int:
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+    def get_state(self) -> torch.Tensor:
+        """The generator's state, for `set_state` (an engine step that fails is undone with it)."""
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
     def bernoulli(self, p: float) -> bool:
         if p >= 1.0:

@@ -7,6 +7,7 @@ A plain decoding step is the same step with an empty tree (k = 0).
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 
@@ -140,15 +141,58 @@ class SpecEngine:
         """One speculative step of every sequence in `seqs` (prefilled, unfinished): the draft phase,
         one target forward over every row's root + tree (padded to the longest), per-row verification
         and KV commit. `num_draft`: draft tokens per sequence (0 = a plain step for that one). Returns
-        the tokens appended to each sequence."""
+        the tokens appended to each sequence.
+
+        The step is a transaction: every row is verified before any row commits, and if anything raises
+        before the commit (a proposer, the forward, one row's verification), no sequence has changed. Its
+        cache keeps only its committed slots and its sampler is back where it was, so the step can be run
+        again (the scheduler then steps each sequence alone) and gives what it would have given."""
         if not seqs:
             return []
+        if any(s.finished for s in seqs):
+            raise ValueError(
+                "step_batch takes unfinished sequences: " + ", ".join(s.request_id for s in seqs if s.finished)
+            )
         ks = self.draft_lengths(seqs, num_draft)
-        t0 = time.perf_counter()
-        trees = self.propose(seqs, ks)
-        self._sync()
-        t1 = time.perf_counter()
+        saved = [(_sampler_state(s.sampler), copy.copy(s.metrics)) for s in seqs]
+        try:
+            t0 = time.perf_counter()
+            trees = self.propose(seqs, ks)
+            self._sync()
+            t1 = time.perf_counter()
+            logits, features, sizes = self._target_forward(seqs, trees)
+            self._sync()
+            t2 = time.perf_counter()
+            results = [
+                self._verify(seq, tree, logits[b, :size]) for b, (seq, tree, size) in enumerate(zip(seqs, trees, sizes))
+            ]
+        except BaseException:
+            for seq, (sampler_state, metrics) in zip(seqs, saved):
+                _restore_sampler(seq.sampler, sampler_state)
+                vars(seq.metrics).update(vars(metrics))  # in place: others may hold the object
+            raise
+        cache = self.pool.cache
+        appended = []
+        for b, (seq, tree, result) in enumerate(zip(seqs, trees, results)):
+            committed = [0] + [node + 1 for node in result.accepted_nodes]
+            cache.commit(seq.cache_row, committed)
+            if features is not None:
+                seq.target_features.append(features[b, committed])
+            metrics = seq.metrics
+            # Every sequence of the batch waited for the whole draft phase and target forward.
+            metrics.draft_time_s += t1 - t0
+            metrics.target_time_s += t2 - t1
+            metrics.record_step(max(tree.depths(), default=0), len(tree), result.num_accepted, result.decisions)
+            new_tokens = [tree.tokens[node] for node in result.accepted_nodes] + [result.next_token]
+            appended.append(self._append(seq, new_tokens))
+        t3 = time.perf_counter()
+        for seq in seqs:
+            seq.metrics.verify_time_s += t3 - t2
+        return appended
 
+    def _target_forward(self, seqs: list[Sequence], trees: list[TokenTree]):
+        """The one target forward of a step over every row's root + tree: (logits [B, W, V], the features
+        asked for or None, each row's size). Its slots stay uncommitted until `cache.commit`."""
         cache = self.pool.cache
         rows = [s.cache_row for s in seqs]
         if any(s.target_cache is not cache for s in seqs) or len(set(rows)) != len(rows):
@@ -176,34 +220,16 @@ class SpecEngine:
             features=self.feature_layers,
         )
         logits, features = (out, None) if self.feature_layers is None else out
-        self._sync()
-        t2 = time.perf_counter()
+        return logits, features, sizes
 
-        appended = []
-        for b, (seq, tree, size) in enumerate(zip(seqs, trees, sizes)):
-            row_logits = logits[b, :size]
-            if seq.params.greedy:
-                result = verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
-            else:
-                # a plain engine (no proposer) verifies empty trees: the standard rule, never consulted
-                node_rule = self.proposer.node_rule if self.proposer is not None else rejection_select
-                # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
-                result = verify_tree(tree, ProcessedRows(row_logits, seq.params), seq.sampler, node_rule)
-            committed = [0] + [node + 1 for node in result.accepted_nodes]
-            cache.commit(rows[b], committed)
-            if features is not None:
-                seq.target_features.append(features[b, committed])
-            metrics = seq.metrics
-            # Every sequence of the batch waited for the whole draft phase and target forward.
-            metrics.draft_time_s += t1 - t0
-            metrics.target_time_s += t2 - t1
-            metrics.record_step(max(tree.depths(), default=0), len(tree), result.num_accepted, result.decisions)
-            new_tokens = [tree.tokens[node] for node in result.accepted_nodes] + [result.next_token]
-            appended.append(self._append(seq, new_tokens))
-        t3 = time.perf_counter()
-        for seq in seqs:
-            seq.metrics.verify_time_s += t3 - t2
-        return appended
+    def _verify(self, seq: Sequence, tree: TokenTree, row_logits: torch.Tensor):
+        """The verifier's walk over one row's tree (the target's logits at its root and nodes)."""
+        if seq.params.greedy:
+            return verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
+        # a plain engine (no proposer) verifies empty trees: the standard rule, never consulted
+        node_rule = self.proposer.node_rule if self.proposer is not None else rejection_select
+        # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
+        return verify_tree(tree, ProcessedRows(row_logits, seq.params), seq.sampler, node_rule)
 
     def _append(self, seq: Sequence, new_tokens: list[int]) -> list[int]:
         """Append tokens one by one, stopping at the first EOS / stop token / stop string / length limit."""
@@ -262,3 +288,14 @@ class SpecEngine:
             self.finish(seq)
         seq.metrics.total_time_s = time.perf_counter() - start
         return seq
+
+
+def _sampler_state(sampler):
+    """A sampler's state, or None for one that keeps none it can give back (a test's enumerating sampler)."""
+    get = getattr(sampler, "get_state", None)
+    return get() if get is not None else None
+
+
+def _restore_sampler(sampler, state) -> None:
+    if state is not None:
+        sampler.set_state(state)

@@ -11,7 +11,8 @@ The scheduler keeps each live request's times (`RequestTimes`: arrival, first to
 them out with its step outputs; when a request leaves (finished, failed or aborted) it drops them and
 tells the policy (`Policy.release`).
 
-The waiting queue is bounded (`max_waiting`); `add` raises `QueueFullError` beyond it, which the server
+The waiting queue is bounded (`max_waiting` requests beyond the free rows of the batch; 0: none waits, a
+request a free row takes is still served); `add` raises `QueueFullError` beyond it, which the server
 turns into HTTP 429. A failure inside one request (in prefill, drafting, the forward or verification)
 finishes that request with finish_reason "error" and its message; the others go on.
 """
@@ -69,8 +70,14 @@ class Scheduler:
         self.steps = 0
 
     # ---- requests --------------------------------------------------------------------------------
+    @property
+    def free_rows(self) -> int:
+        """Rows of the running batch no running request holds: that many waiting requests are admitted at the
+        next step, so they do not count against `max_waiting`."""
+        return max(0, self.max_num_seqs - len(self.running))
+
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_waiting:
+        if len(self.waiting) + 1 - self.free_rows > self.max_waiting:
             raise QueueFullError(
                 f"{len(self.waiting)} requests are already waiting (max_waiting={self.max_waiting}); retry later"
             )

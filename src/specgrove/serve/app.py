@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specgrove.engine.scheduler import QueueFullError
 from specgrove.engine.sequence import Sequence
@@ -34,6 +35,7 @@ from specgrove.sampling import SamplingParams
 from specgrove.serve.async_engine import AsyncEngine, Delta, RequestStream, usage_of
 
 DISCONNECT_POLL_S = 0.5
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
 # ---- request bodies ----------------------------------------------------------------------------------
@@ -63,7 +65,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[StrictInt] | list[str]
-    max_tokens: StrictInt | None = 16  # OpenAI's default for completions
+    max_tokens: StrictInt | None = COMPLETION_MAX_TOKENS
     echo: StrictBool = False
 
 
@@ -88,8 +90,18 @@ def error_body(status: int, message: str, kind: str = "invalid_request_error", p
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-    return JSONResponse(error_body(status, message, kind, param), status_code=status)
+def error_response(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+):
+    return JSONResponse(error_body(status, message, kind, param), status_code=status, headers=headers)
+
+
+# A client told 429 waits this long before it retries (a step of the batch frees rows within it).
+RETRY_AFTER_S = 1
 
 
 # ---- what the handlers share -------------------------------------------------------------------------
@@ -129,6 +141,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     app = FastAPI(title="specgrove", version="0.1.0", lifespan=lifespan)
     app.state.server = ServerState(engine, model_name)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.include_router(router)
     return app
 
@@ -141,6 +154,13 @@ async def invalid_request(request: Request, exc: RequestValidationError):
         return error_response(400, f"the request body is not valid JSON: {reason}".strip())
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     return error_response(400, f"invalid field {where or 'body'}: {first.get('msg', 'bad value')}", param=where or None)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException):
+    """404, 405 and the other errors of routing, in OpenAI's shape."""
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
 
 
 # ---- endpoints ---------------------------------------------------------------------------------------
@@ -191,7 +211,7 @@ async def handle(server: ServerState, request: Request, chat: bool, body: _Commo
     except BadRequest as error:
         return error_response(400, str(error), param=error.param)
     except QueueFullError as error:
-        return error_response(429, str(error), "rate_limit_error")
+        return error_response(429, str(error), "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
     except RuntimeError as error:
         if not server.engine.healthy:
             return error_response(503, str(error), "server_error")
@@ -207,7 +227,8 @@ def prepare(server: ServerState, chat: bool, body: _Common) -> tuple[list[int], 
     else:
         if body.echo:
             raise BadRequest("echo is not supported", "echo")
-        max_tokens = body.max_tokens
+        # OpenAI's default for completions is 16, also when the field is sent as null
+        max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_MAX_TOKENS
         prompt_ids = encode_prompt(server.tokenizer, body.prompt)
     params = sampling_params(server, body, max_tokens)
     fit_default_max_tokens(server, params, prompt_ids, explicit=max_tokens is not None)
@@ -223,6 +244,8 @@ def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) 
         max_tokens = server.max_model_len  # cut to the room left below
     if max_tokens <= 0:
         raise BadRequest(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+    for stop in [body.stop] if isinstance(body.stop, str) else body.stop or []:
+        check_text(stop, "stop")
     try:
         return SamplingParams(
             temperature=body.temperature,
@@ -252,6 +275,21 @@ def fit_default_max_tokens(server: ServerState, params: SamplingParams, prompt_i
         params.max_tokens = params.max_new_tokens = min(params.max_tokens, room)
 
 
+def check_text(text: str | None, param: str) -> None:
+    """BadRequest for a string that is not Unicode text: a lone surrogate (JSON's "\\ud800" without its pair)
+    cannot be encoded for the tokenizer."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadRequest(
+            f"{param} holds a lone surrogate ({text[error.start]!r} at character {error.start}), which is not "
+            "text: send each character outside the Basic Multilingual Plane as a surrogate pair, or UTF-8",
+            param,
+        ) from None
+
+
 def encode_prompt(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -260,6 +298,7 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
             )
         prompt = prompt[0]
     if isinstance(prompt, str):
+        check_text(prompt, "prompt")
         if tokenizer is None:
             raise BadRequest("this model has no tokenizer; send the prompt as a list of token ids", "prompt")
         ids = tokenizer.encode(prompt, add_special_tokens=False) or tokenizer.encode(prompt)
@@ -274,6 +313,8 @@ def chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise BadRequest("this model has no chat template; use /v1/completions", "messages")
     plain = [{"role": m.role, "content": message_text(m.content) or ""} for m in messages]
+    for i, m in enumerate(plain):
+        check_text(m["content"], f"messages.{i}.content")
     text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -460,15 +501,20 @@ async def sse(server: ServerState, request: Request, stream: RequestStream, writ
 
 
 def settled_text(tokenizer, seq: Sequence, hold: int, finished: bool) -> str | None:
-    """The text that is certain so far: all of it once finished; before that, without the last `hold`
-    characters (they could still become part of a stop string) and without an incomplete UTF-8 character.
-    None while unfinished when there is no tokenizer."""
+    """The text that is certain so far: all of it once finished; before that, the text before the first stop
+    string in it (the engine may have run past this delta), without the last `hold` characters (they could
+    still become part of a stop string) and without an incomplete UTF-8 character. So whatever is sent is a
+    prefix of the final text. None while unfinished when there is no tokenizer."""
     if finished:
         return final_text(tokenizer, seq)
     if tokenizer is None:
         return None
-    text = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-    text = text[: len(text) - hold] if hold else text
+    text = tokenizer.decode(list(seq.output_ids), skip_special_tokens=True)
+    for stop in seq.params.stop:
+        index = text.find(stop)
+        if index >= 0:
+            text = text[:index]
+    text = text[: max(0, len(text) - hold)]
     while text.endswith("\ufffd"):
         text = text[:-1]
     return text

@@ -4,8 +4,9 @@
 `Delta`s); the engine thread runs `Scheduler.step()` while work exists and pushes every request's new
 tokens, its text so far and, at the end, its finish reason and usage to that stream. `abort` (a client
 that went away) drops the request at the next step boundary and frees its cache row. One request's
-failure ends only that request (finish_reason "error"); a crash of the loop itself marks the engine
-unhealthy and fails every open stream.
+failure ends only that request (finish_reason "error"). A crash of the loop itself ends every open request
+with an error event, frees their rows and starts the loop again (`restarts`); only a failure of that
+recovery leaves the engine unhealthy (503).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class AsyncEngine:
         self._aborts: list[str] = []
         self._stop = False
         self.error: str | None = None
+        self.restarts = 0
+        self.last_crash: str | None = None
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -101,8 +104,11 @@ class AsyncEngine:
         seq = self.engine.new_sequence(prompt_ids, params, request_id=request_id)  # validates, may raise
         stream = RequestStream(request_id, seq, asyncio.Queue(), asyncio.get_running_loop())
         with self._wake:
+            if not self.healthy:  # under the lock: a loop that fails from here on sees this stream
+                raise RuntimeError(f"the engine is not running: {self.error or 'not started'}")
+            # requests the next step admits (free rows) do not wait: only those beyond them count
             waiting = len(self._inbox) + len(self.scheduler.waiting)
-            if waiting >= self.scheduler.max_waiting:
+            if waiting + 1 - self.scheduler.free_rows > self.scheduler.max_waiting:
                 self.metrics.rejected.inc()
                 raise QueueFullError(
                     f"the server is at capacity: {waiting} requests are waiting "
@@ -135,29 +141,65 @@ class AsyncEngine:
             self.streams.pop(request_id, None)
 
     def _loop(self) -> None:
-        try:
-            while True:
-                self._drain()
-                if self._stop:
-                    break
-                if not self.scheduler.has_unfinished:
-                    continue
-                outputs = self.scheduler.step()
-                for out in outputs:
-                    self.metrics.record_step(out.seq, out.new_token_ids)
-                    stream = self.streams.get(out.seq.request_id)
-                    if out.finished:
-                        self.metrics.record_finish(out.seq, out.times)
-                        self.streams.pop(out.seq.request_id, None)
-                    if stream is not None:
-                        stream.put(
-                            Delta(out.new_token_ids, out.finished, out.seq.finish_reason, out.seq.error, out.seq)
-                        )
-                self.metrics.running.set(len(self.scheduler.running))
-                self.metrics.waiting.set(len(self.scheduler.waiting))
-        except Exception as error:  # the loop itself broke: fail every open request, report unhealthy
-            self.error = f"{type(error).__name__}: {error}"
-            traceback.print_exc()
-            for stream in list(self.streams.values()):
-                stream.put(Delta([], True, "error", self.error, stream.seq))
-            self.streams.clear()
+        """Run the scheduler; if the loop itself breaks, fail every open request, free their rows and go on
+        (`restarts` counts it). Only a failure of that recovery leaves the engine unhealthy for good."""
+        while True:
+            try:
+                self._run()
+                return
+            except Exception as error:
+                traceback.print_exc()
+                try:
+                    self._recover(f"{type(error).__name__}: {error}")
+                except Exception as fatal:  # cannot clean up: report unhealthy, fail what is open
+                    traceback.print_exc()
+                    with self._wake:
+                        self.error = f"{type(fatal).__name__}: {fatal} (after {type(error).__name__}: {error})"
+                        streams, self.streams = list(self.streams.values()), {}
+                    for stream in streams:
+                        stream.put(Delta([], True, "error", self.error, stream.seq))
+                    return
+
+    def _run(self) -> None:
+        while True:
+            self._drain()
+            self._gauges()
+            if self._stop:
+                return
+            if not self.scheduler.has_unfinished:
+                continue
+            outputs = self.scheduler.step()
+            for out in outputs:
+                self.metrics.record_step(out.seq, out.new_token_ids)
+                stream = self.streams.get(out.seq.request_id)
+                if out.finished:
+                    self.metrics.record_finish(out.seq, out.times)
+                    self.streams.pop(out.seq.request_id, None)
+                if stream is not None:
+                    stream.put(Delta(out.new_token_ids, out.finished, out.seq.finish_reason, out.seq.error, out.seq))
+            self._gauges()
+
+    def _gauges(self) -> None:
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+
+    def _recover(self, error: str) -> None:
+        """After a crash of the loop: every open request ends with an error event (none is continued from a
+        state the crash may have left half-changed), every row is freed, and the loop starts again."""
+        with self._wake:
+            streams, self.streams = list(self.streams.values()), {}
+            inbox, self._inbox = self._inbox, []
+            self._aborts = []
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + inbox:
+            try:
+                self.scheduler.abort(seq.request_id)
+            except Exception:  # its row may leak; the request still ends with an error
+                traceback.print_exc()
+            seq.finish_reason, seq.error = "error", f"the engine loop failed and restarted: {error}"
+        for stream in streams:
+            self.metrics.record_abort(stream.request_id, "error")
+            stream.put(Delta([], True, "error", f"the engine loop failed and restarted: {error}", stream.seq))
+        self.restarts += 1
+        self.last_crash = error
+        self.metrics.restarts.inc()
+        self._gauges()

@@ -9,7 +9,8 @@ Counters are monotonic and are fed from the same per-step records as each reques
   specgrove_steps_total, specgrove_generated_tokens_total, specgrove_prompt_tokens_total
   specgrove_requests_finished_total{finish_reason}, specgrove_requests_rejected_total
 Histograms: specgrove_request_latency_seconds (arrival to finish), specgrove_time_to_first_token_seconds.
-Gauges: specgrove_requests_running, specgrove_requests_waiting.
+Gauges: specgrove_requests_running, specgrove_requests_waiting. specgrove_engine_restarts_total counts the
+engine loop's recoveries from a crash.
 The per-step counters are fed incrementally: `counted_steps` holds, per running request id, how many of
 its steps are counted already; a request's entry goes when it finishes or is aborted.
 """
@@ -64,6 +65,9 @@ class ServerMetrics:
         )
         self.running = Gauge("specgrove_requests_running", "requests in the running batch", registry=r)
         self.waiting = Gauge("specgrove_requests_waiting", "requests waiting for a batch slot", registry=r)
+        self.restarts = Counter(
+            "specgrove_engine_restarts", "times the engine loop failed and was started again", registry=r
+        )
         self.counted_steps: dict[str, int] = {}  # steps already added to the counters, by request id
 
     def record_step(self, seq: Sequence, new_token_ids: list[int]) -> None:
@@ -93,10 +97,11 @@ class ServerMetrics:
         if times.first_token is not None:
             self.ttft.observe(times.first_token - times.arrival)
 
-    def record_abort(self, request_id: str) -> None:
-        """A request the scheduler dropped (its client went away)."""
+    def record_abort(self, request_id: str, reason: str = "abort") -> None:
+        """A request the scheduler dropped: its client went away ("abort"), or the engine loop failed under
+        it ("error")."""
         self.counted_steps.pop(request_id, None)
-        self.finished.labels(finish_reason="abort").inc()
+        self.finished.labels(finish_reason=reason).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
