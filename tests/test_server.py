@@ -36,11 +36,13 @@ class _LLM:  # what build_server needs of api.LLM
 class Server(ServerThread):
     """A server on tiny models (draft model, fixed k) on a free loopback port."""
 
-    def __init__(self, target, draft, max_num_seqs=2, max_waiting=3, k=3, max_model_len=48):
+    def __init__(self, target, draft, max_num_seqs=2, max_waiting=3, k=3, max_model_len=48, **limits):
         target.tokenizer.chat_template = CHAT_TEMPLATE
         self.proposer = DraftModelProposer(draft, max_model_len)
         self.engine = SpecEngine(target, self.proposer, k, max_model_len=max_model_len)
-        app, self.async_engine = build_server(_LLM(self.engine), FixedPolicy(k), max_num_seqs, max_waiting, MODEL)
+        app, self.async_engine = build_server(
+            _LLM(self.engine), FixedPolicy(k), max_num_seqs, max_waiting, MODEL, **limits
+        )
         super().__init__(app)
 
     def metric(self, name: str, labels: str = "") -> float:
@@ -135,6 +137,23 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, "role"),
     ("/v1/chat/completions", {"messages": "abc"}, "messages"),
+    # fields that would change what the answer means are refused, not silently ignored
+    ("/v1/completions", {"prompt": "abc", "logprobs": 2}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 3}, "top_logprobs"),
+    ("/v1/completions", {"prompt": "abc", "logit_bias": {"1": 5}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "abc", "suffix": "end"}, "suffix"),
+    ("/v1/completions", {"prompt": "abc", "best_of": 3}, "best_of"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}},
+        "response_format",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+        "tools",
+    ),
     # the distribution of temperature 1e-300 is NaN: refused before it reaches a batch
     ("/v1/completions", {"prompt": "abc", "temperature": 1e-300}, "too small"),
     ("/v1/completions", {"prompt": "abc", "seed": 2**64}, "seed"),
@@ -469,13 +488,17 @@ def test_the_engine_loop_recovers_from_a_crash(server, tiny_target, monkeypatch)
 def test_error_shapes_defaults_and_retry_after(tiny_target, tiny_draft, monkeypatch):
     """404/405 answer in OpenAI's error shape; completions' max_tokens null means 16; a 429 says when to
     retry."""
-    original = SpecEngine.step_batch
+    import threading
 
-    def slow_step(self, seqs, ks=None):  # a real model's step length, so the first request is still running
-        time.sleep(0.05)
+    original = SpecEngine.step_batch
+    hold = threading.Event()
+
+    def held_step(self, seqs, ks=None):  # the long request stays running until the test lets it go
+        if any(s.request_id.startswith("cmpl-") and s.params.max_tokens == 40 for s in seqs):
+            hold.wait(60)
         return original(self, seqs, ks)
 
-    monkeypatch.setattr(SpecEngine, "step_batch", slow_step)
+    monkeypatch.setattr(SpecEngine, "step_batch", held_step)
     with Server(tiny_target, tiny_draft, max_num_seqs=1, max_waiting=0, max_model_len=64) as server:
         for method, path in (("GET", "/v1/nowhere"), ("GET", "/v1/completions"), ("DELETE", "/v1/models")):
             r = httpx.request(method, server.url + path)
@@ -487,10 +510,116 @@ def test_error_shapes_defaults_and_retry_after(tiny_target, tiny_draft, monkeypa
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
         # one request holds the only row, none may wait: the next gets 429 with Retry-After
-        body = {"prompt": "abc", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    break
+        body = {"prompt": "abc", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=120)
+            deadline = time.time() + 60
+            while not server.async_engine.scheduler.running and time.time() < deadline:
+                time.sleep(0.01)
             busy = httpx.post(server.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 2})
+            hold.set()
+            assert long.result().status_code == 200
         assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1
+
+
+def test_neutral_values_of_unhonoured_fields_are_fine_and_developer_is_system(server, tiny_target):
+    body = {
+        "prompt": "abc",
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": None,
+        "logit_bias": {},
+        "suffix": "",
+        "best_of": 1,
+    }
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 4)
+    chat = {"max_tokens": 4, "temperature": 0, "logprobs": False, "response_format": {"type": "text"}, "tools": []}
+    as_developer = httpx.post(
+        server.url + "/v1/chat/completions", json={**chat, "messages": [{"role": "developer", "content": "ab"}]}
+    )
+    as_system = httpx.post(
+        server.url + "/v1/chat/completions", json={**chat, "messages": [{"role": "system", "content": "ab"}]}
+    )
+    assert as_developer.status_code == 200 and as_developer.json()["usage"] == as_system.json()["usage"]
+    assert as_developer.json()["choices"][0]["message"] == as_system.json()["choices"][0]["message"]
+
+
+def test_api_key_body_limit_and_no_internals_in_errors(tiny_target, tiny_draft, monkeypatch):
+    with Server(tiny_target, tiny_draft, api_key="s3cret", max_body_bytes=2000) as server:
+        body = {"prompt": "abc", "max_tokens": 3, "temperature": 0}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", headers
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=ok)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 3)
+        assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
+        assert httpx.get(server.url + "/metrics").status_code == 200
+        # a body over the limit: 413 whether its length is declared or it arrives in chunks
+        big = {"prompt": "a" * 5000, "max_tokens": 3}
+        r = httpx.post(server.url + "/v1/completions", json=big, headers=ok)
+        assert r.status_code == 413 and "2000 bytes" in r.json()["error"]["message"]
+
+        def chunks():
+            data = json.dumps(big).encode()
+            for i in range(0, len(data), 500):
+                yield data[i : i + 500]
+
+        r = httpx.post(
+            server.url + "/v1/completions", content=chunks(), headers={**ok, "content-type": "application/json"}
+        )
+        assert r.status_code == 413
+        # an unexpected failure: 500 in OpenAI's shape, no trace, no path
+        import specgrove.serve.app as app_module
+
+        def broken(*args, **kwargs):
+            raise KeyError("/secret/path/to/file.py")
+
+        monkeypatch.setattr(app_module, "completion_body", broken)
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=ok)
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal server error (KeyError)"
+        assert "Traceback" not in r.text and "/secret" not in r.text and ".py" not in r.text
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_long_prompt_does_not_freeze_the_event_loop(server, tiny_target, monkeypatch):
+    """Tokenization runs off the event loop: while one request's tokenization is held up, /health answers (the
+    tokenization waits for /health's answer, so on the event loop this would wait out the 60 s and fail)."""
+    import threading
+
+    tokenizer = tiny_target.tokenizer
+    original = type(tokenizer).encode
+    started, released = threading.Event(), threading.Event()
+    gave_up = []
+
+    def held_encode(self, text, *args, **kwargs):
+        if text.startswith("slow"):
+            started.set()
+            if not released.wait(60):
+                gave_up.append(1)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "encode", held_encode)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            httpx.post, server.url + "/v1/completions", json={"prompt": "slowabc", "max_tokens": 2}, timeout=120
+        )
+        assert started.wait(30)
+        health = httpx.get(server.url + "/health", timeout=120)
+        released.set()
+        assert health.status_code == 200 and not gave_up, "/health waited for a tokenization"
+        assert future.result().status_code == 200
+
+
+def test_the_openapi_schema_documents_the_errors_sent(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert "422" not in responses and {"200", "400", "401", "413", "429", "500", "503"} <= set(responses)
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    # and a bad request really is the 400 the schema says, in its shape
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": 5})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}

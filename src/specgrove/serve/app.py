@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -36,6 +37,9 @@ from specgrove.serve.async_engine import AsyncEngine, Delta, RequestStream, usag
 
 DISCONNECT_POLL_S = 0.5
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+# The largest request body read by default: a prompt filling a 32k-token context is ~130 kB of text, so 2 MiB
+# leaves room for long contexts while a 5 MB body is refused before it is read or tokenized.
+MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 # ---- request bodies ----------------------------------------------------------------------------------
@@ -61,6 +65,18 @@ class _Common(BaseModel):
     presence_penalty: StrictFloat = 0.0
     frequency_penalty: StrictFloat = 0.0
     user: str | None = None
+    # Fields that change what a response means. The server does not honour them yet, so a request that sets
+    # one (to anything but its neutral value) is refused rather than answered as if it had not.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    suffix: Any = None
+    best_of: Any = None
 
 
 class CompletionRequest(_Common):
@@ -137,13 +153,139 @@ async def lifespan(app: FastAPI):
     engine.stop()
 
 
-def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+def build_app(
+    engine: AsyncEngine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
+    """The app. `api_key`: every /v1/ request must send `Authorization: Bearer <api_key>` (else 401); /health
+    and /metrics stay open, as vLLM's. `max_body_bytes`: larger request bodies get 413 before they are read."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     app = FastAPI(title="specgrove", version="0.1.0", lifespan=lifespan)
     app.state.server = ServerState(engine, model_name)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
     app.include_router(router)
+    app.add_middleware(Guard, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    app.openapi = lambda: openapi_schema(app)
     return app
+
+
+ERROR_STATUSES = {
+    "400": "a malformed or unservable request",
+    "401": "a missing or wrong API key (with --api-key)",
+    "413": "a body over --max-body-bytes",
+    "429": "the queue is full; retry after Retry-After seconds",
+    "500": "this request failed inside generation",
+    "503": "the engine is not running",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema with the errors this server really sends: 400 (not FastAPI's 422, which it never
+    sends) and the others of ERROR_STATUSES on the POST endpoints, all in OpenAI's error shape."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components.update(
+        {
+            name: model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, model in (("ErrorDetail", ErrorDetail), ("ErrorResponse", ErrorResponse))
+        }
+    )
+    components["ErrorResponse"].pop("$defs", None)
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for operations in schema.get("paths", {}).values():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            if method == "post":
+                for status, description in ERROR_STATUSES.items():
+                    responses[status] = {"description": description, "content": error}
+    app.openapi_schema = schema
+    return schema
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key of /v1/ requests, then the body size (by its
+    Content-Length, and by counting what arrives for a body sent in chunks)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key is not None and scope.get("path", "").startswith("/v1/"):
+            sent = headers.get("authorization", "")
+            token = sent[7:] if sent[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                return await _send_error(send, 401, "a valid API key is needed: send 'Authorization: Bearer <key>'")
+        too_large = f"the request body is larger than {self.max_body_bytes} bytes (--max-body-bytes)"
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return await _send_error(send, 413, too_large)
+        received = 0
+        started = refused = False
+
+        async def counted_receive():
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes and not started:
+                    # answer now and tell the app the client is gone: it stops reading, its reply is dropped
+                    refused = True
+                    await _send_error(send, 413, too_large)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted_receive, tracked_send)
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    kind = {401: "authentication_error", 413: "invalid_request_error"}.get(status, "server_error")
+    body = json.dumps(error_body(status, message, kind)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def internal_error(request: Request, exc: Exception):
+    """A failure no handler expected: 500 in OpenAI's shape, naming the error's type only (never a stack trace
+    or a file path); the trace goes to the server's log."""
+    import traceback
+
+    traceback.print_exception(exc)
+    return error_response(500, f"internal server error ({type(exc).__name__})", "server_error")
 
 
 async def invalid_request(request: Request, exc: RequestValidationError):
@@ -206,7 +348,8 @@ async def chat_completions(request: Request, body: ChatRequest, server: ServerSt
 async def handle(server: ServerState, request: Request, chat: bool, body: _Common):
     """One completion: a bad request -> 400, a full queue -> 429, the engine loop down -> 503."""
     try:
-        prompt_ids, params = prepare(server, chat, body)
+        # off the event loop: tokenizing a long prompt must not stall other requests' streams or /health
+        prompt_ids, params = await asyncio.to_thread(prepare, server, chat, body)
         return await run(server, request, chat, body, prompt_ids, params)
     except BadRequest as error:
         return error_response(400, str(error), param=error.param)
@@ -235,7 +378,33 @@ def prepare(server: ServerState, chat: bool, body: _Common) -> tuple[list[int], 
     return prompt_ids, params
 
 
+# field -> its neutral values (what a client sends when it does not use the field)
+UNHONOURED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+}
+
+
+def refuse_unhonoured(body: _Common) -> None:
+    for name, neutral in UNHONOURED.items():
+        value = getattr(body, name)
+        if not any(value == n and type(value) is type(n) for n in neutral):
+            raise BadRequest(
+                f"{name} is not supported by this server; leave it out (it would change what the response means)",
+                name,
+            )
+
+
 def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) -> SamplingParams:
+    refuse_unhonoured(body)
     if body.model is not None and body.model != server.model_name:
         raise BadRequest(f"model {body.model!r} is not served here; this server serves {server.model_name!r}", "model")
     if body.n != 1:
@@ -312,7 +481,11 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
 def chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise BadRequest("this model has no chat template; use /v1/completions", "messages")
-    plain = [{"role": m.role, "content": message_text(m.content) or ""} for m in messages]
+    # "developer" is OpenAI's newer name for the system role; chat templates know only "system"
+    plain = [
+        {"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content) or ""}
+        for m in messages
+    ]
     for i, m in enumerate(plain):
         check_text(m["content"], f"messages.{i}.content")
     text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from specgrove.cli_options import build_llm, model_options, speculative_options
@@ -31,9 +32,25 @@ def add_parsers(sub) -> None:
         metavar="JSON",
         help="latency profile from `specgrove profile` (goodput policy; default: measured at start-up)",
     )
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 serves every network the machine is "
+        "on, so set --api-key)",
+    )
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="every /v1/ request must send 'Authorization: Bearer KEY' (default: $SPECGROVE_API_KEY, else none)",
+    )
+    s.add_argument(
+        "--max-body-bytes", type=int, default=None, help="larger request bodies get HTTP 413 (default 2 MiB)"
+    )
     s.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument(
+        "--max-connections", type=int, default=256, help="open connections at most; more get HTTP 503 (default 256)"
+    )
     s.add_argument(
         "--max-waiting", type=int, default=64, help="requests queued beyond those; more get HTTP 429 (default 64)"
     )
@@ -103,13 +120,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     policy_k(args.policy)
     llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
     policy = make_policy(args.policy, llm, args.profile)
-    app, _ = build_server(llm, policy, args.max_num_seqs, args.max_waiting, args.served_model_name or llm.target.name)
+    api_key = args.api_key or os.environ.get("SPECGROVE_API_KEY") or None
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(
+            f"[specgrove] warning: serving on {args.host} without --api-key: anyone who can reach this port can "
+            "use the model",
+            file=sys.stderr,
+        )
+    app, _ = build_server(
+        llm,
+        policy,
+        args.max_num_seqs,
+        args.max_waiting,
+        args.served_model_name or llm.target.name,
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+    )
     print(
         f"[specgrove] serving {args.served_model_name or llm.target.name} on http://{args.host}:{args.port} "
         f"(policy {policy.name}, max_num_seqs {args.max_num_seqs})",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # uvicorn bounds open connections (beyond: 503) and idle keep-alive; it has no timeout for a client that
+    # sends its headers slowly, so a server open to untrusted clients belongs behind a reverse proxy.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        limit_concurrency=args.max_connections,
+        timeout_keep_alive=5,
+    )
     return 0
 
 
