@@ -76,8 +76,10 @@ class Scheduler:
         next step, so they do not count against `max_waiting`."""
         return max(0, self.max_num_seqs - len(self.running))
 
-    def add(self, seq: Sequence) -> None:
-        if len(self.waiting) + 1 - self.free_rows > self.max_waiting:
+    def add(self, seq: Sequence, bounded: bool = True) -> None:
+        """Queue `seq`. `bounded=False`: the caller already counted it against max_waiting (the server's
+        submit, under its lock), so it is queued even if a prefill in flight makes the count differ now."""
+        if bounded and len(self.waiting) + 1 - self.free_rows > self.max_waiting:
             raise QueueFullError(
                 f"{len(self.waiting)} requests are already waiting (max_waiting={self.max_waiting}); retry later"
             )

@@ -132,7 +132,7 @@ class AsyncEngine:
             # Under the lock, so that submit counts these as waiting; it cannot overflow: submit
             # counted the inbox against max_waiting.
             for seq in self._inbox:
-                self.scheduler.add(seq)
+                self.scheduler.add(seq, bounded=False)  # submit counted it; never raise in the loop
             self._inbox = []
             aborts, self._aborts = self._aborts, []
         for request_id in aborts:
