@@ -46,11 +46,19 @@ class Server(ServerThread):
         super().__init__(app)
 
     def metric(self, name: str, labels: str = "") -> float:
-        text = httpx.get(self.url + "/metrics").text
-        for line in text.splitlines():
-            if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
-                return float(line.split()[-1])
-        return 0.0
+        return metric_value(httpx.get(self.url + "/metrics").text, name, labels)
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """The sum of `name` over the series holding every label of `labels` ('{a="x",b="y"}' or '')."""
+    wanted = [pair for pair in labels.strip("{}").split(",") if pair]
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        metric_name, _, series_labels = series.partition("{")
+        if metric_name == name and all(pair in series_labels.rstrip("}").split(",") for pair in wanted):
+            total += float(value)
+    return total
 
 
 @pytest.fixture()

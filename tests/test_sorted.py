@@ -267,6 +267,34 @@ def test_adaptive_exit_follows_the_thresholds(tiny_target, sorted_draft):
         sorted_proposer(sorted_draft, 64, [1, 3])
 
 
+def test_thresholds_measured_for_a_target_serve_that_target(sorted_dir, tmp_path):
+    """sorted.json's target_thresholds: the target named there drafts with its own, any other with the
+    draft's; the factory passes the target's name."""
+    import shutil
+
+    from specgrove.api import LLM
+
+    own = tmp_path / "draft"
+    shutil.copytree(sorted_dir, own)
+    spec = SortedSpec.load(own)
+    spec.target_thresholds = {"tiny-target": [1.0, 1.0, 0.0]}
+    spec.save(own)
+    assert SortedSpec.load(own).thresholds_for("tiny-target") == [1.0, 1.0, 0.0]
+    assert SortedSpec.load(own).thresholds_for("another") == THRESHOLDS == SortedSpec.load(own).thresholds_for(None)
+    draft = load_model(own, dtype="float32", device=DEVICE)
+    assert SortedDraftProposer(draft, 64, target="tiny-target").thresholds == [1.0, 1.0, 0.0]
+    assert SortedDraftProposer(draft, 64, target="another").thresholds == THRESHOLDS
+    assert SortedDraftProposer(draft, 64, [0.5, 0.5, 0.0], target="tiny-target").thresholds == [0.5, 0.5, 0.0]
+    llm = LLM(target=own, draft=draft, speculative={"method": "sorted"}, dtype="float32", max_num_seqs=1)
+    assert llm.engine.proposer.thresholds == THRESHOLDS  # this target's name is not listed
+    spec.target_thresholds = {llm.target.name: [1.0, 1.0, 0.0]}  # now it is
+    spec.save(own)
+    llm = LLM(target=own, draft=load_model(own, dtype="float32"), speculative={"method": "sorted"}, max_num_seqs=1)
+    assert llm.engine.proposer.thresholds == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="one threshold in"):
+        SortedSpec([1, 2], [0.5, 0.0], target_thresholds={"t": [0.5]})
+
+
 def test_llm_api_method_sorted(tiny_dirs, sorted_dir, sorted_draft):
     target = tiny_dirs["target"]
     reference = LLM(target=target, dtype="float32", device=DEVICE).generate(

@@ -731,6 +731,13 @@ def test_calibration_statistics_and_rule(dirs, samples, tmp_path):
             assert s.precision_at(t)[0] >= goal
         smaller = [g for g in calibrate.GRID if g < t]
         assert all(s.precision_at(g)[0] < goal or s.precision_at(g)[1] == 0 for g in smaller)
+    # per target: the same rule over each target's own positions (here the same text: the same thresholds)
+    assert calibrate.choose_target_thresholds(mixed) == {samples[0].target: thresholds, "other": thresholds}
+    assert calibrate.choose_target_thresholds(stats) == {}  # one target: the draft's own thresholds serve it
+    other = mixed[0].for_target("other")
+    assert (
+        other.agrees.tolist() == stats[0].agrees.tolist() and other.confidence.tolist() == stats[0].confidence.tolist()
+    )
     made = [
         calibrate.ExitStatistics(1, torch.tensor([0.9, 0.3, 0.2]), torch.tensor([True, False, False])),
         calibrate.ExitStatistics(2, torch.tensor([0.9, 0.9, 0.9]), torch.tensor([True, True, False])),

@@ -75,8 +75,9 @@ def _draft_model(spec: ProposerSpec):
 def _sorted(spec: ProposerSpec):
     c = spec.config
     exits = c.sorted_exits if c.sorted_exits is not None else c.sorted_exit
+    target = spec.target.name if spec.target is not None else None
     return sorted_proposer(
-        _needs_draft(spec), spec.max_model_len, exits, c.sorted_thresholds, spec.shape, c.tree_sampling
+        _needs_draft(spec), spec.max_model_len, exits, c.sorted_thresholds, spec.shape, c.tree_sampling, target
     )
 
 

@@ -127,6 +127,7 @@ class SortedDraftProposer(Proposer):
         max_model_len: int,
         thresholds: Seq[float] | None = None,
         exits: Seq[int] | None = None,
+        target: str | None = None,
     ):
         if not draft.is_fast:
             raise ValueError(f"a sorted draft needs the fast runtime (Llama family); {draft.name} is not")
@@ -134,8 +135,8 @@ class SortedDraftProposer(Proposer):
         self.exits = list(exits) if exits is not None else spec.exits
         if any(e not in spec.exits for e in self.exits) or self.exits != sorted(set(self.exits)):
             raise ValueError(f"exits {self.exits} must be increasing and among the draft's exits {spec.exits}")
-        if thresholds is None:
-            by_exit = dict(zip(spec.exits, spec.thresholds))
+        if thresholds is None:  # those measured for this target (by name), else the draft's
+            by_exit = dict(zip(spec.exits, spec.thresholds_for(target)))
             thresholds = [by_exit[e] for e in self.exits]
         self.thresholds = [float(t) for t in thresholds]
         if len(self.thresholds) != len(self.exits) or any(not 0.0 <= t <= 1.0 for t in self.thresholds):
@@ -210,14 +211,16 @@ def sorted_proposer(
     thresholds: Seq[float] | None = None,
     shape=None,
     sampling: str = "without_replacement",
+    target: str | None = None,
 ):
     """The proposer for method "sorted": adaptive over every exit (exit_layer None) or over some of them
-    (a list of several, e.g. the shallow ones for a small target), drafting chains; or one fixed exit (an
-    int, or a list of one), drafting chains or the token tree `shape` (siblings drawn as `sampling` says)."""
+    (a list of several, e.g. the shallow ones for a small target), drafting chains, with `thresholds` or those
+    the draft's sorted.json holds for the model named `target`; or one fixed exit (an int, or a list of one),
+    drafting chains or the token tree `shape` (siblings drawn as `sampling` says)."""
     if exit_layer is None or (not isinstance(exit_layer, int) and len(exit_layer) > 1):
         if shape is not None and not (isinstance(shape, TreeShape) and shape.is_chain()):
             raise ValueError("adaptive sorted drafting makes chains; draft a tree with one fixed exit")
-        return SortedDraftProposer(draft, max_model_len, thresholds, exit_layer)
+        return SortedDraftProposer(draft, max_model_len, thresholds, exit_layer, target)
     return SortedDraftProposer.fixed(
         draft, exit_layer if isinstance(exit_layer, int) else exit_layer[0], max_model_len, shape, sampling
     )

@@ -5,11 +5,14 @@ On disk a sorted draft is an ordinary Hugging Face directory (config.json with n
 deepest exit, safetensors, tokenizer files) plus `sorted.json`:
 
     {"format": "specgrove-sorted/1", "exits": [2, 4, 6, 8], "thresholds": [0.6, 0.6, 0.6, 0.0],
-     "source": "...", "head_tokens": 32768 | null, ...}
+     "target_thresholds": {"<target name>": [0.5, 0.6, 0.7, 0.0]}, "source": "...", "head_tokens": 32768 | null,
+     ...}
 
 `exits` are layer counts (sub-model l = layers 1..l + norm + head), increasing, the last one the model's
 depth. `thresholds[i]` is the confidence (largest softmax probability of exit i at temperature 1) at which
-adaptive drafting stops at exit i; the last exit always emits. With `head_tokens` the output layer holds
+adaptive drafting stops at exit i; the last exit always emits. `target_thresholds` (optional, written by
+`calibrate-sorted --write` from samples of several targets) holds thresholds measured for each target, used
+when the draft serves that target. With `head_tokens` the output layer holds
 only those rows (`lm_head.weight` [N, H]) and `lm_head.token_ids` [N] names the vocabulary id of each row:
 the draft's q is 0 on every other token, which keeps verification exact (q is still what is sampled from).
 
@@ -49,6 +52,8 @@ class SortedSpec:
     source: str | None = None
     head_tokens: int | None = None
     extra: dict = field(default_factory=dict)  # provenance: training settings, data, ...
+    # thresholds measured for one target (by its model name): one draft agrees with each target differently
+    target_thresholds: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.exits = [int(e) for e in self.exits]
@@ -61,6 +66,14 @@ class SortedSpec:
             raise ValueError(f"one threshold per exit: {len(self.exits)} exits, {len(self.thresholds)} thresholds")
         if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
             raise ValueError(f"thresholds are probabilities in [0, 1], got {self.thresholds}")
+        self.target_thresholds = {str(k): [float(t) for t in v] for k, v in (self.target_thresholds or {}).items()}
+        for target, values in self.target_thresholds.items():
+            if len(values) != len(self.exits) or any(not 0.0 <= t <= 1.0 for t in values):
+                raise ValueError(f"target {target!r}: one threshold in [0, 1] per exit {self.exits}, got {values}")
+
+    def thresholds_for(self, target: str | None) -> list[float]:
+        """The thresholds measured for this target, else the draft's."""
+        return list(self.target_thresholds.get(target, self.thresholds)) if target else list(self.thresholds)
 
     @property
     def depth(self) -> int:

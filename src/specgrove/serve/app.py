@@ -8,8 +8,10 @@ Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: malfo
 types, out-of-range values, a prompt too long for the context -> 400; a full queue -> 429; a failure
 inside generation -> 500 for that request only; the engine loop down -> 503.
 
-The endpoints are module-level functions on `router`; `build_app` keeps what they share (the engine
-and the served model's name, `ServerState`) on `app.state.server`, and they get it through `Depends`.
+The endpoints are module-level functions on `router`; `build_app` keeps what they share (each served
+target's engine under its model name, `ServerState`, in `Served`) on `app.state.served`, and they get it
+through `Depends`. A request's `model` picks its target; a server of several targets (one sorted draft
+shared by them, `specgrove serve --targets a,b`) lists them all in /v1/models.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ RETRY_AFTER_S = 1
 # ---- what the handlers share -------------------------------------------------------------------------
 @dataclass
 class ServerState:
-    """What every handler needs; build_app keeps it on `app.state.server`."""
+    """One served target: its engine and the name clients send as `model`."""
 
     engine: AsyncEngine
     model_name: str
@@ -137,8 +139,28 @@ class ServerState:
         return self.engine.engine.max_model_len
 
 
-def server_state(request: Request) -> ServerState:
-    return request.app.state.server
+@dataclass
+class Served:
+    """What every handler needs: the served targets, by name, in order (the first is the default when a
+    request names no model); build_app keeps it on `app.state.served`."""
+
+    targets: dict[str, ServerState]
+
+    def pick(self, model: str | None) -> ServerState:
+        if model is None:
+            return next(iter(self.targets.values()))
+        if model not in self.targets:
+            served = ", ".join(repr(name) for name in self.targets)
+            raise BadRequest(f"model {model!r} is not served here; this server serves {served}", "model")
+        return self.targets[model]
+
+    @property
+    def engines(self) -> list[AsyncEngine]:
+        return [target.engine for target in self.targets.values()]
+
+
+def served_state(request: Request) -> Served:
+    return request.app.state.served
 
 
 router = APIRouter()
@@ -147,21 +169,33 @@ router = APIRouter()
 # ---- the app -----------------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
-    engine = app.state.server.engine
-    engine.start()
+    engines = app.state.served.engines
+    for engine in engines:
+        engine.start()
     yield
-    engine.stop()
+    for engine in engines:
+        engine.stop()
 
 
 def build_app(
-    engine: AsyncEngine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    engine: AsyncEngine | dict[str, AsyncEngine],
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """The app. `api_key`: every /v1/ request must send `Authorization: Bearer <api_key>` (else 401); /health
-    and /metrics stay open, as vLLM's. `max_body_bytes`: larger request bodies get 413 before they are read."""
+    """The app over one engine serving `model_name`, or over several targets ({model name: engine}, the first
+    the default; their metrics must share one registry, `serve.metrics.MetricFamilies`). `api_key`: every /v1/
+    request must send `Authorization: Bearer <api_key>` (else 401); /health and /metrics stay open, as vLLM's.
+    `max_body_bytes`: larger request bodies get 413 before they are read."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    engines = engine if isinstance(engine, dict) else {model_name: engine}
+    if not engines or any(not name for name in engines):
+        raise ValueError("build_app needs at least one engine, each with a model name")
+    if len({id(e.metrics.registry) for e in engines.values()}) != 1:
+        raise ValueError("the targets' metrics must share one registry (give each ServerMetrics the same families)")
     app = FastAPI(title="specgrove", version="0.1.0", lifespan=lifespan)
-    app.state.server = ServerState(engine, model_name)
+    app.state.served = Served({name: ServerState(e, name) for name, e in engines.items()})
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
@@ -307,47 +341,61 @@ async def http_error(request: Request, exc: StarletteHTTPException):
 
 # ---- endpoints ---------------------------------------------------------------------------------------
 @router.get("/health")
-async def health(server: ServerState = Depends(server_state)):
-    engine = server.engine
-    if not engine.healthy:
-        return error_response(503, f"engine not running: {engine.error or 'not started'}", "server_error")
-    return {"status": "ok", "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
+async def health(served: Served = Depends(served_state)):
+    """200 while every target's engine runs (503 naming those that do not), with each one's batch."""
+    for name, target in served.targets.items():
+        engine = target.engine
+        if not engine.healthy:
+            return error_response(
+                503, f"engine of {name!r} not running: {engine.error or 'not started'}", "server_error"
+            )
+    models = {
+        name: {"running": len(t.engine.scheduler.running), "waiting": len(t.engine.scheduler.waiting)}
+        for name, t in served.targets.items()
+    }
+    running = sum(m["running"] for m in models.values())
+    return {"status": "ok", "running": running, "waiting": sum(m["waiting"] for m in models.values()), "models": models}
 
 
 @router.get("/v1/models")
-async def models(server: ServerState = Depends(server_state)):
+async def models(served: Served = Depends(served_state)):
     return {
         "object": "list",
         "data": [
             {
-                "id": server.model_name,
+                "id": name,
                 "object": "model",
                 "created": 0,
                 "owned_by": "specgrove",
-                "max_model_len": server.max_model_len,
+                "max_model_len": target.max_model_len,
             }
+            for name, target in served.targets.items()
         ],
     }
 
 
 @router.get("/metrics")
-async def metrics(server: ServerState = Depends(server_state)):
-    return Response(server.engine.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+async def metrics(served: Served = Depends(served_state)):
+    exposition = served.engines[0].metrics.exposition()  # one registry holds every target's, by model_name
+    return Response(exposition, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.post("/v1/completions")
-async def completions(request: Request, body: CompletionRequest, server: ServerState = Depends(server_state)):
-    return await handle(server, request, False, body)
+async def completions(request: Request, body: CompletionRequest, served: Served = Depends(served_state)):
+    return await handle(served, request, False, body)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request, body: ChatRequest, server: ServerState = Depends(server_state)):
-    return await handle(server, request, True, body)
+async def chat_completions(request: Request, body: ChatRequest, served: Served = Depends(served_state)):
+    return await handle(served, request, True, body)
 
 
-async def handle(server: ServerState, request: Request, chat: bool, body: _Common):
-    """One completion: a bad request -> 400, a full queue -> 429, the engine loop down -> 503."""
+async def handle(served: Served, request: Request, chat: bool, body: _Common):
+    """One completion on the target `body.model` names: a bad request -> 400, a full queue -> 429, the engine
+    loop down -> 503."""
+    server = None
     try:
+        server = served.pick(body.model)
         # off the event loop: tokenizing a long prompt must not stall other requests' streams or /health
         prompt_ids, params = await asyncio.to_thread(prepare, server, chat, body)
         return await run(server, request, chat, body, prompt_ids, params)
@@ -356,7 +404,7 @@ async def handle(server: ServerState, request: Request, chat: bool, body: _Commo
     except QueueFullError as error:
         return error_response(429, str(error), "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
     except RuntimeError as error:
-        if not server.engine.healthy:
+        if server is not None and not server.engine.healthy:
             return error_response(503, str(error), "server_error")
         raise
 
@@ -405,8 +453,6 @@ def refuse_unhonoured(body: _Common) -> None:
 
 def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) -> SamplingParams:
     refuse_unhonoured(body)
-    if body.model is not None and body.model != server.model_name:
-        raise BadRequest(f"model {body.model!r} is not served here; this server serves {server.model_name!r}", "model")
     if body.n != 1:
         raise BadRequest(f"n={body.n} is not supported; send one request per completion", "n")
     if max_tokens is None:

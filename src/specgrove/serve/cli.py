@@ -7,7 +7,7 @@ import os
 import sys
 
 from specgrove.cli_options import build_llm, model_options, speculative_options
-from specgrove.serve.server import build_server, make_policy, policy_k
+from specgrove.serve.server import policy_k, serve_from_args, target_args
 
 
 def add_parsers(sub) -> None:
@@ -55,7 +55,52 @@ def add_parsers(sub) -> None:
         "--max-waiting", type=int, default=64, help="requests queued beyond those; more get HTTP 429 (default 64)"
     )
     s.add_argument("--max-model-len", type=int, default=4096)
-    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the target's name)")
+    s.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients send (default: the target's name); with --targets, one per target, comma-separated",
+    )
+    s.add_argument(
+        "--targets",
+        default=None,
+        metavar="A,B,...",
+        help="serve several targets (instead of --target) with one draft, loaded once and shared; a request's "
+        "model picks its target (the first is the default) and /v1/models lists them all",
+    )
+    s.add_argument(
+        "--sorted-draft",
+        default=None,
+        metavar="DIR",
+        help="a sorted draft (S2D) for every target: --draft DIR --method sorted",
+    )
+    scale = s.add_argument_group("scale-out on Ray Serve (pip install 'specgrove[ray]')")
+    scale.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="engines behind Ray Serve's HTTP proxy, each with its own models, batching and policy (default 1: "
+        "one process, no Ray)",
+    )
+    scale.add_argument(
+        "--ray-address",
+        default=None,
+        help="attach to this running Ray cluster (e.g. auto) instead of starting one on this machine; implies Ray "
+        "Serve even with --replicas 1",
+    )
+    scale.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=None,
+        help="CPUs Ray reserves for each replica (default: this machine's CPUs / --replicas); also its threads "
+        "unless --num-threads",
+    )
+    scale.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="replica i also serves its Prometheus metrics on port METRICS_PORT+i of its node (the proxy's /metrics "
+        "answers from one replica)",
+    )
     s.set_defaults(func=cmd_serve)
 
     lt = sub.add_parser(
@@ -118,29 +163,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_num_seqs < 1 or args.max_waiting < 0:
         raise ValueError("--max-num-seqs must be >= 1 and --max-waiting >= 0")
     policy_k(args.policy)
-    llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
-    policy = make_policy(args.policy, llm, args.profile)
     api_key = args.api_key or os.environ.get("SPECGROVE_API_KEY") or None
     if args.max_body_bytes is not None and args.max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(
             f"[specgrove] warning: serving on {args.host} without --api-key: anyone who can reach this port can "
             "use the model",
             file=sys.stderr,
         )
-    app, _ = build_server(
-        llm,
-        policy,
-        args.max_num_seqs,
-        args.max_waiting,
-        args.served_model_name or llm.target.name,
-        api_key=api_key,
-        max_body_bytes=args.max_body_bytes,
-    )
+    if args.replicas > 1 or args.ray_address is not None:
+        from specgrove.models.loader import resolve_model_dir
+        from specgrove.serve import replicas
+
+        for options in target_args(args):  # a wrong name fails here, not in every replica
+            resolve_model_dir(options.target)
+        return replicas.run(args, api_key)
+    app, engines = serve_from_args(args, api_key)
     print(
-        f"[specgrove] serving {args.served_model_name or llm.target.name} on http://{args.host}:{args.port} "
-        f"(policy {policy.name}, max_num_seqs {args.max_num_seqs})",
+        f"[specgrove] serving {', '.join(engines)} on http://{args.host}:{args.port} "
+        f"(policy {args.policy}, max_num_seqs {args.max_num_seqs} per target)",
         file=sys.stderr,
     )
     # uvicorn bounds open connections (beyond: 503) and idle keep-alive; it has no timeout for a client that

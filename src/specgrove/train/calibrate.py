@@ -53,6 +53,19 @@ class ExitStatistics:
     def in_top_rate(self) -> float | None:
         return float(self.in_top.float().mean()) if self.in_top is not None and len(self.in_top) else None
 
+    def for_target(self, name: str) -> ExitStatistics:
+        """These statistics over the positions of one target's samples."""
+        rows = self.target_index == self.target_names.index(name)
+        in_top = None if self.in_top is None else self.in_top[rows]
+        return ExitStatistics(
+            self.exit_layer,
+            self.confidence[rows],
+            self.agrees[rows],
+            in_top,
+            self.target_index[rows],
+            self.target_names,
+        )
+
     def by_target(self) -> dict[str, tuple[float, float | None, int]]:
         """target -> (agreement, in-top-n rate, positions) over that target's positions."""
         out = {}
@@ -114,3 +127,11 @@ def choose_thresholds(stats: Sequence[ExitStatistics]) -> list[float]:
         chosen = next((t for t in GRID if s.precision_at(t)[0] >= goal and s.precision_at(t)[1] > 0), 1.0)
         thresholds.append(chosen)
     return thresholds + [0.0]
+
+
+def choose_target_thresholds(stats: Sequence[ExitStatistics]) -> dict[str, list[float]]:
+    """`choose_thresholds` over each target's positions alone, for samples of several targets ({} for one)."""
+    names = [n for n in stats[0].target_names if n]
+    if len(names) < 2:
+        return {}
+    return {name: choose_thresholds([s.for_target(name) for s in stats]) for name in names}

@@ -429,7 +429,7 @@ def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
     from specgrove.drafting.sorted import sorted_spec
     from specgrove.models.loader import load_model
     from specgrove.models.sorted import SortedSpec
-    from specgrove.train.calibrate import choose_thresholds, exit_statistics
+    from specgrove.train.calibrate import choose_target_thresholds, choose_thresholds, exit_statistics
     from specgrove.train.data import read_samples
 
     samples = read_samples(args.samples)
@@ -443,11 +443,15 @@ def cmd_calibrate_sorted(args: argparse.Namespace) -> int:
     thresholds = choose_thresholds(stats)
     num_samples = min(args.limit, len(samples))
     print_calibration(stats, thresholds, spec.thresholds, num_samples, args.top_n)
+    per_target = choose_target_thresholds(stats)
+    for name, values in per_target.items():
+        print(f"thresholds for target {name}: {values}")
     if args.write:
         spec.thresholds = thresholds
+        spec.target_thresholds = per_target
         spec.extra["calibration"] = calibration_record(stats, args.samples, num_samples, args.top_n)
         spec.save(draft.path)
-        print(f"wrote thresholds {thresholds} to {draft.path / 'sorted.json'}")
+        print(f"wrote thresholds {thresholds} (and {len(per_target)} targets' own) to {draft.path / 'sorted.json'}")
     return 0
 
 
