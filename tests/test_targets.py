@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from specgrove.cli import build_parser
+from specgrove.cli import build_parser, main
 from specgrove.engine.engine import SpecEngine
 from specgrove.models.loader import load_model
 from specgrove.models.sorted import SortedSpec, build_sorted
@@ -18,7 +18,7 @@ from specgrove.serve.loadtest import ServerThread
 from specgrove.serve.server import serve_from_args, target_args
 from specgrove.testing import make_tiny_model
 
-from test_server import metric_value
+from test_server import CHAT_TEMPLATE, metric_value
 
 PROMPTS = ["abc", "bca", "cab", "abcd", "dcba", "aab", "bba", "cca"]
 
@@ -73,7 +73,7 @@ def plain_text(directory, prompt: str, max_tokens: int) -> str:
     return engine.generate(engine.new_sequence(ids, SamplingParams(temperature=0, max_tokens=max_tokens))).text
 
 
-def test_two_targets_share_one_sorted_draft(dirs):
+def test_two_targets_share_one_sorted_draft(dirs, tmp_path, capsys):
     app, engines = serve_from_args(serve_args(dirs), None)
     assert list(engines) == ["first", "second"]
     first, second = (engines[name].engine for name in ("first", "second"))
@@ -121,6 +121,21 @@ def test_two_targets_share_one_sorted_draft(dirs):
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 12, "temperature": 0})
         assert r.json()["choices"][0]["text"] == expected["first", "abc"]  # no model: the first target
         assert second.proposer.exit_counts and set(second.proposer.exit_counts) == {4}  # its own thresholds
+
+        # `specgrove loadtest --url` against this running server, on the model it names
+        second.tokenizer.chat_template = CHAT_TEMPLATE
+        questions = tmp_path / "q.jsonl"
+        questions.write_text(
+            "".join(json.dumps({"question_id": i, "category": "c", "turns": [t]}) + "\n" for i, t in enumerate(PROMPTS))
+        )
+        out = tmp_path / "lt"
+        common = ["--rates", "50", "--requests", "4", "--max-tokens", "5", "--data", str(questions)]
+        assert main(["loadtest", "--url", server.url, "--model", "second", *common, "--out", str(out)]) == 0
+        report = json.loads((tmp_path / "lt.json").read_text())
+        assert report["config"]["target"] == "second" and len(report["results"]) == 1
+        assert report["results"][0]["ok"] == 4 and report["results"][0]["completion_tokens"] == 20
+        assert main(["loadtest", "--url", server.url, "--model", "third", *common, "--out", str(out)]) == 2
+        assert "not 'third'" in capsys.readouterr().err
 
 
 def test_targets_options_are_checked(dirs):

@@ -124,6 +124,13 @@ def add_parsers(sub) -> None:
     lt.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: as bench)")
     lt.add_argument("--seed", type=int, default=0, help="arrival-time seed (default 0)")
     lt.add_argument("--out", required=True, help="output prefix: OUT.json and OUT.png")
+    lt.add_argument(
+        "--url",
+        default=None,
+        help="load a server already running there (e.g. serve --replicas N) with its own policy, instead of "
+        "starting one per --policies; no models load here",
+    )
+    lt.add_argument("--model", default=None, help="with --url: the model to request (default: the server's first)")
     lt.set_defaults(func=cmd_loadtest, num_speculative_tokens=5)
 
     p = sub.add_parser(
@@ -203,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     import json
 
-    from specgrove.serve.loadtest import plot, run_loadtest
+    from specgrove.serve.loadtest import plot
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
@@ -212,10 +219,32 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         raise ValueError(f"--rates takes comma-separated numbers, got {args.rates!r}") from None
     if not policies or not rates or any(r <= 0 for r in rates) or args.requests < 1 or args.max_tokens < 1:
         raise ValueError("--policies and --rates must be non-empty, rates > 0, --requests and --max-tokens >= 1")
-    fixed = [k for k in (policy_k(p) for p in policies) if k is not None]
-    args.num_speculative_tokens = max([args.num_speculative_tokens, *fixed])
-    llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
-    report = run_loadtest(
+    if args.url is not None:
+        from specgrove.serve.loadtest import run_remote_loadtest
+
+        report = run_remote_loadtest(
+            args.url, args.model, rates, args.requests, args.max_tokens, args.seed, args.data, log=_log
+        )
+    else:
+        fixed = [k for k in (policy_k(p) for p in policies) if k is not None]
+        args.num_speculative_tokens = max([args.num_speculative_tokens, *fixed])
+        llm, _ = build_llm(args, max_num_seqs=args.max_num_seqs)
+        report = _local_loadtest(args, llm, policies, rates)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    plot(report, args.out + ".png")
+    print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _local_loadtest(args: argparse.Namespace, llm, policies: list[str], rates: list[float]) -> dict:
+    from specgrove.serve.loadtest import run_loadtest
+
+    return run_loadtest(
         llm,
         policies,
         rates,
@@ -225,13 +254,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         args.max_num_seqs,
         args.seed,
         args.data,
-        log=lambda m: print(m, file=sys.stderr),
+        log=_log,
     )
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    plot(report, args.out + ".png")
-    print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)
-    return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

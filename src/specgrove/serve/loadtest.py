@@ -1,4 +1,5 @@
-"""`specgrove loadtest`: Poisson arrivals against the server over loopback, one server per policy.
+"""`specgrove loadtest`: Poisson arrivals against the server over loopback, one server per policy (or, with
+`--url`, against a server already running, such as `serve --replicas N`).
 
 The models load once; for each policy (fixed:0 = no speculation, fixed:K, goodput) a server with that
 policy starts on a free loopback port, and for each rate the same seeded arrival times and Spec-Bench
@@ -188,6 +189,56 @@ def run_loadtest(
                     f"p99 {row['p99_latency_s']:.2f}, ttft {row['mean_ttft_s']:.2f} s, {row['tokens_per_s']:.2f} tok/s"
                     + (f", mean k {row['mean_k']:.2f}" if "mean_k" in row else "")
                 )
+    return report
+
+
+def run_remote_loadtest(
+    url: str,
+    model: str | None,
+    rates: list[float],
+    num_requests: int,
+    max_tokens: int,
+    seed: int = 0,
+    data: str | None = None,
+    log=print,
+) -> dict:
+    """The same arrivals and prompts against a server already running at `url` (e.g. `serve --replicas N`):
+    its own policy, one row per rate under policy "server". `model` None: the server's first."""
+    import httpx
+
+    from specgrove.bench.questions import find_spec_bench, load_questions
+
+    try:
+        served = [m["id"] for m in httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"]]
+    except (httpx.HTTPError, ValueError, KeyError) as error:
+        raise ValueError(f"no OpenAI-compatible server answers at {url}: {error}") from None
+    model = served[0] if model is None and served else model
+    if model not in served:
+        raise ValueError(f"{url} serves {served}, not {model!r}; give --model")
+    questions = load_questions(find_spec_bench(data), limit=num_requests)
+    questions = [questions[i % len(questions)] for i in range(num_requests)]
+    prompts = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
+    report = {
+        "config": {
+            "url": url,
+            "policies": ["server"],
+            "rates": rates,
+            "requests": num_requests,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "target": model,
+        },
+        "results": [],
+    }
+    for rate in rates:
+        results = asyncio.run(_run_rate(url.rstrip("/"), model, prompts, rate, max_tokens, seed))
+        row = {"policy": "server", "rate": rate, **summarize(results)}
+        report["results"].append(row)
+        log(
+            f"rate {rate:g}/s: {row['ok']}/{row['requests']} ok, mean {row['mean_latency_s']:.2f} s, "
+            f"p50 {row['p50_latency_s']:.2f}, p99 {row['p99_latency_s']:.2f}, ttft {row['mean_ttft_s']:.2f} s, "
+            f"{row['tokens_per_s']:.2f} tok/s"
+        )
     return report
 
 
