@@ -5,8 +5,8 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream over SSE
 (Prometheus). Usage carries this request's speculation statistics under "speculation".
 
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: malformed JSON, wrong field
-types, out-of-range values, a prompt too long for the context -> 400; a full queue -> 429; a failure
-inside generation -> 500 for that request only; the engine loop down -> 503.
+types, out-of-range values, a prompt too long for the context, a Host header not allowed -> 400; a full
+queue -> 429; a failure inside generation -> 500 for that request only; the engine loop down -> 503.
 
 The endpoints are module-level functions on `router`; `build_app` keeps what they share (the engine
 and the served model's name, `ServerState`) on `app.state.server`, and they get it through `Depends`.
@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import jinja2
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -154,10 +155,16 @@ async def lifespan(app: FastAPI):
 
 
 def build_app(
-    engine: AsyncEngine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """The app. `api_key`: every /v1/ request must send `Authorization: Bearer <api_key>` (else 401); /health
-    and /metrics stay open, as vLLM's. `max_body_bytes`: larger request bodies get 413 before they are read."""
+    and /metrics stay open, as vLLM's. `max_body_bytes`: larger request bodies get 413 before they are read.
+    `allowed_hosts`: host names (any port) a request's Host header may name, else 400 on every route; None or
+    "*" among them: no check."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     app = FastAPI(title="specgrove", version="0.1.0", lifespan=lifespan)
@@ -166,19 +173,33 @@ def build_app(
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(router)
-    app.add_middleware(Guard, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    hosts = None if allowed_hosts is None or "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
+    app.add_middleware(Guard, api_key=api_key or None, max_body_bytes=max_body_bytes, allowed_hosts=hosts)
     app.openapi = lambda: openapi_schema(app)
     return app
 
 
-ERROR_STATUSES = {
-    "400": "a malformed or unservable request",
-    "401": "a missing or wrong API key (with --api-key)",
-    "413": "a body over --max-body-bytes",
-    "429": "the queue is full; retry after Retry-After seconds",
-    "500": "this request failed inside generation",
-    "503": "the engine is not running",
-}
+def error_statuses(path: str, method: str) -> dict[str, str]:
+    """The error statuses a route sends, each with what it means: the Guard's on every route (400 for a Host
+    header not allowed, 413 for a large body; 401 on /v1/ with --api-key), 500 for an unexpected failure, and
+    the completions' own (a bad request, a full queue, the engine down)."""
+    completion = method == "post"
+    statuses = {
+        "400": ("a malformed or unservable request, or " if completion else "")
+        + "a Host header not in --allowed-hosts",
+        "401": "a missing or wrong API key (with --api-key)",
+        "413": "a body over --max-body-bytes",
+        "429": "the queue is full; retry after Retry-After seconds",
+        "500": ("this request failed inside generation, or " if completion else "") + "an unexpected failure",
+        "503": "the engine is not running",
+    }
+    if not path.startswith("/v1/"):
+        del statuses["401"]
+    if not completion:
+        del statuses["429"]
+        if path != "/health":
+            del statuses["503"]
+    return statuses
 
 
 class ErrorDetail(BaseModel):
@@ -193,8 +214,9 @@ class ErrorResponse(BaseModel):
 
 
 def openapi_schema(app: FastAPI) -> dict:
-    """FastAPI's schema with the errors this server really sends: 400 (not FastAPI's 422, which it never
-    sends) and the others of ERROR_STATUSES on the POST endpoints, all in OpenAI's error shape."""
+    """FastAPI's schema with the responses this server really sends: the errors of `error_statuses` (400, not
+    FastAPI's 422, which it never sends), all in OpenAI's error shape; a completion's 200 as JSON or, with
+    `stream: true`, server-sent events; /metrics' 200 as Prometheus text."""
     from fastapi.openapi.utils import get_openapi
 
     if app.openapi_schema:
@@ -211,30 +233,64 @@ def openapi_schema(app: FastAPI) -> dict:
     )
     components["ErrorResponse"].pop("$defs", None)
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-    for operations in schema.get("paths", {}).values():
+    for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
+            for status, description in error_statuses(path, method).items():
+                responses[status] = {"description": description, "content": error}
             if method == "post":
-                for status, description in ERROR_STATUSES.items():
-                    responses[status] = {"description": description, "content": error}
+                responses["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+                responses["200"]["description"] = "the completion (JSON), or with stream: true server-sent events"
+            if path == "/metrics":
+                responses["200"] = {
+                    "description": "Prometheus' text exposition format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
     app.openapi_schema = schema
     return schema
 
 
-class Guard:
-    """ASGI middleware in front of every route: the API key of /v1/ requests, then the body size (by its
-    Content-Length, and by counting what arrives for a body sent in chunks)."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+
+def host_name(host: str) -> str:
+    """The name in a Host header or an --allowed-hosts entry, without its port or an IPv6 address' brackets,
+    lower-case: "LocalHost:8000" -> "localhost", "[::1]:8000" -> "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    if host.count(":") > 1:  # an IPv6 address given without brackets (only in --allowed-hosts)
+        return host
+    return host.split(":", 1)[0]
+
+
+class Guard:
+    """ASGI middleware in front of every route: the Host header, the API key of /v1/ requests, then the body
+    size (by its Content-Length, and by counting what arrives for a body sent in chunks).
+
+    The Host header stops DNS rebinding: a page on an attacker's domain that resolves to 127.0.0.1 reaches a
+    loopback server from the victim's browser, but its requests name the attacker's domain in Host. Refused
+    with 400, as Starlette's TrustedHostMiddleware and Django's ALLOWED_HOSTS do (a request naming a host this
+    server does not serve is a bad request; 421 is HTTP/2's answer to a reused connection, not this)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, allowed_hosts: set[str] | None = None):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
+            return await _send_error(
+                send,
+                400,
+                f"the Host header {headers.get('host', '')!r} is not one this server answers to; "
+                "allow it with --allowed-hosts",
+            )
         if self.api_key is not None and scope.get("path", "").startswith("/v1/"):
             sent = headers.get("authorization", "")
             token = sent[7:] if sent[:7].lower() == "bearer " else ""
@@ -270,7 +326,9 @@ class Guard:
 
 
 async def _send_error(send, status: int, message: str) -> None:
-    kind = {401: "authentication_error", 413: "invalid_request_error"}.get(status, "server_error")
+    kind = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error"}.get(
+        status, "server_error"
+    )
     body = json.dumps(error_body(status, message, kind)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
@@ -488,7 +546,14 @@ def chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
     ]
     for i, m in enumerate(plain):
         check_text(m["content"], f"messages.{i}.content")
-    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateSyntaxError:
+        raise  # the model's template is broken: the server's fault, a 500
+    except jinja2.TemplateError as error:
+        # the template's raise_exception: this model refuses these messages (roles that do not alternate, a
+        # system message it has no place for), which is the request's fault
+        raise BadRequest(f"the model's chat template refuses these messages: {error}", "messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -45,7 +45,16 @@ def make_policy(text: str, llm, profile_path: str | None):
     return GoodputPolicy(latency, llm.engine.num_speculative_tokens)
 
 
-def build_server(llm, policy, max_num_seqs: int, max_waiting: int, model_name: str, api_key=None, max_body_bytes=None):
+def build_server(
+    llm,
+    policy,
+    max_num_seqs: int,
+    max_waiting: int,
+    model_name: str,
+    api_key=None,
+    max_body_bytes=None,
+    allowed_hosts=None,
+):
     from specgrove.engine.scheduler import Scheduler
     from specgrove.serve.app import build_app
     from specgrove.serve.async_engine import AsyncEngine
@@ -53,4 +62,24 @@ def build_server(llm, policy, max_num_seqs: int, max_waiting: int, model_name: s
     scheduler = Scheduler(llm.engine, policy, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
     engine = AsyncEngine(scheduler)
     limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
-    return build_app(engine, model_name, api_key=api_key, **limits), engine
+    return build_app(engine, model_name, api_key=api_key, allowed_hosts=allowed_hosts, **limits), engine
+
+
+def allowed_hosts_for(bind_host: str, flag: str | None) -> list[str] | None:
+    """The Host names a server bound to `bind_host` answers to: those of --allowed-hosts (comma-separated; "*"
+    is any), else the loopback names when bound to a loopback address (against DNS rebinding), else any (None:
+    a server bound to another address is reached under names it cannot know)."""
+    import ipaddress
+
+    from specgrove.serve.app import LOOPBACK_HOSTS
+
+    if flag is not None:
+        hosts = [h.strip() for h in flag.split(",") if h.strip()]
+        if not hosts:
+            raise ValueError(f"--allowed-hosts takes comma-separated host names (or '*'), got {flag!r}")
+        return None if "*" in hosts else hosts
+    try:
+        loopback = bind_host == "localhost" or ipaddress.ip_address(bind_host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    return sorted({*LOOPBACK_HOSTS, bind_host.strip("[]")}) if loopback else None
