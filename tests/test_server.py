@@ -137,6 +137,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, "role"),
     ("/v1/chat/completions", {"messages": "abc"}, "messages"),
+    # max_completion_tokens wins over max_tokens, but an invalid max_tokens is still refused (as the schema says)
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 3, "max_tokens": 0},
+        "max_tokens",
+    ),
     # fields that would change what the answer means are refused, not silently ignored
     ("/v1/completions", {"prompt": "abc", "logprobs": 2}, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True}, "logprobs"),

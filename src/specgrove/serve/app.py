@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jinja2
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from specgrove.engine.scheduler import QueueFullError
 from specgrove.engine.sequence import Sequence
 from specgrove.errors import SpecgroveError
-from specgrove.sampling import SamplingParams
+from specgrove.sampling import MAX_SEED, SamplingParams
 from specgrove.serve.async_engine import AsyncEngine, Delta, RequestStream, usage_of
 
 DISCONNECT_POLL_S = 0.5
@@ -49,25 +49,32 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+def accepts(default: Any, **schema: Any) -> Any:
+    """A field whose JSON schema documents the values the server accepts (`schema`: JSON Schema keywords). The
+    checks themselves stay where the values are used (SamplingParams, prepare), with messages that say what
+    to do; test_schema_fuzz sends values outside these and expects a 4xx, so the two cannot drift apart."""
+    return Field(default, json_schema_extra=schema)
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: StrictInt | None = None
-    temperature: StrictFloat = 1.0
-    top_p: StrictFloat = 1.0
-    top_k: StrictInt = 0
-    min_p: StrictFloat = 0.0
-    seed: StrictInt | None = None
-    stop: str | list[str] | None = None
+    model: str | None = None  # the schema names the served model (openapi_schema)
+    max_tokens: StrictInt | None = accepts(None, minimum=1)
+    temperature: StrictFloat = accepts(1.0, minimum=0)
+    top_p: StrictFloat = accepts(1.0, exclusiveMinimum=0, maximum=1)
+    top_k: StrictInt = accepts(0, minimum=-1)
+    min_p: StrictFloat = accepts(0.0, minimum=0, maximum=1)
+    seed: StrictInt | None = accepts(None, minimum=-MAX_SEED - 1, maximum=MAX_SEED)
+    stop: str | list[str] | None = accepts(None, minLength=1, items={"minLength": 1})
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = 1
+    n: StrictInt = accepts(1, const=1)
     ignore_eos: StrictBool = False
-    presence_penalty: StrictFloat = 0.0
-    frequency_penalty: StrictFloat = 0.0
+    presence_penalty: StrictFloat = accepts(0.0, const=0)
+    frequency_penalty: StrictFloat = accepts(0.0, const=0)
     user: str | None = None
     # Fields that change what a response means. The server does not honour them yet, so a request that sets
-    # one (to anything but its neutral value) is refused rather than answered as if it had not.
+    # one (to anything but its neutral value, UNHONOURED) is refused rather than answered as if it had not.
     logprobs: Any = None
     top_logprobs: Any = None
     logit_bias: Any = None
@@ -81,20 +88,33 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[StrictInt] | list[str]
-    max_tokens: StrictInt | None = COMPLETION_MAX_TOKENS
-    echo: StrictBool = False
+    # one prompt: text, token ids, or a list of one text
+    prompt: (
+        Annotated[str, accepts(..., minLength=1)]
+        | Annotated[list[StrictInt], accepts(..., minItems=1, items={"type": "integer", "minimum": 0})]
+        | Annotated[list[str], accepts(..., minItems=1, maxItems=1, items={"type": "string", "minLength": 1})]
+    )
+    max_tokens: StrictInt | None = accepts(COMPLETION_MAX_TOKENS, minimum=1)
+    echo: StrictBool = accepts(False, const=False)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    # text, or OpenAI's content parts, all of them text
+    content: str | list[dict[str, Any]] | None = accepts(
+        None,
+        items={
+            "type": "object",
+            "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+        },
+    )
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = accepts(None, minimum=1)
 
 
 class BadRequest(ValueError):
@@ -213,10 +233,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# one server-sent event as Open API describes it: its fields (only data here), each a string
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+
+
 def openapi_schema(app: FastAPI) -> dict:
     """FastAPI's schema with the responses this server really sends: the errors of `error_statuses` (400, not
     FastAPI's 422, which it never sends), all in OpenAI's error shape; a completion's 200 as JSON or, with
-    `stream: true`, server-sent events; /metrics' 200 as Prometheus text."""
+    `stream: true`, server-sent events; /metrics' 200 as Prometheus text; the request fields' accepted values
+    (`accepts`, the served model's name, the neutral values of UNHONOURED)."""
     from fastapi.openapi.utils import get_openapi
 
     if app.openapi_schema:
@@ -232,6 +257,11 @@ def openapi_schema(app: FastAPI) -> dict:
         }
     )
     components["ErrorResponse"].pop("$defs", None)
+    for request in ("CompletionRequest", "ChatRequest"):
+        properties = components[request]["properties"]
+        properties["model"]["anyOf"] = [{"const": app.state.server.model_name}, {"type": "null"}]
+        for name, neutral in UNHONOURED.items():
+            properties[name]["enum"] = list(neutral)
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
@@ -240,8 +270,11 @@ def openapi_schema(app: FastAPI) -> dict:
             for status, description in error_statuses(path, method).items():
                 responses[status] = {"description": description, "content": error}
             if method == "post":
-                responses["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
-                responses["200"]["description"] = "the completion (JSON), or with stream: true server-sent events"
+                # Open API before 3.2 has the schema of an event stream describe each event
+                responses["200"]["content"]["text/event-stream"] = {"schema": SSE_EVENT}
+                responses["200"]["description"] = (
+                    "the completion (JSON); with stream: true, server-sent events: chunks (JSON), then [DONE]"
+                )
             if path == "/metrics":
                 responses["200"] = {
                     "description": "Prometheus' text exposition format",
@@ -423,6 +456,8 @@ async def handle(server: ServerState, request: Request, chat: bool, body: _Commo
 def prepare(server: ServerState, chat: bool, body: _Common) -> tuple[list[int], SamplingParams]:
     """The prompt's token ids and the sampling parameters; BadRequest for what the engine cannot serve."""
     if chat:
+        if body.max_completion_tokens is not None and body.max_tokens is not None and body.max_tokens <= 0:
+            raise BadRequest(f"max_tokens must be >= 1, got {body.max_tokens}", "max_tokens")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         prompt_ids = chat_prompt(server.tokenizer, body.messages)
     else:
