@@ -634,6 +634,8 @@ def test_the_openapi_schema_documents_the_errors_sent(server):
     assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     streamed = schema["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
     assert {"application/json", "text/event-stream"} <= set(streamed)
+    assert streamed["application/json"]["schema"]["$ref"].endswith("/Completion")
+    assert schema["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["anyOf"][0] == {"const": MODEL}
     # and a bad request really is the 400 the schema says, in its shape
     r = httpx.post(server.url + "/v1/completions", json={"prompt": 5})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
@@ -676,12 +678,13 @@ def test_allowed_hosts_default_to_loopback_names_on_loopback_only():
         allowed_hosts_for("127.0.0.1", " , ")
 
 
-def test_requests_schema_fuzzing_found(server, tiny_target):
-    """Regressions of tests/test_schema_fuzz.py's finds. A top_p that rounds to 0 in float32 kept no token and
-    sampled from NaN (500): it keeps the most likely one, so it is greedy decoding."""
-    body = {"prompt": "abc", "max_tokens": 6, "temperature": 1.0, "top_p": 1e-300}
-    r = httpx.post(server.url + "/v1/completions", json=body)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 6)
+def test_a_top_p_below_float32s_range_is_greedy(server, tiny_target):
+    """A top_p that rounds to 0 in float32 kept no token and sampled from NaN: 500 (schema fuzzing found
+    top_p=5e-324). It keeps the most likely token, so it is greedy decoding."""
+    for top_p in (5e-324, 1e-300):
+        body = {"prompt": "abc", "max_tokens": 6, "temperature": 1.0, "top_p": top_p}
+        r = httpx.post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 6)
 
 
 def test_a_chat_template_that_refuses_the_messages_is_a_400(tiny_target, tiny_draft):

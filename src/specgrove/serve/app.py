@@ -233,8 +233,144 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-# one server-sent event as Open API describes it: its fields (only data here), each a string
-SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+# ---- what the endpoints answer: models for the OpenAPI schema only (the handlers build plain dicts; the schema
+# fuzzing of tests/test_schema_fuzz.py checks every answer against these) -----------------------------------
+class Speculation(BaseModel):
+    steps: int
+    drafts: int
+    draft_tokens: int
+    accepted_tokens: int
+    accepted_per_position: list[int]
+    mean_accept_length: float
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    speculation: Speculation
+
+
+class _Answer(BaseModel):
+    id: str
+    created: int
+    model: str
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+    stop_reason: int | str | None  # the stop token id or stop string that ended it, as vLLM's
+
+
+class Completion(_Answer):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None
+
+
+class CompletionChunk(_Answer):
+    """An event of a streamed completion; with stream_options.include_usage every chunk has usage: null and a
+    last one, without choices, the request's usage."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChunkDelta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None
+
+
+class ChatCompletionChunk(_Answer):
+    """An event of a streamed chat completion: the first delta names the role; usage as CompletionChunk's."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    running: int
+    waiting: int
+
+
+def sse_event(chunk: type[BaseModel]) -> dict:
+    """One server-sent event of a stream, as Open API describes an event (before 3.2, the schema of an event
+    stream is that of each event): its data is a chunk or an error as JSON, or the last event's [DONE]."""
+    payload = {
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [schema_ref(chunk), schema_ref(ErrorResponse)]},
+    }
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "string", "if": {"const": "[DONE]"}, "else": payload}},
+    }
+
+
+def schema_ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def add_schemas(components: dict, *models: type[BaseModel]) -> None:
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+
+
+STREAM_CHUNKS = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
 
 
 def openapi_schema(app: FastAPI) -> dict:
@@ -250,13 +386,7 @@ def openapi_schema(app: FastAPI) -> dict:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
-    components.update(
-        {
-            name: model.model_json_schema(ref_template="#/components/schemas/{model}")
-            for name, model in (("ErrorDetail", ErrorDetail), ("ErrorResponse", ErrorResponse))
-        }
-    )
-    components["ErrorResponse"].pop("$defs", None)
+    add_schemas(components, ErrorResponse, *STREAM_CHUNKS.values())
     for request in ("CompletionRequest", "ChatRequest"):
         properties = components[request]["properties"]
         properties["model"]["anyOf"] = [{"const": app.state.server.model_name}, {"type": "null"}]
@@ -270,8 +400,7 @@ def openapi_schema(app: FastAPI) -> dict:
             for status, description in error_statuses(path, method).items():
                 responses[status] = {"description": description, "content": error}
             if method == "post":
-                # Open API before 3.2 has the schema of an event stream describe each event
-                responses["200"]["content"]["text/event-stream"] = {"schema": SSE_EVENT}
+                responses["200"]["content"]["text/event-stream"] = {"schema": sse_event(STREAM_CHUNKS[path])}
                 responses["200"]["description"] = (
                     "the completion (JSON); with stream: true, server-sent events: chunks (JSON), then [DONE]"
                 )
@@ -397,7 +526,7 @@ async def http_error(request: Request, exc: StarletteHTTPException):
 
 
 # ---- endpoints ---------------------------------------------------------------------------------------
-@router.get("/health")
+@router.get("/health", responses={200: {"model": Health}})
 async def health(server: ServerState = Depends(server_state)):
     engine = server.engine
     if not engine.healthy:
@@ -405,7 +534,7 @@ async def health(server: ServerState = Depends(server_state)):
     return {"status": "ok", "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={200: {"model": ModelList}})
 async def models(server: ServerState = Depends(server_state)):
     return {
         "object": "list",
@@ -426,12 +555,12 @@ async def metrics(server: ServerState = Depends(server_state)):
     return Response(server.engine.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: {"model": Completion}})
 async def completions(request: Request, body: CompletionRequest, server: ServerState = Depends(server_state)):
     return await handle(server, request, False, body)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletion}})
 async def chat_completions(request: Request, body: ChatRequest, server: ServerState = Depends(server_state)):
     return await handle(server, request, True, body)
 
