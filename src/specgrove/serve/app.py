@@ -52,7 +52,7 @@ class StreamOptions(BaseModel):
 def accepts(default: Any, **schema: Any) -> Any:
     """A field whose JSON schema documents the values the server accepts (`schema`: JSON Schema keywords). The
     checks themselves stay where the values are used (SamplingParams, prepare), with messages that say what
-    to do; test_schema_fuzz sends values outside these and expects a 4xx, so the two cannot drift apart."""
+    to do; tests/test_schema_fuzz.py sends values outside these and expects them refused."""
     return Field(default, json_schema_extra=schema)
 
 
