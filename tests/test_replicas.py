@@ -29,6 +29,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from specgrove.serve import replicas  # noqa: E402
+from specgrove.serve.server import serve_from_args  # noqa: E402
 
 LETTERS = "abcdefgh"
 
@@ -42,7 +43,7 @@ def free_port() -> int:
 def gated_server(args, flag_dir):
     """The replica's server, whose engine waits while the file stall-<pid> exists in flag_dir (so that a test
     knows which requests a replica holds when it is killed)."""
-    app, engines = replicas.serve_from_args(args)
+    app, engines = serve_from_args(args, None)
     for engine in engines.values():
         step = engine.scheduler.step
 

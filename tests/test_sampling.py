@@ -29,6 +29,14 @@ def test_top_k_top_p_min_p():
     assert torch.allclose(p.sum(-1), torch.ones(1))
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-46, 1e-30])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    """A top_p that rounds to 0 in float32 still keeps the argmax (the server's schema fuzzing found top_p=5e-324:
+    every token was dropped and the sampler read NaN)."""
+    p = process_logits(LOGITS, SamplingParams(top_p=top_p))
+    assert p.tolist() == [[0, 0, 0, 0, 0, 1.0]]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -145,6 +145,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, "role"),
     ("/v1/chat/completions", {"messages": "abc"}, "messages"),
+    # max_completion_tokens wins over max_tokens, but an invalid max_tokens is still refused (as the schema says)
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 3, "max_tokens": 0},
+        "max_tokens",
+    ),
     # fields that would change what the answer means are refused, not silently ignored
     ("/v1/completions", {"prompt": "abc", "logprobs": 2}, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True}, "logprobs"),
@@ -628,6 +634,82 @@ def test_the_openapi_schema_documents_the_errors_sent(server):
         responses = schema["paths"][path]["post"]["responses"]
         assert "422" not in responses and {"200", "400", "401", "413", "429", "500", "503"} <= set(responses)
         assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    # the Guard's errors (Host, body size; the API key on /v1/) and an unexpected failure, on every route
+    for path in ("/health", "/v1/models", "/metrics"):
+        responses = schema["paths"][path]["get"]["responses"]
+        assert {"200", "400", "413", "500"} <= set(responses) and "429" not in responses
+        assert ("401" in responses) == path.startswith("/v1/") and ("503" in responses) == (path == "/health")
+    assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    streamed = schema["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+    assert {"application/json", "text/event-stream"} <= set(streamed)
+    assert streamed["application/json"]["schema"]["$ref"].endswith("/Completion")
+    assert schema["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["anyOf"][0] == {"enum": [MODEL]}
     # and a bad request really is the 400 the schema says, in its shape
     r = httpx.post(server.url + "/v1/completions", json={"prompt": 5})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_host_header_is_checked_against_dns_rebinding(tiny_target, tiny_draft):
+    """With allowed hosts (the default of `specgrove serve` on loopback), a request naming another host in Host
+    (a page on an attacker's domain resolving to 127.0.0.1) gets 400 on every route; loopback names, with any
+    port, are served."""
+    from specgrove.serve.app import LOOPBACK_HOSTS
+
+    with Server(tiny_target, tiny_draft, allowed_hosts=list(LOOPBACK_HOSTS)) as server:
+        body = {"prompt": "abc", "max_tokens": 3, "temperature": 0}
+        port = server.port
+        for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.evil.example", ""):
+            for method, path in (("POST", "/v1/completions"), ("GET", "/health"), ("GET", "/v1/models")):
+                r = httpx.request(
+                    method, server.url + path, json=body if method == "POST" else None, headers={"Host": host}
+                )
+                assert r.status_code == 400, (host, path, r.status_code)
+                assert r.json()["error"]["code"] == 400 and "--allowed-hosts" in r.json()["error"]["message"]
+        for host in (f"127.0.0.1:{port}", "localhost", f"LocalHost:{port}", f"[::1]:{port}", "[::1]"):
+            assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 200, host
+            r = httpx.post(server.url + "/v1/completions", json=body, headers={"Host": host})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 3)
+
+
+def test_allowed_hosts_default_to_loopback_names_on_loopback_only():
+    from specgrove.serve.server import allowed_hosts_for
+
+    loopback = ["127.0.0.1", "::1", "localhost"]
+    assert sorted(allowed_hosts_for("127.0.0.1", None)) == sorted(loopback)
+    assert sorted(allowed_hosts_for("::1", None)) == sorted(loopback)
+    assert sorted(allowed_hosts_for("localhost", None)) == sorted(loopback)
+    assert sorted(allowed_hosts_for("127.0.0.2", None)) == sorted([*loopback, "127.0.0.2"])
+    assert allowed_hosts_for("0.0.0.0", None) is None and allowed_hosts_for("192.168.1.5", None) is None
+    assert allowed_hosts_for("0.0.0.0", "api.internal, 10.0.0.2") == ["api.internal", "10.0.0.2"]
+    assert allowed_hosts_for("127.0.0.1", "*") is None
+    with pytest.raises(ValueError, match="allowed-hosts"):
+        allowed_hosts_for("127.0.0.1", " , ")
+
+
+def test_a_top_p_below_float32s_range_is_greedy(server, tiny_target):
+    """A top_p that rounds to 0 in float32 kept no token and sampled from NaN: 500 (schema fuzzing found
+    top_p=5e-324). It keeps the most likely token, so it is greedy decoding."""
+    for top_p in (5e-324, 1e-300):
+        body = {"prompt": "abc", "max_tokens": 6, "temperature": 1.0, "top_p": top_p}
+        r = httpx.post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(tiny_target, "abc", 6)
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(tiny_target, tiny_draft):
+    """A model's chat template may refuse messages (raise_exception: roles that do not alternate, a system
+    message it has no place for): the request's fault, 400, not a 500."""
+    refusing = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}h"
+    )
+    with Server(tiny_target, tiny_draft) as server:
+        tiny_target.tokenizer.chat_template = refusing
+        try:
+            system = {"messages": [{"role": "system", "content": "a"}], "max_tokens": 2}
+            r = httpx.post(server.url + "/v1/chat/completions", json=system)
+            assert r.status_code == 400 and "System role not supported" in r.json()["error"]["message"], r.text
+            assert r.json()["error"]["param"] == "messages"
+            user = {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2}
+            assert httpx.post(server.url + "/v1/chat/completions", json=user).status_code == 200
+        finally:
+            tiny_target.tokenizer.chat_template = CHAT_TEMPLATE

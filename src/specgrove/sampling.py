@@ -120,6 +120,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly before each token
         drop_sorted = before >= params.top_p  # keep the smallest prefix whose mass reaches top_p
+        # never empty: the most likely token stays, also when top_p rounds to 0 in float32 (below ~1e-45)
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     if params.min_p > 0.0:

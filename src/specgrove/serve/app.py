@@ -5,8 +5,8 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream over SSE
 (Prometheus). Usage carries this request's speculation statistics under "speculation".
 
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: malformed JSON, wrong field
-types, out-of-range values, a prompt too long for the context -> 400; a full queue -> 429; a failure
-inside generation -> 500 for that request only; the engine loop down -> 503.
+types, out-of-range values, a prompt too long for the context, a Host header not allowed -> 400; a full
+queue -> 429; a failure inside generation -> 500 for that request only; the engine loop down -> 503.
 
 The endpoints are module-level functions on `router`; `build_app` keeps what they share (each served
 target's engine under its model name, `ServerState`, in `Served`) on `app.state.served`, and they get it
@@ -23,8 +23,9 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import jinja2
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from specgrove.engine.scheduler import QueueFullError
 from specgrove.engine.sequence import Sequence
 from specgrove.errors import SpecgroveError
-from specgrove.sampling import SamplingParams
+from specgrove.sampling import MAX_SEED, SamplingParams
 from specgrove.serve.async_engine import AsyncEngine, Delta, RequestStream, usage_of
 
 DISCONNECT_POLL_S = 0.5
@@ -50,25 +51,32 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+def accepts(default: Any, **schema: Any) -> Any:
+    """A field whose JSON schema documents the values the server accepts (`schema`: JSON Schema keywords). The
+    checks themselves stay where the values are used (SamplingParams, prepare), with messages that say what
+    to do; tests/test_schema_fuzz.py sends values outside these and expects them refused."""
+    return Field(default, json_schema_extra=schema)
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: StrictInt | None = None
-    temperature: StrictFloat = 1.0
-    top_p: StrictFloat = 1.0
-    top_k: StrictInt = 0
-    min_p: StrictFloat = 0.0
-    seed: StrictInt | None = None
-    stop: str | list[str] | None = None
+    model: str | None = None  # the schema names the served model (openapi_schema)
+    max_tokens: StrictInt | None = accepts(None, minimum=1)
+    temperature: StrictFloat = accepts(1.0, minimum=0)
+    top_p: StrictFloat = accepts(1.0, exclusiveMinimum=0, maximum=1)
+    top_k: StrictInt = accepts(0, minimum=-1)
+    min_p: StrictFloat = accepts(0.0, minimum=0, maximum=1)
+    seed: StrictInt | None = accepts(None, minimum=-MAX_SEED - 1, maximum=MAX_SEED)
+    stop: str | list[str] | None = accepts(None, minLength=1, items={"minLength": 1})
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = 1
+    n: StrictInt = accepts(1, const=1)
     ignore_eos: StrictBool = False
-    presence_penalty: StrictFloat = 0.0
-    frequency_penalty: StrictFloat = 0.0
+    presence_penalty: StrictFloat = accepts(0.0, const=0)
+    frequency_penalty: StrictFloat = accepts(0.0, const=0)
     user: str | None = None
     # Fields that change what a response means. The server does not honour them yet, so a request that sets
-    # one (to anything but its neutral value) is refused rather than answered as if it had not.
+    # one (to anything but its neutral value, UNHONOURED) is refused rather than answered as if it had not.
     logprobs: Any = None
     top_logprobs: Any = None
     logit_bias: Any = None
@@ -82,20 +90,33 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[StrictInt] | list[str]
-    max_tokens: StrictInt | None = COMPLETION_MAX_TOKENS
-    echo: StrictBool = False
+    # one prompt: text, token ids, or a list of one text
+    prompt: (
+        Annotated[str, accepts(..., minLength=1)]
+        | Annotated[list[StrictInt], accepts(..., minItems=1, items={"type": "integer", "minimum": 0})]
+        | Annotated[list[str], accepts(..., minItems=1, maxItems=1, items={"type": "string", "minLength": 1})]
+    )
+    max_tokens: StrictInt | None = accepts(COMPLETION_MAX_TOKENS, minimum=1)
+    echo: StrictBool = accepts(False, const=False)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    # text, or OpenAI's content parts, all of them text
+    content: str | list[dict[str, Any]] | None = accepts(
+        None,
+        items={
+            "type": "object",
+            "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+        },
+    )
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = accepts(None, minimum=1)
 
 
 class BadRequest(ValueError):
@@ -182,11 +203,13 @@ def build_app(
     model_name: str | None = None,
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """The app over one engine serving `model_name`, or over several targets ({model name: engine}, the first
     the default; their metrics must share one registry, `serve.metrics.MetricFamilies`). `api_key`: every /v1/
     request must send `Authorization: Bearer <api_key>` (else 401); /health and /metrics stay open, as vLLM's.
-    `max_body_bytes`: larger request bodies get 413 before they are read."""
+    `max_body_bytes`: larger request bodies get 413 before they are read. `allowed_hosts`: host names (any
+    port) a request's Host header may name, else 400 on every route; None or "*" among them: no check."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     engines = engine if isinstance(engine, dict) else {model_name: engine}
@@ -200,19 +223,33 @@ def build_app(
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(router)
-    app.add_middleware(Guard, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    hosts = None if allowed_hosts is None or "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
+    app.add_middleware(Guard, api_key=api_key or None, max_body_bytes=max_body_bytes, allowed_hosts=hosts)
     app.openapi = lambda: openapi_schema(app)
     return app
 
 
-ERROR_STATUSES = {
-    "400": "a malformed or unservable request",
-    "401": "a missing or wrong API key (with --api-key)",
-    "413": "a body over --max-body-bytes",
-    "429": "the queue is full; retry after Retry-After seconds",
-    "500": "this request failed inside generation",
-    "503": "the engine is not running",
-}
+def error_statuses(path: str, method: str) -> dict[str, str]:
+    """The error statuses a route sends, each with what it means: the Guard's on every route (400 for a Host
+    header not allowed, 413 for a large body; 401 on /v1/ with --api-key), 500 for an unexpected failure, and
+    the completions' own (a bad request, a full queue, the engine down)."""
+    completion = method == "post"
+    statuses = {
+        "400": ("a malformed or unservable request, or " if completion else "")
+        + "a Host header not in --allowed-hosts",
+        "401": "a missing or wrong API key (with --api-key)",
+        "413": "a body over --max-body-bytes",
+        "429": "the queue is full; retry after Retry-After seconds",
+        "500": ("this request failed inside generation, or " if completion else "") + "an unexpected failure",
+        "503": "the engine is not running",
+    }
+    if not path.startswith("/v1/"):
+        del statuses["401"]
+    if not completion:
+        del statuses["429"]
+        if path != "/health":
+            del statuses["503"]
+    return statuses
 
 
 class ErrorDetail(BaseModel):
@@ -226,9 +263,157 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# ---- what the endpoints answer: models for the OpenAPI schema only (the handlers build plain dicts; the schema
+# fuzzing of tests/test_schema_fuzz.py checks every answer against these) -----------------------------------
+class Speculation(BaseModel):
+    steps: int
+    drafts: int
+    draft_tokens: int
+    accepted_tokens: int
+    accepted_per_position: list[int]
+    mean_accept_length: float
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    speculation: Speculation
+
+
+class _Answer(BaseModel):
+    id: str
+    created: int
+    model: str
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+    stop_reason: int | str | None  # the stop token id or stop string that ended it, as vLLM's
+
+
+class Completion(_Answer):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None
+
+
+class CompletionChunk(_Answer):
+    """An event of a streamed completion; with stream_options.include_usage every chunk has usage: null and a
+    last one, without choices, the request's usage."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChunkDelta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None
+
+
+class ChatCompletionChunk(_Answer):
+    """An event of a streamed chat completion: the first delta names the role; usage as CompletionChunk's."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TargetLoad(BaseModel):
+    running: int
+    waiting: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    running: int
+    waiting: int
+    models: dict[str, TargetLoad]
+
+
+def sse_event(chunk: type[BaseModel]) -> dict:
+    """One server-sent event of a stream, as Open API describes an event (before 3.2, the schema of an event
+    stream is that of each event): its data is a chunk or an error as JSON, or the last event's [DONE]."""
+    payload = {
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [schema_ref(chunk), schema_ref(ErrorResponse)]},
+    }
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "string", "if": {"const": "[DONE]"}, "else": payload}},
+    }
+
+
+def schema_ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def add_schemas(components: dict, *models: type[BaseModel]) -> None:
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+
+
+STREAM_CHUNKS = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
+
+
 def openapi_schema(app: FastAPI) -> dict:
-    """FastAPI's schema with the errors this server really sends: 400 (not FastAPI's 422, which it never
-    sends) and the others of ERROR_STATUSES on the POST endpoints, all in OpenAI's error shape."""
+    """FastAPI's schema with the responses this server really sends: the errors of `error_statuses` (400, not
+    FastAPI's 422, which it never sends), all in OpenAI's error shape; a completion's 200 as JSON or, with
+    `stream: true`, server-sent events; /metrics' 200 as Prometheus text; the request fields' accepted values
+    (`accepts`, the served model's name, the neutral values of UNHONOURED)."""
     from fastapi.openapi.utils import get_openapi
 
     if app.openapi_schema:
@@ -237,38 +422,73 @@ def openapi_schema(app: FastAPI) -> dict:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
-    components.update(
-        {
-            name: model.model_json_schema(ref_template="#/components/schemas/{model}")
-            for name, model in (("ErrorDetail", ErrorDetail), ("ErrorResponse", ErrorResponse))
-        }
-    )
-    components["ErrorResponse"].pop("$defs", None)
+    add_schemas(components, ErrorResponse, *STREAM_CHUNKS.values())
+    for request in ("CompletionRequest", "ChatRequest"):
+        properties = components[request]["properties"]
+        properties["model"]["anyOf"] = [{"enum": list(app.state.served.targets)}, {"type": "null"}]
+        for name, neutral in UNHONOURED.items():
+            properties[name]["enum"] = list(neutral)
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-    for operations in schema.get("paths", {}).values():
+    for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
+            for status, description in error_statuses(path, method).items():
+                responses[status] = {"description": description, "content": error}
             if method == "post":
-                for status, description in ERROR_STATUSES.items():
-                    responses[status] = {"description": description, "content": error}
+                responses["200"]["content"]["text/event-stream"] = {"schema": sse_event(STREAM_CHUNKS[path])}
+                responses["200"]["description"] = (
+                    "the completion (JSON); with stream: true, server-sent events: chunks (JSON), then [DONE]"
+                )
+            if path == "/metrics":
+                responses["200"] = {
+                    "description": "Prometheus' text exposition format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
     app.openapi_schema = schema
     return schema
 
 
-class Guard:
-    """ASGI middleware in front of every route: the API key of /v1/ requests, then the body size (by its
-    Content-Length, and by counting what arrives for a body sent in chunks)."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+
+def host_name(host: str) -> str:
+    """The name in a Host header or an --allowed-hosts entry, without its port or an IPv6 address' brackets,
+    lower-case: "LocalHost:8000" -> "localhost", "[::1]:8000" -> "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    if host.count(":") > 1:  # an IPv6 address given without brackets (only in --allowed-hosts)
+        return host
+    return host.split(":", 1)[0]
+
+
+class Guard:
+    """ASGI middleware in front of every route: the Host header, the API key of /v1/ requests, then the body
+    size (by its Content-Length, and by counting what arrives for a body sent in chunks).
+
+    The Host header stops DNS rebinding: a page on an attacker's domain that resolves to 127.0.0.1 reaches a
+    loopback server from the victim's browser, but its requests name the attacker's domain in Host. Refused
+    with 400, as Starlette's TrustedHostMiddleware and Django's ALLOWED_HOSTS do (a request naming a host this
+    server does not serve is a bad request; 421 is HTTP/2's answer to a reused connection, not this)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, allowed_hosts: set[str] | None = None):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
+            return await _send_error(
+                send,
+                400,
+                f"the Host header {headers.get('host', '')!r} is not one this server answers to; "
+                "allow it with --allowed-hosts",
+            )
         if self.api_key is not None and scope.get("path", "").startswith("/v1/"):
             sent = headers.get("authorization", "")
             token = sent[7:] if sent[:7].lower() == "bearer " else ""
@@ -304,7 +524,9 @@ class Guard:
 
 
 async def _send_error(send, status: int, message: str) -> None:
-    kind = {401: "authentication_error", 413: "invalid_request_error"}.get(status, "server_error")
+    kind = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error"}.get(
+        status, "server_error"
+    )
     body = json.dumps(error_body(status, message, kind)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
@@ -340,7 +562,7 @@ async def http_error(request: Request, exc: StarletteHTTPException):
 
 
 # ---- endpoints ---------------------------------------------------------------------------------------
-@router.get("/health")
+@router.get("/health", responses={200: {"model": Health}})
 async def health(served: Served = Depends(served_state)):
     """200 while every target's engine runs (503 naming those that do not), with each one's batch."""
     for name, target in served.targets.items():
@@ -357,7 +579,7 @@ async def health(served: Served = Depends(served_state)):
     return {"status": "ok", "running": running, "waiting": sum(m["waiting"] for m in models.values()), "models": models}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={200: {"model": ModelList}})
 async def models(served: Served = Depends(served_state)):
     return {
         "object": "list",
@@ -380,12 +602,12 @@ async def metrics(served: Served = Depends(served_state)):
     return Response(exposition, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: {"model": Completion}})
 async def completions(request: Request, body: CompletionRequest, served: Served = Depends(served_state)):
     return await handle(served, request, False, body)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletion}})
 async def chat_completions(request: Request, body: ChatRequest, served: Served = Depends(served_state)):
     return await handle(served, request, True, body)
 
@@ -413,6 +635,8 @@ async def handle(served: Served, request: Request, chat: bool, body: _Common):
 def prepare(server: ServerState, chat: bool, body: _Common) -> tuple[list[int], SamplingParams]:
     """The prompt's token ids and the sampling parameters; BadRequest for what the engine cannot serve."""
     if chat:
+        if body.max_completion_tokens is not None and body.max_tokens is not None and body.max_tokens <= 0:
+            raise BadRequest(f"max_tokens must be >= 1, got {body.max_tokens}", "max_tokens")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         prompt_ids = chat_prompt(server.tokenizer, body.messages)
     else:
@@ -534,7 +758,14 @@ def chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
     ]
     for i, m in enumerate(plain):
         check_text(m["content"], f"messages.{i}.content")
-    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateSyntaxError:
+        raise  # the model's template is broken: the server's fault, a 500
+    except jinja2.TemplateError as error:
+        # the template's raise_exception: this model refuses these messages (roles that do not alternate, a
+        # system message it has no place for), which is the request's fault
+        raise BadRequest(f"the model's chat template refuses these messages: {error}", "messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 

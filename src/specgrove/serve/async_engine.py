@@ -93,6 +93,10 @@ class AsyncEngine:
             self._thread.join(timeout=30)
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def healthy(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 

@@ -7,7 +7,7 @@ import os
 import sys
 
 from specgrove.cli_options import build_llm, model_options, speculative_options
-from specgrove.serve.server import policy_k, serve_from_args, target_args
+from specgrove.serve.server import allowed_hosts_for, policy_k, serve_from_args, target_args
 
 
 def add_parsers(sub) -> None:
@@ -43,6 +43,15 @@ def add_parsers(sub) -> None:
         "--api-key",
         default=None,
         help="every /v1/ request must send 'Authorization: Bearer KEY' (default: $SPECGROVE_API_KEY, else none)",
+    )
+    s.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated host names (any port) the Host header may name, else HTTP 400; '*' = any. "
+        "Default: localhost, 127.0.0.1 and ::1 when --host is a loopback address (a web page on another domain "
+        "that resolves to 127.0.0.1 cannot reach the server: DNS rebinding), no check on other addresses. "
+        "Behind a reverse proxy that forwards the Host header, give the public name",
     )
     s.add_argument(
         "--max-body-bytes", type=int, default=None, help="larger request bodies get HTTP 413 (default 2 MiB)"
@@ -170,6 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_num_seqs < 1 or args.max_waiting < 0:
         raise ValueError("--max-num-seqs must be >= 1 and --max-waiting >= 0")
     policy_k(args.policy)
+    allowed_hosts = allowed_hosts_for(args.host, args.allowed_hosts)
     api_key = args.api_key or os.environ.get("SPECGROVE_API_KEY") or None
     if args.max_body_bytes is not None and args.max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
@@ -187,8 +197,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         for options in target_args(args):  # a wrong name fails here, not in every replica
             resolve_model_dir(options.target)
-        return replicas.run(args, api_key)
-    app, engines = serve_from_args(args, api_key)
+        return replicas.run(args, api_key, allowed_hosts)
+    app, engines = serve_from_args(args, api_key, allowed_hosts)
     print(
         f"[specgrove] serving {', '.join(engines)} on http://{args.host}:{args.port} "
         f"(policy {args.policy}, max_num_seqs {args.max_num_seqs} per target)",

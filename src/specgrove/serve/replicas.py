@@ -33,14 +33,6 @@ from collections.abc import Callable
 DEPLOYMENT = "specgrove"
 
 
-def serve_from_args(args: argparse.Namespace):
-    """What a replica serves for `specgrove serve` options (its API key among them): (app, {name: engine}),
-    models loaded in the replica's process."""
-    from specgrove.serve.server import serve_from_args as build
-
-    return build(args, args.api_key)
-
-
 def _replica_class():
     from ray import serve
 
@@ -70,7 +62,7 @@ def _replica_class():
             """Ray Serve's health check: an engine whose loop is gone for good makes the controller replace
             this replica (a loop that crashed and recovered is healthy)."""
             for name, engine in self.engines.items():
-                if engine._thread is not None and not engine.healthy:
+                if engine.started and not engine.healthy:
                     raise RuntimeError(f"specgrove engine of {name!r} not running: {engine.error}")
 
         def __del__(self):
@@ -111,11 +103,13 @@ def application(
     return deployment.bind(build, metrics_port, num_threads)
 
 
-def run(args: argparse.Namespace, api_key: str | None) -> int:
+def run(args: argparse.Namespace, api_key: str | None, allowed_hosts: list[str] | None = None) -> int:
     """`specgrove serve --replicas N`: start (or attach to) Ray, deploy, and serve until interrupted."""
     import functools
     import sys
     import time
+
+    from specgrove.serve.server import serve_from_args
 
     try:
         import ray
@@ -126,11 +120,11 @@ def run(args: argparse.Namespace, api_key: str | None) -> int:
         ) from None
     cpus = args.replica_cpus or max(1, (os.cpu_count() or 1) // args.replicas)
     threads = args.num_threads or max(1, int(cpus))
-    settings = argparse.Namespace(**{**vars(args), "api_key": api_key, "num_threads": threads, "func": None})
+    settings = argparse.Namespace(**{**vars(args), "num_threads": threads, "func": None})
     ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = application(
-        functools.partial(serve_from_args, settings),
+        functools.partial(serve_from_args, settings, api_key, allowed_hosts),
         args.replicas,
         args.max_num_seqs,
         args.max_waiting,

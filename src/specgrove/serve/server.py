@@ -46,15 +46,31 @@ def make_policy(text: str, llm, profile_path: str | None):
     return GoodputPolicy(latency, llm.engine.num_speculative_tokens)
 
 
-def build_server(llm, policy, max_num_seqs: int, max_waiting: int, model_name: str, api_key=None, max_body_bytes=None):
+def build_server(
+    llm,
+    policy,
+    max_num_seqs: int,
+    max_waiting: int,
+    model_name: str,
+    api_key=None,
+    max_body_bytes=None,
+    allowed_hosts=None,
+):
     """The app serving one LLM under `model_name`, and its AsyncEngine."""
     app, engines = build_targets_server(
-        {model_name: (llm, policy)}, max_num_seqs, max_waiting, api_key=api_key, max_body_bytes=max_body_bytes
+        {model_name: (llm, policy)},
+        max_num_seqs,
+        max_waiting,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        allowed_hosts=allowed_hosts,
     )
     return app, engines[model_name]
 
 
-def build_targets_server(targets: dict, max_num_seqs: int, max_waiting: int, api_key=None, max_body_bytes=None):
+def build_targets_server(
+    targets: dict, max_num_seqs: int, max_waiting: int, api_key=None, max_body_bytes=None, allowed_hosts=None
+):
     """The app serving several targets ({model name: (llm, policy)}, the first the default) and their
     AsyncEngines by name. Each target has its own engine thread, cache rows (`max_num_seqs` each), queue,
     policy and acceptance statistics; the LLMs may share one loaded draft (`LLM(draft=other.draft)`). The
@@ -70,7 +86,7 @@ def build_targets_server(targets: dict, max_num_seqs: int, max_waiting: int, api
         scheduler = Scheduler(llm.engine, policy, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
         engines[name] = AsyncEngine(scheduler, ServerMetrics(name, families))
     limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
-    return build_app(engines, api_key=api_key, **limits), engines
+    return build_app(engines, api_key=api_key, allowed_hosts=allowed_hosts, **limits), engines
 
 
 def target_args(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -98,7 +114,7 @@ def target_args(args: argparse.Namespace) -> list[argparse.Namespace]:
     ]
 
 
-def serve_from_args(args: argparse.Namespace, api_key: str | None):
+def serve_from_args(args: argparse.Namespace, api_key: str | None, allowed_hosts: list[str] | None = None):
     """`specgrove serve`'s app and {model name: AsyncEngine}: every target loaded, the draft loaded once and
     shared by all (each target keeps its own draft state: caches, thresholds, acceptance statistics)."""
     from specgrove.cli_options import build_llm
@@ -114,5 +130,30 @@ def serve_from_args(args: argparse.Namespace, api_key: str | None):
             raise ValueError(f"two targets are named {name!r}; give --served-model-name, one name per target")
         targets[name] = (llm, make_policy(args.policy, llm, args.profile))
     return build_targets_server(
-        targets, args.max_num_seqs, args.max_waiting, api_key=api_key, max_body_bytes=args.max_body_bytes
+        targets,
+        args.max_num_seqs,
+        args.max_waiting,
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        allowed_hosts=allowed_hosts,
     )
+
+
+def allowed_hosts_for(bind_host: str, flag: str | None) -> list[str] | None:
+    """The Host names a server bound to `bind_host` answers to: those of --allowed-hosts (comma-separated; "*"
+    is any), else the loopback names when bound to a loopback address (against DNS rebinding), else any (None:
+    a server bound to another address is reached under names it cannot know)."""
+    import ipaddress
+
+    from specgrove.serve.app import LOOPBACK_HOSTS
+
+    if flag is not None:
+        hosts = [h.strip() for h in flag.split(",") if h.strip()]
+        if not hosts:
+            raise ValueError(f"--allowed-hosts takes comma-separated host names (or '*'), got {flag!r}")
+        return None if "*" in hosts else hosts
+    try:
+        loopback = bind_host == "localhost" or ipaddress.ip_address(bind_host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    return sorted({*LOOPBACK_HOSTS, bind_host.strip("[]")}) if loopback else None
