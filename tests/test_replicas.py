@@ -56,6 +56,38 @@ def gated_server(args, flag_dir):
     return app, engines
 
 
+def test_serve_replicas_command(tiny_dirs):
+    """`specgrove serve --replicas 2` as a user runs it: a local Ray instance, both replicas answering through
+    the proxy, and SIGTERM (docker stop, systemd) ends it cleanly, with its Ray processes."""
+    import subprocess
+
+    port = free_port()
+    command = [sys.executable, "-m", "specgrove.cli", "serve", "--replicas", "2", "--replica-cpus", "0.5"]
+    command += ["--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--dtype", "float32"]
+    command += ["--policy", "fixed:2", "-k", "2", "--max-model-len", "64", "--port", str(port)]
+    command += ["--served-model-name", "tiny", "--api-key", "secret"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            try:
+                return httpx.get(url + "/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, "serve --replicas 2 to answer")
+        body = {"model": "tiny", "prompt": "abcab", "max_tokens": 6, "temperature": 0}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 401  # the key, per replica
+        r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer secret"}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 6
+    finally:
+        process.terminate()
+        code = process.wait(timeout=120)
+    assert code == 0, process.stderr.read()[-3000:]
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_dirs, tmp_path_factory):
     flag_dir = str(tmp_path_factory.mktemp("flags"))

@@ -106,6 +106,7 @@ def application(
 def run(args: argparse.Namespace, api_key: str | None, allowed_hosts: list[str] | None = None) -> int:
     """`specgrove serve --replicas N`: start (or attach to) Ray, deploy, and serve until interrupted."""
     import functools
+    import signal
     import sys
     import time
 
@@ -121,24 +122,30 @@ def run(args: argparse.Namespace, api_key: str | None, allowed_hosts: list[str] 
     cpus = args.replica_cpus or max(1, (os.cpu_count() or 1) // args.replicas)
     threads = args.num_threads or max(1, int(cpus))
     settings = argparse.Namespace(**{**vars(args), "num_threads": threads, "func": None})
+    # The router asks each replica for its queue length before sending; a replica whose engine thread keeps
+    # the interpreter busy answers in tens of ms, over Ray Serve's default 0.1 s deadline on a loaded CPU.
+    # (Read by the proxy's process: set here, it reaches a local Ray instance's workers.)
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    app = application(
-        functools.partial(serve_from_args, settings, api_key, allowed_hosts),
-        args.replicas,
-        args.max_num_seqs,
-        args.max_waiting,
-        cpus_per_replica=cpus,
-        num_threads=threads,
-        metrics_port=args.metrics_port,
-    )
-    serve.run(app, name=DEPLOYMENT, route_prefix="/")
-    print(
-        f"[specgrove] serving {args.replicas} replicas ({cpus} CPUs, {threads} threads each) on "
-        f"http://{args.host}:{args.port} through Ray Serve; Ctrl-C stops",
-        file=sys.stderr,
-    )
+    # Ctrl-C, or SIGTERM (docker stop, systemd, kill), also while deploying: take the deployment down, leave Ray
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        app = application(
+            functools.partial(serve_from_args, settings, api_key, allowed_hosts),
+            args.replicas,
+            args.max_num_seqs,
+            args.max_waiting,
+            cpus_per_replica=cpus,
+            num_threads=threads,
+            metrics_port=args.metrics_port,
+        )
+        serve.run(app, name=DEPLOYMENT, route_prefix="/")
+        print(
+            f"[specgrove] serving {args.replicas} replicas ({cpus} CPUs, {threads} threads each) on "
+            f"http://{args.host}:{args.port} through Ray Serve; Ctrl-C stops",
+            file=sys.stderr,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
