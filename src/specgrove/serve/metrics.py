@@ -63,7 +63,9 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.running = Gauge("specgrove_requests_running", "requests in the running batch", registry=r)
+        self.running = Gauge(
+            "specgrove_requests_running", "requests holding a row of the batch (prefilling or decoding)", registry=r
+        )
         self.waiting = Gauge("specgrove_requests_waiting", "requests waiting for a batch slot", registry=r)
         self.restarts = Counter(
             "specgrove_engine_restarts", "times the engine loop failed and was started again", registry=r

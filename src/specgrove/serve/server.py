@@ -45,12 +45,29 @@ def make_policy(text: str, llm, profile_path: str | None):
     return GoodputPolicy(latency, llm.engine.num_speculative_tokens)
 
 
-def build_server(llm, policy, max_num_seqs: int, max_waiting: int, model_name: str, api_key=None, max_body_bytes=None):
+def build_server(
+    llm,
+    policy,
+    max_num_seqs: int,
+    max_waiting: int,
+    model_name: str,
+    api_key=None,
+    max_body_bytes=None,
+    max_num_batched_tokens: int | None = None,
+):
+    """The app and its engine thread. `max_num_batched_tokens`: prompt tokens prefilled per scheduler step
+    (chunked prefill); None or 0: whole prompts."""
     from specgrove.engine.scheduler import Scheduler
     from specgrove.serve.app import build_app
     from specgrove.serve.async_engine import AsyncEngine
 
-    scheduler = Scheduler(llm.engine, policy, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
+    scheduler = Scheduler(
+        llm.engine,
+        policy,
+        max_num_seqs=max_num_seqs,
+        max_waiting=max_waiting,
+        max_num_batched_tokens=max_num_batched_tokens or None,
+    )
     engine = AsyncEngine(scheduler)
     limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     return build_app(engine, model_name, api_key=api_key, **limits), engine
