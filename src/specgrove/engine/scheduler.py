@@ -87,7 +87,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []  # admitted (a row is theirs), prompt not all in the cache yet
         self.running: list[Sequence] = []
-        self.times: dict[str, RequestTimes] = {}  # every waiting or running request's, by request id
+        self.times: dict[str, RequestTimes] = {}  # every waiting, prefilling or running request's, by id
         self.steps = 0
 
     # ---- requests --------------------------------------------------------------------------------
@@ -148,7 +148,8 @@ class Scheduler:
     def _admit(self) -> None:
         """Waiting requests take the free rows, in arrival order (the cache row itself at their first chunk).
         A prefilling request holds its row from here on, so the server's count of waiting requests stays right
-        for the whole prefill (only between these two lines may a count read from another thread be off)."""
+        for the whole prefill (only while a request moves from one list to the other may a count read from another
+        thread be off by it; the server's `add(bounded=False)` tolerates that)."""
         while self.waiting and self.free_rows > 0:
             self.prefilling.append(self.waiting.popleft())
 
