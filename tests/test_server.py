@@ -307,13 +307,9 @@ def test_no_record_outlives_its_request(tiny_target, tiny_draft):
     assert engine.pool.in_use == 0
 
 
-def test_loadtest_and_profile_commands(tiny_dirs, tmp_path, capsys):
-    """`specgrove profile` writes a loadable latency model; `specgrove loadtest` runs every policy at every
-    rate against a real server and writes its JSON and plot (tiny models with a chat template)."""
+def _loadtest_inputs(tiny_dirs, tmp_path):
+    """The model options (a tiny target with a chat template, its draft) and a questions file of three."""
     import shutil
-
-    from specgrove.cli import main
-    from specgrove.engine.latency import LatencyModel
 
     target = tmp_path / "target"
     shutil.copytree(tiny_dirs["target"], target)
@@ -327,7 +323,16 @@ def test_loadtest_and_profile_commands(tiny_dirs, tmp_path, capsys):
             for i, t in enumerate(["abc", "bcad", "cab"])
         )
     )
-    common = ["--target", target, "--draft", tiny_dirs["draft"], "--dtype", "float32"]
+    return ["--target", target, "--draft", tiny_dirs["draft"], "--dtype", "float32"], questions
+
+
+def test_loadtest_and_profile_commands(tiny_dirs, tmp_path, capsys):
+    """`specgrove profile` writes a loadable latency model; `specgrove loadtest` runs every policy at every
+    rate against a real server and writes its JSON and plot (tiny models with a chat template)."""
+    from specgrove.cli import main
+    from specgrove.engine.latency import LatencyModel
+
+    common, questions = _loadtest_inputs(tiny_dirs, tmp_path)
     profile = tmp_path / "profile.json"
     assert (
         main(
@@ -407,6 +412,27 @@ def test_loadtest_and_profile_commands(tiny_dirs, tmp_path, capsys):
     assert main([str(a) for a in bad]) != 0
     assert "--policy is goodput or fixed:K, got 'sometimes'" in capsys.readouterr().err
     assert not (tmp_path / "never.json").exists()
+
+
+def test_loadtest_mixed_mode_reports_short_requests_per_prefill_budget(tiny_dirs, tmp_path):
+    """--long-requests: the long prompts arrive among the short requests; each budget gets its server and its
+    row, the short requests' figures apart from the long ones'."""
+    from specgrove.cli import main
+
+    common, questions = _loadtest_inputs(tiny_dirs, tmp_path)
+    args = ["loadtest", *common, "--policies", "fixed:2", "--rates", "50", "--requests", "3", "--max-tokens", "5"]
+    args += ["--long-requests", "1", "--long-prompt-tokens", "30", "--max-num-batched-tokens", "0,4"]
+    args += ["--max-model-len", "64", "--data", questions, "--out", tmp_path / "mixed"]
+    assert main([str(a) for a in args]) == 0
+    report = json.loads((tmp_path / "mixed.json").read_text())
+    assert report["config"]["max_num_batched_tokens"] == [0, 4] and report["config"]["long_requests"] == 1
+    assert [r["max_num_batched_tokens"] for r in report["results"]] == [0, 4]
+    for row in report["results"]:
+        assert row["ok"] == 3 and row["completion_tokens"] == 15
+        assert row["long"]["ok"] == 1 and row["long"]["prompt_tokens"] >= 30
+        assert 0 < row["p50_itl_s"] <= row["p99_itl_s"] and row["p99_max_gap_s"] > 0
+    bad = ["loadtest", *common, "--max-num-batched-tokens", "4,-1", "--data", questions, "--out", tmp_path / "x"]
+    assert main([str(a) for a in bad]) != 0
 
 
 def _streamed_text(server, body):
@@ -713,3 +739,57 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400(tiny_target, tiny_dr
             assert httpx.post(server.url + "/v1/chat/completions", json=user).status_code == 200
         finally:
             tiny_target.tokenizer.chat_template = CHAT_TEMPLATE
+
+
+def test_chunked_prefill_serves_the_same_text(tiny_target, tiny_draft):
+    """--max-num-batched-tokens 3: a long prompt is prefilled over several steps beside running requests; every
+    text is single-request greedy decoding's."""
+    long_prompt = "abcabcbacbabcabcbacbabcabcbacb"
+    prompts = ["abc", long_prompt, "cab", "bca"]
+    with Server(
+        tiny_target, tiny_draft, max_num_seqs=2, max_waiting=4, max_model_len=64, max_num_batched_tokens=3
+    ) as s:
+
+        def ask(prompt):
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0})
+            return r.json()["choices"][0]["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            texts = list(pool.map(ask, prompts))
+        assert s.engine.pool.in_use == 0 and s.proposer.pool.in_use == 0
+    assert texts == [expected_text(tiny_target, p, 8) for p in prompts]
+
+
+def test_a_prefilling_request_holds_its_row_against_the_queue_bound(tiny_target, tiny_draft, monkeypatch):
+    """max_num_seqs 1, max_waiting 0: while a long prompt is prefilled a chunk at a time, it holds the only row
+    (the running gauge says so) and the next request gets 429; then it finishes with the right text."""
+    import threading
+
+    original = SpecEngine.prefill
+    holding, hold = threading.Event(), threading.Event()
+
+    def held_prefill(self, seq, max_tokens=None):  # the second chunk waits until the test lets it go
+        if seq.prefilled > 0 and not hold.is_set():
+            holding.set()
+            hold.wait(60)
+        return original(self, seq, max_tokens)
+
+    monkeypatch.setattr(SpecEngine, "prefill", held_prefill)
+    long_prompt = "abcabcbacbabcabc"
+    with Server(
+        tiny_target, tiny_draft, max_num_seqs=1, max_waiting=0, max_model_len=64, max_num_batched_tokens=2
+    ) as s:
+        body = {"prompt": long_prompt, "max_tokens": 6, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=120)
+            assert holding.wait(60)
+            assert s.async_engine.scheduler.prefilling[0].prefilled == 2
+            assert s.metric("specgrove_requests_running") == 1
+            busy = httpx.post(s.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 2})
+            hold.set()
+            done = long.result()
+        assert busy.status_code == 429
+        assert done.status_code == 200 and done.json()["choices"][0]["text"] == expected_text(
+            tiny_target, long_prompt, 6
+        )
+        assert s.engine.pool.in_use == 0

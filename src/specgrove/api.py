@@ -180,7 +180,7 @@ class LLM:
                         if bar is not None:
                             bar.update(1)
         finally:
-            for seq in scheduler.running:
+            for seq in scheduler.running + scheduler.prefilling:
                 self.engine.finish(seq)
             if bar is not None:
                 bar.close()

@@ -404,9 +404,9 @@ def _forward_figures(merged: SpecMetrics, is_speculative: bool, weight_bytes: di
     out = {
         "target_forwards": merged.target_forwards,
         "per_position_acceptance": merged.per_position_acceptance if is_speculative else [],
-        "draft_time_s": merged.draft_time_s,  # the draft phase, the draft's own prompt prefill included
+        "draft_time_s": merged.draft_time_s,  # the draft phase (a draft model's prompt prefill is in prefill_time_s)
         "target_time_s": merged.target_time_s,  # the target's step forwards
-        "prefill_time_s": merged.prefill_time_s,  # the target's prompt prefill
+        "prefill_time_s": merged.prefill_time_s,  # the prompt prefill, the target's and a draft model's
         "verify_time_s": merged.verify_time_s,  # verification, KV commit and appending, after the forwards
     }
     if merged.target_forwards and merged.target_time_s > 0:

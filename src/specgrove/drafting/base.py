@@ -38,6 +38,13 @@ class Proposer:
         """Propose at most `num_tokens` draft tokens continuing `seq.token_ids` (may return an empty tree)."""
         raise NotImplementedError
 
+    def prefill(self, seq: Sequence, num_tokens: int) -> int:
+        """The engine has put `seq.prompt_ids[:num_tokens]` into the target's cache (a chunk at a time when the
+        scheduler has a token budget). A proposer with a cache of its own may fill it with the same tokens, so
+        that its first `propose` does not run a whole prompt inside a batched step; it returns the forwards it
+        ran. Default: nothing (the proposer catches up at its next call, as it reconciles everything else)."""
+        return 0
+
     def propose_batch(self, seqs: list[Sequence], num_tokens: list[int]) -> list[TokenTree]:
         """Trees for several sequences; the default proposes for each in turn (a draft model batches them)."""
         return [self.propose(seq, k) for seq, k in zip(seqs, num_tokens)]

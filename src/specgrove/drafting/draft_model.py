@@ -177,6 +177,17 @@ class DraftModelProposer(Proposer):
                 out[i] = logits[b, -1]
         return out, forwards
 
+    def prefill(self, seq: Sequence, num_tokens: int) -> int:
+        """Bring the draft row to the prompt's first `num_tokens` tokens, as the engine's prefill brings the
+        target's (chunk by chunk with it); the first step then catches up with the last prompt token only."""
+        if num_tokens <= 0:
+            return 0
+        state = self._state(seq)
+        tokens = seq.prompt_ids[:num_tokens]
+        new = self._reconcile(state, tokens)
+        _, forwards = forward_chunked(self.model, self.pool.cache, state["row"], new, num_tokens - len(new))
+        return forwards
+
     # ---- drafting ------------------------------------------------------------------------------
     def propose(self, seq: Sequence, num_tokens: int) -> TokenTree:
         return self.propose_batch([seq], [num_tokens])[0]

@@ -74,6 +74,11 @@ class EagleProposer(DraftModelProposer):
             seq.proposer_state[self.name] = state
         return state
 
+    def prefill(self, seq: Sequence, num_tokens: int) -> int:
+        """Nothing: the head's pairs are built from the target's features, which the engine's prefill appends
+        to `seq.target_features`; the head runs them at its first call (one layer, a small part of a step)."""
+        return 0
+
     def _take_features(self, seq: Sequence, state: dict, upto: int) -> torch.Tensor:
         """The target's feature rows state['pairs'] .. upto-1, dropping what is consumed from the sequence."""
         chunks = seq.target_features

@@ -93,24 +93,36 @@ class SpecEngine:
             sampler=sampler if sampler is not None else Sampler(params.seed, self.target.device),
         )
 
-    def prefill(self, seq: Sequence) -> None:
-        """Take a cache row and put every prompt token but the last into it; the last is the first
-        step's root. Raises NoFreeRowError when max_num_seqs sequences hold rows."""
+    def prefill(self, seq: Sequence, max_tokens: int | None = None) -> int:
+        """Put the next prompt tokens (at most `max_tokens`; None: all that are left) into the sequence's
+        cache row, taking a row at the first call; returns how many. The prefill is done when every prompt
+        token but the last is in (`seq.prefill_left == 0`): the last is the first step's root. The proposer
+        fills its own cache with the same tokens (`Proposer.prefill`), so that no step runs a prompt.
+        Raises NoFreeRowError when max_num_seqs sequences hold rows."""
         start = time.perf_counter()
-        seq.cache_row = self.pool.acquire()
-        seq.target_cache = self.pool.cache
+        if seq.target_cache is None:
+            seq.cache_row = self.pool.acquire()
+            seq.target_cache = self.pool.cache
+        count = seq.prefill_left if max_tokens is None else max(0, min(max_tokens, seq.prefill_left))
+        if count == 0:
+            return 0
+        begin = seq.prefilled
         _, forwards = forward_chunked(
             self.model,
             seq.target_cache,
             seq.cache_row,
-            seq.prompt_ids[:-1],
-            0,
+            seq.prompt_ids[begin : begin + count],
+            begin,
             features=self.feature_layers,
             feature_chunks=seq.target_features,
         )
+        seq.prefilled += count
         seq.metrics.prefill_forwards += forwards
+        if self.proposer is not None:
+            seq.metrics.prefill_forwards += self.proposer.prefill(seq, seq.prefilled)
         self._sync()
         seq.metrics.prefill_time_s += time.perf_counter() - start
+        return count
 
     def step(self, seq: Sequence, num_draft: int | None = None) -> list[int]:
         """One speculative step of one sequence; returns the tokens it appended to the output."""
@@ -195,8 +207,8 @@ class SpecEngine:
         asked for or None, each row's size). Its slots stay uncommitted until `cache.commit`."""
         cache = self.pool.cache
         rows = [s.cache_row for s in seqs]
-        if any(s.target_cache is not cache for s in seqs) or len(set(rows)) != len(rows):
-            raise ValueError("step_batch takes distinct sequences prefilled by this engine")
+        if any(s.target_cache is not cache or s.prefill_left > 0 for s in seqs) or len(set(rows)) != len(rows):
+            raise ValueError("step_batch takes distinct sequences prefilled (whole prompts) by this engine")
         sizes = [len(t) + 1 for t in trees]
         width = max(sizes)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)

@@ -1,7 +1,8 @@
 """Speculation metrics, defined once.
 
 target_forwards       target forward passes in the decode phase (one per speculative step)
-draft_forwards        draft model forward passes this sequence took part in (draft-model proposers)
+prefill_forwards      forward passes of the prompt prefill (the target's chunks, and a draft model's)
+draft_forwards        draft model forward passes this sequence took part in while drafting (draft-model proposers)
 proposed_per_step[s]  draft tokens proposed at step s (tree nodes; 0 for a plain step)
 accepted_per_step[s]  draft tokens the verifier accepted at step s
 mean_accept_length    tau = mean over steps of (accepted + 1): the bonus/correction token counts

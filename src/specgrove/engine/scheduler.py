@@ -1,11 +1,19 @@
 """Continuous batching: requests join and leave at every step.
 
 Each `Scheduler.step()`:
-  1. admits waiting requests while a cache row is free (at most `max_num_seqs` run; each row holds
-     max_model_len positions, so memory is bounded by max_num_seqs x max_model_len) and prefills them;
-  2. asks the speculation policy for every running request's proposal length k (0 = plain step);
-  3. runs `SpecEngine.step_batch` over all running requests: one batched draft phase, one target forward;
-  4. hands back the new tokens of every request and retires the finished ones.
+  1. admits waiting requests while a cache row is free (at most `max_num_seqs` hold rows; each row holds
+     max_model_len positions, so memory is bounded by max_num_seqs x max_model_len): they are `prefilling`;
+  2. prefills them in arrival order: whole prompts, or with `max_num_batched_tokens` (chunked prefill, as
+     vLLM's `enable_chunked_prefill`) at most that many prompt tokens over all of them this step, so that a
+     long prompt is spread over several steps instead of stalling the running batch for its whole prefill.
+     A request whose prompt is done joins the running batch (this step's decode included);
+  3. asks the speculation policy for every running request's proposal length k (0 = plain step);
+  4. runs `SpecEngine.step_batch` over all running requests: one batched draft phase, one target forward;
+  5. hands back the new tokens of every request and retires the finished ones.
+
+The budget counts prompt tokens only: the decode step is a forward of its own here (vLLM puts prefill chunks
+and decode tokens in one forward and counts both). Outputs do not depend on it: a prompt prefilled in chunks
+puts the same keys and values in the cache (the runtime is batch invariant) and uses no randomness.
 
 The scheduler keeps each live request's times (`RequestTimes`: arrival, first token, finish) and hands
 them out with its step outputs; when a request leaves (finished, failed or aborted) it drops them and
@@ -52,11 +60,22 @@ class StepOutput:
 
 
 class Scheduler:
-    def __init__(self, engine: SpecEngine, policy=None, max_num_seqs: int = 8, max_waiting: int = 64):
+    def __init__(
+        self,
+        engine: SpecEngine,
+        policy=None,
+        max_num_seqs: int = 8,
+        max_waiting: int = 64,
+        max_num_batched_tokens: int | None = None,
+    ):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1 (or None: whole prompts), got {max_num_batched_tokens}"
+            )
         self.engine = engine
         self.policy = policy if policy is not None else FixedPolicy(engine.num_speculative_tokens)
         limit = engine.pool.max_rows  # the engine's own bound (1 for the transformers fallback)
@@ -64,17 +83,19 @@ class Scheduler:
         if limit is None or limit > max_num_seqs:
             engine.pool.max_rows = max(max_num_seqs, engine.pool.in_use)
         self.max_waiting = max_waiting
+        self.max_num_batched_tokens = max_num_batched_tokens  # prompt tokens prefilled per step; None: all
         self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []  # admitted (a row is theirs), prompt not all in the cache yet
         self.running: list[Sequence] = []
-        self.times: dict[str, RequestTimes] = {}  # every waiting or running request's, by request id
+        self.times: dict[str, RequestTimes] = {}  # every waiting, prefilling or running request's, by id
         self.steps = 0
 
     # ---- requests --------------------------------------------------------------------------------
     @property
     def free_rows(self) -> int:
-        """Rows of the running batch no running request holds: that many waiting requests are admitted at the
-        next step, so they do not count against `max_waiting`."""
-        return max(0, self.max_num_seqs - len(self.running))
+        """Rows of the batch no running or prefilling request holds: that many waiting requests are admitted at
+        the next step, so they do not count against `max_waiting`."""
+        return max(0, self.max_num_seqs - len(self.running) - len(self.prefilling))
 
     def add(self, seq: Sequence, bounded: bool = True) -> None:
         """Queue `seq`. `bounded=False`: the caller already counted it against max_waiting (the server's
@@ -96,18 +117,19 @@ class Scheduler:
                 seq.finish_reason = "abort"
                 self._release(seq)
                 return True
-        for seq in self.running:
-            if seq.request_id == request_id:
-                self.running.remove(seq)
-                seq.finish_reason = "abort"
-                self.engine.finish(seq)
-                self._release(seq)
-                return True
+        for batch in (self.prefilling, self.running):
+            for seq in batch:
+                if seq.request_id == request_id:
+                    batch.remove(seq)
+                    seq.finish_reason = "abort"
+                    self.engine.finish(seq)
+                    self._release(seq)
+                    return True
         return False
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
     def _release(self, seq: Sequence) -> RequestTimes:
         """The request leaves: the policy forgets it; its times go out with its last output."""
@@ -123,16 +145,33 @@ class Scheduler:
         except Exception:  # the request is failed already; never let cleanup take the server down
             seq.target_cache = None
 
-    def _admit(self, outputs: list[StepOutput]) -> None:
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.popleft()
+    def _admit(self) -> None:
+        """Waiting requests take the free rows, in arrival order (the cache row itself at their first chunk).
+        A prefilling request holds its row from here on, so the server's count of waiting requests stays right
+        for the whole prefill (only while a request moves from one list to the other may a count read from another
+        thread be off by it; the server's `add(bounded=False)` tolerates that)."""
+        while self.waiting and self.free_rows > 0:
+            self.prefilling.append(self.waiting.popleft())
+
+    def _prefill(self, outputs: list[StepOutput]) -> None:
+        """Spend this step's prompt-token budget on the prefilling requests, in arrival order; those whose
+        prompt is done join the running batch. A request whose chunk fails fails alone."""
+        budget = self.max_num_batched_tokens
+        for seq in list(self.prefilling):
+            if budget == 0 and seq.prefill_left > 0:
+                continue  # a one-token prompt behind it costs nothing and still joins
             try:
-                self.engine.prefill(seq)
+                count = self.engine.prefill(seq, budget)
             except Exception as error:
+                self.prefilling.remove(seq)
                 self._fail(seq, error)
                 outputs.append(StepOutput(seq, [], True, self._release(seq)))
                 continue
-            self.running.append(seq)
+            if budget is not None:
+                budget -= count
+            if seq.prefill_left == 0:
+                self.prefilling.remove(seq)
+                self.running.append(seq)
 
     def _run(self, seqs: list[Sequence]) -> dict[int, list[int]]:
         """step_batch over seqs; if it fails, each sequence alone, so only the failing ones fail."""
@@ -154,7 +193,8 @@ class Scheduler:
 
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
-        self._admit(outputs)
+        self._admit()
+        self._prefill(outputs)
         if not self.running:
             return outputs
         batch = list(self.running)

@@ -27,6 +27,9 @@ class Sequence:
     proposer_state: dict = field(default_factory=dict)
     target_cache: object | None = None
     cache_row: int = 0
+    # Prompt tokens in its target cache row: the prefill runs a chunk at a time when the scheduler has a token
+    # budget, and is done at len(prompt_ids) - 1 (the last prompt token is the first step's root).
+    prefilled: int = 0
     # The target's features (`Proposer.feature_layers`) of the tokens in its cache, in order: chunks [n_i, F]
     # appended by the engine after prefill and after each step's commit (all of token_ids but the last, until
     # the proposer takes them: it may remove the chunks it has consumed). Empty unless the proposer asks.
@@ -36,6 +39,11 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def prefill_left(self) -> int:
+        """Prompt tokens still to prefill before the sequence can step."""
+        return len(self.prompt_ids) - 1 - self.prefilled
 
     @property
     def finished(self) -> bool:

@@ -184,7 +184,8 @@ class AsyncEngine:
             self._gauges()
 
     def _gauges(self) -> None:
-        self.metrics.running.set(len(self.scheduler.running))
+        # a prefilling request holds its row: it is in the batch, and not waiting (as submit counts it)
+        self.metrics.running.set(len(self.scheduler.running) + len(self.scheduler.prefilling))
         self.metrics.waiting.set(len(self.scheduler.waiting))
 
     def _recover(self, error: str) -> None:
@@ -194,7 +195,8 @@ class AsyncEngine:
             streams, self.streams = list(self.streams.values()), {}
             inbox, self._inbox = self._inbox, []
             self._aborts = []
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + inbox:
+        held = list(self.scheduler.running) + list(self.scheduler.prefilling)
+        for seq in held + list(self.scheduler.waiting) + inbox:
             try:
                 self.scheduler.abort(seq.request_id)
             except Exception:  # its row may leak; the request still ends with an error

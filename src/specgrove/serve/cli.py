@@ -9,6 +9,9 @@ import sys
 from specgrove.cli_options import build_llm, model_options, speculative_options
 from specgrove.serve.server import allowed_hosts_for, policy_k, serve_from_args, target_args
 
+# Prompt tokens per step (chunked prefill) when serving: see --max-num-batched-tokens's help.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
+
 
 def add_parsers(sub) -> None:
     s = sub.add_parser(
@@ -57,6 +60,18 @@ def add_parsers(sub) -> None:
         "--max-body-bytes", type=int, default=None, help="larger request bodies get HTTP 413 (default 2 MiB)"
     )
     s.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        metavar="N",
+        help="chunked prefill: at most N prompt tokens are prefilled per scheduler step, between two decode steps "
+        "of the running batch, so that a long prompt delays the others' next tokens by one N-token forward at a "
+        "time instead of by its whole prefill; 0 = whole prompts. Default "
+        f"{DEFAULT_MAX_NUM_BATCHED_TOKENS}: prefill still runs as large forwards (few per prompt, each using "
+        "the matmul kernels' many-row path), while a step's stall is a quarter of a 1024-token prompt's. "
+        "vLLM's name; decode tokens, which run in a forward of their own here, are not counted",
+    )
     s.add_argument(
         "--max-connections", type=int, default=256, help="open connections at most; more get HTTP 503 (default 256)"
     )
@@ -129,6 +144,21 @@ def add_parsers(sub) -> None:
     lt.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
     lt.add_argument("--profile", default=None, metavar="JSON", help="latency profile for the goodput policy")
     lt.add_argument("--max-num-seqs", type=int, default=8)
+    lt.add_argument(
+        "--max-num-batched-tokens",
+        default=None,
+        metavar="N[,N...]",
+        help="prefill budgets to compare, one server each (0 = whole prompts); default "
+        f"{DEFAULT_MAX_NUM_BATCHED_TOKENS} as serve's, or 0,{DEFAULT_MAX_NUM_BATCHED_TOKENS} with --long-requests",
+    )
+    lt.add_argument(
+        "--long-requests",
+        type=int,
+        default=0,
+        help="mixed mode: this many requests with long prompts arrive evenly among the --requests short ones, "
+        "whose latency, TTFT and inter-token gaps are then reported apart (default 0)",
+    )
+    lt.add_argument("--long-prompt-tokens", type=int, default=1024, help="tokens of each long prompt (default 1024)")
     lt.add_argument("--max-model-len", type=int, default=4096)
     lt.add_argument("--data", default=None, help="Spec-Bench question.jsonl (default: as bench)")
     lt.add_argument("--seed", type=int, default=0, help="arrival-time seed (default 0)")
@@ -173,11 +203,22 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
     return values
 
 
+def _budgets(text: str) -> list[int]:
+    """--max-num-batched-tokens of the load test: comma-separated integers >= 0 (0: whole prompts)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--max-num-batched-tokens takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"--max-num-batched-tokens takes integers >= 0 (0: whole prompts), got {text!r}")
+    return values
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    if args.max_num_seqs < 1 or args.max_waiting < 0:
-        raise ValueError("--max-num-seqs must be >= 1 and --max-waiting >= 0")
+    if args.max_num_seqs < 1 or args.max_waiting < 0 or args.max_num_batched_tokens < 0:
+        raise ValueError("--max-num-seqs must be >= 1, --max-waiting >= 0 and --max-num-batched-tokens >= 0")
     policy_k(args.policy)
     allowed_hosts = allowed_hosts_for(args.host, args.allowed_hosts)
     api_key = args.api_key or os.environ.get("SPECGROVE_API_KEY") or None
@@ -201,7 +242,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app, engines = serve_from_args(args, api_key, allowed_hosts)
     print(
         f"[specgrove] serving {', '.join(engines)} on http://{args.host}:{args.port} "
-        f"(policy {args.policy}, max_num_seqs {args.max_num_seqs} per target)",
+        f"(policy {args.policy}, max_num_seqs {args.max_num_seqs} per target, "
+        f"prefill {args.max_num_batched_tokens or 'whole prompts'} tokens per step)",
         file=sys.stderr,
     )
     # uvicorn bounds open connections (beyond: 503) and idle keep-alive; it has no timeout for a client that
@@ -229,6 +271,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         raise ValueError(f"--rates takes comma-separated numbers, got {args.rates!r}") from None
     if not policies or not rates or any(r <= 0 for r in rates) or args.requests < 1 or args.max_tokens < 1:
         raise ValueError("--policies and --rates must be non-empty, rates > 0, --requests and --max-tokens >= 1")
+    if args.long_requests < 0 or args.long_prompt_tokens < 1:
+        raise ValueError("--long-requests must be >= 0 and --long-prompt-tokens >= 1")
     if args.url is not None:
         from specgrove.serve.loadtest import run_remote_loadtest
 
@@ -254,6 +298,10 @@ def _log(message: str) -> None:
 def _local_loadtest(args: argparse.Namespace, llm, policies: list[str], rates: list[float]) -> dict:
     from specgrove.serve.loadtest import run_loadtest
 
+    if args.max_num_batched_tokens is None:
+        budgets = [0, DEFAULT_MAX_NUM_BATCHED_TOKENS] if args.long_requests else [DEFAULT_MAX_NUM_BATCHED_TOKENS]
+    else:
+        budgets = _budgets(args.max_num_batched_tokens)
     return run_loadtest(
         llm,
         policies,
@@ -265,6 +313,9 @@ def _local_loadtest(args: argparse.Namespace, llm, policies: list[str], rates: l
         args.seed,
         args.data,
         log=_log,
+        budgets=budgets,
+        long_requests=args.long_requests,
+        long_prompt_tokens=args.long_prompt_tokens,
     )
 
 

@@ -1,11 +1,17 @@
-"""`specgrove loadtest`: Poisson arrivals against the server over loopback, one server per policy (or, with
-`--url`, against a server already running, such as `serve --replicas N`).
+"""`specgrove loadtest`: Poisson arrivals against the server over loopback, one server per policy and prefill
+budget (or, with `--url`, against a server already running, such as `serve --replicas N`).
 
-The models load once; for each policy (fixed:0 = no speculation, fixed:K, goodput) a server with that
-policy starts on a free loopback port, and for each rate the same seeded arrival times and Spec-Bench
-prompts are sent as streaming chat requests. Per (policy, rate): mean / p50 / p99 request latency
-(send to last byte), time to first token, and output tokens/s over the run. JSON and a PNG plot of mean
-latency against rate.
+The models load once; for each policy (fixed:0 = no speculation, fixed:K, goodput) and each prefill budget
+(`--max-num-batched-tokens`, 0 = whole prompts) a server starts on a free loopback port, and for each rate the
+same seeded arrival times and Spec-Bench prompts are sent as streaming chat requests. Per (policy, budget, rate):
+mean / p50 / p99 request latency (send to last byte), time to first token, inter-token latency (mean gap, and
+the longest gap of each request: a stall) and output tokens/s over the run. JSON and a PNG plot of mean latency
+against rate.
+
+Mixed mode (`--long-requests N`): N requests with long prompts (`--long-prompt-tokens`, Spec-Bench questions
+run together) arrive evenly spread among the short ones; the figures above are then the short requests', and
+the long ones' are under "long". This is where chunked prefill shows: without it, each long prompt's whole
+prefill runs between two decode steps of the short requests.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ async def _one(client, url: str, model: str, messages: list[dict], max_tokens: i
     await asyncio.sleep(delay)
     start = time.perf_counter()
     first = None
+    arrivals = []  # perf_counter of every chunk with content
     usage = None
     status = None
     async with client.stream(
@@ -86,8 +93,9 @@ async def _one(client, url: str, model: str, messages: list[dict], max_tokens: i
             if not line.startswith("data: {"):
                 continue
             data = json.loads(line[6:])
-            if first is None and data.get("choices") and (data["choices"][0].get("delta") or {}).get("content"):
-                first = time.perf_counter()
+            if data.get("choices") and (data["choices"][0].get("delta") or {}).get("content"):
+                arrivals.append(time.perf_counter())
+                first = arrivals[0]
             if data.get("usage"):
                 usage = data["usage"]
             if "error" in data:
@@ -100,7 +108,13 @@ async def _one(client, url: str, model: str, messages: list[dict], max_tokens: i
         "latency_s": end - start,
         "ttft_s": (first - start) if first is not None else None,
         "completion_tokens": usage["completion_tokens"] if usage else 0,
+        "prompt_tokens": usage["prompt_tokens"] if usage else 0,
         "accepted_tokens": usage["speculation"]["accepted_tokens"] if usage else 0,
+        # after the first token: mean seconds per token, and the longest wait between two chunks (a stall)
+        "itl_s": (arrivals[-1] - arrivals[0]) / (usage["completion_tokens"] - 1)
+        if usage and usage["completion_tokens"] > 1 and len(arrivals) > 1
+        else None,
+        "max_gap_s": max(b - a for a, b in zip(arrivals, arrivals[1:])) if len(arrivals) > 1 else None,
     }
 
 
@@ -122,6 +136,8 @@ def summarize(results: list[dict]) -> dict:
     ok = [r for r in results if r["status"] == 200]
     lat = [r["latency_s"] for r in ok]
     ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
+    itl = [r["itl_s"] for r in ok if r.get("itl_s") is not None]
+    gaps = [r["max_gap_s"] for r in ok if r.get("max_gap_s") is not None]
     span = (max(r["end"] for r in ok) - min(r["start"] for r in ok)) if ok else 0.0
     tokens = sum(r["completion_tokens"] for r in ok)
     return {
@@ -133,9 +149,30 @@ def summarize(results: list[dict]) -> dict:
         "mean_ttft_s": statistics.fmean(ttft) if ttft else float("nan"),
         "p50_ttft_s": percentile(ttft, 50),
         "p99_ttft_s": percentile(ttft, 99),
+        "mean_itl_s": statistics.fmean(itl) if itl else float("nan"),
+        "p50_itl_s": percentile(itl, 50),
+        "p99_itl_s": percentile(itl, 99),
+        "p50_max_gap_s": percentile(gaps, 50),
+        "p99_max_gap_s": percentile(gaps, 99),
         "tokens_per_s": tokens / span if span > 0 else 0.0,
         "completion_tokens": tokens,
     }
+
+
+def long_prompt(questions: list[dict], tokenizer, num_tokens: int) -> str:
+    """A user message of about `num_tokens` tokens: Spec-Bench questions run together, cut at that length."""
+    if tokenizer is None:
+        raise ValueError("--long-requests needs a target with a tokenizer")
+    text, i = "Answer each of these questions in one line.\n\n", 0
+    while len(tokenizer.encode(text, add_special_tokens=False)) < num_tokens:
+        text += questions[i % len(questions)]["turns"][0] + "\n\n"
+        i += 1
+    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:num_tokens])
+
+
+def long_positions(total: int, count: int) -> set[int]:
+    """Where `count` long requests go among `total` arrivals: spread evenly, none first."""
+    return {min(total - 1, round((j + 0.5) * total / count)) for j in range(count)} if count else set()
 
 
 def run_loadtest(
@@ -149,14 +186,27 @@ def run_loadtest(
     seed: int = 0,
     data: str | None = None,
     log=print,
+    budgets: list[int] = (0,),
+    long_requests: int = 0,
+    long_prompt_tokens: int = 1024,
 ) -> dict:
+    """`budgets`: the servers' --max-num-batched-tokens (0: whole prompts); `long_requests` more requests with
+    prompts of about `long_prompt_tokens` tokens arrive among the `num_requests` short ones."""
     from specgrove.bench.questions import find_spec_bench, load_questions
     from specgrove.serve.server import build_server, make_policy
 
     questions = load_questions(find_spec_bench(data), limit=num_requests)
     if len(questions) < num_requests:
         questions = [questions[i % len(questions)] for i in range(num_requests)]
-    prompts = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
+    short = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
+    total = num_requests + long_requests
+    is_long = long_positions(total, long_requests)
+    if long_requests:
+        pool = load_questions(find_spec_bench(data), limit=None)
+        long = [{"role": "user", "content": long_prompt(pool, llm.target.tokenizer, long_prompt_tokens)}]
+    prompts, shorts = [], iter(short)
+    for i in range(total):
+        prompts.append(long if i in is_long else next(shorts))
     model = llm.target.name
     report = {
         "config": {
@@ -165,6 +215,9 @@ def run_loadtest(
             "requests": num_requests,
             "max_tokens": max_tokens,
             "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": list(budgets),
+            "long_requests": long_requests,
+            "long_prompt_tokens": long_prompt_tokens if long_requests else None,
             "seed": seed,
             "target": llm.target.name,
             "draft": llm.draft.name if llm.draft is not None else None,
@@ -173,22 +226,43 @@ def run_loadtest(
         "results": [],
     }
     for policy_text in policies:
-        policy = make_policy(policy_text, llm, profile_path)
-        app, engine = build_server(llm, policy, max_num_seqs, max_waiting=num_requests, model_name=model)
-        with ServerThread(app) as server:
-            for rate in rates:
-                results = asyncio.run(_run_rate(server.url, model, prompts, rate, max_tokens, seed))
-                row = {"policy": policy_text, "rate": rate, **summarize(results)}
-                if hasattr(policy, "chosen") and policy.chosen:
-                    row["mean_k"] = statistics.fmean(policy.chosen)
-                    policy.chosen.clear()
-                report["results"].append(row)
-                log(
-                    f"{policy_text:>10} rate {rate:g}/s: mean {row['mean_latency_s']:.2f} s, "
-                    f"p50 {row['p50_latency_s']:.2f}, "
-                    f"p99 {row['p99_latency_s']:.2f}, ttft {row['mean_ttft_s']:.2f} s, {row['tokens_per_s']:.2f} tok/s"
-                    + (f", mean k {row['mean_k']:.2f}" if "mean_k" in row else "")
-                )
+        for budget in budgets:
+            policy = make_policy(policy_text, llm, profile_path)
+            app, _ = build_server(
+                llm,
+                policy,
+                max_num_seqs,
+                max_waiting=total,
+                model_name=model,
+                max_num_batched_tokens=budget,
+            )
+            with ServerThread(app) as server:
+                for rate in rates:
+                    results = asyncio.run(_run_rate(server.url, model, prompts, rate, max_tokens, seed))
+                    row = {
+                        "policy": policy_text,
+                        "max_num_batched_tokens": budget,
+                        "rate": rate,
+                        **summarize([r for i, r in enumerate(results) if i not in is_long]),
+                    }
+                    if long_requests:
+                        longs = [r for i, r in enumerate(results) if i in is_long]
+                        row["long"] = summarize(longs)
+                        row["long"]["prompt_tokens"] = max(r["prompt_tokens"] for r in longs)
+                    if hasattr(policy, "chosen") and policy.chosen:
+                        row["mean_k"] = statistics.fmean(policy.chosen)
+                        policy.chosen.clear()
+                    report["results"].append(row)
+                    log(
+                        f"{policy_text:>10} chunk {budget or 'off':>4} rate {rate:g}/s"
+                        + (" (short requests)" if long_requests else "")
+                        + f": mean {row['mean_latency_s']:.2f} s, p50 {row['p50_latency_s']:.2f}, "
+                        f"p99 {row['p99_latency_s']:.2f}, "
+                        f"ttft p50 {row['p50_ttft_s']:.2f} p99 {row['p99_ttft_s']:.2f}, "
+                        f"itl {row['mean_itl_s'] * 1e3:.0f} ms, longest gap p99 {row['p99_max_gap_s']:.2f} s, "
+                        f"{row['tokens_per_s']:.2f} tok/s"
+                        + (f", mean k {row['mean_k']:.2f}" if "mean_k" in row else "")
+                    )
     return report
 
 
@@ -249,11 +323,16 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    budgets = report["config"].get("max_num_batched_tokens", [0])
     for policy in report["config"]["policies"]:
-        rows = [r for r in report["results"] if r["policy"] == policy]
-        ax.plot([r["rate"] for r in rows], [r["mean_latency_s"] for r in rows], marker="o", label=policy)
+        for budget in budgets:
+            rows = [
+                r for r in report["results"] if r["policy"] == policy and r.get("max_num_batched_tokens", 0) == budget
+            ]
+            label = policy if len(budgets) == 1 else f"{policy}, chunk {budget or 'off'}"
+            ax.plot([r["rate"] for r in rows], [r["mean_latency_s"] for r in rows], marker="o", label=label)
     ax.set_xlabel("request rate (requests/s)")
-    ax.set_ylabel("mean request latency (s)")
+    ax.set_ylabel("mean request latency (s)" + (", short requests" if report["config"].get("long_requests") else ""))
     ax.set_title(f"{report['config']['target']}: latency vs load")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -73,7 +73,12 @@ class MetricFamilies:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.running = Gauge("specgrove_requests_running", "requests in the running batch", name, registry=r)
+        self.running = Gauge(
+            "specgrove_requests_running",
+            "requests holding a row of the batch (prefilling or decoding)",
+            name,
+            registry=r,
+        )
         self.waiting = Gauge("specgrove_requests_waiting", "requests waiting for a batch slot", name, registry=r)
         self.restarts = Counter(
             "specgrove_engine_restarts", "times the engine loop failed and was started again", name, registry=r

@@ -55,8 +55,10 @@ def build_server(
     api_key=None,
     max_body_bytes=None,
     allowed_hosts=None,
+    max_num_batched_tokens: int | None = None,
 ):
-    """The app serving one LLM under `model_name`, and its AsyncEngine."""
+    """The app serving one LLM under `model_name`, and its AsyncEngine. `max_num_batched_tokens`: prompt
+    tokens prefilled per scheduler step (chunked prefill); None or 0: whole prompts."""
     app, engines = build_targets_server(
         {model_name: (llm, policy)},
         max_num_seqs,
@@ -64,12 +66,19 @@ def build_server(
         api_key=api_key,
         max_body_bytes=max_body_bytes,
         allowed_hosts=allowed_hosts,
+        max_num_batched_tokens=max_num_batched_tokens,
     )
     return app, engines[model_name]
 
 
 def build_targets_server(
-    targets: dict, max_num_seqs: int, max_waiting: int, api_key=None, max_body_bytes=None, allowed_hosts=None
+    targets: dict,
+    max_num_seqs: int,
+    max_waiting: int,
+    api_key=None,
+    max_body_bytes=None,
+    allowed_hosts=None,
+    max_num_batched_tokens: int | None = None,
 ):
     """The app serving several targets ({model name: (llm, policy)}, the first the default) and their
     AsyncEngines by name. Each target has its own engine thread, cache rows (`max_num_seqs` each), queue,
@@ -83,7 +92,13 @@ def build_targets_server(
     families = MetricFamilies()
     engines = {}
     for name, (llm, policy) in targets.items():
-        scheduler = Scheduler(llm.engine, policy, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
+        scheduler = Scheduler(
+            llm.engine,
+            policy,
+            max_num_seqs=max_num_seqs,
+            max_waiting=max_waiting,
+            max_num_batched_tokens=max_num_batched_tokens or None,
+        )
         engines[name] = AsyncEngine(scheduler, ServerMetrics(name, families))
     limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     return build_app(engines, api_key=api_key, allowed_hosts=allowed_hosts, **limits), engines
@@ -136,6 +151,7 @@ def serve_from_args(args: argparse.Namespace, api_key: str | None, allowed_hosts
         api_key=api_key,
         max_body_bytes=args.max_body_bytes,
         allowed_hosts=allowed_hosts,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
 
 
