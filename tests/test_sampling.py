@@ -44,6 +44,14 @@ def test_top_k_top_p_min_p():
         (dict(temperature=float("nan")), "finite"),
         (dict(seed=2**64), "seed"),
         (dict(seed=-(2**63) - 1), "seed"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.2), "repetition_penalty"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-2.01), "frequency_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(presence_penalty=True), "presence_penalty"),
     ],
 )
 def test_bad_values_are_clear_errors(kwargs, message):
@@ -52,10 +60,26 @@ def test_bad_values_are_clear_errors(kwargs, message):
 
 
 def test_parameters_that_cannot_be_honoured_raise():
-    with pytest.raises(UnsupportedError, match="repetition_penalty"):
-        SamplingParams(repetition_penalty=1.2)
     with pytest.raises(UnsupportedError):
         SamplingParams(n=2)
+
+
+def test_penalties_follow_vllm():
+    """Repetition divides positive / multiplies negative logits of prompt and output tokens; presence and
+    frequency subtract per output token only; the drafted path counts as output."""
+    from specgrove.sampling import TokenCounts
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0])
+    counts = TokenCounts([0, 1])  # the prompt holds tokens 0 and 1
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = counts.penalise(logits, params, output_ids=[3, 3], path=[2])
+    # 0, 1: prompt only (repetition); 3: twice in the output; 2: once, on the path
+    assert torch.allclose(out, torch.tensor([1.0, -2.0, 0.25 - 0.5 - 0.25, 1.5 - 0.5 - 0.5, 1.0]))
+    assert torch.equal(counts.penalise(logits, SamplingParams(), [3], [2]), logits)  # neutral values: unchanged
+    # the output grows: only the new tokens are counted, and a path never sticks
+    again = counts.penalise(logits, params, output_ids=[3, 3, 4])
+    assert torch.allclose(again, torch.tensor([1.0, -2.0, 0.5, 1.5 - 0.5 - 0.5, 0.5 - 0.5 - 0.25]))
+    assert not SamplingParams().has_penalties and SamplingParams(frequency_penalty=-1.0).has_penalties
 
 
 def test_max_new_tokens_alias():

@@ -127,7 +127,14 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "abc", "model": "gpt-9"}, "not served"),
     ("/v1/completions", {"prompt": "abc", "stop": 5}, "stop"),
     ("/v1/completions", {"prompt": "abc", "stream": "yes"}, "stream"),
-    ("/v1/completions", {"prompt": "abc", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "abc", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "abc", "frequency_penalty": -3.0}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "abc", "repetition_penalty": 0.0}, "repetition_penalty"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "repetition_penalty": -1.0},
+        "repetition",
+    ),
     ("/v1/completions", {"max_tokens": 5}, "prompt"),
     ("/v1/completions", {"prompt": ""}, "empty"),
     ("/v1/completions", {"prompt": [1, 99]}, "token ids"),
@@ -520,6 +527,23 @@ def test_error_shapes_defaults_and_retry_after(tiny_target, tiny_draft, monkeypa
             hold.set()
             assert long.result().status_code == 200
         assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1
+
+
+def test_penalties_are_honoured(server, tiny_target):
+    """The penalties reach the engine: greedy output is plain greedy decoding with the same penalties."""
+    penalties = {"presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.3}
+    engine = SpecEngine(tiny_target, None, 0, max_model_len=48)
+    for prompt in ("abcab", "aaaa"):
+        ids = tiny_target.tokenizer.encode(prompt, add_special_tokens=False)
+        params = SamplingParams(temperature=0, max_tokens=12, **penalties)
+        expected = engine.generate(engine.new_sequence(ids, params)).text
+        r = httpx.post(
+            server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0, **penalties}
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+    chat = {"messages": [{"role": "user", "content": "ab"}], "max_tokens": 5, "temperature": 0.8, "seed": 1}
+    r = httpx.post(server.url + "/v1/chat/completions", json={**chat, **penalties})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_neutral_values_of_unhonoured_fields_are_fine_and_developer_is_system(server, tiny_target):

@@ -223,13 +223,23 @@ class SpecEngine:
         return logits, features, sizes
 
     def _verify(self, seq: Sequence, tree: TokenTree, row_logits: torch.Tensor):
-        """The verifier's walk over one row's tree (the target's logits at its root and nodes)."""
+        """The verifier's walk over one row's tree (the target's logits at its root and nodes). With penalties,
+        row r is penalised for its own context: the committed tokens + the tokens of the path to node r - 1."""
+        penalise = None
+        if seq.token_counts is not None:
+
+            def penalise(row: int, logits: torch.Tensor) -> torch.Tensor:
+                return seq.penalised(logits, [tree.tokens[n] for n in tree.path_to(row - 1)])
+
+        # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
+        rows = ProcessedRows(row_logits, seq.params, penalise)
         if seq.params.greedy:
-            return verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
+            if penalise is None:
+                return verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
+            return verify_tree_greedy(tree, _Argmax(rows))
         # a plain engine (no proposer) verifies empty trees: the standard rule, never consulted
         node_rule = self.proposer.node_rule if self.proposer is not None else rejection_select
-        # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
-        return verify_tree(tree, ProcessedRows(row_logits, seq.params), seq.sampler, node_rule)
+        return verify_tree(tree, rows, seq.sampler, node_rule)
 
     def _append(self, seq: Sequence, new_tokens: list[int]) -> list[int]:
         """Append tokens one by one, stopping at the first EOS / stop token / stop string / length limit."""
@@ -288,6 +298,16 @@ class SpecEngine:
             self.finish(seq)
         seq.metrics.total_time_s = time.perf_counter() - start
         return seq
+
+
+class _Argmax:
+    """The argmax of each processed row (greedy: one-hot), computed as the walk reaches it."""
+
+    def __init__(self, rows: ProcessedRows):
+        self.rows = rows
+
+    def __getitem__(self, row: int) -> int:
+        return int(self.rows[row].argmax())
 
 
 def _sampler_state(sampler):

@@ -64,6 +64,7 @@ class _Common(BaseModel):
     ignore_eos: StrictBool = False
     presence_penalty: StrictFloat = 0.0
     frequency_penalty: StrictFloat = 0.0
+    repetition_penalty: StrictFloat = 1.0  # vLLM's extension
     user: str | None = None
     # Fields that change what a response means. The server does not honour them yet, so a request that sets
     # one (to anything but its neutral value) is refused rather than answered as if it had not.
@@ -427,6 +428,7 @@ def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) 
             ignore_eos=body.ignore_eos,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
         )
     except (ValueError, SpecgroveError) as error:
         raise BadRequest(str(error)) from None
