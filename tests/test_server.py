@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
@@ -145,9 +146,16 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, "role"),
     ("/v1/chat/completions", {"messages": "abc"}, "messages"),
     # fields that would change what the answer means are refused, not silently ignored
-    ("/v1/completions", {"prompt": "abc", "logprobs": 2}, "logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "abc", "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": "abc", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "abc", "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": 2}, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 3}, "top_logprobs"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
+    ),
     ("/v1/completions", {"prompt": "abc", "logit_bias": {"1": 5}}, "logit_bias"),
     ("/v1/completions", {"prompt": "abc", "suffix": "end"}, "suffix"),
     ("/v1/completions", {"prompt": "abc", "best_of": 3}, "best_of"),
@@ -647,3 +655,71 @@ def test_the_openapi_schema_documents_the_errors_sent(server):
     # and a bad request really is the 400 the schema says, in its shape
     r = httpx.post(server.url + "/v1/completions", json={"prompt": 5})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def greedy_output_ids(target, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    engine = SpecEngine(target, None, 0, max_model_len=48)
+    return engine.generate(
+        engine.new_sequence(prompt_ids, SamplingParams(temperature=0, max_tokens=max_tokens))
+    ).output_ids
+
+
+def raw_logprobs(target, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    ids = prompt_ids + output_ids
+    cache = target.model.new_cache(1, len(ids) + 1)
+    logits = target.model.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0]
+    return torch.log_softmax(logits[len(prompt_ids) - 1 : -1].float(), -1)
+
+
+def _stream_events(server, path, body) -> list[dict]:
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_logprobs_are_the_targets(server, tiny_target):
+    """completions' logprobs (0..5) and chat's logprobs + top_logprobs (0..20): the target's raw log-softmax of
+    each emitted token, equal to a plain forward's over the whole output, streamed or not."""
+    tokenizer = tiny_target.tokenizer
+    prompt_ids = tokenizer.encode("abcab", add_special_tokens=False)
+    output = greedy_output_ids(tiny_target, prompt_ids, 10)
+    expected = raw_logprobs(tiny_target, prompt_ids, output)
+    texts = [tokenizer.decode([t]) for t in output]
+    body = {"prompt": "abcab", "max_tokens": 10, "temperature": 0, "logprobs": 3}
+    full = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    events = _stream_events(server, "/v1/completions", body)
+    parts = [e["choices"][0]["logprobs"] for e in events if e["choices"] and e["choices"][0]["logprobs"]]
+    streamed = {key: [v for part in parts for v in part[key]] for key in full}
+    assert streamed == full
+    assert full["tokens"] == texts
+    assert full["text_offset"] == [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    for i, token in enumerate(output):
+        assert abs(full["token_logprobs"][i] - float(expected[i, token])) < 1e-5
+        top = full["top_logprobs"][i]
+        assert 3 <= len(top) <= 4 and top[texts[i]] == full["token_logprobs"][i]
+        best = expected[i].topk(3)
+        for t, v in zip(best.indices.tolist(), best.values.tolist()):
+            assert abs(top[tokenizer.decode([t])] - v) < 1e-5
+
+    chat_prompt_ids = tokenizer.encode("abcabh", add_special_tokens=False)
+    output = greedy_output_ids(tiny_target, chat_prompt_ids, 6)
+    expected = raw_logprobs(tiny_target, chat_prompt_ids, output)
+    chat = {"messages": [{"role": "user", "content": "abcab"}], "max_tokens": 6, "temperature": 0, "logprobs": True}
+    for top in (None, 0, 5):
+        request = chat if top is None else {**chat, "top_logprobs": top}
+        content = httpx.post(server.url + "/v1/chat/completions", json=request).json()["choices"][0]["logprobs"]
+        content = content["content"]
+        events = _stream_events(server, "/v1/chat/completions", request)
+        streamed = [c for e in events for ch in e["choices"] if ch["logprobs"] for c in ch["logprobs"]["content"]]
+        assert streamed == content and len(content) == len(output)
+        for i, (token, item) in enumerate(zip(output, content)):
+            assert item["token"] == tokenizer.decode([token]) and item["bytes"] == list(item["token"].encode())
+            assert abs(item["logprob"] - float(expected[i, token])) < 1e-5
+            values = [t["logprob"] for t in item["top_logprobs"]]
+            assert len(values) == (top or 0) and values == sorted(values, reverse=True)
+            if top:
+                assert torch.allclose(torch.tensor(values), expected[i].topk(top).values, atol=1e-5)
+    plain = httpx.post(server.url + "/v1/chat/completions", json={**chat, "logprobs": False}).json()
+    assert plain["choices"][0]["logprobs"] is None

@@ -19,6 +19,7 @@ from specgrove.errors import UnsupportedError
 # for any logits a model gives. 0 is greedy.
 MIN_TEMPERATURE = 1e-4
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # the most top log-probabilities recorded per token (OpenAI's chat top_logprobs bound)
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
 
 
@@ -48,6 +49,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     n: int = 1
+    # Log-probabilities of each emitted token and of the `logprobs` most likely tokens at its position (0: the
+    # emitted token's alone; None: not recorded), the target's (`Sequence.logprobs`).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None:
@@ -102,6 +106,12 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise bad(f"{name} must be a number in [-{MAX_PENALTY}, {MAX_PENALTY}] (0 = none), got {value!r}")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.n != 1:
             raise UnsupportedError(f"n={self.n} is not supported; call generate with the prompt repeated instead")
 

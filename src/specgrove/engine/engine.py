@@ -14,7 +14,7 @@ import uuid
 import torch
 
 from specgrove.drafting.base import Proposer
-from specgrove.engine.sequence import Sequence
+from specgrove.engine.sequence import Sequence, TokenLogprob
 from specgrove.errors import UnsupportedError
 from specgrove.models.kv_cache import CachePool, forward_chunked
 from specgrove.models.loader import LoadedModel
@@ -185,6 +185,9 @@ class SpecEngine:
             metrics.record_step(max(tree.depths(), default=0), len(tree), result.num_accepted, result.decisions)
             new_tokens = [tree.tokens[node] for node in result.accepted_nodes] + [result.next_token]
             appended.append(self._append(seq, new_tokens))
+            if seq.logprobs is not None:
+                # row committed[i] is the distribution new_tokens[i] was drawn from (root, then the accepted path)
+                seq.logprobs.extend(token_logprobs(logits[b, committed], appended[-1], seq.params.logprobs))
         t3 = time.perf_counter()
         for seq in seqs:
             seq.metrics.verify_time_s += t3 - t2
@@ -298,6 +301,18 @@ class SpecEngine:
             self.finish(seq)
         seq.metrics.total_time_s = time.perf_counter() - start
         return seq
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The raw log-softmax of `logits` [>= len(tokens), V] at each emitted token (row i emitted tokens[i]),
+    with the `top` most likely tokens of each row."""
+    logprobs = torch.log_softmax(logits[: len(tokens)].float(), -1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    values, ids = logprobs.topk(min(top, logprobs.shape[-1]), -1) if top else (None, None)
+    return [
+        TokenLogprob(token, chosen[i], [] if not top else list(zip(ids[i].tolist(), values[i].tolist())))
+        for i, token in enumerate(tokens)
+    ]
 
 
 class _Argmax:

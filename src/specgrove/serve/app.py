@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specgrove.engine.scheduler import QueueFullError
-from specgrove.engine.sequence import Sequence
+from specgrove.engine.sequence import Sequence, TokenLogprob
 from specgrove.errors import SpecgroveError
 from specgrove.sampling import SamplingParams
 from specgrove.serve.async_engine import AsyncEngine, Delta, RequestStream, usage_of
@@ -68,8 +68,6 @@ class _Common(BaseModel):
     user: str | None = None
     # Fields that change what a response means. The server does not honour them yet, so a request that sets
     # one (to anything but its neutral value) is refused rather than answered as if it had not.
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: Any = None
     response_format: Any = None
     tools: Any = None
@@ -84,6 +82,7 @@ class CompletionRequest(_Common):
     prompt: str | list[StrictInt] | list[str]
     max_tokens: StrictInt | None = COMPLETION_MAX_TOKENS
     echo: StrictBool = False
+    logprobs: StrictInt | None = None  # 0..5: the emitted token's and the most likely tokens' log-probabilities
 
 
 class ChatMessage(BaseModel):
@@ -95,6 +94,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None  # 0..20, with logprobs: true
 
 
 class BadRequest(ValueError):
@@ -381,8 +382,6 @@ def prepare(server: ServerState, chat: bool, body: _Common) -> tuple[list[int], 
 
 # field -> its neutral values (what a client sends when it does not use the field)
 UNHONOURED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
@@ -404,8 +403,27 @@ def refuse_unhonoured(body: _Common) -> None:
             )
 
 
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bounds: completions' logprobs, chat's top_logprobs
+MAX_TOP_LOGPROBS = 20
+
+
+def requested_logprobs(body: _Common) -> int | None:
+    """How many top log-probabilities each token carries (0: the emitted token's alone); None: no logprobs."""
+    if isinstance(body, ChatRequest):
+        top = body.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+        if top and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if body.logprobs else None
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise BadRequest(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {body.logprobs}", "logprobs")
+    return body.logprobs
+
+
 def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) -> SamplingParams:
     refuse_unhonoured(body)
+    logprobs = requested_logprobs(body)
     if body.model is not None and body.model != server.model_name:
         raise BadRequest(f"model {body.model!r} is not served here; this server serves {server.model_name!r}", "model")
     if body.n != 1:
@@ -429,6 +447,7 @@ def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) 
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty,
+            logprobs=logprobs,
         )
     except (ValueError, SpecgroveError) as error:
         raise BadRequest(str(error)) from None
@@ -522,7 +541,7 @@ async def run(
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        writer = ChunkWriter(request_id, server.model_name, created, chat, include_usage)
+        writer = ChunkWriter(request_id, server.model_name, created, chat, include_usage, server.tokenizer)
         return StreamingResponse(sse(server, request, stream, writer), media_type="text/event-stream")
     seq = await wait_for_finish(server.engine, request, stream)
     if seq is None:  # client gone
@@ -559,12 +578,13 @@ async def next_delta(engine: AsyncEngine, request: Request, stream: RequestStrea
 
 def completion_body(server: ServerState, request_id: str, created: int, chat: bool, seq: Sequence) -> dict:
     text = final_text(server.tokenizer, seq)
+    logprobs = None if seq.logprobs is None else logprobs_json(server.tokenizer, seq.logprobs, chat)[0]
     if chat:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
             "finish_reason": finish_reason(seq),
-            "logprobs": None,
+            "logprobs": logprobs,
         }
         obj = "chat.completion"
     else:
@@ -572,7 +592,7 @@ def completion_body(server: ServerState, request_id: str, created: int, chat: bo
             "index": 0,
             "text": text,
             "finish_reason": finish_reason(seq),
-            "logprobs": None,
+            "logprobs": logprobs,
             "stop_reason": seq.stop_reason,
         }
         obj = "text_completion"
@@ -584,6 +604,33 @@ def completion_body(server: ServerState, request_id: str, created: int, chat: bo
         "choices": [choice],
         "usage": usage_of(seq),
     }
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token as text (vLLM's "token_id:N" where there is no tokenizer)."""
+    return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+
+
+def logprobs_json(tokenizer, entries: list[TokenLogprob], chat: bool, text_offset: int = 0) -> tuple[dict, int]:
+    """OpenAI's logprobs object for `entries` (the target's raw log-probabilities, `TokenLogprob`) and the text
+    offset after them. Chat: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}; completions: {tokens,
+    token_logprobs, top_logprobs (the top tokens and the emitted one, as OpenAI's), text_offset}."""
+    if chat:
+
+        def item(token_id: int, logprob: float) -> dict:
+            text = token_text(tokenizer, token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        content = [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+        return {"content": content}, text_offset
+    tokens, offsets = [], []
+    for e in entries:
+        tokens.append(token_text(tokenizer, e.token_id))
+        offsets.append(text_offset)
+        text_offset += len(tokens[-1])
+    tops = [{**{token_text(tokenizer, t): lp for t, lp in e.top}, tokens[i]: e.logprob} for i, e in enumerate(entries)]
+    body = {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops}
+    return {**body, "text_offset": offsets}, text_offset
 
 
 def final_text(tokenizer, seq: Sequence) -> str:
@@ -614,13 +661,22 @@ class ChunkWriter:
     created: int
     chat: bool
     include_usage: bool
+    tokenizer: object = None
+    logprobs_sent: int = 0  # entries of seq.logprobs sent so far
+    text_offset: int = 0
 
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> str:
+    def chunk(self, text: str | None, finish: str | None, first: bool = False, seq: Sequence | None = None) -> str:
+        """A chunk with `text`; with `seq` (when it records logprobs), the logprobs of its tokens not sent yet."""
+        logprobs = None
+        if seq is not None and seq.logprobs is not None and not first:
+            entries = seq.logprobs[self.logprobs_sent :]
+            self.logprobs_sent += len(entries)
+            logprobs, self.text_offset = logprobs_json(self.tokenizer, entries, self.chat, self.text_offset)
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return self._event([choice], {"usage": None} if self.include_usage else {})
 
     def usage(self, seq: Sequence) -> str:
@@ -664,7 +720,7 @@ async def sse(server: ServerState, request: Request, stream: RequestStream, writ
             new, sent = unsent(text, sent)
             finish = finish_reason(seq) if delta.finished else None
             if new or finish:
-                yield writer.chunk(new, finish)
+                yield writer.chunk(new, finish, seq=seq)
             if delta.finished:
                 if writer.include_usage:
                     yield writer.usage(seq)
