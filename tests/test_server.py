@@ -124,7 +124,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "abc", "top_p": 1.5}, "top_p"),
     ("/v1/completions", {"prompt": "abc", "temperature": -1.0}, "temperature"),
     ("/v1/completions", {"prompt": "abc", "top_k": -5}, "top_k"),
-    ("/v1/completions", {"prompt": "abc", "n": 2}, "n=2"),
+    ("/v1/completions", {"prompt": "abc", "n": 0}, "n must be"),
+    ("/v1/completions", {"prompt": "abc", "n": 17}, "n must be"),
+    ("/v1/completions", {"prompt": "abc", "n": 6}, "n=6"),
     ("/v1/completions", {"prompt": "abc", "model": "gpt-9"}, "not served"),
     ("/v1/completions", {"prompt": "abc", "stop": 5}, "stop"),
     ("/v1/completions", {"prompt": "abc", "stream": "yes"}, "stream"),
@@ -723,3 +725,52 @@ def test_logprobs_are_the_targets(server, tiny_target):
                 assert torch.allclose(torch.tensor(values), expected[i].topk(top).values, atol=1e-5)
     plain = httpx.post(server.url + "/v1/chat/completions", json={**chat, "logprobs": False}).json()
     assert plain["choices"][0]["logprobs"] is None
+
+
+def test_n_choices(server, tiny_target):
+    """n independent samples, indexed 0..n-1, usage summed with the prompt counted once; greedy gives n equal
+    choices; with a seed the answer is reproducible and choice 0 is the n = 1 answer; streaming tags each chunk
+    with its choice's index."""
+    greedy = {"prompt": "abcab", "max_tokens": 6, "temperature": 0, "n": 3}
+    out = httpx.post(server.url + "/v1/completions", json=greedy).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert {c["text"] for c in out["choices"]} == {expected_text(tiny_target, "abcab", 6)}
+    assert out["usage"]["prompt_tokens"] == 5 and out["usage"]["completion_tokens"] == 18
+    assert out["usage"]["total_tokens"] == 23
+    assert out["usage"]["speculation"]["steps"] >= 3
+
+    sampled = {"prompt": "abc", "max_tokens": 8, "temperature": 1.0, "seed": 11, "n": 4}
+    a = httpx.post(server.url + "/v1/completions", json=sampled).json()
+    b = httpx.post(server.url + "/v1/completions", json=sampled).json()
+    texts = [c["text"] for c in a["choices"]]
+    assert texts == [c["text"] for c in b["choices"]] and len(set(texts)) > 1
+    one = httpx.post(server.url + "/v1/completions", json={**sampled, "n": 1}).json()
+    assert one["choices"][0]["text"] == texts[0]
+
+    events = _stream_events(server, "/v1/completions", {**sampled, "stream_options": {"include_usage": True}})
+    streamed = ["", "", "", ""]
+    for e in events:
+        for c in e["choices"]:
+            streamed[c["index"]] += c["text"]
+    assert streamed == texts
+    assert events[-1]["usage"]["completion_tokens"] == a["usage"]["completion_tokens"]
+    finishes = [c["index"] for e in events for c in e["choices"] if c["finish_reason"]]
+    assert sorted(finishes) == [0, 1, 2, 3]
+
+    chat = {"messages": [{"role": "user", "content": "ab"}], "max_tokens": 5, "temperature": 0.9, "seed": 2, "n": 2}
+    reply = httpx.post(server.url + "/v1/chat/completions", json=chat).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1]
+    events = _stream_events(server, "/v1/chat/completions", chat)
+    contents = ["", ""]
+    for e in events:
+        for c in e["choices"]:
+            contents[c["index"]] += c["delta"].get("content") or ""
+    assert contents == [c["message"]["content"] for c in reply["choices"]]
+    assert server.engine.pool.in_use == 0
+
+    for bad in (0, 17):
+        r = httpx.post(server.url + "/v1/completions", json={**greedy, "n": bad})
+        assert r.status_code == 400 and "n" == r.json()["error"]["param"]
+    # n counts n sequences against the queue: 2 rows + 3 waiting hold 5, not 6
+    r = httpx.post(server.url + "/v1/completions", json={**greedy, "n": 6})
+    assert r.status_code == 400 and "n=6" in r.json()["error"]["message"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import hmac
 import json
 import time
@@ -421,13 +423,22 @@ def requested_logprobs(body: _Common) -> int | None:
     return body.logprobs
 
 
+MAX_N = 16  # choices per request
+
+
 def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) -> SamplingParams:
     refuse_unhonoured(body)
     logprobs = requested_logprobs(body)
     if body.model is not None and body.model != server.model_name:
         raise BadRequest(f"model {body.model!r} is not served here; this server serves {server.model_name!r}", "model")
-    if body.n != 1:
-        raise BadRequest(f"n={body.n} is not supported; send one request per completion", "n")
+    if not 1 <= body.n <= MAX_N:
+        raise BadRequest(f"n must be in [1, {MAX_N}], got {body.n}", "n")
+    if body.n > server.engine.capacity:
+        raise BadRequest(
+            f"n={body.n} is more than this server holds at once ({server.engine.capacity} sequences: "
+            "--max-num-seqs + --max-waiting); ask for fewer choices",
+            "n",
+        )
     if max_tokens is None:
         max_tokens = server.max_model_len  # cut to the room left below
     if max_tokens <= 0:
@@ -526,9 +537,22 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str | None:
 
 
 # ---- one request, start to finish --------------------------------------------------------------------
-def submit(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request seeded with `seed`: choice 0 keeps it (so n = 1 answers as it
+    always did), the others get one derived from it (SHA-256 of "seed/index"), all reproducible."""
+    if seed is None or index == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "big") - 2**63
+
+
+def submit(
+    engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str, n: int = 1
+) -> list[RequestStream]:
+    """The request's n choices, each its own sequence (request ids `<id>-<index>` when n > 1)."""
+    choices = [params] if n == 1 else [dataclasses.replace(params, seed=choice_seed(params.seed, i)) for i in range(n)]
+    ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
     try:
-        return engine.submit(prompt_ids, params, request_id)
+        return engine.submit_many(prompt_ids, choices, ids)
     except ValueError as error:
         raise BadRequest(str(error), "prompt") from None
 
@@ -537,72 +561,85 @@ async def run(
     server: ServerState, request: Request, chat: bool, body: _Common, prompt_ids: list[int], params: SamplingParams
 ):
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    stream = submit(server.engine, prompt_ids, params, request_id)
+    streams = submit(server.engine, prompt_ids, params, request_id, body.n)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        writer = ChunkWriter(request_id, server.model_name, created, chat, include_usage, server.tokenizer)
-        return StreamingResponse(sse(server, request, stream, writer), media_type="text/event-stream")
-    seq = await wait_for_finish(server.engine, request, stream)
-    if seq is None:  # client gone
+        writers = [
+            ChunkWriter(request_id, server.model_name, created, chat, include_usage, server.tokenizer, index)
+            for index in range(len(streams))
+        ]
+        return StreamingResponse(sse(server, request, streams, writers), media_type="text/event-stream")
+    seqs = await wait_for_finish(server.engine, request, streams)
+    if seqs is None:  # client gone
         return Response(status_code=499)
-    if seq.finish_reason == "error":
-        return error_response(500, f"generation failed: {seq.error}", "server_error")
-    return completion_body(server, request_id, created, chat, seq)
+    failed = next((seq for seq in seqs if seq.finish_reason == "error"), None)
+    if failed is not None:
+        return error_response(500, f"generation failed: {failed.error}", "server_error")
+    return completion_body(server, request_id, created, chat, seqs)
 
 
-async def wait_for_finish(engine: AsyncEngine, request: Request, stream: RequestStream) -> Sequence | None:
-    """The finished sequence; None (after aborting the request) when the client disconnected first."""
+def abort_all(engine: AsyncEngine, streams: list[RequestStream]) -> None:
+    for stream in streams:
+        if not stream.seq.finished:
+            engine.abort(stream.request_id)
+
+
+async def wait_for_finish(engine: AsyncEngine, request: Request, streams: list[RequestStream]) -> list[Sequence] | None:
+    """The finished sequences (one per choice); None (after aborting them) when the client disconnected first."""
+    finished: set[int] = set()
     try:
-        while True:
-            delta = await next_delta(engine, request, stream)
+        while len(finished) < len(streams):
+            delta = await next_delta(engine, request, streams)
             if delta is None:
                 return None
             if delta.finished:
-                return delta.seq
+                finished.add(id(delta.seq))
+        return [stream.seq for stream in streams]
     except asyncio.CancelledError:
-        engine.abort(stream.request_id)
+        abort_all(engine, streams)
         raise
 
 
-async def next_delta(engine: AsyncEngine, request: Request, stream: RequestStream) -> Delta | None:
-    """The next delta; None (after aborting the request) when the client disconnected."""
+async def next_delta(engine: AsyncEngine, request: Request, streams: list[RequestStream]) -> Delta | None:
+    """The next delta of any of the request's sequences (their streams share one queue); None (after aborting
+    them) when the client disconnected."""
     while True:
         try:
-            return await asyncio.wait_for(stream.queue.get(), DISCONNECT_POLL_S)
+            return await asyncio.wait_for(streams[0].queue.get(), DISCONNECT_POLL_S)
         except TimeoutError:
             if await request.is_disconnected():
-                engine.abort(stream.request_id)
+                abort_all(engine, streams)
                 return None
 
 
-def completion_body(server: ServerState, request_id: str, created: int, chat: bool, seq: Sequence) -> dict:
+def completion_body(server: ServerState, request_id: str, created: int, chat: bool, seqs: list[Sequence]) -> dict:
+    return {
+        "id": request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": server.model_name,
+        "choices": [choice_body(server, chat, index, seq) for index, seq in enumerate(seqs)],
+        "usage": usage_of(seqs),
+    }
+
+
+def choice_body(server: ServerState, chat: bool, index: int, seq: Sequence) -> dict:
     text = final_text(server.tokenizer, seq)
     logprobs = None if seq.logprobs is None else logprobs_json(server.tokenizer, seq.logprobs, chat)[0]
     if chat:
-        choice = {
-            "index": 0,
+        return {
+            "index": index,
             "message": {"role": "assistant", "content": text},
             "finish_reason": finish_reason(seq),
             "logprobs": logprobs,
         }
-        obj = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": text,
-            "finish_reason": finish_reason(seq),
-            "logprobs": logprobs,
-            "stop_reason": seq.stop_reason,
-        }
-        obj = "text_completion"
     return {
-        "id": request_id,
-        "object": obj,
-        "created": created,
-        "model": server.model_name,
-        "choices": [choice],
-        "usage": usage_of(seq),
+        "index": index,
+        "text": text,
+        "finish_reason": finish_reason(seq),
+        "logprobs": logprobs,
+        "stop_reason": seq.stop_reason,
     }
 
 
@@ -662,6 +699,7 @@ class ChunkWriter:
     chat: bool
     include_usage: bool
     tokenizer: object = None
+    index: int = 0  # the choice's
     logprobs_sent: int = 0  # entries of seq.logprobs sent so far
     text_offset: int = 0
 
@@ -674,14 +712,14 @@ class ChunkWriter:
             logprobs, self.text_offset = logprobs_json(self.tokenizer, entries, self.chat, self.text_offset)
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": self.index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return self._event([choice], {"usage": None} if self.include_usage else {})
 
-    def usage(self, seq: Sequence) -> str:
+    def usage(self, seqs: list[Sequence]) -> str:
         """The final chunk of `stream_options.include_usage`: no choices, the request's usage."""
-        return self._event([], {"usage": usage_of(seq)})
+        return self._event([], {"usage": usage_of(seqs)})
 
     def _event(self, choices: list[dict], extra: dict) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -697,38 +735,45 @@ class ChunkWriter:
         )
 
 
-async def sse(server: ServerState, request: Request, stream: RequestStream, writer: ChunkWriter):
-    """Server-sent events: a chunk per step with the new text (`settled_text`); the request is aborted if
-    the stream ends before it finished (the client went away)."""
-    seq = stream.seq
-    hold = max((len(s) for s in seq.params.stop), default=1) - 1
-    sent = ""
+async def sse(server: ServerState, request: Request, streams: list[RequestStream], writers: list[ChunkWriter]):
+    """Server-sent events: a chunk per step and choice with the new text (`settled_text`), tagged with the
+    choice's index; the request's sequences are aborted if the stream ends before they finished (the client
+    went away)."""
+    seqs = [stream.seq for stream in streams]
+    index_of = {id(seq): i for i, seq in enumerate(seqs)}
+    hold = max((len(s) for s in seqs[0].params.stop), default=1) - 1
+    sent = [""] * len(seqs)
+    finished: set[int] = set()
     try:
-        if writer.chat:
-            yield writer.chunk("", None, first=True)
+        if writers[0].chat:
+            for writer in writers:
+                yield writer.chunk("", None, first=True)
         while True:
-            delta = await next_delta(server.engine, request, stream)
+            delta = await next_delta(server.engine, request, streams)
             if delta is None:
                 return
             if delta.finished and delta.finish_reason == "error":
                 yield event(error_body(500, f"generation failed: {delta.error}", "server_error"))
                 yield DONE
                 return
+            i = index_of[id(delta.seq)]
+            seq = seqs[i]
             text = settled_text(server.tokenizer, seq, hold, delta.finished)
             if text is None:
                 continue
-            new, sent = unsent(text, sent)
+            new, sent[i] = unsent(text, sent[i])
             finish = finish_reason(seq) if delta.finished else None
             if new or finish:
-                yield writer.chunk(new, finish, seq=seq)
+                yield writers[i].chunk(new, finish, seq=seq)
             if delta.finished:
-                if writer.include_usage:
-                    yield writer.usage(seq)
+                finished.add(i)
+            if len(finished) == len(seqs):
+                if writers[0].include_usage:
+                    yield writers[0].usage(seqs)
                 yield DONE
                 return
     finally:
-        if not seq.finished:
-            server.engine.abort(stream.request_id)
+        abort_all(server.engine, streams)
 
 
 def settled_text(tokenizer, seq: Sequence, hold: int, finished: bool) -> str | None:

@@ -1,7 +1,8 @@
 """The server's Prometheus metrics (one registry per server, so several can live in one process).
 
 Counters are monotonic and are fed from the same per-step records as each request's usage
-(`async_engine.usage_of`), so summed over requests they agree exactly:
+(`async_engine.usage_of`), so summed over requests they agree exactly (but for prompt tokens: a request of
+n choices runs n sequences, and the counter counts the prompt of each, where usage counts it once):
   specgrove_drafts_total                 steps that proposed at least one draft token
   specgrove_draft_tokens_total           draft tokens proposed
   specgrove_accepted_tokens_total        draft tokens accepted
