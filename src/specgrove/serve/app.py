@@ -2,7 +2,8 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream over SSE with `stream: true`;
 `stream_options.include_usage` adds a final usage chunk), GET /v1/models, GET /health, GET /metrics
-(Prometheus). Usage carries this request's speculation statistics under "speculation".
+(Prometheus). Usage carries this request's speculation statistics under "speculation". `n` choices are n
+sequences (`submit`); `logprobs` / `top_logprobs` are the target's raw log-probabilities (`logprobs_json`).
 
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: malformed JSON, wrong field
 types, out-of-range values, a prompt too long for the context -> 400; a full queue -> 429; a failure
