@@ -304,3 +304,15 @@ def test_bench_runs_every_eagle_tree(tiny_dirs, head_dir):
         run = result["methods"][method]
         assert run["identical_count"] == 2, method  # greedy: the plain target's tokens
         assert run["mean_accept_length"] >= 1.0
+
+
+@pytest.mark.parametrize("tree", [None, "dynamic:6,3,2"])
+def test_greedy_with_penalties_is_plain_greedy_with_penalties(tree, tiny_target, head):
+    """The head's nodes (a chain, EAGLE-2's ranking) are penalised for their own path; the output is the
+    target's greedy output under the same penalties."""
+    params = SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3, frequency_penalty=0.4)
+    plain = SpecEngine(tiny_target, None, 0, 64)
+    for prompt in (PROMPT, [4, 5, 6, 4, 5, 7]):
+        expected = plain.generate(plain.new_sequence(prompt, params)).output_ids
+        engine = make_engine(head, tree, k=3)
+        assert engine.generate(engine.new_sequence(prompt, params)).output_ids == expected

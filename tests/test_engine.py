@@ -211,3 +211,45 @@ def test_the_engine_hands_a_proposer_the_target_features_of_every_committed_toke
         SpecEngine(tiny_target, DraftModelProposer(tiny_draft, 256), 3, 256), PROMPT, SamplingParams(max_tokens=5)
     )
     assert plain.target_features == []
+
+
+def forward_logprobs(target, prompt, output) -> torch.Tensor:
+    """The target's raw log-softmax before each output token, from one plain forward over prompt + output."""
+    ids = prompt + output
+    cache = target.model.new_cache(1, len(ids) + 1)
+    logits = target.model.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0]
+    return torch.log_softmax(logits[len(prompt) - 1 : -1].float(), -1)
+
+
+def check_logprobs(target, prompt, seq, top: int) -> None:
+    expected = forward_logprobs(target, prompt, seq.output_ids)
+    assert len(seq.logprobs) == len(seq.output_ids)
+    for i, (token, entry) in enumerate(zip(seq.output_ids, seq.logprobs)):
+        assert entry.token_id == token
+        assert abs(entry.logprob - float(expected[i, token])) < 1e-5
+        assert len(entry.top) == top
+        values = [lp for _, lp in entry.top]
+        assert values == sorted(values, reverse=True)
+        if top:
+            best = expected[i].topk(top)
+            assert torch.allclose(torch.tensor(values), best.values, atol=1e-5)
+            assert {t for t, _ in entry.top} == set(best.indices.tolist()) or len(set(values)) < top
+
+
+@pytest.mark.parametrize("top", [0, 3])
+@pytest.mark.parametrize("setting", [dict(temperature=0), dict(temperature=0.8, seed=3, repetition_penalty=1.3)])
+def test_logprobs_are_the_targets_raw_log_softmax(tiny_target, tiny_draft, top, setting):
+    """Recorded as tokens are committed, from the forward that verified them (accepted, correction and bonus
+    tokens alike): they equal a plain forward's log-softmax over the whole output, before any processing."""
+    from specgrove.trees.shape import TreeShape
+
+    params = SamplingParams(max_tokens=20, logprobs=top, **setting)
+    for name, engine in [
+        *engines(tiny_target, tiny_draft, 3),
+        ("tree", SpecEngine(tiny_target, DraftModelProposer(tiny_draft, 256, TreeShape.parse("widths:2,2")), 4, 256)),
+    ]:
+        seq = run(engine, PROMPT, params)
+        check_logprobs(tiny_target, PROMPT, seq, top)
+        if name == "self_draft":
+            assert sum(seq.metrics.accepted_per_step) > 0
+    assert run(SpecEngine(tiny_target, None, 0, 256), PROMPT, SamplingParams(max_tokens=3)).logprobs is None

@@ -52,6 +52,17 @@ def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
         (dict(temperature=float("nan")), "finite"),
         (dict(seed=2**64), "seed"),
         (dict(seed=-(2**63) - 1), "seed"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.2), "repetition_penalty"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(repetition_penalty=6.6e264), "repetition_penalty"),  # schema fuzzing's: NaN with a huge temperature
+        (dict(repetition_penalty=1e-300), "repetition_penalty"),
+        (dict(temperature=1.28e308), "above"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-2.01), "frequency_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(presence_penalty=True), "presence_penalty"),
     ],
 )
 def test_bad_values_are_clear_errors(kwargs, message):
@@ -60,10 +71,26 @@ def test_bad_values_are_clear_errors(kwargs, message):
 
 
 def test_parameters_that_cannot_be_honoured_raise():
-    with pytest.raises(UnsupportedError, match="repetition_penalty"):
-        SamplingParams(repetition_penalty=1.2)
     with pytest.raises(UnsupportedError):
         SamplingParams(n=2)
+
+
+def test_penalties_follow_vllm():
+    """Repetition divides positive / multiplies negative logits of prompt and output tokens; presence and
+    frequency subtract per output token only; the drafted path counts as output."""
+    from specgrove.sampling import TokenCounts
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0])
+    counts = TokenCounts([0, 1])  # the prompt holds tokens 0 and 1
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = counts.penalise(logits, params, output_ids=[3, 3], path=[2])
+    # 0, 1: prompt only (repetition); 3: twice in the output; 2: once, on the path
+    assert torch.allclose(out, torch.tensor([1.0, -2.0, 0.25 - 0.5 - 0.25, 1.5 - 0.5 - 0.5, 1.0]))
+    assert torch.equal(counts.penalise(logits, SamplingParams(), [3], [2]), logits)  # neutral values: unchanged
+    # the output grows: only the new tokens are counted, and a path never sticks
+    again = counts.penalise(logits, params, output_ids=[3, 3, 4])
+    assert torch.allclose(again, torch.tensor([1.0, -2.0, 0.5, 1.5 - 0.5 - 0.5, 0.5 - 0.5 - 0.25]))
+    assert not SamplingParams().has_penalties and SamplingParams(frequency_penalty=-1.0).has_penalties
 
 
 def test_max_new_tokens_alias():
@@ -100,3 +127,21 @@ def test_the_smallest_temperature_accepted_still_gives_a_distribution():
     assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(1))
     SamplingParams(seed=2**63 - 1)  # the bounds themselves are fine
     SamplingParams(seed=-(2**63))
+
+
+def test_the_extreme_penalty_and_temperature_accepted_still_give_a_distribution():
+    """At MAX_TEMPERATURE and either repetition-penalty bound, every token seen, logits as large as a model gives
+    and -inf among them (a filter's): still a distribution, never NaN."""
+    from specgrove.sampling import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY, apply_penalties
+
+    logits = torch.tensor([1e4, -1e4, 3.0, -3.0, 0.0])
+    seen, counts = torch.ones(5, dtype=torch.bool), torch.full((5,), 3.0)
+    for penalty in (MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY):
+        for temperature in (MAX_TEMPERATURE, 1.0):
+            params = SamplingParams(
+                temperature=temperature, repetition_penalty=penalty, presence_penalty=2.0, frequency_penalty=2.0
+            )
+            penalised = apply_penalties(logits, params, seen, counts)
+            assert torch.isfinite(penalised).all()
+            p = process_logits(penalised[None], params)
+            assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(1))

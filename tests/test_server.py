@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
@@ -131,11 +132,20 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "abc", "top_p": 1.5}, "top_p"),
     ("/v1/completions", {"prompt": "abc", "temperature": -1.0}, "temperature"),
     ("/v1/completions", {"prompt": "abc", "top_k": -5}, "top_k"),
-    ("/v1/completions", {"prompt": "abc", "n": 2}, "n=2"),
+    ("/v1/completions", {"prompt": "abc", "n": 0}, "n must be"),
+    ("/v1/completions", {"prompt": "abc", "n": 17}, "n must be"),
+    ("/v1/completions", {"prompt": "abc", "n": 6}, "n=6"),
     ("/v1/completions", {"prompt": "abc", "model": "gpt-9"}, "not served"),
     ("/v1/completions", {"prompt": "abc", "stop": 5}, "stop"),
     ("/v1/completions", {"prompt": "abc", "stream": "yes"}, "stream"),
-    ("/v1/completions", {"prompt": "abc", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "abc", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "abc", "frequency_penalty": -3.0}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "abc", "repetition_penalty": 0.0}, "repetition_penalty"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "repetition_penalty": -1.0},
+        "repetition",
+    ),
     ("/v1/completions", {"max_tokens": 5}, "prompt"),
     ("/v1/completions", {"prompt": ""}, "empty"),
     ("/v1/completions", {"prompt": [1, 99]}, "token ids"),
@@ -152,9 +162,16 @@ BAD_REQUESTS = [
         "max_tokens",
     ),
     # fields that would change what the answer means are refused, not silently ignored
-    ("/v1/completions", {"prompt": "abc", "logprobs": 2}, "logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "abc", "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": "abc", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "abc", "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": 2}, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 3}, "top_logprobs"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
+    ),
     ("/v1/completions", {"prompt": "abc", "logit_bias": {"1": 5}}, "logit_bias"),
     ("/v1/completions", {"prompt": "abc", "suffix": "end"}, "suffix"),
     ("/v1/completions", {"prompt": "abc", "best_of": 3}, "best_of"),
@@ -562,6 +579,23 @@ def test_error_shapes_defaults_and_retry_after(tiny_target, tiny_draft, monkeypa
         assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1
 
 
+def test_penalties_are_honoured(server, tiny_target):
+    """The penalties reach the engine: greedy output is plain greedy decoding with the same penalties."""
+    penalties = {"presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.3}
+    engine = SpecEngine(tiny_target, None, 0, max_model_len=48)
+    for prompt in ("abcab", "aaaa"):
+        ids = tiny_target.tokenizer.encode(prompt, add_special_tokens=False)
+        params = SamplingParams(temperature=0, max_tokens=12, **penalties)
+        expected = engine.generate(engine.new_sequence(ids, params)).text
+        r = httpx.post(
+            server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0, **penalties}
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+    chat = {"messages": [{"role": "user", "content": "ab"}], "max_tokens": 5, "temperature": 0.8, "seed": 1}
+    r = httpx.post(server.url + "/v1/chat/completions", json={**chat, **penalties})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
 def test_neutral_values_of_unhonoured_fields_are_fine_and_developer_is_system(server, tiny_target):
     body = {
         "prompt": "abc",
@@ -793,3 +827,120 @@ def test_a_prefilling_request_holds_its_row_against_the_queue_bound(tiny_target,
             tiny_target, long_prompt, 6
         )
         assert s.engine.pool.in_use == 0
+
+
+def greedy_output_ids(target, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    engine = SpecEngine(target, None, 0, max_model_len=48)
+    return engine.generate(
+        engine.new_sequence(prompt_ids, SamplingParams(temperature=0, max_tokens=max_tokens))
+    ).output_ids
+
+
+def raw_logprobs(target, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    ids = prompt_ids + output_ids
+    cache = target.model.new_cache(1, len(ids) + 1)
+    logits = target.model.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0]
+    return torch.log_softmax(logits[len(prompt_ids) - 1 : -1].float(), -1)
+
+
+def _stream_events(server, path, body) -> list[dict]:
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_logprobs_are_the_targets(server, tiny_target):
+    """completions' logprobs (0..5) and chat's logprobs + top_logprobs (0..20): the target's raw log-softmax of
+    each emitted token, equal to a plain forward's over the whole output, streamed or not."""
+    tokenizer = tiny_target.tokenizer
+    prompt_ids = tokenizer.encode("abcab", add_special_tokens=False)
+    output = greedy_output_ids(tiny_target, prompt_ids, 10)
+    expected = raw_logprobs(tiny_target, prompt_ids, output)
+    texts = [tokenizer.decode([t]) for t in output]
+    body = {"prompt": "abcab", "max_tokens": 10, "temperature": 0, "logprobs": 3}
+    full = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    events = _stream_events(server, "/v1/completions", body)
+    parts = [e["choices"][0]["logprobs"] for e in events if e["choices"] and e["choices"][0]["logprobs"]]
+    streamed = {key: [v for part in parts for v in part[key]] for key in full}
+    assert streamed == full
+    assert full["tokens"] == texts
+    assert full["text_offset"] == [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    for i, token in enumerate(output):
+        assert abs(full["token_logprobs"][i] - float(expected[i, token])) < 1e-5
+        top = full["top_logprobs"][i]
+        assert 3 <= len(top) <= 4 and top[texts[i]] == full["token_logprobs"][i]
+        best = expected[i].topk(3)
+        for t, v in zip(best.indices.tolist(), best.values.tolist()):
+            assert abs(top[tokenizer.decode([t])] - v) < 1e-5
+
+    chat_prompt_ids = tokenizer.encode("abcabh", add_special_tokens=False)
+    output = greedy_output_ids(tiny_target, chat_prompt_ids, 6)
+    expected = raw_logprobs(tiny_target, chat_prompt_ids, output)
+    chat = {"messages": [{"role": "user", "content": "abcab"}], "max_tokens": 6, "temperature": 0, "logprobs": True}
+    for top in (None, 0, 5):
+        request = chat if top is None else {**chat, "top_logprobs": top}
+        content = httpx.post(server.url + "/v1/chat/completions", json=request).json()["choices"][0]["logprobs"]
+        content = content["content"]
+        events = _stream_events(server, "/v1/chat/completions", request)
+        streamed = [c for e in events for ch in e["choices"] if ch["logprobs"] for c in ch["logprobs"]["content"]]
+        assert streamed == content and len(content) == len(output)
+        for i, (token, item) in enumerate(zip(output, content)):
+            assert item["token"] == tokenizer.decode([token]) and item["bytes"] == list(item["token"].encode())
+            assert abs(item["logprob"] - float(expected[i, token])) < 1e-5
+            values = [t["logprob"] for t in item["top_logprobs"]]
+            assert len(values) == (top or 0) and values == sorted(values, reverse=True)
+            if top:
+                assert torch.allclose(torch.tensor(values), expected[i].topk(top).values, atol=1e-5)
+    plain = httpx.post(server.url + "/v1/chat/completions", json={**chat, "logprobs": False}).json()
+    assert plain["choices"][0]["logprobs"] is None
+
+
+def test_n_choices(server, tiny_target):
+    """n independent samples, indexed 0..n-1, usage summed with the prompt counted once; greedy gives n equal
+    choices; with a seed the answer is reproducible and choice 0 is the n = 1 answer; streaming tags each chunk
+    with its choice's index."""
+    greedy = {"prompt": "abcab", "max_tokens": 6, "temperature": 0, "n": 3}
+    out = httpx.post(server.url + "/v1/completions", json=greedy).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert {c["text"] for c in out["choices"]} == {expected_text(tiny_target, "abcab", 6)}
+    assert out["usage"]["prompt_tokens"] == 5 and out["usage"]["completion_tokens"] == 18
+    assert out["usage"]["total_tokens"] == 23
+    assert out["usage"]["speculation"]["steps"] >= 3
+
+    sampled = {"prompt": "abc", "max_tokens": 8, "temperature": 1.0, "seed": 11, "n": 4}
+    a = httpx.post(server.url + "/v1/completions", json=sampled).json()
+    b = httpx.post(server.url + "/v1/completions", json=sampled).json()
+    texts = [c["text"] for c in a["choices"]]
+    assert texts == [c["text"] for c in b["choices"]] and len(set(texts)) > 1
+    one = httpx.post(server.url + "/v1/completions", json={**sampled, "n": 1}).json()
+    assert one["choices"][0]["text"] == texts[0]
+
+    events = _stream_events(server, "/v1/completions", {**sampled, "stream_options": {"include_usage": True}})
+    streamed = ["", "", "", ""]
+    for e in events:
+        for c in e["choices"]:
+            streamed[c["index"]] += c["text"]
+    assert streamed == texts
+    assert events[-1]["usage"]["completion_tokens"] == a["usage"]["completion_tokens"]
+    finishes = [c["index"] for e in events for c in e["choices"] if c["finish_reason"]]
+    assert sorted(finishes) == [0, 1, 2, 3]
+
+    chat = {"messages": [{"role": "user", "content": "ab"}], "max_tokens": 5, "temperature": 0.9, "seed": 2, "n": 2}
+    reply = httpx.post(server.url + "/v1/chat/completions", json=chat).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1]
+    events = _stream_events(server, "/v1/chat/completions", chat)
+    contents = ["", ""]
+    for e in events:
+        for c in e["choices"]:
+            contents[c["index"]] += c["delta"].get("content") or ""
+    assert contents == [c["message"]["content"] for c in reply["choices"]]
+    assert server.engine.pool.in_use == 0
+
+    for bad in (0, 17):
+        r = httpx.post(server.url + "/v1/completions", json={**greedy, "n": bad})
+        assert r.status_code == 400 and "n" == r.json()["error"]["param"]
+    # n counts n sequences against the queue: 2 rows + 3 waiting hold 5, not 6
+    r = httpx.post(server.url + "/v1/completions", json={**greedy, "n": 6})
+    assert r.status_code == 400 and "n=6" in r.json()["error"]["message"]

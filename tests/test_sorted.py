@@ -426,3 +426,21 @@ def test_bench_cli_several_targets_share_one_sorted_draft(tiny_dirs, sorted_dir,
     assert calls[1][1] == ["plain", "sorted"]  # the default draft as target: no draft_model against itself
     assert calls[0][2] is calls[1][2] and calls[0][2].path == sorted_dir  # loaded once
     assert set(json.loads(out.read_text())["targets"]) == {str(tiny_dirs["target"]), defaults.DEFAULT_DRAFT}
+
+
+def test_greedy_with_penalties_identical_to_plain(tiny_target, sorted_draft):
+    """Adaptive (chain) and fixed-exit drafts penalise each node for its path: plain greedy output under the
+    same penalties."""
+    from specgrove.trees.shape import TreeShape
+
+    plain = SpecEngine(tiny_target, None, 0, 256)
+    params = SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3, presence_penalty=0.5)
+    for exit_layer, shape in ((None, None), (1, TreeShape.parse("widths:3,2,1"))):
+        engine = SpecEngine(
+            tiny_target,
+            sorted_proposer(sorted_draft, 256, exit_layer, shape=shape),
+            4 if shape is None else len(shape),
+            256,
+        )
+        for prompt in ([1, 2, 3, 4, 1, 2, 3], [7, 7, 0, 1]):
+            assert run(engine, prompt, params).output_ids == run(plain, prompt, params).output_ids

@@ -27,6 +27,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     stop_reason: int | str | None = None
+    # with SamplingParams(logprobs=k): per token, the target's raw log-probabilities (engine.sequence.TokenLogprob)
+    logprobs: list | None = None
 
 
 @dataclass
@@ -199,6 +201,8 @@ class LLM:
             request_id=seq.request_id,
             prompt=prompt,
             prompt_token_ids=seq.prompt_ids,
-            outputs=[CompletionOutput(0, seq.text, list(seq.output_ids), seq.finish_reason, seq.stop_reason)],
+            outputs=[
+                CompletionOutput(0, seq.text, list(seq.output_ids), seq.finish_reason, seq.stop_reason, seq.logprobs)
+            ],
             metrics=seq.metrics,
         )

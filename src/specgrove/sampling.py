@@ -7,6 +7,7 @@ and the target's p live on the same support and speculative sampling stays exact
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,19 @@ from specgrove.errors import UnsupportedError
 # (|logits| reach ~1e2, float32 ends at 3.4e38) so the softmax is a distribution, not NaN; 1e-4 leaves room
 # for any logits a model gives. 0 is greedy.
 MIN_TEMPERATURE = 1e-4
+# The largest: beyond it the distribution is uniform to within 1% for any logits a model gives (and a float32
+# temperature of inf would turn a logit of -inf, which the filters and penalties produce, into NaN).
+MAX_TEMPERATURE = 1e4
+# The repetition penalty multiplies or divides logits: within these bounds they stay far inside float32's range
+# (larger ones made every seen token's logit -inf or its division overflow, and the softmax NaN).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # the most top log-probabilities recorded per token (OpenAI's chat top_logprobs bound)
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -36,11 +49,15 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # Accepted for familiarity; anything but the neutral value cannot be honoured and raises.
+    # Penalties, as vLLM (`apply_penalties`): repetition on prompt + output tokens, presence and frequency
+    # on output tokens only. Under speculation each tree node is penalised for its own path.
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     n: int = 1
+    # Log-probabilities of each emitted token and of the `logprobs` most likely tokens at its position (0: the
+    # emitted token's alone; None: not recorded), the target's (`Sequence.logprobs`).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None:
@@ -63,6 +80,11 @@ class SamplingParams:
             or self.temperature < 0
         ):
             raise bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature > MAX_TEMPERATURE:
+            raise bad(
+                f"temperature {self.temperature} is above {MAX_TEMPERATURE:g}, where sampling is already uniform to "
+                "within 1%; use a smaller one"
+            )
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise bad(
                 f"temperature {self.temperature} is too small to sample from (logits / temperature leave float32's "
@@ -84,18 +106,33 @@ class SamplingParams:
             raise bad("stop must be a non-empty string or a list of non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
             raise bad(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
-        for name, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
-            if getattr(self, name) != neutral:
-                raise UnsupportedError(
-                    f"{name}={getattr(self, name)} is not supported: penalties depend on every earlier token and "
-                    f"specgrove does not apply them yet. Leave {name} at {neutral}."
-                )
+        if not _is_number(self.repetition_penalty) or not (
+            MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY
+        ):
+            raise bad(
+                f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] "
+                f"(1 = none, above 1 discourages repeats), got {self.repetition_penalty!r}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise bad(f"{name} must be a number in [-{MAX_PENALTY}, {MAX_PENALTY}] (0 = none), got {value!r}")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.n != 1:
             raise UnsupportedError(f"n={self.n} is not supported; call generate with the prompt repeated instead")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def describe(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p}
@@ -131,14 +168,87 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_seen: torch.Tensor, output_counts: torch.Tensor
+) -> torch.Tensor:
+    """Logits [..., V] penalised for a context (vLLM's `apply_penalties`, before temperature and the filters):
+
+      repetition: the logit of every token seen in the prompt or the output is divided by the penalty where
+          positive, multiplied where negative (transformers' and vLLM's rule);
+      presence, frequency (OpenAI): logit -= presence * [count > 0] + frequency * count, the counts of the
+          output tokens only (the prompt does not count, as in vLLM).
+
+    `prompt_seen` [V] bool: the tokens of the prompt; `output_counts` [V]: how often each token occurs in the
+    output (generated tokens, and under speculation the drafted tokens on the node's path)."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        seen = prompt_seen | (output_counts > 0)
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if params.frequency_penalty != 0.0:
+        logits = logits - params.frequency_penalty * output_counts
+    if params.presence_penalty != 0.0:
+        logits = logits - params.presence_penalty * (output_counts > 0).float()
+    return logits
+
+
+class TokenCounts:
+    """What the penalties of one sequence read: the prompt's tokens and how often each output token occurs, as
+    dense [V] tensors (built on first use for each vocabulary size and device: the draft's logits may live
+    elsewhere than the target's), brought up to date with the output as it grows.
+
+    `penalise(logits, params, output_ids, path)` penalises logits for the context prompt + output_ids + path,
+    where `path` is the drafted tokens from the root to the node whose logits these are (empty at the root), so
+    every node of a speculative tree gets the penalties of its own context."""
+
+    def __init__(self, prompt_ids: list[int]):
+        self.prompt_ids = list(prompt_ids)
+        # (V, device) -> [prompt_seen [V] bool, output_counts [V] fp32, how many output tokens are counted]
+        self._dense: dict[tuple, list] = {}
+
+    def _counts(self, vocab: int, device: torch.device, output_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._dense.get((vocab, device))
+        if entry is None or entry[2] > len(output_ids):  # new, or an output that shrank: count afresh
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            seen[_ids(self.prompt_ids, vocab, device)] = True
+            entry = self._dense[(vocab, device)] = [seen, torch.zeros(vocab, device=device), 0]
+        if entry[2] < len(output_ids):
+            new = _ids(output_ids[entry[2] :], vocab, device)
+            entry[1].index_add_(0, new, torch.ones(len(new), device=device))
+            entry[2] = len(output_ids)
+        return entry[0], entry[1]
+
+    def penalise(
+        self, logits: torch.Tensor, params: SamplingParams, output_ids: list[int], path: list[int] | tuple = ()
+    ) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        prompt_seen, output_counts = self._counts(vocab, logits.device, output_ids)
+        if path:
+            new = _ids(path, vocab, logits.device)
+            output_counts = output_counts.index_add(0, new, torch.ones(len(new), device=logits.device))
+        return apply_penalties(logits, params, prompt_seen, output_counts)
+
+
+def _ids(tokens, vocab: int, device) -> torch.Tensor:
+    """Token ids as an index tensor, without those outside a vocabulary of `vocab` (a smaller draft's)."""
+    return torch.tensor([t for t in tokens if t < vocab], dtype=torch.long, device=device)
+
+
 class ProcessedRows:
     """The processed distributions of the rows of `logits` [N, V], each computed (`process_logits`) only when
     first indexed: a verification walk visits the root and the accepted path, not every node of the tree, and
-    processing a row over the whole vocabulary (softmax, the top-p sort) is not free."""
+    processing a row over the whole vocabulary (softmax, the top-p sort) is not free. `penalise(row, logits)`:
+    the row's penalties (each tree node's own context), applied before `process_logits`; None: no penalties."""
 
-    def __init__(self, logits: torch.Tensor, params: SamplingParams):
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        params: SamplingParams,
+        penalise: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.logits = logits
         self.params = params
+        self.penalise = penalise
         self._rows: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -146,7 +256,8 @@ class ProcessedRows:
 
     def __getitem__(self, row: int) -> torch.Tensor:
         if row not in self._rows:
-            self._rows[row] = process_logits(self.logits[row], self.params)
+            logits = self.logits[row] if self.penalise is None else self.penalise(row, self.logits[row])
+            self._rows[row] = process_logits(logits, self.params)
         return self._rows[row]
 
     @property

@@ -314,6 +314,14 @@ class _Draft:
         """The drafted tree, with the q each node was drawn from (none when greedy: deterministic)."""
         return TokenTree(self.tokens, self.parents, None if greedy else torch.stack(self.probs))
 
+    def path_tokens(self, node: int) -> list[int]:
+        """The tokens from the root (excluded) to `node` (included; -1: the root, no tokens)."""
+        path = []
+        while node >= 0:
+            path.append(self.tokens[node])
+            node = self.parents[node]
+        return path[::-1]
+
     def draw_level(self, depth: int, seq: Sequence, sampling: str) -> bool:
         """Draw the children of the nodes of level `depth`; False when the level came out empty."""
         self.level_start = len(self.tokens)
@@ -324,7 +332,9 @@ class _Draft:
             parent = self.node_of.get(shape_parent)
             if parent is None:
                 continue
-            drawn = draw_children(self.logits_of[parent], len(shape_children), seq.params, seq.sampler, sampling)
+            # q at `parent` is penalised for the parent's own context (the committed tokens + its path)
+            logits = seq.penalised(self.logits_of[parent], self.path_tokens(parent))
+            drawn = draw_children(logits, len(shape_children), seq.params, seq.sampler, sampling)
             for shape_child, (token, q) in zip(shape_children, drawn):
                 self.node_of[shape_child] = len(self.tokens)
                 self.tokens.append(token)

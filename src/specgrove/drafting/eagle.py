@@ -230,13 +230,23 @@ class _DynamicDraft:
         self.child[key] = len(self.candidates) - 1
         return len(self.candidates) - 1
 
+    def path_tokens(self, candidate: int) -> list[int]:
+        """The tokens from the root (excluded) to `candidate` (included; -1: the root, no tokens)."""
+        path = []
+        while candidate >= 0:
+            path.append(self.candidates[candidate][0])
+            candidate = self.candidates[candidate][1]
+        return path[::-1]
+
     def draw_level(self, depth: int, seq: Sequence, sampling: str) -> bool:
         """Expand the frontier with each node's top-k children; the next frontier is the top-k of them by
         cumulative log-probability, written through the head (unless this is the last level)."""
         self.level_start = len(self.tokens)
         new = []
         for c in self.frontier:
-            logq = torch.log_softmax(self.logits_of[self.written_of[c]].float(), -1)
+            # ranked by the head's penalised log-probabilities (the node's own context), as the target will judge
+            logits = seq.penalised(self.logits_of[self.written_of[c]], self.path_tokens(c))
+            logq = torch.log_softmax(logits.float(), -1)
             values, tokens = logq.topk(min(self.plan.top_k, logq.shape[-1]))
             base = 0.0 if c < 0 else self.candidates[c][2]
             for v, t in zip(values.tolist(), tokens.tolist()):

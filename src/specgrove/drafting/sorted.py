@@ -194,6 +194,7 @@ class SortedDraftProposer(Proposer):
             if i:
                 cache.append([out_tokens[-1]])
             logits, _ = self.next_logits(cache)
+            logits = seq.penalised(logits, out_tokens)  # the chain so far is this node's path
             if params.greedy:
                 out_tokens.append(int(torch.argmax(logits)))
                 continue

@@ -14,7 +14,7 @@ import uuid
 import torch
 
 from specgrove.drafting.base import Proposer
-from specgrove.engine.sequence import Sequence
+from specgrove.engine.sequence import Sequence, TokenLogprob
 from specgrove.errors import UnsupportedError
 from specgrove.models.kv_cache import CachePool, forward_chunked
 from specgrove.models.loader import LoadedModel
@@ -197,6 +197,9 @@ class SpecEngine:
             metrics.record_step(max(tree.depths(), default=0), len(tree), result.num_accepted, result.decisions)
             new_tokens = [tree.tokens[node] for node in result.accepted_nodes] + [result.next_token]
             appended.append(self._append(seq, new_tokens))
+            if seq.logprobs is not None:
+                # row committed[i] is the distribution new_tokens[i] was drawn from (root, then the accepted path)
+                seq.logprobs.extend(token_logprobs(logits[b, committed], appended[-1], seq.params.logprobs))
         t3 = time.perf_counter()
         for seq in seqs:
             seq.metrics.verify_time_s += t3 - t2
@@ -235,13 +238,23 @@ class SpecEngine:
         return logits, features, sizes
 
     def _verify(self, seq: Sequence, tree: TokenTree, row_logits: torch.Tensor):
-        """The verifier's walk over one row's tree (the target's logits at its root and nodes)."""
+        """The verifier's walk over one row's tree (the target's logits at its root and nodes). With penalties,
+        row r is penalised for its own context: the committed tokens + the tokens of the path to node r - 1."""
+        penalise = None
+        if seq.token_counts is not None:
+
+            def penalise(row: int, logits: torch.Tensor) -> torch.Tensor:
+                return seq.penalised(logits, [tree.tokens[n] for n in tree.path_to(row - 1)])
+
+        # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
+        rows = ProcessedRows(row_logits, seq.params, penalise)
         if seq.params.greedy:
-            return verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
+            if penalise is None:
+                return verify_tree_greedy(tree, row_logits.argmax(-1).tolist())
+            return verify_tree_greedy(tree, _Argmax(rows))
         # a plain engine (no proposer) verifies empty trees: the standard rule, never consulted
         node_rule = self.proposer.node_rule if self.proposer is not None else rejection_select
-        # Rows are processed as the walk reaches them (the root and the accepted path), not all of them.
-        return verify_tree(tree, ProcessedRows(row_logits, seq.params), seq.sampler, node_rule)
+        return verify_tree(tree, rows, seq.sampler, node_rule)
 
     def _append(self, seq: Sequence, new_tokens: list[int]) -> list[int]:
         """Append tokens one by one, stopping at the first EOS / stop token / stop string / length limit."""
@@ -300,6 +313,28 @@ class SpecEngine:
             self.finish(seq)
         seq.metrics.total_time_s = time.perf_counter() - start
         return seq
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The raw log-softmax of `logits` [>= len(tokens), V] at each emitted token (row i emitted tokens[i]),
+    with the `top` most likely tokens of each row."""
+    logprobs = torch.log_softmax(logits[: len(tokens)].float(), -1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    values, ids = logprobs.topk(min(top, logprobs.shape[-1]), -1) if top else (None, None)
+    return [
+        TokenLogprob(token, chosen[i], [] if not top else list(zip(ids[i].tolist(), values[i].tolist())))
+        for i, token in enumerate(tokens)
+    ]
+
+
+class _Argmax:
+    """The argmax of each processed row (greedy: one-hot), computed as the walk reaches it."""
+
+    def __init__(self, rows: ProcessedRows):
+        self.rows = rows
+
+    def __getitem__(self, row: int) -> int:
+        return int(self.rows[row].argmax())
 
 
 def _sampler_state(sampler):

@@ -8,8 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from specgrove.engine.metrics import SpecMetrics
-from specgrove.sampling import SamplingParams
+from specgrove.sampling import SamplingParams, TokenCounts
+
+
+@dataclass
+class TokenLogprob:
+    """An emitted token's log-probability under the target and the `params.logprobs` most likely tokens at its
+    position with theirs, most likely first. As vLLM's default (`logprobs_mode="raw_logprobs"`), these are the
+    raw model's log-softmax: before penalties, temperature, top-k / top-p / min-p."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -35,6 +48,24 @@ class Sequence:
     # the proposer takes them: it may remove the chunks it has consumed). Empty unless the proposer asks.
     target_features: list = field(default_factory=list)
     error: str | None = None  # why a request with finish_reason "error" failed
+    # What the penalties read (prompt tokens, output counts); None when the params have no penalties.
+    token_counts: TokenCounts | None = field(default=None, init=False, repr=False)
+    # One entry per output token when `params.logprobs` is set (recorded by the engine as tokens are
+    # committed, from the forward that verified them); None otherwise.
+    logprobs: list[TokenLogprob] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.params.has_penalties:
+            self.token_counts = TokenCounts(self.prompt_ids)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    def penalised(self, logits: torch.Tensor, path: list[int] | tuple = ()) -> torch.Tensor:
+        """`logits` [V] after the token_ids + `path` (drafted tokens from the root to the node whose logits these
+        are), with this request's penalties for that context; the logits themselves when it has none."""
+        if self.token_counts is None:
+            return logits
+        return self.token_counts.penalise(logits, self.params, self.output_ids, path)
 
     @property
     def token_ids(self) -> list[int]:

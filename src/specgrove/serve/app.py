@@ -2,7 +2,8 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream over SSE with `stream: true`;
 `stream_options.include_usage` adds a final usage chunk), GET /v1/models, GET /health, GET /metrics
-(Prometheus). Usage carries this request's speculation statistics under "speculation".
+(Prometheus). Usage carries this request's speculation statistics under "speculation". `n` choices are n
+sequences (`submit`); `logprobs` / `top_logprobs` are the target's raw log-probabilities (`logprobs_json`).
 
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: malformed JSON, wrong field
 types, out-of-range values, a prompt too long for the context, a Host header not allowed -> 400; a full
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import hmac
 import json
 import time
@@ -33,9 +36,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specgrove.engine.scheduler import QueueFullError
-from specgrove.engine.sequence import Sequence
+from specgrove.engine.sequence import Sequence, TokenLogprob
 from specgrove.errors import SpecgroveError
-from specgrove.sampling import MAX_SEED, SamplingParams
+from specgrove.sampling import (
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+)
 from specgrove.serve.async_engine import AsyncEngine, Delta, RequestStream, usage_of
 
 DISCONNECT_POLL_S = 0.5
@@ -51,6 +60,11 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bounds: completions' logprobs, chat's top_logprobs
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # choices per request
+
+
 def accepts(default: Any, **schema: Any) -> Any:
     """A field whose JSON schema documents the values the server accepts (`schema`: JSON Schema keywords). The
     checks themselves stay where the values are used (SamplingParams, prepare), with messages that say what
@@ -62,7 +76,7 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None  # the schema names the served model (openapi_schema)
     max_tokens: StrictInt | None = accepts(None, minimum=1)
-    temperature: StrictFloat = accepts(1.0, minimum=0)
+    temperature: StrictFloat = accepts(1.0, minimum=0, maximum=MAX_TEMPERATURE)
     top_p: StrictFloat = accepts(1.0, exclusiveMinimum=0, maximum=1)
     top_k: StrictInt = accepts(0, minimum=-1)
     min_p: StrictFloat = accepts(0.0, minimum=0, maximum=1)
@@ -70,15 +84,16 @@ class _Common(BaseModel):
     stop: str | list[str] | None = accepts(None, minLength=1, items={"minLength": 1})
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = accepts(1, const=1)
+    n: StrictInt = accepts(1, minimum=1, maximum=MAX_N)
     ignore_eos: StrictBool = False
-    presence_penalty: StrictFloat = accepts(0.0, const=0)
-    frequency_penalty: StrictFloat = accepts(0.0, const=0)
+    presence_penalty: StrictFloat = accepts(0.0, minimum=-2, maximum=2)
+    frequency_penalty: StrictFloat = accepts(0.0, minimum=-2, maximum=2)
+    repetition_penalty: StrictFloat = accepts(  # vLLM's extension
+        1.0, minimum=MIN_REPETITION_PENALTY, maximum=MAX_REPETITION_PENALTY
+    )
     user: str | None = None
     # Fields that change what a response means. The server does not honour them yet, so a request that sets
     # one (to anything but its neutral value, UNHONOURED) is refused rather than answered as if it had not.
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: Any = None
     response_format: Any = None
     tools: Any = None
@@ -98,6 +113,8 @@ class CompletionRequest(_Common):
     )
     max_tokens: StrictInt | None = accepts(COMPLETION_MAX_TOKENS, minimum=1)
     echo: StrictBool = accepts(False, const=False)
+    # 0..5: the emitted token's and the most likely tokens' log-probabilities
+    logprobs: StrictInt | None = accepts(None, minimum=0, maximum=MAX_COMPLETION_LOGPROBS)
 
 
 class ChatMessage(BaseModel):
@@ -117,6 +134,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = accepts(None, minimum=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = accepts(None, minimum=0, maximum=MAX_TOP_LOGPROBS)  # with logprobs: true
 
 
 class BadRequest(ValueError):
@@ -287,11 +306,37 @@ class _Answer(BaseModel):
     model: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """The target's raw log-probability of each token, and of its most likely alternatives (logprobs: true)."""
+
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's completions logprobs: each token, its log-probability, the top tokens' (and its own) by text,
+    and where it starts in the text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"]
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     stop_reason: int | str | None  # the stop token id or stop string that ended it, as vLLM's
 
 
@@ -310,7 +355,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None
+    logprobs: ChatLogprobs | None
 
 
 class ChatCompletion(_Answer):
@@ -323,7 +368,7 @@ class CompletionChunkChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None
+    logprobs: CompletionLogprobs | None
 
 
 class CompletionChunk(_Answer):
@@ -345,7 +390,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None
+    logprobs: ChatLogprobs | None
 
 
 class ChatCompletionChunk(_Answer):
@@ -652,8 +697,6 @@ def prepare(server: ServerState, chat: bool, body: _Common) -> tuple[list[int], 
 
 # field -> its neutral values (what a client sends when it does not use the field)
 UNHONOURED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
@@ -675,10 +718,31 @@ def refuse_unhonoured(body: _Common) -> None:
             )
 
 
+def requested_logprobs(body: _Common) -> int | None:
+    """How many top log-probabilities each token carries (0: the emitted token's alone); None: no logprobs."""
+    if isinstance(body, ChatRequest):
+        top = body.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+        if top and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if body.logprobs else None
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise BadRequest(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {body.logprobs}", "logprobs")
+    return body.logprobs
+
+
 def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) -> SamplingParams:
     refuse_unhonoured(body)
-    if body.n != 1:
-        raise BadRequest(f"n={body.n} is not supported; send one request per completion", "n")
+    logprobs = requested_logprobs(body)
+    if not 1 <= body.n <= MAX_N:
+        raise BadRequest(f"n must be in [1, {MAX_N}], got {body.n}", "n")
+    if body.n > server.engine.capacity:
+        raise BadRequest(
+            f"n={body.n} is more than this server holds at once ({server.engine.capacity} sequences: "
+            "--max-num-seqs + --max-waiting); ask for fewer choices",
+            "n",
+        )
     if max_tokens is None:
         max_tokens = server.max_model_len  # cut to the room left below
     if max_tokens <= 0:
@@ -697,6 +761,8 @@ def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) 
             ignore_eos=body.ignore_eos,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logprobs=logprobs,
         )
     except (ValueError, SpecgroveError) as error:
         raise BadRequest(str(error)) from None
@@ -782,9 +848,22 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str | None:
 
 
 # ---- one request, start to finish --------------------------------------------------------------------
-def submit(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request seeded with `seed`: choice 0 keeps it (so n = 1 answers as it
+    always did), the others get one derived from it (SHA-256 of "seed/index"), all reproducible."""
+    if seed is None or index == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "big") - 2**63
+
+
+def submit(
+    engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str, n: int = 1
+) -> list[RequestStream]:
+    """The request's n choices, each its own sequence (request ids `<id>-<index>` when n > 1)."""
+    choices = [params] if n == 1 else [dataclasses.replace(params, seed=choice_seed(params.seed, i)) for i in range(n)]
+    ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
     try:
-        return engine.submit(prompt_ids, params, request_id)
+        return engine.submit_many(prompt_ids, choices, ids)
     except ValueError as error:
         raise BadRequest(str(error), "prompt") from None
 
@@ -793,72 +872,113 @@ async def run(
     server: ServerState, request: Request, chat: bool, body: _Common, prompt_ids: list[int], params: SamplingParams
 ):
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    stream = submit(server.engine, prompt_ids, params, request_id)
+    streams = submit(server.engine, prompt_ids, params, request_id, body.n)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        writer = ChunkWriter(request_id, server.model_name, created, chat, include_usage)
-        return StreamingResponse(sse(server, request, stream, writer), media_type="text/event-stream")
-    seq = await wait_for_finish(server.engine, request, stream)
-    if seq is None:  # client gone
+        writers = [
+            ChunkWriter(request_id, server.model_name, created, chat, include_usage, server.tokenizer, index)
+            for index in range(len(streams))
+        ]
+        return StreamingResponse(sse(server, request, streams, writers), media_type="text/event-stream")
+    seqs = await wait_for_finish(server.engine, request, streams)
+    if seqs is None:  # client gone
         return Response(status_code=499)
-    if seq.finish_reason == "error":
-        return error_response(500, f"generation failed: {seq.error}", "server_error")
-    return completion_body(server, request_id, created, chat, seq)
+    failed = next((seq for seq in seqs if seq.finish_reason == "error"), None)
+    if failed is not None:
+        return error_response(500, f"generation failed: {failed.error}", "server_error")
+    return completion_body(server, request_id, created, chat, seqs)
 
 
-async def wait_for_finish(engine: AsyncEngine, request: Request, stream: RequestStream) -> Sequence | None:
-    """The finished sequence; None (after aborting the request) when the client disconnected first."""
+def abort_all(engine: AsyncEngine, streams: list[RequestStream]) -> None:
+    for stream in streams:
+        if not stream.seq.finished:
+            engine.abort(stream.request_id)
+
+
+async def wait_for_finish(engine: AsyncEngine, request: Request, streams: list[RequestStream]) -> list[Sequence] | None:
+    """The finished sequences (one per choice); None (after aborting them) when the client disconnected first."""
+    finished: set[int] = set()
     try:
-        while True:
-            delta = await next_delta(engine, request, stream)
+        while len(finished) < len(streams):
+            delta = await next_delta(engine, request, streams)
             if delta is None:
                 return None
             if delta.finished:
-                return delta.seq
+                finished.add(id(delta.seq))
+        return [stream.seq for stream in streams]
     except asyncio.CancelledError:
-        engine.abort(stream.request_id)
+        abort_all(engine, streams)
         raise
 
 
-async def next_delta(engine: AsyncEngine, request: Request, stream: RequestStream) -> Delta | None:
-    """The next delta; None (after aborting the request) when the client disconnected."""
+async def next_delta(engine: AsyncEngine, request: Request, streams: list[RequestStream]) -> Delta | None:
+    """The next delta of any of the request's sequences (their streams share one queue); None (after aborting
+    them) when the client disconnected."""
     while True:
         try:
-            return await asyncio.wait_for(stream.queue.get(), DISCONNECT_POLL_S)
+            return await asyncio.wait_for(streams[0].queue.get(), DISCONNECT_POLL_S)
         except TimeoutError:
             if await request.is_disconnected():
-                engine.abort(stream.request_id)
+                abort_all(engine, streams)
                 return None
 
 
-def completion_body(server: ServerState, request_id: str, created: int, chat: bool, seq: Sequence) -> dict:
-    text = final_text(server.tokenizer, seq)
-    if chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish_reason(seq),
-            "logprobs": None,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": text,
-            "finish_reason": finish_reason(seq),
-            "logprobs": None,
-            "stop_reason": seq.stop_reason,
-        }
-        obj = "text_completion"
+def completion_body(server: ServerState, request_id: str, created: int, chat: bool, seqs: list[Sequence]) -> dict:
     return {
         "id": request_id,
-        "object": obj,
+        "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": server.model_name,
-        "choices": [choice],
-        "usage": usage_of(seq),
+        "choices": [choice_body(server, chat, index, seq) for index, seq in enumerate(seqs)],
+        "usage": usage_of(seqs),
     }
+
+
+def choice_body(server: ServerState, chat: bool, index: int, seq: Sequence) -> dict:
+    text = final_text(server.tokenizer, seq)
+    logprobs = None if seq.logprobs is None else logprobs_json(server.tokenizer, seq.logprobs, chat)[0]
+    if chat:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason(seq),
+            "logprobs": logprobs,
+        }
+    return {
+        "index": index,
+        "text": text,
+        "finish_reason": finish_reason(seq),
+        "logprobs": logprobs,
+        "stop_reason": seq.stop_reason,
+    }
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token as text (vLLM's "token_id:N" where there is no tokenizer)."""
+    return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+
+
+def logprobs_json(tokenizer, entries: list[TokenLogprob], chat: bool, text_offset: int = 0) -> tuple[dict, int]:
+    """OpenAI's logprobs object for `entries` (the target's raw log-probabilities, `TokenLogprob`) and the text
+    offset after them. Chat: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}; completions: {tokens,
+    token_logprobs, top_logprobs (the top tokens and the emitted one, as OpenAI's), text_offset}."""
+    if chat:
+
+        def item(token_id: int, logprob: float) -> dict:
+            text = token_text(tokenizer, token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        content = [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+        return {"content": content}, text_offset
+    tokens, offsets = [], []
+    for e in entries:
+        tokens.append(token_text(tokenizer, e.token_id))
+        offsets.append(text_offset)
+        text_offset += len(tokens[-1])
+    tops = [{**{token_text(tokenizer, t): lp for t, lp in e.top}, tokens[i]: e.logprob} for i, e in enumerate(entries)]
+    body = {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops}
+    return {**body, "text_offset": offsets}, text_offset
 
 
 def final_text(tokenizer, seq: Sequence) -> str:
@@ -889,18 +1009,28 @@ class ChunkWriter:
     created: int
     chat: bool
     include_usage: bool
+    tokenizer: object = None
+    index: int = 0  # the choice's
+    logprobs_sent: int = 0  # entries of seq.logprobs sent so far
+    text_offset: int = 0
 
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> str:
+    def chunk(self, text: str | None, finish: str | None, first: bool = False, seq: Sequence | None = None) -> str:
+        """A chunk with `text`; with `seq` (when it records logprobs), the logprobs of its tokens not sent yet."""
+        logprobs = None
+        if seq is not None and seq.logprobs is not None and not first:
+            entries = seq.logprobs[self.logprobs_sent :]
+            self.logprobs_sent += len(entries)
+            logprobs, self.text_offset = logprobs_json(self.tokenizer, entries, self.chat, self.text_offset)
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": self.index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return self._event([choice], {"usage": None} if self.include_usage else {})
 
-    def usage(self, seq: Sequence) -> str:
+    def usage(self, seqs: list[Sequence]) -> str:
         """The final chunk of `stream_options.include_usage`: no choices, the request's usage."""
-        return self._event([], {"usage": usage_of(seq)})
+        return self._event([], {"usage": usage_of(seqs)})
 
     def _event(self, choices: list[dict], extra: dict) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -916,38 +1046,45 @@ class ChunkWriter:
         )
 
 
-async def sse(server: ServerState, request: Request, stream: RequestStream, writer: ChunkWriter):
-    """Server-sent events: a chunk per step with the new text (`settled_text`); the request is aborted if
-    the stream ends before it finished (the client went away)."""
-    seq = stream.seq
-    hold = max((len(s) for s in seq.params.stop), default=1) - 1
-    sent = ""
+async def sse(server: ServerState, request: Request, streams: list[RequestStream], writers: list[ChunkWriter]):
+    """Server-sent events: a chunk per step and choice with the new text (`settled_text`), tagged with the
+    choice's index; the request's sequences are aborted if the stream ends before they finished (the client
+    went away)."""
+    seqs = [stream.seq for stream in streams]
+    index_of = {id(seq): i for i, seq in enumerate(seqs)}
+    hold = max((len(s) for s in seqs[0].params.stop), default=1) - 1
+    sent = [""] * len(seqs)
+    finished: set[int] = set()
     try:
-        if writer.chat:
-            yield writer.chunk("", None, first=True)
+        if writers[0].chat:
+            for writer in writers:
+                yield writer.chunk("", None, first=True)
         while True:
-            delta = await next_delta(server.engine, request, stream)
+            delta = await next_delta(server.engine, request, streams)
             if delta is None:
                 return
             if delta.finished and delta.finish_reason == "error":
                 yield event(error_body(500, f"generation failed: {delta.error}", "server_error"))
                 yield DONE
                 return
+            i = index_of[id(delta.seq)]
+            seq = seqs[i]
             text = settled_text(server.tokenizer, seq, hold, delta.finished)
             if text is None:
                 continue
-            new, sent = unsent(text, sent)
+            new, sent[i] = unsent(text, sent[i])
             finish = finish_reason(seq) if delta.finished else None
             if new or finish:
-                yield writer.chunk(new, finish)
+                yield writers[i].chunk(new, finish, seq=seq)
             if delta.finished:
-                if writer.include_usage:
-                    yield writer.usage(seq)
+                finished.add(i)
+            if len(finished) == len(seqs):
+                if writers[0].include_usage:
+                    yield writers[0].usage(seqs)
                 yield DONE
                 return
     finally:
-        if not seq.finished:
-            server.engine.abort(stream.request_id)
+        abort_all(server.engine, streams)
 
 
 def settled_text(tokenizer, seq: Sequence, hold: int, finished: bool) -> str | None:

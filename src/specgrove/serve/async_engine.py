@@ -12,6 +12,7 @@ recovery leaves the engine unhealthy (503).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import traceback
@@ -44,21 +45,28 @@ class RequestStream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
 
 
-def usage_of(seq: Sequence) -> dict:
-    """OpenAI usage plus this request's speculation statistics (the server's counters add up to them)."""
-    m = seq.metrics
-    drafts = sum(1 for p in m.proposed_per_step if p > 0)
+def usage_of(seqs: Sequence | list[Sequence]) -> dict:
+    """OpenAI usage plus the request's speculation statistics (the server's counters add up to them). A request
+    of n choices (`seqs`, one sequence each) counts its prompt once, as OpenAI's, and sums the rest."""
+    seqs = [seqs] if isinstance(seqs, Sequence) else seqs
+    completion = sum(len(s.output_ids) for s in seqs)
+    steps = sum(len(s.metrics.proposed_per_step) for s in seqs)
+    accepted = sum(sum(s.metrics.accepted_per_step) for s in seqs)
+    per_position = [
+        sum(column) for column in itertools.zip_longest(*(s.metrics.position_accepted for s in seqs), fillvalue=0)
+    ]
     return {
-        "prompt_tokens": len(seq.prompt_ids),
-        "completion_tokens": len(seq.output_ids),
-        "total_tokens": len(seq.prompt_ids) + len(seq.output_ids),
+        "prompt_tokens": len(seqs[0].prompt_ids),
+        "completion_tokens": completion,
+        "total_tokens": len(seqs[0].prompt_ids) + completion,
         "speculation": {
-            "steps": len(m.proposed_per_step),
-            "drafts": drafts,
-            "draft_tokens": sum(m.proposed_per_step),
-            "accepted_tokens": sum(m.accepted_per_step),
-            "accepted_per_position": list(m.position_accepted),
-            "mean_accept_length": m.mean_accept_length,
+            "steps": steps,
+            "drafts": sum(1 for s in seqs for p in s.metrics.proposed_per_step if p > 0),
+            "draft_tokens": sum(sum(s.metrics.proposed_per_step) for s in seqs),
+            "accepted_tokens": accepted,
+            "accepted_per_position": per_position,
+            # SpecMetrics.mean_accept_length over every step of every choice
+            "mean_accept_length": (accepted + steps) / steps if steps else 0.0,
         },
     }
 
@@ -103,25 +111,41 @@ class AsyncEngine:
     # ---- requests (event-loop side) --------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
         """Validate and enqueue; raises ValueError (bad request) or QueueFullError (overload)."""
+        return self.submit_many(prompt_ids, [params], [request_id])[0]
+
+    @property
+    def capacity(self) -> int:
+        """The most sequences the server holds at once: the batch's rows and the waiting queue."""
+        return self.scheduler.max_num_seqs + self.scheduler.max_waiting
+
+    def submit_many(
+        self, prompt_ids: list[int], params: list[SamplingParams], request_ids: list[str]
+    ) -> list[RequestStream]:
+        """One sequence per params (the n choices of one request), all or none enqueued; their streams share one
+        queue (each Delta names its sequence). Raises ValueError (bad request) or QueueFullError (overload)."""
         if not self.healthy:
             raise RuntimeError(f"the engine is not running: {self.error or 'not started'}")
-        seq = self.engine.new_sequence(prompt_ids, params, request_id=request_id)  # validates, may raise
-        stream = RequestStream(request_id, seq, asyncio.Queue(), asyncio.get_running_loop())
+        seqs = [  # validates, may raise
+            self.engine.new_sequence(prompt_ids, p, request_id=rid) for p, rid in zip(params, request_ids)
+        ]
+        queue, loop = asyncio.Queue(), asyncio.get_running_loop()
+        streams = [RequestStream(seq.request_id, seq, queue, loop) for seq in seqs]
         with self._wake:
             if not self.healthy:  # under the lock: a loop that fails from here on sees this stream
                 raise RuntimeError(f"the engine is not running: {self.error or 'not started'}")
             # requests the next step admits (free rows) do not wait: only those beyond them count
             waiting = len(self._inbox) + len(self.scheduler.waiting)
-            if waiting + 1 - self.scheduler.free_rows > self.scheduler.max_waiting:
+            if waiting + len(seqs) - self.scheduler.free_rows > self.scheduler.max_waiting:
                 self.metrics.rejected.inc()
                 raise QueueFullError(
                     f"the server is at capacity: {waiting} requests are waiting "
                     f"(max_waiting={self.scheduler.max_waiting}); retry later"
                 )
-            self.streams[request_id] = stream
-            self._inbox.append(seq)
+            for stream in streams:
+                self.streams[stream.request_id] = stream
+            self._inbox.extend(seqs)
             self._wake.notify()
-        return stream
+        return streams
 
     def abort(self, request_id: str) -> None:
         with self._wake:

@@ -2,7 +2,8 @@
 labelled `model_name` with the served target (a server of several targets keeps one `ServerMetrics` each).
 
 Counters are monotonic and are fed from the same per-step records as each request's usage
-(`async_engine.usage_of`), so summed over requests they agree exactly:
+(`async_engine.usage_of`), so summed over requests they agree exactly (but for prompt tokens: a request of
+n choices runs n sequences, and the counter counts the prompt of each, where usage counts it once):
   specgrove_drafts_total                 steps that proposed at least one draft token
   specgrove_draft_tokens_total           draft tokens proposed
   specgrove_accepted_tokens_total        draft tokens accepted
