@@ -218,3 +218,31 @@ def test_prompt_lookup_needs_no_prefill_of_its_own(tiny_target):
     engine.prefill(seq, 3)
     assert seq.proposer_state == {} and seq.metrics.prefill_forwards == 1
     engine.finish(seq)
+
+
+def penalised(i, m):
+    """Penalties (which count the prompt) and logprobs (recorded from the forward that verified each token)."""
+    return SamplingParams(
+        temperature=1.0,
+        top_k=6,
+        seed=200 + i,
+        max_tokens=m,
+        ignore_eos=True,
+        repetition_penalty=1.4,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        logprobs=2,
+    )
+
+
+@pytest.mark.parametrize("budget", [1, 7])
+@pytest.mark.parametrize("kind", ["draft_model", "prompt_lookup"])
+def test_penalties_and_logprobs_do_not_depend_on_the_budget(kind, budget, tiny_target, tiny_draft):
+    whole, _ = serve(make_engine(kind, tiny_target, tiny_draft), None, penalised)
+    chunked, _ = serve(make_engine(kind, tiny_target, tiny_draft), budget, penalised)
+    for a, b in zip(whole, chunked):
+        assert a.output_ids == b.output_ids
+        assert len(a.logprobs) == len(b.logprobs) == len(a.output_ids)
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-5
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]

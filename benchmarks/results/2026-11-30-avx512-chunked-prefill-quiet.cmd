@@ -1,0 +1,2 @@
+# 2026-11-30 23:52-23:55 UTC, AMD EPYC with AVX-512 (avx512_vnni, avx512_bf16), 2 cores, load average 0.6 at the start (this run alone); commit ad18646 (+ docs); CPU flags: 2026-11-30-avx512-chunked-prefill.lscpu.txt
+.venv/bin/specgrove loadtest --policies fixed:3 -k 3 --rates 0.5 --requests 8 --long-requests 2 --long-prompt-tokens 1024 --max-tokens 32 --max-num-seqs 4 --max-num-batched-tokens 0,256 --data /work/shared/data/spec_bench/question.jsonl --out benchmarks/results/2026-11-30-avx512-chunked-prefill-quiet
