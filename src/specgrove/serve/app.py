@@ -617,7 +617,10 @@ async def health(served: Served = Depends(served_state)):
                 503, f"engine of {name!r} not running: {engine.error or 'not started'}", "server_error"
             )
     models = {
-        name: {"running": len(t.engine.scheduler.running), "waiting": len(t.engine.scheduler.waiting)}
+        name: {  # a prefilling request holds its row, as the running gauge counts it
+            "running": len(t.engine.scheduler.running) + len(t.engine.scheduler.prefilling),
+            "waiting": len(t.engine.scheduler.waiting),
+        }
         for name, t in served.targets.items()
     }
     running = sum(m["running"] for m in models.values())
