@@ -316,3 +316,31 @@ def test_greedy_with_penalties_is_plain_greedy_with_penalties(tree, tiny_target,
         expected = plain.generate(plain.new_sequence(prompt, params)).output_ids
         engine = make_engine(head, tree, k=3)
         assert engine.generate(engine.new_sequence(prompt, params)).output_ids == expected
+
+
+def test_the_target_fingerprint_is_the_same_in_fp32_and_bf16(tiny_target):
+    """A head trained with the target in bf16 (dtype auto on an AVX-512 BF16 CPU) serves it in fp32 and back: the
+    fingerprint rounds the values it reads to bf16. Heads saved with the unrounded digest are still accepted."""
+    from types import SimpleNamespace
+
+    from specgrove.models.eagle import check_binding, target_fingerprint
+
+    model = tiny_target.model
+    layers = [
+        SimpleNamespace(input_norm=layer.input_norm.bfloat16(), post_norm=layer.post_norm.bfloat16())
+        for layer in model.layers
+    ]
+    in_bf16 = SimpleNamespace(
+        model=SimpleNamespace(
+            config=model.config, norm=model.norm.bfloat16(), layers=layers, embed=model.embed.bfloat16()
+        )
+    )
+    assert target_fingerprint(in_bf16) == target_fingerprint(tiny_target)
+    legacy = target_fingerprint(tiny_target, legacy=True)
+    assert legacy != target_fingerprint(tiny_target)  # the tiny target's fp32 values are not bf16 values
+    config = head_config(tiny_target, intermediate_size=16, feature_layers=[0, -1])
+    config.target["fingerprint"] = legacy
+    check_binding(config, tiny_target, "a head saved before the rounding")  # accepted
+    config.target["fingerprint"] = "0" * 32
+    with pytest.raises(EagleHeadError, match="another target"):
+        check_binding(config, tiny_target, "another target's head")

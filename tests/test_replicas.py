@@ -29,7 +29,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from specgrove.serve import replicas  # noqa: E402
-from specgrove.serve.server import serve_from_args  # noqa: E402
+from specgrove.serve.cli import serve_from_args  # noqa: E402
 
 LETTERS = "abcdefgh"
 

@@ -14,8 +14,8 @@ from specgrove.engine.engine import SpecEngine
 from specgrove.models.loader import load_model
 from specgrove.models.sorted import SortedSpec, build_sorted
 from specgrove.sampling import SamplingParams
+from specgrove.serve.cli import serve_from_args, target_args
 from specgrove.serve.loadtest import ServerThread
-from specgrove.serve.server import serve_from_args, target_args
 from specgrove.testing import make_tiny_model
 
 from test_server import CHAT_TEMPLATE, metric_value

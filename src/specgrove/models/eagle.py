@@ -101,16 +101,20 @@ def check_feature_layers(layers, num_layers: int) -> list[int]:
     return numbers
 
 
-def target_fingerprint(target) -> str:
+def target_fingerprint(target, legacy: bool = False) -> str:
     """A digest of a target (a LoadedModel on the fast runtime) that is the same in every format it loads in
-    (GGUF blocks, dense fp32 or bf16 from the same file): its shapes, its norms, and a slice of its embedding."""
+    (GGUF blocks, dense fp32 or bf16 from the same file): its shapes, its norms, and a slice of its embedding,
+    each rounded to bf16 first, so that a target loaded in fp32 and in bf16 (dtype auto on a CPU with AVX-512
+    BF16) agree. `legacy`: the digest of heads saved before that rounding (unrounded values)."""
     model = target.model
     c = model.config
     h = hashlib.sha256(
         json.dumps([c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim]).encode()
     )
     for tensor in (model.norm, model.layers[0].input_norm, model.layers[-1].post_norm, model.embed[:16]):
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        values = tensor.detach().to("cpu")
+        values = values.to(torch.float32) if legacy else values.to(torch.bfloat16).to(torch.float32)
+        h.update(values.contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -261,7 +265,7 @@ def check_binding(config: EagleConfig, target, directory) -> None:
         c.vocab_size,
         c.hidden_size,
         c.num_layers,
-    ) or mine.get("fingerprint") != target_fingerprint(target):
+    ) or mine.get("fingerprint") not in (target_fingerprint(target), target_fingerprint(target, legacy=True)):
         raise EagleHeadError(
             f"the draft head in {directory} was trained for another target ({mine.get('name')}, fingerprint "
             f"{mine.get('fingerprint')}), not {target.name} (fingerprint {target_fingerprint(target)}); train one "

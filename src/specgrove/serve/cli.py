@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
 from specgrove.cli_options import build_llm, model_options, speculative_options
-from specgrove.serve.server import allowed_hosts_for, policy_k, serve_from_args, target_args
+from specgrove.serve.server import allowed_hosts_for, build_targets_server, make_policy, policy_k
 
 # Prompt tokens per step (chunked prefill) when serving: see --max-num-batched-tokens's help.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
@@ -214,6 +215,55 @@ def _budgets(text: str) -> list[int]:
     return values
 
 
+def target_args(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The options of each target `specgrove serve` serves: --target alone, or each of --targets (names from
+    --served-model-name, one per target, or the targets' own); --sorted-draft DIR is --draft DIR --method
+    sorted."""
+    targets = [t.strip() for t in (args.targets or "").split(",") if t.strip()] or [args.target]
+    names = [n.strip() for n in (args.served_model_name or "").split(",") if n.strip()]
+    if names and len(names) != len(targets):
+        raise ValueError(
+            f"--served-model-name gives {len(names)} names for {len(targets)} targets; give one per target"
+        )
+    if len(set(targets)) != len(targets) or len(set(names)) != len(names):
+        raise ValueError("--targets and --served-model-name must not repeat a name")
+    settings = vars(args).copy()
+    if args.sorted_draft is not None:
+        if args.draft is not None:
+            raise ValueError("give --draft or --sorted-draft, not both")
+        if args.method not in ("draft_model", "sorted"):
+            raise ValueError(f"--sorted-draft drafts with method sorted; it does not go with --method {args.method}")
+        settings.update(draft=args.sorted_draft, method="sorted")
+    return [
+        argparse.Namespace(**{**settings, "target": target, "served_model_name": names[i] if names else None})
+        for i, target in enumerate(targets)
+    ]
+
+
+def serve_from_args(args: argparse.Namespace, api_key: str | None, allowed_hosts: list[str] | None = None):
+    """`specgrove serve`'s app and {model name: AsyncEngine}: every target loaded, the draft loaded once and
+    shared by all (each target keeps its own draft state: caches, thresholds, acceptance statistics)."""
+    targets, shared_draft = {}, None
+    for options in target_args(args):
+        if shared_draft is not None:
+            options.draft = shared_draft  # LLM takes a loaded draft as is
+        llm, _ = build_llm(options, max_num_seqs=args.max_num_seqs)
+        shared_draft = shared_draft or llm.draft
+        name = options.served_model_name or llm.target.name
+        if name in targets:
+            raise ValueError(f"two targets are named {name!r}; give --served-model-name, one name per target")
+        targets[name] = (llm, make_policy(args.policy, llm, args.profile))
+    return build_targets_server(
+        targets,
+        args.max_num_seqs,
+        args.max_waiting,
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        allowed_hosts=allowed_hosts,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -238,7 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         for options in target_args(args):  # a wrong name fails here, not in every replica
             resolve_model_dir(options.target)
-        return replicas.run(args, api_key, allowed_hosts)
+        return replicas.run(args, functools.partial(serve_from_args, api_key=api_key, allowed_hosts=allowed_hosts))
     app, engines = serve_from_args(args, api_key, allowed_hosts)
     print(
         f"[specgrove] serving {', '.join(engines)} on http://{args.host}:{args.port} "

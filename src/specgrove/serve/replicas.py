@@ -103,14 +103,13 @@ def application(
     return deployment.bind(build, metrics_port, num_threads)
 
 
-def run(args: argparse.Namespace, api_key: str | None, allowed_hosts: list[str] | None = None) -> int:
-    """`specgrove serve --replicas N`: start (or attach to) Ray, deploy, and serve until interrupted."""
+def run(args: argparse.Namespace, build: Callable) -> int:
+    """`specgrove serve --replicas N`: start (or attach to) Ray, deploy, and serve until interrupted. `build(options)`
+    (picklable) makes a replica's (app, {name: engine}) from the serve options, in the replica's process."""
     import functools
     import signal
     import sys
     import time
-
-    from specgrove.serve.server import serve_from_args
 
     try:
         import ray
@@ -132,7 +131,7 @@ def run(args: argparse.Namespace, api_key: str | None, allowed_hosts: list[str] 
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = application(
-            functools.partial(serve_from_args, settings, api_key, allowed_hosts),
+            functools.partial(build, settings),
             args.replicas,
             args.max_num_seqs,
             args.max_waiting,

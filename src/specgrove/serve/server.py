@@ -3,7 +3,6 @@ thread (`build_server`), shared by `specgrove serve` and the load test."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
@@ -102,57 +101,6 @@ def build_targets_server(
         engines[name] = AsyncEngine(scheduler, ServerMetrics(name, families))
     limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     return build_app(engines, api_key=api_key, allowed_hosts=allowed_hosts, **limits), engines
-
-
-def target_args(args: argparse.Namespace) -> list[argparse.Namespace]:
-    """The options of each target `specgrove serve` serves: --target alone, or each of --targets (names from
-    --served-model-name, one per target, or the targets' own); --sorted-draft DIR is --draft DIR --method
-    sorted."""
-    targets = [t.strip() for t in (args.targets or "").split(",") if t.strip()] or [args.target]
-    names = [n.strip() for n in (args.served_model_name or "").split(",") if n.strip()]
-    if names and len(names) != len(targets):
-        raise ValueError(
-            f"--served-model-name gives {len(names)} names for {len(targets)} targets; give one per target"
-        )
-    if len(set(targets)) != len(targets) or len(set(names)) != len(names):
-        raise ValueError("--targets and --served-model-name must not repeat a name")
-    settings = vars(args).copy()
-    if args.sorted_draft is not None:
-        if args.draft is not None:
-            raise ValueError("give --draft or --sorted-draft, not both")
-        if args.method not in ("draft_model", "sorted"):
-            raise ValueError(f"--sorted-draft drafts with method sorted; it does not go with --method {args.method}")
-        settings.update(draft=args.sorted_draft, method="sorted")
-    return [
-        argparse.Namespace(**{**settings, "target": target, "served_model_name": names[i] if names else None})
-        for i, target in enumerate(targets)
-    ]
-
-
-def serve_from_args(args: argparse.Namespace, api_key: str | None, allowed_hosts: list[str] | None = None):
-    """`specgrove serve`'s app and {model name: AsyncEngine}: every target loaded, the draft loaded once and
-    shared by all (each target keeps its own draft state: caches, thresholds, acceptance statistics)."""
-    from specgrove.cli_options import build_llm
-
-    targets, shared_draft = {}, None
-    for options in target_args(args):
-        if shared_draft is not None:
-            options.draft = shared_draft  # LLM takes a loaded draft as is
-        llm, _ = build_llm(options, max_num_seqs=args.max_num_seqs)
-        shared_draft = shared_draft or llm.draft
-        name = options.served_model_name or llm.target.name
-        if name in targets:
-            raise ValueError(f"two targets are named {name!r}; give --served-model-name, one name per target")
-        targets[name] = (llm, make_policy(args.policy, llm, args.profile))
-    return build_targets_server(
-        targets,
-        args.max_num_seqs,
-        args.max_waiting,
-        api_key=api_key,
-        max_body_bytes=args.max_body_bytes,
-        allowed_hosts=allowed_hosts,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-    )
 
 
 def allowed_hosts_for(bind_host: str, flag: str | None) -> list[str] | None:
