@@ -279,11 +279,7 @@ class SpecEngine:
         text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
         longest = max(len(s) for s in seq.params.stop)
         window_start = max(0, len(seq.text) - longest + 1)  # seq.text holds the text checked so far
-        best = None
-        for stop in seq.params.stop:
-            index = text.find(stop, window_start)
-            if index >= 0 and (best is None or index < best[0]):
-                best = (index, stop)
+        best = first_stop(text, seq.params.stop, window_start)
         seq.text = text
         if best is None:
             return False
@@ -313,6 +309,16 @@ class SpecEngine:
             self.finish(seq)
         seq.metrics.total_time_s = time.perf_counter() - start
         return seq
+
+
+def first_stop(text: str, stops, start: int = 0) -> tuple[int, str] | None:
+    """(index, stop string) of the stop string that occurs first in `text` from `start` on; None if none does."""
+    best = None
+    for stop in stops:
+        index = text.find(stop, start)
+        if index >= 0 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from specgrove.engine.engine import first_stop
 from specgrove.engine.scheduler import QueueFullError
 from specgrove.engine.sequence import Sequence, TokenLogprob
 from specgrove.errors import SpecgroveError
@@ -1100,10 +1101,9 @@ def settled_text(tokenizer, seq: Sequence, hold: int, finished: bool) -> str | N
     if tokenizer is None:
         return None
     text = tokenizer.decode(list(seq.output_ids), skip_special_tokens=True)
-    for stop in seq.params.stop:
-        index = text.find(stop)
-        if index >= 0:
-            text = text[:index]
+    stop = first_stop(text, seq.params.stop)  # where the engine cuts the final text
+    if stop is not None:
+        text = text[: stop[0]]
     text = text[: max(0, len(text) - hold)]
     while text.endswith("\ufffd"):
         text = text[:-1]

@@ -175,6 +175,14 @@ def long_positions(total: int, count: int) -> set[int]:
     return {min(total - 1, round((j + 0.5) * total / count)) for j in range(count)} if count else set()
 
 
+def chat_prompts(data: str | None, count: int) -> list[list[dict]]:
+    """`count` one-turn chat requests: the first Spec-Bench questions, repeated if there are fewer."""
+    from specgrove.bench.questions import find_spec_bench, load_questions
+
+    questions = load_questions(find_spec_bench(data), limit=count)
+    return [[{"role": "user", "content": questions[i % len(questions)]["turns"][0]}] for i in range(count)]
+
+
 def run_loadtest(
     llm,
     policies: list[str],
@@ -195,10 +203,7 @@ def run_loadtest(
     from specgrove.bench.questions import find_spec_bench, load_questions
     from specgrove.serve.server import build_server, make_policy
 
-    questions = load_questions(find_spec_bench(data), limit=num_requests)
-    if len(questions) < num_requests:
-        questions = [questions[i % len(questions)] for i in range(num_requests)]
-    short = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
+    short = chat_prompts(data, num_requests)
     total = num_requests + long_requests
     is_long = long_positions(total, long_requests)
     if long_requests:
@@ -280,8 +285,6 @@ def run_remote_loadtest(
     its own policy, one row per rate under policy "server". `model` None: the server's first."""
     import httpx
 
-    from specgrove.bench.questions import find_spec_bench, load_questions
-
     try:
         served = [m["id"] for m in httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"]]
     except (httpx.HTTPError, ValueError, KeyError) as error:
@@ -289,9 +292,7 @@ def run_remote_loadtest(
     model = served[0] if model is None and served else model
     if model not in served:
         raise ValueError(f"{url} serves {served}, not {model!r}; give --model")
-    questions = load_questions(find_spec_bench(data), limit=num_requests)
-    questions = [questions[i % len(questions)] for i in range(num_requests)]
-    prompts = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
+    prompts = chat_prompts(data, num_requests)
     report = {
         "config": {
             "url": url,
