@@ -1,12 +1,20 @@
-"""`specgrove serve --replicas N` on a local Ray cluster (127.0.0.1), 2 replicas of tiny models.
+"""`specgrove serve --replicas N` on a local Ray cluster (127.0.0.1), 2 engine replicas of tiny models behind
+the router.
 
 - 30 concurrent streamed requests, different prompts and seeds, greedy and seeded sampling: each equals the
-  same request served alone by one in-process engine, and both replicas served some.
-- A replica killed (SIGKILL) mid-load: the streams it had begun end without [DONE]; every request it had not
-  begun is served, correctly, by the other replica or its replacement; the deployment is back to 2 healthy
-  replicas without any action; each replica's own metrics port counts what it served.
+  same request served alone by one in-process engine, both replicas served some, and each replica's own
+  metrics port counts what it served.
+- A replica killed (SIGKILL) mid-load while its two rows' streams have begun: those two streams end with an
+  error event after a prefix of their own text; every other request is served, correctly; the deployment is
+  back to 2 healthy replicas without any action.
+- A replica killed while it holds two requests it has sent nothing of: the router sends them again, and
+  every request is served whole.
+- A client that disconnects mid-stream: the replica aborts its request and frees the row.
+- The router's Forwarder without Ray: a failure before the first byte is retried, one after ends the
+  stream with an error event, a full queue is 429.
 """
 
+import asyncio
 import concurrent.futures
 import functools
 import json
@@ -41,18 +49,43 @@ def free_port() -> int:
 
 
 def gated_server(args, flag_dir):
-    """The replica's server, whose engine waits while the file stall-<pid> exists in flag_dir (so that a test
-    knows which requests a replica holds when it is killed)."""
+    """The replica's server, whose engine stalls while the file stall-<pid> exists in flag_dir, so that a test
+    knows what a replica holds when it is killed. The file's text is the mode: "idle", stall before any step
+    (the requests it takes get nothing sent); "begun", stall once both rows run with tokens (their streams
+    have begun). Stalled holding both rows, it writes their prompts' token ids to held-<pid>."""
     app, engines = serve_from_args(args, None)
     for engine in engines.values():
-        step = engine.scheduler.step
+        scheduler = engine.scheduler
+        step = scheduler.step
 
-        def gated_step(step=step):
-            while os.path.exists(os.path.join(flag_dir, f"stall-{os.getpid()}")):
+        def holding(mode: str, scheduler=scheduler, engine=engine) -> list | None:
+            seqs = [stream.seq for stream in list(engine.streams.values())]  # submitted, not finished
+            if len(seqs) < scheduler.max_num_seqs:
+                return None
+            if mode == "begun" and not (
+                len(scheduler.running) == scheduler.max_num_seqs and all(s.output_ids for s in scheduler.running)
+            ):
+                return None
+            return [list(s.prompt_ids) for s in seqs]
+
+        def gated_step(step=step, holding=holding):
+            stall = os.path.join(flag_dir, f"stall-{os.getpid()}")
+            while os.path.exists(stall):
+                try:
+                    mode = open(stall).read().strip()
+                except FileNotFoundError:
+                    break
+                held = holding(mode)
+                if mode == "begun" and held is None:
+                    break  # step on until both rows run with tokens
+                if held is not None:
+                    with open(os.path.join(flag_dir, f"held-{os.getpid()}.tmp"), "w") as f:
+                        json.dump(held, f)
+                    os.replace(f.name, os.path.join(flag_dir, f"held-{os.getpid()}"))
                 time.sleep(0.01)
             return step()
 
-        engine.scheduler.step = gated_step
+        scheduler.step = gated_step
     return app, engines
 
 
@@ -142,7 +175,7 @@ def replica_pids() -> dict[str, int]:
     """Replica actor name -> its process id."""
     pids = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith(f"SERVE_REPLICA::{replicas.DEPLOYMENT}#"):
+        if actor["name"].startswith(f"SERVE_REPLICA::{replicas.DEPLOYMENT}#{replicas.ENGINE}#"):
             handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
             pids[actor["name"]] = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
     return pids
@@ -158,10 +191,14 @@ def wait_for(predicate, what: str, limit_s: float = 180):
 
 
 def requests_(count: int, seed: int) -> list[dict]:
+    """`count` streamed completions with distinct prompts, half greedy, half seeded sampling."""
     rng = random.Random(seed)
-    out = []
+    out, prompts = [], set()
     for i in range(count):
         prompt = "".join(rng.choice(LETTERS[:4]) for _ in range(rng.randint(2, 7)))
+        while prompt in prompts:
+            prompt = "".join(rng.choice(LETTERS[:4]) for _ in range(rng.randint(2, 7)))
+        prompts.add(prompt)
         sampled = i % 2 == 1
         body = {"model": "tiny", "prompt": prompt, "max_tokens": rng.randint(8, 24), "stream": True}
         body.update({"temperature": 1.0, "seed": 1000 + i} if sampled else {"temperature": 0})
@@ -177,33 +214,39 @@ def served_alone(engine, body: dict) -> list[int]:
     return engine.generate(engine.new_sequence(ids, params)).text
 
 
-def stream(url: str, body: dict, events: list | None = None) -> dict:
-    """One streamed completion: its text, whether [DONE] came, and when its headers arrived."""
-    text, done, headers_at = "", False, None
+def stream(url: str, body: dict, texts_at: dict | None = None, key=None) -> dict:
+    """One streamed completion: its text, whether [DONE] came, an error event if one came, and (in
+    texts_at[key]) when its first text arrived."""
+    text, done, error = "", False, None
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
-            headers_at = time.monotonic()
-            if events is not None:
-                events.append(headers_at)
             if r.status_code != 200:
-                return {"status": r.status_code, "text": r.read().decode(), "done": False, "headers_at": headers_at}
+                return {"status": r.status_code, "text": r.read().decode(), "done": False}
             for line in r.iter_lines():
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: "):
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
-                        return {"status": 200, "text": text, "done": False, "error": chunk, "headers_at": headers_at}
+                        error = chunk["error"]
+                        continue
                     text += chunk["choices"][0]["text"]
-        return {"status": 200, "text": text, "done": done, "headers_at": headers_at}
-    except httpx.HTTPError as error:  # a stream cut by the death of its replica
-        return {"status": 200, "text": text, "done": False, "cut": repr(error), "headers_at": headers_at}
+                    if texts_at is not None and text:
+                        texts_at.setdefault(key, time.monotonic())
+        return {"status": 200, "text": text, "done": done and error is None, "error": error}
+    except httpx.HTTPError as cut:  # a stream cut without an event: what the router must prevent
+        return {"status": 200, "text": text, "done": False, "error": None, "cut": repr(cut)}
 
 
-def metric(port: int, name: str) -> float:
-    """A replica's counter on its own metrics port, summed over its labels."""
+def metric(port: int, name: str, label: str = "") -> float:
+    """A replica's counter on its own metrics port, summed over its series (those with `label`, e.g.
+    'finish_reason="abort"', if given)."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{")) and label in line
+    )
 
 
 def test_thirty_concurrent_streams_equal_requests_served_alone(cluster):
@@ -221,41 +264,37 @@ def test_thirty_concurrent_streams_equal_requests_served_alone(cluster):
     assert health["status"] == "ok"
 
 
-def test_a_killed_replica_loses_no_request_it_had_not_begun(cluster):
-    url, flags = cluster["url"], cluster["flags"]
+def kill_holding_victim(cluster, mode: str, bodies: list[dict]):
+    """Stall one replica (mode as `gated_server`'s), send `bodies` concurrently, kill the replica with SIGKILL
+    once it holds two of them (and, in mode "begun", once their first text reached the client), and return
+    (the results, the indices of the requests the victim held), after checking that the deployment is back
+    to 2 healthy replicas without any action."""
+    flags, engine = cluster["flags"], cluster["engine"]
     pids = replica_pids()
     assert len(pids) == 2, pids
     victim_name, victim = sorted(pids.items())[0]
-    stall = os.path.join(flags, f"stall-{victim}")
-    open(stall, "w").close()  # the victim holds the requests it takes, streams begun, until it dies
-    bodies = requests_(24, seed=1)
-    expected = [served_alone(cluster["engine"], b) for b in bodies]
-    began: list[float] = []
+    stall, held_file = os.path.join(flags, f"stall-{victim}"), os.path.join(flags, f"held-{victim}")
+    with open(stall, "w") as f:
+        f.write(mode)
+    prompt_ids = [engine.tokenizer.encode(b["prompt"], add_special_tokens=False) for b in bodies]
+    texts_at: dict[int, float] = {}
     try:
         with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-            futures = [pool.submit(stream, url, b, began) for b in bodies]
-            # The victim takes max_num_seqs = 2 requests and stalls; the rest queue in the proxy or run on the
-            # other replica. Kill the victim once it holds its two (their headers have arrived) and some of
-            # the others are still waiting.
-            wait_for(lambda: len(began) >= 3, "the victim to hold its requests")
+            futures = [pool.submit(stream, cluster["url"], b, texts_at, i) for i, b in enumerate(bodies)]
+            wait_for(lambda: os.path.exists(held_file), "the victim to hold two requests")
+            with open(held_file) as f:
+                held = [prompt_ids.index(ids) for ids in json.load(f)]
+            if mode == "begun":
+                wait_for(lambda: all(i in texts_at for i in held), "the held streams' first text")
+            else:
+                assert not any(i in texts_at for i in held), "nothing of an idle replica's requests was sent"
             os.kill(victim, signal.SIGKILL)
-            killed_at = time.monotonic()
             results = [f.result() for f in futures]
     finally:
-        os.path.exists(stall) and os.remove(stall)
-    lost = [r for r in results if not r["done"]]
-    assert len(lost) <= 2, lost  # at most the victim's two rows
-    for r in lost:  # ... whose streams had begun before the kill
-        assert r["headers_at"] is not None and r["headers_at"] < killed_at, r
-    after = [r for r in results if r["headers_at"] is not None and r["headers_at"] > killed_at]
-    assert after, "some requests must have been waiting when the replica died"
-    for body, want, got in zip(bodies, expected, results):
-        if got["done"]:
-            assert got["text"] == want, (body, got)  # nothing mixed
-        else:
-            assert want.startswith(got["text"]), (body, got)  # a cut stream is a prefix, never another's text
+        for path in (stall, held_file):
+            if os.path.exists(path):
+                os.remove(path)
 
-    # healthy again without action: two live replicas, the victim replaced, and serving
     def replaced() -> bool:
         try:
             now = replica_pids()
@@ -265,6 +304,129 @@ def test_a_killed_replica_loses_no_request_it_had_not_begun(cluster):
         return len(now) == 2 and victim_name not in now and status.status == "RUNNING"
 
     wait_for(replaced, "the dead replica to be replaced")
-    body = dict(bodies[0], stream=False)
-    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    return results, held
+
+
+def test_a_killed_replica_ends_its_begun_streams_with_an_error_event(cluster):
+    bodies = requests_(16, seed=1)
+    for body in bodies:
+        body["max_tokens"] = 40  # the held rows cannot finish before the kill
+    expected = [served_alone(cluster["engine"], b) for b in bodies]
+    results, held = kill_holding_victim(cluster, "begun", bodies)
+    for i, (body, want, got) in enumerate(zip(bodies, expected, results)):
+        assert "cut" not in got, (body, got)  # every stream ends with [DONE], none is cut
+        if i in held:  # begun on the victim: an error event after a prefix of its own text, never another's
+            assert got["error"] is not None and got["error"]["code"] == 503, (body, got)
+            assert got["text"] and want.startswith(got["text"]), (body, got)
+        else:
+            assert got["done"] and got["text"] == want, (body, got)
+    r = httpx.post(cluster["url"] + "/v1/completions", json=dict(bodies[0], stream=False), timeout=120)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[0]
+
+
+def test_a_killed_replica_loses_no_request_it_had_not_begun(cluster):
+    """The victim holds two requests it has sent nothing of (not even headers: the router holds them back):
+    the router sends both again, so every request is served whole, as if no replica had died."""
+    bodies = requests_(16, seed=2)
+    expected = [served_alone(cluster["engine"], b) for b in bodies]
+    results, held = kill_holding_victim(cluster, "idle", bodies)
+    assert len(held) == 2
+    for body, want, got in zip(bodies, expected, results):
+        assert got["done"] and got["text"] == want, (body, got)
+
+
+def test_a_client_that_disconnects_frees_its_row(cluster):
+    """A stream closed by its client after its first text: the router cancels the call, the replica aborts
+    the request (finish_reason "abort") and its running gauge returns to 0."""
+    ports = [cluster["metrics"] + rank for rank in (0, 1)]
+
+    def aborted() -> float:
+        return sum(metric(p, "specgrove_requests_finished_total", 'finish_reason="abort"') for p in ports)
+
+    before = aborted()
+    body = {"model": "tiny", "prompt": "abcd", "max_tokens": 50, "temperature": 0, "stream": True}
+    with httpx.stream("POST", cluster["url"] + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                break  # the first text: hang up
+    wait_for(lambda: aborted() == before + 1, "the replica to abort the request")
+    wait_for(lambda: sum(metric(p, "specgrove_requests_running") for p in ports) == 0, "the row to be freed")
+
+
+# ---- the router's Forwarder, without Ray ------------------------------------------------------------------
+class ReplicaDied(Exception):
+    pass
+
+
+class QueueFull(Exception):
+    pass
+
+
+def forwarder_call(outcomes: list):
+    """A fake engine call: each call takes the next outcome, (messages to send, then an exception or None)."""
+    calls = []
+
+    async def call(scope, body):
+        calls.append(body)
+        messages, error = outcomes[len(calls) - 1]
+        for message in messages:
+            yield message
+        if error is not None:
+            raise error
+
+    return call, calls
+
+
+def run_forwarder(outcomes: list, attempts: int = 3) -> tuple[list[dict], list, replicas.Forwarder]:
+    call, calls = forwarder_call(outcomes)
+    forwarder = replicas.Forwarder(
+        call, attempts, is_failure=lambda e: isinstance(e, ReplicaDied), is_full=lambda e: isinstance(e, QueueFull)
+    )
+    sent = []
+    incoming = [{"type": "http.request", "body": b'{"a":', "more_body": True}, {"type": "http.request", "body": b"1}"}]
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(3600)  # the client stays
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "state": object()}
+    asyncio.run(forwarder(scope, receive, send))
+    return sent, calls, forwarder
+
+
+SSE_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+
+
+def sse_body(text: str, more: bool = True) -> dict:
+    return {"type": "http.response.body", "body": f"data: {text}\n\n".encode(), "more_body": more}
+
+
+def test_forwarder_sends_again_a_request_failed_before_its_first_byte():
+    final = [SSE_START, sse_body("x"), sse_body("[DONE]", more=False)]
+    sent, calls, forwarder = run_forwarder([([SSE_START], ReplicaDied()), ([], ReplicaDied()), (final, None)])
+    assert calls == [b'{"a":1}'] * 3 and forwarder.resent == 2
+    assert sent == final  # the client saw one response, the third call's
+
+
+def test_forwarder_ends_a_begun_stream_with_an_error_event():
+    sent, calls, _ = run_forwarder([([SSE_START, sse_body("x")], ReplicaDied()), ([], None)])
+    assert len(calls) == 1  # never sent again: the client has part of it
+    assert sent[:2] == [SSE_START, sse_body("x")]
+    events = sent[2]["body"].decode().split("\n\n")
+    assert json.loads(events[0][6:])["error"]["code"] == 503 and events[1] == "data: [DONE]"
+    assert sent[2]["more_body"] is False
+
+
+def test_forwarder_gives_up_after_its_attempts_and_answers_full_queues_with_429():
+    sent, calls, _ = run_forwarder([([], ReplicaDied())] * 2, attempts=2)
+    assert len(calls) == 2 and sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["error"]["type"] == "server_error"
+    sent, calls, _ = run_forwarder([([], QueueFull("full"))])
+    assert len(calls) == 1 and sent[0]["status"] == 429 and (b"retry-after", b"1") in sent[0]["headers"]
+    sent, _, _ = run_forwarder([([], KeyError("bug"))])  # an error of the request itself: 500, not retried
+    assert sent[0]["status"] == 500 and "KeyError" in json.loads(sent[1]["body"])["error"]["message"]

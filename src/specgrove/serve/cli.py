@@ -288,7 +288,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         for options in target_args(args):  # a wrong name fails here, not in every replica
             resolve_model_dir(options.target)
-        return replicas.run(args, functools.partial(serve_from_args, api_key=api_key, allowed_hosts=allowed_hosts))
+        build = functools.partial(serve_from_args, api_key=api_key, allowed_hosts=allowed_hosts)
+        return replicas.run(args, build, api_key=api_key, allowed_hosts=allowed_hosts)
     app, engines = serve_from_args(args, api_key, allowed_hosts)
     print(
         f"[specgrove] serving {', '.join(engines)} on http://{args.host}:{args.port} "

@@ -1,23 +1,36 @@
-"""`specgrove serve --replicas N`: N engines behind Ray Serve's HTTP proxy (the `ray` extra).
+"""`specgrove serve --replicas N`: N engines behind a router on Ray Serve (the `ray` extra).
 
-Each replica is a Ray Serve deployment replica holding one whole single-process server: its own models, engine
-thread, continuous batching and speculation policy, and the same FastAPI app (`build_server`) as
-`specgrove serve` without Ray, so the API, streaming, errors, API key and limits are the same. Ray Serve's
-proxy takes the HTTP traffic and its router picks the replica:
+The application has two deployments:
 
-- Routing. Ray Serve's default request router samples two replicas at random and sends the request to
-  the one with fewer requests in flight ("power of two choices"), never to one already holding
-  `max_ongoing_requests`. That is set to `--max-num-seqs`, so a request reaches a replica only when a
-  cache row is free for it; the rest wait in the proxy (up to `--max-waiting` per replica; beyond that,
-  the proxy answers 503), and are sent to whichever replica frees a row first.
-- Faults. A replica whose process dies is replaced by Ray Serve's controller. Requests it was serving
-  fail (a stream already begun just ends: the proxy cannot add an event for a process that is gone);
-  requests still waiting in the proxy had not reached it and go to the live replicas. The replica's
-  `check_health` also reports an engine whose loop cannot recover, so the controller replaces it.
-- Metrics. Every replica keeps its own Prometheus registry; the proxy's `/metrics` answers from one
-  replica. With `--metrics-port P` replica number i (Ray Serve's rank, 0..N-1, kept by a
-  replacement) also serves its registry on port P+i of its node, and Prometheus scrapes them all and
-  sums: `sum without (instance) (specgrove_generated_tokens_total)`.
+- **engine** (N replicas): each holds one whole single-process server, its own models, engine thread,
+  continuous batching and speculation policy, and the same FastAPI app (`build_server`) as `specgrove serve`
+  without Ray. It serves no HTTP itself: `forward` runs one HTTP request through that app in its process
+  (`drive`) and streams back the ASGI messages the app sends.
+- **router** (one replica, no CPU reserved): Ray Serve's HTTP proxy hands it every request. It checks the
+  Host header, the API key and the body size (the same `Guard` as the app's, so a refused request never
+  takes an engine's row), reads the body and sends the request to an engine replica through a
+  `DeploymentHandle`, relaying its messages (`Forwarder`).
+
+Routing. The handle's router (Ray Serve's default) samples two engine replicas at random and picks the one
+with fewer requests in flight ("power of two choices"), never one already holding `max_ongoing_requests`.
+That is `--max-num-seqs`, so a request reaches an engine only when a cache row is free for it; the rest wait
+in the router's handle queue (at most `--max-waiting` per replica; beyond that, 429 with Retry-After, as
+the single-process server's full queue) and go to whichever replica frees a row first.
+
+Faults. An engine replica whose process dies is replaced by Ray Serve's controller. The router turns the
+death into an answer:
+- a request to which the dead replica had sent nothing yet (still prefilling, or sent to it just before it
+  died) is sent again, to another replica: the client sees one normal response;
+- a stream already begun ends with an error event (OpenAI's error object, then `[DONE]`), so a client knows
+  its text is incomplete.
+Nothing of one request reaches another's connection: each forward is its own handle call. The engine's
+`check_health` also reports an engine whose loop cannot recover, so the controller replaces it. A client
+that disconnects cancels the handle call, and the engine aborts the request and frees its row.
+
+Metrics. Every engine replica keeps its own Prometheus registry; `/metrics` through the router answers from
+one replica. With `--metrics-port P` replica number i (Ray Serve's rank, 0..N-1, kept by a replacement)
+also serves its registry on port P+i of its node, and Prometheus scrapes them all and sums:
+`sum without (instance) (specgrove_generated_tokens_total)`.
 
 Attach to a running Ray cluster with `--ray-address ADDRESS` (e.g. `auto` on a node of the cluster); every
 node needs specgrove installed in the same Python environment. Without it a local Ray instance is started
@@ -27,25 +40,248 @@ on this machine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
-from collections.abc import Callable
+import sys
+import traceback
+from collections.abc import AsyncIterator, Callable
 
-DEPLOYMENT = "specgrove"
+DEPLOYMENT = "specgrove"  # the application's name
+ENGINE = "engine"  # the deployments' names
+ROUTER = "router"
+
+# what of an HTTP scope an engine replica needs to run the request through its app (all picklable)
+FORWARDED_SCOPE = (
+    "type",
+    "asgi",
+    "http_version",
+    "method",
+    "scheme",
+    "path",
+    "raw_path",
+    "root_path",
+    "query_string",
+    "headers",
+    "client",
+    "server",
+)
 
 
-def _replica_class():
+async def drive(app, scope: dict, body: bytes) -> AsyncIterator[dict]:
+    """Run one HTTP request (its scope and whole body) through the ASGI `app` in this process, yielding each
+    message the app sends (`http.response.start`, then `http.response.body`s). When the caller stops
+    listening (the generator is closed or cancelled) the app's task is cancelled, as a disconnected client's
+    would be: the server aborts the request and frees its row."""
+    messages: asyncio.Queue = asyncio.Queue()
+    delivered = False
+    gone = asyncio.Event()
+
+    async def receive():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await messages.put(message)
+
+    task = asyncio.ensure_future(app(dict(scope), receive, send))
+    task.add_done_callback(lambda _: messages.put_nowait(None))
+    sent = False
+    try:
+        while (message := await messages.get()) is not None:
+            sent = True
+            yield message
+        if task.exception() is not None:
+            if not sent:
+                raise task.exception()
+            traceback.print_exception(task.exception())  # its error response went out; the trace to the log
+    finally:
+        gone.set()
+        if not task.done():
+            task.cancel()
+
+
+def is_replica_failure(error: BaseException) -> bool:
+    """An engine replica died or became unreachable (as opposed to an error of the request itself)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return isinstance(error, (RayActorError, ReplicaUnavailableError))
+
+
+def is_backpressure(error: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(error, BackPressureError)
+
+
+class ClientGone(Exception):
+    """The client disconnected while its response was being relayed."""
+
+
+class Forwarder:
+    """The router's ASGI app: each HTTP request, body read, goes to `call(scope, body)` (an async iterator of
+    the ASGI messages an engine replica's app sends), whose messages are relayed to the client.
+
+    The response's start is held until its first body bytes, so a replica that fails (`is_failure`) before
+    sending any leaves the client untouched and the request is sent again, `attempts` times in all; one that
+    fails after ends the response: a stream with an error event and `[DONE]` (other responses are sent
+    whole, in one message). `is_full(error)`: the engines' queues are full (429 with Retry-After, as the
+    single-process server's). A client that disconnects stops the call (its `cancel()`, else closing it)."""
+
+    def __init__(
+        self,
+        call: Callable[[dict, bytes], AsyncIterator[dict]],
+        attempts: int = 3,
+        is_failure: Callable[[BaseException], bool] = is_replica_failure,
+        is_full: Callable[[BaseException], bool] = is_backpressure,
+    ):
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        self.call = call
+        self.attempts = attempts
+        self.is_failure = is_failure
+        self.is_full = is_full
+        self.resent = 0  # requests sent again after a replica failed them
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return  # websockets: not served
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # gone, or refused by the Guard (413), before the body was read
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        gone = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            await self.forward({k: scope[k] for k in FORWARDED_SCOPE if k in scope}, bytes(body), send, gone)
+        finally:
+            gone.cancel()
+
+    async def forward(self, scope: dict, body: bytes, send, gone: asyncio.Future) -> None:
+        from specgrove.serve.app import DONE, RETRY_AFTER_S, error_body, event
+
+        retry_after = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+        failure: BaseException | None = None
+        for attempt in range(self.attempts):
+            if attempt:
+                self.resent += 1
+                print(
+                    f"[specgrove] router: a replica failed before answering ({failure!r}); sending the request again",
+                    file=sys.stderr,
+                )
+            response = self.call(scope, body)
+            start, begun, streaming, complete = None, False, False, False
+            try:
+                async for message in until_gone(response, gone):
+                    if message["type"] == "http.response.start":
+                        start = message
+                        headers = {bytes(k).lower(): bytes(v) for k, v in message.get("headers", [])}
+                        streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+                        continue
+                    if not begun:
+                        await send(start)
+                        begun = True
+                    await send(message)
+                complete = True
+                if start is not None and not begun:
+                    await send(start)
+                    await send({"type": "http.response.body", "body": b""})
+                return
+            except ClientGone:
+                return
+            except Exception as error:
+                if begun:
+                    if streaming:  # the client learns that its text is incomplete
+                        reason = f"the replica serving this request failed ({type(error).__name__}); the text is cut"
+                        data = (event(error_body(503, reason, "server_error")) + DONE).encode()
+                        await send({"type": "http.response.body", "body": data, "more_body": False})
+                    else:
+                        traceback.print_exception(error)
+                    return
+                if self.is_full(error):
+                    await send_error(send, 429, str(error), "rate_limit_error", retry_after)
+                    return
+                if not self.is_failure(error):
+                    traceback.print_exception(error)
+                    await send_error(send, 500, f"internal server error ({type(error).__name__})", "server_error")
+                    return
+                failure = error
+            finally:
+                if not complete:
+                    stop(response)
+        reason = f"no replica could serve this request ({self.attempts} tried; the last: {type(failure).__name__})"
+        await send_error(send, 503, reason, "server_error", retry_after)
+
+
+async def send_error(send, status: int, message: str, kind: str, headers: list | None = None) -> None:
+    import json
+
+    from specgrove.serve.app import error_body
+
+    body = json.dumps(error_body(status, message, kind)).encode()
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": start + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def wait_for_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_gone(response, gone: asyncio.Future) -> AsyncIterator[dict]:
+    """The messages of `response` until it ends; ClientGone as soon as the client is."""
+    iterator = response.__aiter__()
+    while True:
+        following = asyncio.ensure_future(iterator.__anext__())
+        try:
+            done, _ = await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not following.done():
+                following.cancel()
+        if following not in done:
+            raise ClientGone
+        try:
+            message = following.result()
+        except StopAsyncIteration:
+            return
+        yield message
+
+
+def stop(response) -> None:
+    """Stop a call whose response is not wanted any more: a Ray Serve response generator is cancelled (the
+    replica's `drive` then cancels the app's task); a plain async generator was closed with its last step."""
+    cancel = getattr(response, "cancel", None)
+    if callable(cancel):
+        cancel()
+
+
+def _engine_class():
     from ray import serve
 
-    @serve.ingress()
-    class SpecgroveReplica:
-        """One server. Ray Serve builds it in the replica's process, then serves its ASGI app."""
+    class SpecgroveEngine:
+        """One server in this replica's process; `forward` runs a request through its app."""
 
         def __init__(self, build: Callable, metrics_port: int | None, num_threads: int | None):
             if num_threads:
                 import torch
 
                 torch.set_num_threads(num_threads)
-            self.asgi_app, self.engines = build()  # (`app` is Ray Serve's own attribute)
+            self.asgi_app, self.engines = build()
+            for engine in self.engines.values():
+                engine.start()
             context = serve.get_replica_context()
             self.rank = getattr(context.rank, "rank", context.rank)
             self.metrics_server = None
@@ -55,8 +291,9 @@ def _replica_class():
                 registry = next(iter(self.engines.values())).metrics.registry  # one for all its targets
                 self.metrics_server, _ = start_http_server(metrics_port + self.rank, registry=registry)
 
-        def __serve_build_asgi_app__(self):
-            return self.asgi_app
+        async def forward(self, scope: dict, body: bytes):
+            async for message in drive(self.asgi_app, scope, body):
+                yield message
 
         def check_health(self) -> None:
             """Ray Serve's health check: an engine whose loop is gone for good makes the controller replace
@@ -66,10 +303,32 @@ def _replica_class():
                     raise RuntimeError(f"specgrove engine of {name!r} not running: {engine.error}")
 
         def __del__(self):
+            for engine in getattr(self, "engines", {}).values():
+                engine.stop()
             if getattr(self, "metrics_server", None) is not None:
                 self.metrics_server.shutdown()
 
-    return SpecgroveReplica
+    return SpecgroveEngine
+
+
+def _router_class():
+    from ray import serve
+
+    @serve.ingress()
+    class SpecgroveRouter:
+        """The HTTP entry: the Guard, then each request forwarded to an engine replica (`Forwarder`)."""
+
+        def __init__(self, engines, attempts: int, guard: dict):
+            from specgrove.serve.app import Guard
+
+            calls = engines.options(stream=True)
+            self.forwarder = Forwarder(lambda scope, body: calls.forward.remote(scope, body), attempts)
+            self.asgi_app = Guard(self.forwarder, **guard)
+
+        def __serve_build_asgi_app__(self):
+            return self.asgi_app
+
+    return SpecgroveRouter
 
 
 def application(
@@ -80,18 +339,25 @@ def application(
     cpus_per_replica: float = 1,
     num_threads: int | None = None,
     metrics_port: int | None = None,
+    api_key: str | None = None,
+    allowed_hosts: list[str] | None = None,
+    max_body_bytes: int | None = None,
 ):
-    """The Ray Serve application: `replicas` copies of the server `build()` returns (a picklable callable, run
-    in each replica's process). `serve.run(application(...), route_prefix="/")` deploys it."""
+    """The Ray Serve application: the router in front of `replicas` engine replicas, each the server `build()`
+    returns (a picklable callable, run in each replica's process). `serve.run(application(...),
+    route_prefix="/")` deploys it. `api_key`, `allowed_hosts`, `max_body_bytes`: the router's checks, as
+    `build_app`'s."""
     from ray import serve
+
+    from specgrove.serve.app import MAX_BODY_BYTES, host_name
 
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     if cpus_per_replica <= 0:
         raise ValueError(f"--replica-cpus must be > 0, got {cpus_per_replica}")
-    deployment = serve.deployment(
-        _replica_class(),
-        name=DEPLOYMENT,
+    engines = serve.deployment(
+        _engine_class(),
+        name=ENGINE,
         num_replicas=replicas,
         max_ongoing_requests=max_num_seqs,
         max_queued_requests=max(1, max_waiting * replicas),
@@ -100,15 +366,28 @@ def application(
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=5,
     )
-    return deployment.bind(build, metrics_port, num_threads)
+    router = serve.deployment(
+        _router_class(),
+        name=ROUTER,
+        num_replicas=1,
+        # every request in flight or queued for an engine waits here, as a coroutine
+        max_ongoing_requests=(max_num_seqs + max_waiting) * replicas + 64,
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=5,
+    )
+    hosts = None if allowed_hosts is None or "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
+    guard = {"api_key": api_key or None, "max_body_bytes": max_body_bytes or MAX_BODY_BYTES, "allowed_hosts": hosts}
+    return router.bind(engines.bind(build, metrics_port, num_threads), replicas + 1, guard)
 
 
-def run(args: argparse.Namespace, build: Callable) -> int:
+def run(
+    args: argparse.Namespace, build: Callable, api_key: str | None = None, allowed_hosts: list[str] | None = None
+) -> int:
     """`specgrove serve --replicas N`: start (or attach to) Ray, deploy, and serve until interrupted. `build(options)`
-    (picklable) makes a replica's (app, {name: engine}) from the serve options, in the replica's process."""
+    (picklable) makes a replica's (app, {name: engine}) from the serve options, in the replica's process;
+    `api_key` and `allowed_hosts` are also checked by the router."""
     import functools
     import signal
-    import sys
     import time
 
     try:
@@ -121,9 +400,9 @@ def run(args: argparse.Namespace, build: Callable) -> int:
     cpus = args.replica_cpus or max(1, (os.cpu_count() or 1) // args.replicas)
     threads = args.num_threads or max(1, int(cpus))
     settings = argparse.Namespace(**{**vars(args), "num_threads": threads, "func": None})
-    # The router asks each replica for its queue length before sending; a replica whose engine thread keeps
-    # the interpreter busy answers in tens of ms, over Ray Serve's default 0.1 s deadline on a loaded CPU.
-    # (Read by the proxy's process: set here, it reaches a local Ray instance's workers.)
+    # The handle's router asks each replica for its queue length before sending; a replica whose engine thread
+    # keeps the interpreter busy answers in tens of ms, over Ray Serve's default 0.1 s deadline on a loaded CPU.
+    # (Read by the router's process: set here, it reaches a local Ray instance's workers.)
     os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
     # Ctrl-C, or SIGTERM (docker stop, systemd, kill), also while deploying: take the deployment down, leave Ray
@@ -138,10 +417,13 @@ def run(args: argparse.Namespace, build: Callable) -> int:
             cpus_per_replica=cpus,
             num_threads=threads,
             metrics_port=args.metrics_port,
+            api_key=api_key,
+            allowed_hosts=allowed_hosts,
+            max_body_bytes=args.max_body_bytes,
         )
         serve.run(app, name=DEPLOYMENT, route_prefix="/")
         print(
-            f"[specgrove] serving {args.replicas} replicas ({cpus} CPUs, {threads} threads each) on "
+            f"[specgrove] serving {args.replicas} replicas ({cpus} CPUs, {threads} threads each) behind a router on "
             f"http://{args.host}:{args.port} through Ray Serve; Ctrl-C stops",
             file=sys.stderr,
         )
