@@ -973,3 +973,20 @@ def test_the_servers_choices_are_the_apis(server, tiny_dirs):
     reply = httpx.post(server.url + "/v1/chat/completions", json=chat).json()
     api_chat = llm.chat(chat["messages"], SamplingParams(temperature=0.9, seed=2, max_tokens=5, n=4))
     assert [c["message"]["content"] for c in reply["choices"]] == [c.text for c in api_chat.outputs]
+
+
+def test_prompt_tokens_count_once_per_request(server):
+    """specgrove_prompt_tokens_total counts a request's prompt once whatever its n, streamed or not: it adds up to
+    the responses' usage, while the finished-requests counter counts every choice."""
+    usage_prompt = 0
+    for n, stream in ((3, False), (1, False), (3, True), (2, False)):
+        body = {"prompt": "abcab", "max_tokens": 4, "temperature": 0.8, "seed": 3, "n": n}
+        if stream:
+            events = _stream_events(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+            usage = events[-1]["usage"]
+        else:
+            usage = httpx.post(server.url + "/v1/completions", json=body).json()["usage"]
+        assert usage["prompt_tokens"] == 5
+        usage_prompt += usage["prompt_tokens"]
+        assert server.metric("specgrove_prompt_tokens_total") == usage_prompt
+    assert server.metric("specgrove_requests_finished_total") == 3 + 1 + 3 + 2
