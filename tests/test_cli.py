@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from specgrove import LLM, SamplingParams
 from specgrove.bench.bandwidth import measure_memory_bandwidth
 from specgrove.bench.spec_bench import (
     BenchConfig,
@@ -18,6 +19,7 @@ from specgrove.bench.spec_bench import (
 from specgrove.cli import main
 from specgrove.errors import SpecgroveError
 from specgrove.models import defaults
+from specgrove.sampling import choice_seed
 
 from conftest import DEVICE
 
@@ -96,6 +98,13 @@ def test_generate_text_prints_stats(tiny_dirs, capsys):
         (["-k", "-1"], "num_speculative_tokens"),
         (["--top-p", "0"], "top_p"),
         (["--prompt-lookup-min", "3", "--prompt-lookup-max", "2", "--method", "prompt_lookup"], "prompt_lookup_min"),
+        (["--n", "0"], "n (independent choices per prompt) must be an integer in [1, 16]"),
+        (["--n", "17"], "n (independent choices per prompt)"),
+        (["--logprobs", "21"], "logprobs must be None or an integer in [0, 20]"),
+        (["--logprobs", "-1"], "logprobs"),
+        (["--presence-penalty", "2.5"], "presence_penalty must be a number in [-2.0, 2.0]"),
+        (["--frequency-penalty", "-3"], "frequency_penalty"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be a number in [0.01, 100]"),
     ],
 )
 def test_generate_bad_settings_exit_2(tiny_dirs, capsys, extra, needle):
@@ -103,6 +112,64 @@ def test_generate_bad_settings_exit_2(tiny_dirs, capsys, extra, needle):
     assert code == 2
     assert err.startswith("error: ") and needle in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_generate_n_penalties_and_logprobs_flags(tiny_dirs, capsys):
+    """--n, the penalties and --logprobs reach the request: the CLI's choices are the API's for the same
+    SamplingParams (choice i seeded by choice_seed), and each token's logprobs are the target's."""
+    llm = LLM(
+        target=tiny_dirs["target"],
+        draft=tiny_dirs["draft"],
+        dtype="float32",
+        device=DEVICE,
+        speculative={"method": "draft_model", "num_speculative_tokens": 4},
+    )
+    prompt = [1, 2, 3, 4, 1, 2, 3]
+
+    def cli_json(*extra):
+        code, out, err = run_cli(tiny_generate_args(tiny_dirs, "--json", *extra), capsys)
+        assert code == 0, err
+        return json.loads(out)
+
+    greedy = cli_json()
+    result = cli_json("--n", "3")
+    assert [c["index"] for c in result["choices"]] == [0, 1, 2]
+    assert [c["token_ids"] for c in result["choices"]] == [greedy["token_ids"]] * 3
+    assert result["token_ids"] == greedy["token_ids"] and result["metrics"]["generated_tokens"] == 36
+
+    sampled = cli_json("--n", "2", "--temperature", "1", "--seed", "4")
+    lone = [cli_json("--temperature", "1", "--seed", choice_seed(4, i))["token_ids"] for i in range(2)]
+    assert [c["token_ids"] for c in sampled["choices"]] == lone and lone[0] != lone[1]
+
+    penalties = ["--repetition-penalty", "3", "--presence-penalty", "1.5", "--frequency-penalty", "0.5"]
+    penalised = cli_json(*penalties)
+    params = SamplingParams(
+        temperature=0, max_tokens=12, repetition_penalty=3, presence_penalty=1.5, frequency_penalty=0.5
+    )
+    assert penalised["token_ids"] == llm.generate(prompt, params)[0].token_ids
+    assert penalised["token_ids"] != greedy["token_ids"], "these penalties change the greedy output"
+
+    top = cli_json("--logprobs", "2")
+    expected = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, logprobs=2))[0].outputs[0].logprobs
+    assert top["logprobs"] == top["choices"][0]["logprobs"] and len(top["logprobs"]) == 12
+    for entry, want, token in zip(top["logprobs"], expected, top["token_ids"]):
+        assert entry["token_id"] == token == want.token_id and entry["token"] == llm.tokenizer.decode([token])
+        assert entry["logprob"] == pytest.approx(want.logprob, abs=1e-5)
+        assert [t["token_id"] for t in entry["top"]] == [t for t, _ in want.top]
+        assert [t["logprob"] for t in entry["top"]] == pytest.approx([lp for _, lp in want.top], abs=1e-5)
+    assert greedy["logprobs"] is None
+
+    # the text form: a header per choice and one line per token with its top tokens
+    code, out, err = run_cli(tiny_generate_args(tiny_dirs, "--n", "2", "--logprobs", "1"), capsys)
+    assert code == 0, err
+    assert out.count("=== choice") == 2 and out.count("--- logprobs (the target's, top 1)") == 2
+    lines = [line for line in out.splitlines() if "   top: " in line]
+    assert len(lines) == 24 and lines[0].split()[:3] == [
+        "0",
+        repr(top["logprobs"][0]["token"]),
+        f"{expected[0].logprob:.4f}",
+    ]
+    assert "finish: length, length" in out
 
 
 def test_generate_missing_model_exit_2(tmp_path, capsys):

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from specgrove.errors import UnsupportedError
-from specgrove.sampling import SamplingParams, process_logits
+from specgrove.sampling import SamplingParams, choice_params, choice_seed, process_logits
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
 
@@ -63,6 +62,10 @@ def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
         (dict(frequency_penalty=-2.01), "frequency_penalty"),
         (dict(frequency_penalty=float("nan")), "frequency_penalty"),
         (dict(presence_penalty=True), "presence_penalty"),
+        (dict(n=0), r"n \(independent choices per prompt\) must be an integer in \[1, 16\]"),
+        (dict(n=17), "n .* in \\[1, 16\\]"),
+        (dict(n=2.0), "n .* integer"),
+        (dict(n=True), "n .* integer"),
     ],
 )
 def test_bad_values_are_clear_errors(kwargs, message):
@@ -70,9 +73,18 @@ def test_bad_values_are_clear_errors(kwargs, message):
         SamplingParams(**kwargs)
 
 
-def test_parameters_that_cannot_be_honoured_raise():
-    with pytest.raises(UnsupportedError):
-        SamplingParams(n=2)
+def test_choices_are_seeded_from_the_request_seed():
+    """Choice 0 keeps the request's seed (n = 1 answers as before), the others derive theirs from it,
+    deterministically and distinct; every choice is one sequence (n = 1) with the rest of the settings."""
+    params = SamplingParams(temperature=0.7, top_k=3, seed=42, max_tokens=9, stop="x", n=4)
+    choices = choice_params(params)
+    assert [c.seed for c in choices] == [choice_seed(42, i) for i in range(4)]
+    assert choices[0].seed == 42 and len({c.seed for c in choices}) == 4
+    assert all(-(2**63) <= c.seed < 2**63 for c in choices)
+    assert choice_seed(42, 1) == choice_seed(42, 1) != choice_seed(43, 1)
+    assert all(c.n == 1 and c.max_tokens == 9 and c.top_k == 3 and c.stop == ["x"] for c in choices)
+    assert [c.seed for c in choice_params(SamplingParams(n=3))] == [None, None, None]
+    assert params.n == 4  # the request's own params are left as they were
 
 
 def test_penalties_follow_vllm():

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from specgrove import LLM
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
 from specgrove.engine.latency import LatencyModel, LinearTime
@@ -24,6 +25,8 @@ from specgrove.sampling import SamplingParams
 from specgrove.serve.async_engine import AsyncEngine
 from specgrove.serve.loadtest import ServerThread
 from specgrove.serve.server import build_server
+
+from conftest import DEVICE
 
 MODEL = "tiny"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}h{% endif %}"
@@ -944,3 +947,46 @@ def test_n_choices(server, tiny_target):
     # n counts n sequences against the queue: 2 rows + 3 waiting hold 5, not 6
     r = httpx.post(server.url + "/v1/completions", json={**greedy, "n": 6})
     assert r.status_code == 400 and "n=6" in r.json()["error"]["message"]
+
+
+def test_the_servers_choices_are_the_apis(server, tiny_dirs):
+    """Choice i of a request to the server is choice i of the same request through the Python API (both seed
+    it with `sampling.choice_seed`), completions and chat alike."""
+    llm = LLM(
+        target=tiny_dirs["target"],
+        draft=tiny_dirs["draft"],
+        dtype="float32",
+        device=DEVICE,
+        speculative={"method": "draft_model", "num_speculative_tokens": 3},
+        max_model_len=48,
+    )
+    llm.tokenizer.chat_template = CHAT_TEMPLATE
+    body = {"prompt": "abc", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 11, "n": 3}
+    served = httpx.post(server.url + "/v1/completions", json=body).json()
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=8, n=3)
+    [api] = llm.generate("abc", params)
+    texts = [c.text for c in api.outputs]
+    assert [c["text"] for c in served["choices"]] == texts and len(set(texts)) > 1
+    assert served["usage"]["completion_tokens"] == sum(len(c.token_ids) for c in api.outputs)
+
+    chat = {"messages": [{"role": "user", "content": "ab"}], "max_tokens": 5, "temperature": 0.9, "seed": 2, "n": 4}
+    reply = httpx.post(server.url + "/v1/chat/completions", json=chat).json()
+    api_chat = llm.chat(chat["messages"], SamplingParams(temperature=0.9, seed=2, max_tokens=5, n=4))
+    assert [c["message"]["content"] for c in reply["choices"]] == [c.text for c in api_chat.outputs]
+
+
+def test_prompt_tokens_count_once_per_request(server):
+    """specgrove_prompt_tokens_total counts a request's prompt once whatever its n, streamed or not: it adds up to
+    the responses' usage, while the finished-requests counter counts every choice."""
+    usage_prompt = 0
+    for n, stream in ((3, False), (1, False), (3, True), (2, False)):
+        body = {"prompt": "abcab", "max_tokens": 4, "temperature": 0.8, "seed": 3, "n": n}
+        if stream:
+            events = _stream_events(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+            usage = events[-1]["usage"]
+        else:
+            usage = httpx.post(server.url + "/v1/completions", json=body).json()["usage"]
+        assert usage["prompt_tokens"] == 5
+        usage_prompt += usage["prompt_tokens"]
+        assert server.metric("specgrove_prompt_tokens_total") == usage_prompt
+    assert server.metric("specgrove_requests_finished_total") == 3 + 1 + 3 + 2

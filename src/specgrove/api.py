@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from specgrove.engine.scheduler import Scheduler
 from specgrove.errors import IncompatibleModelsError  # noqa: F401 (the API re-exports it)
 from specgrove.models import defaults
 from specgrove.models.loader import LoadedModel, check_compatible, load_model  # noqa: F401 (check_compatible: API)
-from specgrove.sampling import SamplingParams
+from specgrove.sampling import SamplingParams, choice_params
 from specgrove.tuning import resolve_shape
 
 
@@ -33,6 +34,10 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """One prompt's result: `outputs` holds its `SamplingParams.n` choices, index 0..n-1. `metrics`: the choice's
+    own with n = 1; with n > 1 the choices' counts summed (`SpecMetrics.merge`) and `total_time_s` the request's,
+    arrival to the last choice's finish."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -64,6 +69,9 @@ class LLM:
     (`load_model`'s `head_vocab`): cheaper draft steps, the same output.
     `max_num_seqs`: requests decoded together by `generate` (continuous batching; each holds a KV cache
     row of max_model_len positions); 1 decodes one prompt after the other.
+    `max_num_batched_tokens`: chunked prefill, at most that many prompt tokens prefilled per scheduler step over
+    all requests (`engine.scheduler.Scheduler`; the server's `--max-num-batched-tokens`); None (default): whole
+    prompts. Outputs do not depend on it.
     `enforce_eager`: never replay CUDA graphs (on a GPU they are on by default for forwards of up to 32 new
     tokens; see specgrove.models.cuda_graphs). No effect on CPU.
     """
@@ -85,7 +93,18 @@ class LLM:
         draft_vocab: int | None = None,
         max_num_seqs: int | None = 8,
         enforce_eager: bool = False,
+        max_num_batched_tokens: int | None = None,
     ):
+        if max_num_batched_tokens is not None and (
+            not isinstance(max_num_batched_tokens, int)
+            or isinstance(max_num_batched_tokens, bool)
+            or max_num_batched_tokens < 1
+        ):
+            raise ValueError(
+                "max_num_batched_tokens must be an integer >= 1 (prompt tokens prefilled per step), or None for "
+                f"whole prompts; got {max_num_batched_tokens!r}"
+            )
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.speculative = SpeculativeConfig.from_any(speculative)
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -150,7 +169,8 @@ class LLM:
     def generate(
         self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False
     ) -> list[RequestOutput]:
-        """Generate for one prompt or a list of prompts (strings or lists of token ids)."""
+        """Generate for one prompt or a list of prompts (strings or lists of token ids): one RequestOutput per
+        prompt, holding its `n` choices."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
         )
@@ -162,9 +182,35 @@ class LLM:
         )
         if len(params_list) != len(prompt_list):
             raise ValueError("give one SamplingParams, or one per prompt")
-        seqs = [self.engine.new_sequence(self.encode(p), params) for p, params in zip(prompt_list, params_list)]
+        requests = [
+            (p if isinstance(p, str) else None, self.encode(p), params) for p, params in zip(prompt_list, params_list)
+        ]
+        return self._generate(requests, use_tqdm)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """Generate the assistant's reply to one conversation (list of {'role', 'content'} dicts)."""
+        requests = [(None, self.apply_chat_template(messages), sampling_params or SamplingParams())]
+        return self._generate(requests, use_tqdm=False)[0]
+
+    def _generate(self, requests: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool):
+        """(prompt text, prompt ids, params) per request -> a RequestOutput each. A request of n choices is n
+        sequences (`sampling.choice_params`, seeded as the server seeds them, so choice i is the server's choice
+        i), decoded with the others by continuous batching."""
+        choices = []  # per request: its sequences, choice 0 first
+        for _, prompt_ids, params in requests:
+            base = uuid.uuid4().hex
+            per_choice = choice_params(params)
+            ids = [None] if len(per_choice) == 1 else [f"{base}-{i}" for i in range(len(per_choice))]
+            choices.append([self.engine.new_sequence(prompt_ids, p, request_id=rid) for p, rid in zip(per_choice, ids)])
+        seqs = [seq for group in choices for seq in group]
+        request_of = {id(seq): r for r, group in enumerate(choices) for seq in group}
         # Continuous batching: up to max_num_seqs sequences share each step; the queue holds the rest.
-        scheduler = Scheduler(self.engine, max_num_seqs=self.max_num_seqs, max_waiting=len(seqs))
+        scheduler = Scheduler(
+            self.engine,
+            max_num_seqs=self.max_num_seqs,
+            max_waiting=len(seqs),
+            max_num_batched_tokens=self.max_num_batched_tokens,
+        )
         for seq in seqs:
             scheduler.add(seq)
         bar = None
@@ -177,7 +223,9 @@ class LLM:
                 for out in scheduler.step():
                     if out.finished:
                         if out.seq.finish_reason == "error":
-                            raise RuntimeError(f"generation failed for prompt {seqs.index(out.seq)}: {out.seq.error}")
+                            raise RuntimeError(
+                                f"generation failed for prompt {request_of[id(out.seq)]}: {out.seq.error}"
+                            )
                         out.seq.metrics.total_time_s = time.perf_counter() - out.times.arrival
                         if bar is not None:
                             bar.update(1)
@@ -186,23 +234,25 @@ class LLM:
                 self.engine.finish(seq)
             if bar is not None:
                 bar.close()
-        return [self._output(p if isinstance(p, str) else None, seq) for p, seq in zip(prompt_list, seqs)]
-
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        """Generate the assistant's reply to one conversation (list of {'role', 'content'} dicts)."""
-        return self._run(None, self.apply_chat_template(messages), sampling_params or SamplingParams())
-
-    def _run(self, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
-        return self._output(prompt, self.engine.generate(self.engine.new_sequence(prompt_ids, params)))
+        return [self._output(prompt, group) for (prompt, _, _), group in zip(requests, choices)]
 
     @staticmethod
-    def _output(prompt: str | None, seq) -> RequestOutput:
+    def _output(prompt: str | None, seqs: list) -> RequestOutput:
+        first = seqs[0]
+        metrics = first.metrics
+        if len(seqs) > 1:
+            for seq in seqs[1:]:
+                metrics = metrics.merge(seq.metrics)
+            metrics.total_time_s = max(seq.metrics.total_time_s for seq in seqs)  # they ran side by side
+        outputs = [
+            CompletionOutput(i, seq.text, list(seq.output_ids), seq.finish_reason, seq.stop_reason, seq.logprobs)
+            for i, seq in enumerate(seqs)
+        ]
+        request_id = first.request_id if len(seqs) == 1 else first.request_id.rpartition("-")[0]
         return RequestOutput(
-            request_id=seq.request_id,
+            request_id=request_id,
             prompt=prompt,
-            prompt_token_ids=seq.prompt_ids,
-            outputs=[
-                CompletionOutput(0, seq.text, list(seq.output_ids), seq.finish_reason, seq.stop_reason, seq.logprobs)
-            ],
-            metrics=seq.metrics,
+            prompt_token_ids=first.prompt_ids,
+            outputs=outputs,
+            metrics=metrics,
         )

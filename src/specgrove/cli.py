@@ -29,6 +29,13 @@ from specgrove.cli_options import (
     speculative_options,
 )
 from specgrove.config import grammar, method_name
+from specgrove.sampling import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+)
 
 EXAMPLE_CHAT = "Write a Python function that checks whether a number is prime."
 EXIT_BAD_INPUT = 2
@@ -77,10 +84,51 @@ def _add_generate(sub) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--n",
+        type=int,
+        default=1,
+        help=f"independent completions of the prompt, 1..{MAX_N} (default 1); with --seed, completion 0 uses it "
+        "and completion i a seed derived from it, as the server's choice i",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help=f"in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]: the logits of tokens already in the "
+        "prompt or output are divided by it where positive, multiplied where negative (1 = none, default)",
+    )
+    g.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help=f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]: subtracted from the logit of every token already in the "
+        "output (0 = none, default)",
+    )
+    g.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help=f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]: subtracted from a token's logit once per time it occurs "
+        "in the output (0 = none, default)",
+    )
+    g.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"print each generated token's log-probability under the target and the K most likely tokens at its "
+        f"position with theirs, 0..{MAX_LOGPROBS} (the target's raw log-softmax, before penalties and temperature)",
+    )
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--max-model-len", type=int, default=4096)
-    g.add_argument("--json", action="store_true", help="print one JSON object instead of text and statistics")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of text and statistics: choice 0's text, token_ids, finish_reason and "
+        "logprobs, every choice under 'choices', and the statistics",
+    )
     g.set_defaults(func=cmd_generate)
 
 
@@ -258,6 +306,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_tokens=args.max_new_tokens,
         stop=args.stop,
+        n=args.n,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logprobs=args.logprobs,
     )
     llm, spec = build_llm(args)
     if args.prompt_ids is not None:
@@ -268,14 +321,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = llm.chat([{"role": "user", "content": args.chat if args.chat is not None else EXAMPLE_CHAT}], params)
     k = llm.engine.num_speculative_tokens
     method = method_name(spec)  # canonical: "spechub:kary:2x2", not "tree"
-    completion = out.outputs[0]
+    choices = [
+        {
+            "index": c.index,
+            "text": c.text,
+            "token_ids": c.token_ids,
+            "finish_reason": c.finish_reason,
+            "logprobs": None if c.logprobs is None else logprobs_json(llm.tokenizer, c.logprobs),
+        }
+        for c in out.outputs
+    ]
     if args.json:
+        first = choices[0]
         print(
             json.dumps(
                 {
-                    "text": completion.text,
-                    "token_ids": completion.token_ids,
-                    "finish_reason": completion.finish_reason,
+                    "text": first["text"],
+                    "token_ids": first["token_ids"],
+                    "finish_reason": first["finish_reason"],
+                    "logprobs": first["logprobs"],
+                    "choices": choices,
                     "prompt_tokens": len(out.prompt_token_ids),
                     "metrics": out.metrics.to_dict(),
                     "method": method,
@@ -284,9 +349,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print(completion.text)
-    print(format_stats(out.metrics, method, k, completion.finish_reason))
+    for choice, completion in zip(choices, out.outputs):
+        if len(choices) > 1:
+            print(f"=== choice {choice['index']} (finish: {choice['finish_reason']})")
+        print(completion.text)
+        if choice["logprobs"] is not None:
+            print(format_logprobs(choice["logprobs"], args.logprobs))
+    finish = ", ".join(str(c["finish_reason"]) for c in choices)
+    print(format_stats(out.metrics, method, k, finish))
     return 0
+
+
+def logprobs_json(tokenizer, entries) -> list[dict]:
+    """A choice's `TokenLogprob`s as JSON: per generated token its id, text (None without a tokenizer) and
+    log-probability, and the top tokens at its position with theirs, most likely first."""
+
+    def item(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id]) if tokenizer is not None else None
+        return {"token_id": token_id, "token": text, "logprob": logprob}
+
+    return [{**item(e.token_id, e.logprob), "top": [item(t, lp) for t, lp in e.top]} for e in entries]
+
+
+def format_logprobs(entries: list[dict], top: int) -> str:
+    """One line per generated token: position, token, its log-probability, then the top tokens with theirs."""
+
+    def name(entry: dict) -> str:
+        return repr(entry["token"]) if entry["token"] is not None else f"#{entry['token_id']}"
+
+    lines = ["--- logprobs (the target's" + (f", top {top})" if top else ")")]
+    for i, e in enumerate(entries):
+        line = f"{i:>5}  {name(e):<16} {e['logprob']:9.4f}"
+        if e["top"]:
+            line += "   top: " + "  ".join(f"{name(t)} {t['logprob']:.4f}" for t in e["top"])
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def format_stats(metrics, method: str, k: int, finish_reason: str | None) -> str:

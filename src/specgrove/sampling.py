@@ -6,13 +6,13 @@ and the target's p live on the same support and speculative sampling stays exact
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-from specgrove.errors import UnsupportedError
 
 # The smallest temperature above 0 accepted: logits / temperature must stay far inside float32's range
 # (|logits| reach ~1e2, float32 ends at 3.4e38) so the softmax is a distribution, not NaN; 1e-4 leaves room
@@ -27,6 +27,7 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # the most top log-probabilities recorded per token (OpenAI's chat top_logprobs bound)
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
+MAX_N = 16  # independent choices per request (`n`), in the API and the server alike
 
 
 def _is_number(value) -> bool:
@@ -54,6 +55,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Independent choices per prompt, each its own sequence (`choice_params`); with a seed, choice i samples
+    # with `choice_seed(seed, i)`.
     n: int = 1
     # Log-probabilities of each emitted token and of the `logprobs` most likely tokens at its position (0: the
     # emitted token's alone; None: not recorded), the target's (`Sequence.logprobs`).
@@ -123,8 +126,8 @@ class SamplingParams:
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        if self.n != 1:
-            raise UnsupportedError(f"n={self.n} is not supported; call generate with the prompt repeated instead")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise bad(f"n (independent choices per prompt) must be an integer in [1, {MAX_N}], got {self.n!r}")
 
     @property
     def greedy(self) -> bool:
@@ -136,6 +139,21 @@ class SamplingParams:
 
     def describe(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p}
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request seeded with `seed`: choice 0 keeps it (so n = 1 answers as it
+    always did), the others get one derived from it (SHA-256 of "seed/index"), all reproducible. The API and the
+    server both derive them here, so choice i of a request is the same wherever it is asked."""
+    if seed is None or index == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "big") - 2**63
+
+
+def choice_params(params: SamplingParams) -> list[SamplingParams]:
+    """The params of each of a request's `params.n` choices: one sequence each (n = 1), choice i seeded with
+    `choice_seed(params.seed, i)`. Without a seed every choice draws from its own fresh generator."""
+    return [dataclasses.replace(params, n=1, seed=choice_seed(params.seed, i)) for i in range(params.n)]
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

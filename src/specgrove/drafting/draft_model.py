@@ -144,14 +144,12 @@ class DraftModelProposer(Proposer):
         state["tree"] = TokenTree()
         return tokens[common:]
 
-    def _catch_up(
-        self, states: list[dict], token_lists: list[list[int]], seqs: list[Sequence]
-    ) -> tuple[list[torch.Tensor], list[int]]:
-        """Bring every state's row to its tokens; return the draft logits [V] after each last token and
-        the forwards each took. Short catch-ups (the usual 1..k+1 tokens) run as one batched forward; long
-        ones (a new prompt) run alone, in chunks. (`seqs`: the sequences, for subclasses that read more of
-        them than their tokens.)"""
+    def _catch_up(self, states: list[dict], seqs: list[Sequence]) -> tuple[list[torch.Tensor], list[int]]:
+        """Bring every state's row to its sequence's tokens; return the draft logits [V] after each last token
+        and the forwards each took. Short catch-ups (the usual 1..k+1 tokens) run as one batched forward; long
+        ones (a new prompt) run alone, in chunks."""
         cache = self.pool.cache
+        token_lists = [list(seq.token_ids) for seq in seqs]
         news = [self._reconcile(st, toks) for st, toks in zip(states, token_lists)]
         out: list[torch.Tensor | None] = [None] * len(states)
         forwards = [1] * len(states)
@@ -202,9 +200,7 @@ class DraftModelProposer(Proposer):
         if not active:
             return trees
         states = {i: self._state(seqs[i]) for i in active}
-        roots, forwards = self._catch_up(
-            [states[i] for i in active], [list(seqs[i].token_ids) for i in active], [seqs[i] for i in active]
-        )
+        roots, forwards = self._catch_up([states[i] for i in active], [seqs[i] for i in active])
         for i, n in zip(active, forwards):
             seqs[i].metrics.draft_forwards += n
         drafts = {i: self._new_draft(shapes[i], seqs[i], root, num_tokens[i]) for i, root in zip(active, roots)}

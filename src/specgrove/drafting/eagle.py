@@ -95,10 +95,11 @@ class EagleProposer(DraftModelProposer):
         state["feature_base"] = upto
         return out
 
-    def _catch_up(self, states: list[dict], token_lists: list[list[int]], seqs: list[Sequence]):
+    def _catch_up(self, states: list[dict], seqs: list[Sequence]):
         """Run each sequence's new committed pairs through the head (committed); return per sequence the root
         (logits after its last pair, the head's output there) and the forwards it took."""
         cache = self.pool.cache
+        token_lists = [list(seq.token_ids) for seq in seqs]
         news = []
         for st, toks, seq in zip(states, token_lists, seqs):
             n = len(toks) - 1  # pairs 0..n-1 exist: token n has no features yet

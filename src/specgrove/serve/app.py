@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import hmac
 import json
 import time
@@ -40,11 +38,13 @@ from specgrove.engine.scheduler import QueueFullError
 from specgrove.engine.sequence import Sequence, TokenLogprob
 from specgrove.errors import SpecgroveError
 from specgrove.sampling import (
+    MAX_N,
     MAX_REPETITION_PENALTY,
     MAX_SEED,
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
     SamplingParams,
+    choice_params,
 )
 from specgrove.serve.async_engine import AsyncEngine, Delta, RequestStream, usage_of
 
@@ -63,7 +63,6 @@ class StreamOptions(BaseModel):
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bounds: completions' logprobs, chat's top_logprobs
 MAX_TOP_LOGPROBS = 20
-MAX_N = 16  # choices per request
 
 
 def accepts(default: Any, **schema: Any) -> Any:
@@ -767,6 +766,7 @@ def sampling_params(server: ServerState, body: _Common, max_tokens: int | None) 
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty,
             logprobs=logprobs,
+            n=body.n,
         )
     except (ValueError, SpecgroveError) as error:
         raise BadRequest(str(error)) from None
@@ -852,20 +852,11 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str | None:
 
 
 # ---- one request, start to finish --------------------------------------------------------------------
-def choice_seed(seed: int | None, index: int) -> int | None:
-    """The seed of choice `index` of a request seeded with `seed`: choice 0 keeps it (so n = 1 answers as it
-    always did), the others get one derived from it (SHA-256 of "seed/index"), all reproducible."""
-    if seed is None or index == 0:
-        return seed
-    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "big") - 2**63
-
-
-def submit(
-    engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str, n: int = 1
-) -> list[RequestStream]:
-    """The request's n choices, each its own sequence (request ids `<id>-<index>` when n > 1)."""
-    choices = [params] if n == 1 else [dataclasses.replace(params, seed=choice_seed(params.seed, i)) for i in range(n)]
-    ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+def submit(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str) -> list[RequestStream]:
+    """The request's `params.n` choices, each its own sequence (`sampling.choice_params`: choice i seeded as the
+    API seeds it; request ids `<id>-<index>` when n > 1)."""
+    choices = choice_params(params)
+    ids = [request_id] if len(choices) == 1 else [f"{request_id}-{i}" for i in range(len(choices))]
     try:
         return engine.submit_many(prompt_ids, choices, ids)
     except ValueError as error:
@@ -876,7 +867,7 @@ async def run(
     server: ServerState, request: Request, chat: bool, body: _Common, prompt_ids: list[int], params: SamplingParams
 ):
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    streams = submit(server.engine, prompt_ids, params, request_id, body.n)
+    streams = submit(server.engine, prompt_ids, params, request_id)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

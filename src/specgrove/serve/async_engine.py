@@ -40,6 +40,9 @@ class RequestStream:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     created: float = field(default_factory=time.time)
+    # The request ids of the request's choices not finished yet, one set shared by its n streams: the last
+    # choice to finish counts the request's prompt in the metrics (once per request, as usage does).
+    open_choices: set[str] = field(default_factory=set)
 
     def put(self, delta: Delta) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
@@ -129,7 +132,8 @@ class AsyncEngine:
             self.engine.new_sequence(prompt_ids, p, request_id=rid) for p, rid in zip(params, request_ids)
         ]
         queue, loop = asyncio.Queue(), asyncio.get_running_loop()
-        streams = [RequestStream(seq.request_id, seq, queue, loop) for seq in seqs]
+        open_choices = {seq.request_id for seq in seqs}
+        streams = [RequestStream(seq.request_id, seq, queue, loop, open_choices=open_choices) for seq in seqs]
         with self._wake:
             if not self.healthy:  # under the lock: a loop that fails from here on sees this stream
                 raise RuntimeError(f"the engine is not running: {self.error or 'not started'}")
@@ -201,7 +205,10 @@ class AsyncEngine:
                 self.metrics.record_step(out.seq, out.new_token_ids)
                 stream = self.streams.get(out.seq.request_id)
                 if out.finished:
-                    self.metrics.record_finish(out.seq, out.times)
+                    if stream is not None:
+                        stream.open_choices.discard(stream.request_id)
+                    last_choice = stream is None or not stream.open_choices
+                    self.metrics.record_finish(out.seq, out.times, count_prompt=last_choice)
                     self.streams.pop(out.seq.request_id, None)
                 if stream is not None:
                     stream.put(Delta(out.new_token_ids, out.finished, out.seq.finish_reason, out.seq.error, out.seq))

@@ -2,8 +2,9 @@
 labelled `model_name` with the served target (a server of several targets keeps one `ServerMetrics` each).
 
 Counters are monotonic and are fed from the same per-step records as each request's usage
-(`async_engine.usage_of`), so summed over requests they agree exactly (but for prompt tokens: a request of
-n choices runs n sequences, and the counter counts the prompt of each, where usage counts it once):
+(`async_engine.usage_of`), so summed over requests they agree exactly. A request of n choices runs n
+sequences: the per-step counters and the finished requests count each choice, while prompt tokens count the
+request's prompt once (when its last choice finishes), as its usage does:
   specgrove_drafts_total                 steps that proposed at least one draft token
   specgrove_draft_tokens_total           draft tokens proposed
   specgrove_accepted_tokens_total        draft tokens accepted
@@ -53,7 +54,9 @@ class MetricFamilies:
         )
         self.steps = Counter("specgrove_steps", "request steps (one target verification each)", name, registry=r)
         self.generated_tokens = Counter("specgrove_generated_tokens", "tokens generated", name, registry=r)
-        self.prompt_tokens = Counter("specgrove_prompt_tokens", "prompt tokens of finished requests", name, registry=r)
+        self.prompt_tokens = Counter(
+            "specgrove_prompt_tokens", "prompt tokens of finished requests (once per request)", name, registry=r
+        )
         self.finished = Counter(
             "specgrove_requests_finished", "finished requests", [*name, "finish_reason"], registry=r
         )
@@ -127,11 +130,13 @@ class ServerMetrics:
         if new_token_ids:
             self.generated_tokens.inc(len(new_token_ids))
 
-    def record_finish(self, seq: Sequence, times: RequestTimes) -> None:
-        """A request that finished (or failed), after its last `record_step`."""
+    def record_finish(self, seq: Sequence, times: RequestTimes, count_prompt: bool = True) -> None:
+        """A sequence that finished (or failed), after its last `record_step`. `count_prompt`: whether its prompt
+        counts (the last of a request's n choices to finish; false for the others, whose prompt is the same)."""
         self.counted_steps.pop(seq.request_id, None)
         self.families.finished.labels(self.model_name, str(seq.finish_reason)).inc()
-        self.prompt_tokens.inc(len(seq.prompt_ids))
+        if count_prompt:
+            self.prompt_tokens.inc(len(seq.prompt_ids))
         if times.finish is not None:
             self.latency.observe(times.finish - times.arrival)
         if times.first_token is not None:
