@@ -10,6 +10,7 @@ the router.
 - A replica killed while it holds two requests it has sent nothing of: the router sends them again, and
   every request is served whole.
 - A client that disconnects mid-stream: the replica aborts its request and frees the row.
+- Requests beyond the replicas' rows and the router's queue: 429 with Retry-After.
 - The router's Forwarder without Ray: a failure before the first byte is retried, one after ends the
   stream with an error event, a full queue is 429.
 """
@@ -352,6 +353,38 @@ def test_a_client_that_disconnects_frees_its_row(cluster):
                 break  # the first text: hang up
     wait_for(lambda: aborted() == before + 1, "the replica to abort the request")
     wait_for(lambda: sum(metric(p, "specgrove_requests_running") for p in ports) == 0, "the row to be freed")
+
+
+def test_a_full_queue_is_refused_with_429_and_retry_after(cluster):
+    """Both replicas stalled: each holds its max_num_seqs = 2 requests and the router queues --max-waiting = 16
+    per replica; a request beyond that gets 429 with Retry-After, as from the single-process server, and the
+    rest are all served once the replicas go on."""
+    flags, url = cluster["flags"], cluster["url"]
+    pids = replica_pids()
+    stalls = [os.path.join(flags, f"stall-{pid}") for pid in pids.values()]
+    for stall in stalls:
+        with open(stall, "w") as f:
+            f.write("idle")
+    bodies = [dict(b, stream=False, max_tokens=6) for b in requests_(40, seed=3)]
+    expected = [served_alone(cluster["engine"], b) for b in bodies]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            futures = [pool.submit(httpx.post, url + "/v1/completions", json=b, timeout=300) for b in bodies]
+            wait_for(lambda: any(f.done() for f in futures), "a request over the queue to be refused")
+            time.sleep(2)  # let the last requests reach the router before the replicas go on
+            for stall in stalls:
+                os.remove(stall)
+            results = [f.result() for f in futures]
+    finally:
+        for name in os.listdir(flags):
+            os.remove(os.path.join(flags, name))
+    refused = [r for r in results if r.status_code == 429]
+    assert 1 <= len(refused) <= len(bodies) - 2 * (2 + 16), [r.status_code for r in results]
+    for r in refused:
+        assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error", r.text
+    for body, want, r in zip(bodies, expected, results):
+        if r.status_code != 429:
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (body, r.text)
 
 
 # ---- the router's Forwarder, without Ray ------------------------------------------------------------------

@@ -990,3 +990,26 @@ def test_prompt_tokens_count_once_per_request(server):
         usage_prompt += usage["prompt_tokens"]
         assert server.metric("specgrove_prompt_tokens_total") == usage_prompt
     assert server.metric("specgrove_requests_finished_total") == 3 + 1 + 3 + 2
+
+
+def test_loadtest_summary_counts_failed_requests_and_error_events():
+    """Failed requests stay out of the latency figures and are counted by status, the streams that ended with
+    an error event among them (a replica that died mid-stream)."""
+    from specgrove.serve.loadtest import summarize
+
+    def result(status, start, end, error_event=False):
+        return {
+            "status": status,
+            "error_event": error_event,
+            "start": start,
+            "end": end,
+            "latency_s": end - start,
+            "ttft_s": 0.1,
+            "completion_tokens": 4 if status == 200 else 0,
+        }
+
+    row = summarize([result(200, 0, 1), result(503, 0, 9, True), result(503, 0, 8), result(429, 0, 0.1)])
+    assert row["ok"] == 1 and row["requests"] == 4
+    assert row["failed"] == {"429": 1, "503": 2} and row["error_events"] == 1
+    assert row["mean_latency_s"] == 1 and row["completion_tokens"] == 4
+    assert summarize([result(200, 0, 2)])["failed"] == {}

@@ -23,6 +23,7 @@ import socket
 import statistics
 import threading
 import time
+from collections import Counter
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -76,6 +77,7 @@ async def _one(client, url: str, model: str, messages: list[dict], max_tokens: i
     arrivals = []  # perf_counter of every chunk with content
     usage = None
     status = None
+    error_event = False
     async with client.stream(
         "POST",
         url + "/v1/chat/completions",
@@ -98,11 +100,13 @@ async def _one(client, url: str, model: str, messages: list[dict], max_tokens: i
                 first = arrivals[0]
             if data.get("usage"):
                 usage = data["usage"]
-            if "error" in data:
+            if "error" in data:  # a stream that began, then failed (e.g. its replica died)
                 status = data["error"].get("code", 500)
+                error_event = True
     end = time.perf_counter()
     return {
         "status": status,
+        "error_event": error_event,
         "start": start,
         "end": end,
         "latency_s": end - start,
@@ -143,6 +147,11 @@ def summarize(results: list[dict]) -> dict:
     return {
         "requests": len(results),
         "ok": len(ok),
+        # the others by status, and how many of them were streams ended by an error event
+        "failed": {
+            str(status): n for status, n in sorted(Counter(r["status"] for r in results if r["status"] != 200).items())
+        },
+        "error_events": sum(1 for r in results if r.get("error_event")),
         "mean_latency_s": statistics.fmean(lat) if lat else float("nan"),
         "p50_latency_s": percentile(lat, 50),
         "p99_latency_s": percentile(lat, 99),
@@ -313,6 +322,11 @@ def run_remote_loadtest(
             f"rate {rate:g}/s: {row['ok']}/{row['requests']} ok, mean {row['mean_latency_s']:.2f} s, "
             f"p50 {row['p50_latency_s']:.2f}, p99 {row['p99_latency_s']:.2f}, ttft {row['mean_ttft_s']:.2f} s, "
             f"{row['tokens_per_s']:.2f} tok/s"
+            + (
+                f"; failed {row['failed']} ({row['error_events']} streams ended by an error event)"
+                if row["failed"]
+                else ""
+            )
         )
     return report
 

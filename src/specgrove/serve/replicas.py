@@ -250,7 +250,8 @@ async def until_gone(response, gone: asyncio.Future) -> AsyncIterator[dict]:
             done, _ = await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not following.done():
-                following.cancel()
+                following.cancel()  # and its outcome (cancelled, or the call's own cancellation) is not wanted
+                following.add_done_callback(lambda task: task.cancelled() or task.exception())
         if following not in done:
             raise ClientGone
         try:
