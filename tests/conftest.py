@@ -32,3 +32,17 @@ def tiny_target(tiny_dirs):
 @pytest.fixture(scope="session")
 def tiny_draft(tiny_dirs):
     return load_model(tiny_dirs["draft"], dtype="float32", device=DEVICE)
+
+
+def tiny_llm(tiny_dirs, k: int = 3, **kwargs):
+    """An LLM over the tiny target drafted by the tiny draft model (k tokens), in float32 on DEVICE."""
+    from specgrove.api import LLM
+
+    return LLM(
+        target=tiny_dirs["target"],
+        draft=tiny_dirs["draft"],
+        dtype="float32",
+        device=DEVICE,
+        speculative={"method": "draft_model", "num_speculative_tokens": k},
+        **kwargs,
+    )

@@ -3,10 +3,10 @@ them), and chunked prefill (`max_num_batched_tokens`) giving the same outputs as
 
 import pytest
 
-from specgrove import LLM, SamplingParams
+from specgrove import SamplingParams
 from specgrove.sampling import choice_seed
 
-from conftest import DEVICE
+from conftest import tiny_llm
 
 # Lengths 23, 2, 1, 9: longer than the budgets below, and one-token prompts.
 PROMPTS = [
@@ -18,15 +18,7 @@ PROMPTS = [
 
 
 def make_llm(tiny_dirs, **kwargs):
-    return LLM(
-        target=tiny_dirs["target"],
-        draft=tiny_dirs["draft"],
-        dtype="float32",
-        device=DEVICE,
-        speculative={"method": "draft_model", "num_speculative_tokens": 3},
-        max_model_len=64,
-        **kwargs,
-    )
+    return tiny_llm(tiny_dirs, max_model_len=64, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from specgrove import LLM, SamplingParams
+from specgrove import SamplingParams
 from specgrove.bench.bandwidth import measure_memory_bandwidth
 from specgrove.bench.spec_bench import (
     BenchConfig,
@@ -21,7 +21,7 @@ from specgrove.errors import SpecgroveError
 from specgrove.models import defaults
 from specgrove.sampling import choice_seed
 
-from conftest import DEVICE
+from conftest import DEVICE, tiny_llm
 
 
 def run_cli(argv, capsys):
@@ -117,13 +117,7 @@ def test_generate_bad_settings_exit_2(tiny_dirs, capsys, extra, needle):
 def test_generate_n_penalties_and_logprobs_flags(tiny_dirs, capsys):
     """--n, the penalties and --logprobs reach the request: the CLI's choices are the API's for the same
     SamplingParams (choice i seeded by choice_seed), and each token's logprobs are the target's."""
-    llm = LLM(
-        target=tiny_dirs["target"],
-        draft=tiny_dirs["draft"],
-        dtype="float32",
-        device=DEVICE,
-        speculative={"method": "draft_model", "num_speculative_tokens": 4},
-    )
+    llm = tiny_llm(tiny_dirs, k=4)
     prompt = [1, 2, 3, 4, 1, 2, 3]
 
     def cli_json(*extra):

@@ -116,6 +116,7 @@ def test_serve_replicas_command(tiny_dirs):
         assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 401  # the key, per replica
         r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer secret"}, timeout=60)
         assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 6
+        assert httpx.get(url + "/-/healthz", timeout=30).status_code == 200  # the proxy's own, for liveness probes
     finally:
         process.terminate()
         code = process.wait(timeout=120)

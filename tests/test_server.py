@@ -15,7 +15,6 @@ import httpx
 import pytest
 import torch
 
-from specgrove import LLM
 from specgrove.drafting.draft_model import DraftModelProposer
 from specgrove.engine.engine import SpecEngine
 from specgrove.engine.latency import LatencyModel, LinearTime
@@ -26,7 +25,7 @@ from specgrove.serve.async_engine import AsyncEngine
 from specgrove.serve.loadtest import ServerThread
 from specgrove.serve.server import build_server
 
-from conftest import DEVICE
+from conftest import tiny_llm
 
 MODEL = "tiny"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}h{% endif %}"
@@ -952,14 +951,7 @@ def test_n_choices(server, tiny_target):
 def test_the_servers_choices_are_the_apis(server, tiny_dirs):
     """Choice i of a request to the server is choice i of the same request through the Python API (both seed
     it with `sampling.choice_seed`), completions and chat alike."""
-    llm = LLM(
-        target=tiny_dirs["target"],
-        draft=tiny_dirs["draft"],
-        dtype="float32",
-        device=DEVICE,
-        speculative={"method": "draft_model", "num_speculative_tokens": 3},
-        max_model_len=48,
-    )
+    llm = tiny_llm(tiny_dirs, max_model_len=48)
     llm.tokenizer.chat_template = CHAT_TEMPLATE
     body = {"prompt": "abc", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 11, "n": 3}
     served = httpx.post(server.url + "/v1/completions", json=body).json()
