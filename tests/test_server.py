@@ -1005,3 +1005,58 @@ def test_loadtest_summary_counts_failed_requests_and_error_events():
     assert row["failed"] == {"429": 1, "503": 2} and row["error_events"] == 1
     assert row["mean_latency_s"] == 1 and row["completion_tokens"] == 4
     assert summarize([result(200, 0, 2)])["failed"] == {}
+
+
+def test_drive_runs_a_request_through_the_app_and_stopping_it_aborts_the_request(server):
+    """`replicas.drive`, what an engine replica runs for the router: the app's messages for a request equal
+    what the same request gets over HTTP, and a drive stopped mid-stream (the router's client went away, or a
+    cancelled call) aborts the request on the engine and frees its row."""
+    from specgrove.serve.replicas import drive
+
+    app = server.server.config.app
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", server.port),
+    }
+    body = {"model": MODEL, "prompt": "abcab", "max_tokens": 6, "temperature": 0}
+
+    async def whole(request: dict) -> list[dict]:
+        return [message async for message in drive(app, scope, json.dumps(request).encode())]
+
+    messages = asyncio.run(whole(body))
+    assert messages[0]["type"] == "http.response.start" and messages[0]["status"] == 200
+    driven = json.loads(b"".join(m.get("body", b"") for m in messages[1:]))
+    over_http = httpx.post(server.url + "/v1/completions", json=body).json()
+    assert driven["choices"] == over_http["choices"] and driven["usage"] == over_http["usage"]
+    refused = asyncio.run(whole({**body, "temperature": -1}))  # the app's own errors come through as they are
+    refused_over_http = httpx.post(server.url + "/v1/completions", json={**body, "temperature": -1})
+    assert refused[0]["status"] == refused_over_http.status_code == 400
+    assert json.loads(refused[1]["body"]) == refused_over_http.json()
+
+    aborted = '{finish_reason="abort"}'
+    before = server.metric("specgrove_requests_finished_total", aborted)
+
+    async def first_text_then_stop() -> bool:
+        stream = drive(app, scope, json.dumps({**body, "max_tokens": 30, "stream": True}).encode())
+        async for message in stream:
+            if b'"text": "' in message.get("body", b"") and b'"text": ""' not in message["body"]:
+                await stream.aclose()
+                return True
+        return False
+
+    assert asyncio.run(first_text_then_stop()), "the stream never sent text"
+    deadline = time.monotonic() + 60  # a bound on waiting, not a timed assertion
+    while server.metric("specgrove_requests_finished_total", aborted) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("specgrove_requests_finished_total", aborted) == before + 1
+    assert server.metric("specgrove_requests_running") == 0

@@ -45,7 +45,10 @@ class RequestStream:
     open_choices: set[str] = field(default_factory=set)
 
     def put(self, delta: Delta) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        except RuntimeError:  # its event loop is closed: nobody reads this stream any more (its abort follows)
+            pass
 
 
 def usage_of(seqs: Sequence | list[Sequence]) -> dict:

@@ -71,7 +71,8 @@ async def drive(app, scope: dict, body: bytes) -> AsyncIterator[dict]:
     """Run one HTTP request (its scope and whole body) through the ASGI `app` in this process, yielding each
     message the app sends (`http.response.start`, then `http.response.body`s). When the caller stops
     listening (the generator is closed or cancelled) the app's task is cancelled, as a disconnected client's
-    would be: the server aborts the request and frees its row."""
+    would be, and has ended when the generator has: the server has aborted the request (its row is freed at
+    the engine's next step)."""
     messages: asyncio.Queue = asyncio.Queue()
     delivered = False
     gone = asyncio.Event()
@@ -102,6 +103,7 @@ async def drive(app, scope: dict, body: bytes) -> AsyncIterator[dict]:
         gone.set()
         if not task.done():
             task.cancel()
+            await asyncio.wait({task})  # the app has aborted the request when this returns
 
 
 def is_replica_failure(error: BaseException) -> bool:
