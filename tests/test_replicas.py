@@ -1,13 +1,13 @@
 """`specgrove serve --replicas N` on a local Ray cluster (127.0.0.1), 2 engine replicas of tiny models behind
 the router.
 
-- 30 concurrent streamed requests, different prompts and seeds, greedy and seeded sampling: each equals the
-  same request served alone by one in-process engine, both replicas served some, and each replica's own
-  metrics port counts what it served.
+- 30 concurrent streamed requests (completions and chat), different prompts and seeds, greedy and seeded
+  sampling: each equals the same request served alone by one in-process engine, both replicas served some,
+  and each replica's own metrics port counts what it served.
 - A replica killed (SIGKILL) mid-load while its two rows' streams have begun: those two streams end with an
   error event after a prefix of their own text; every other request is served, correctly; the deployment is
   back to 2 healthy replicas without any action.
-- A replica killed while it holds two requests it has sent nothing of: the router sends them again, and
+- A replica killed while it holds two chat streams it has sent nothing of: the router sends them again, and
   every request is served whole.
 - A client that disconnects mid-stream: the replica aborts its request and frees the row.
 - Requests beyond the replicas' rows and the router's queue: 429 with Retry-After.
@@ -41,6 +41,8 @@ from specgrove.serve import replicas  # noqa: E402
 from specgrove.serve.cli import serve_from_args  # noqa: E402
 
 LETTERS = "abcdefgh"
+# the tiny models' chat template: the messages' contents, then "h" to start the answer
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}h{% endif %}"
 
 
 def free_port() -> int:
@@ -56,6 +58,7 @@ def gated_server(args, flag_dir):
     have begun). Stalled holding both rows, it writes their prompts' token ids to held-<pid>."""
     app, engines = serve_from_args(args, None)
     for engine in engines.values():
+        engine.engine.tokenizer.chat_template = CHAT_TEMPLATE
         scheduler = engine.scheduler
         step = scheduler.step
 
@@ -208,8 +211,19 @@ def requests_(count: int, seed: int) -> list[dict]:
     return out
 
 
+def as_chat(body: dict) -> dict:
+    """The same request as a streamed chat completion (one user message holding the prompt)."""
+    chat = {k: v for k, v in body.items() if k != "prompt"}
+    return {**chat, "messages": [{"role": "user", "content": body["prompt"]}]}
+
+
+def prompt_text(body: dict) -> str:
+    """The text the target reads: a completion's prompt, or a chat's messages through CHAT_TEMPLATE."""
+    return body["prompt"] if "prompt" in body else "".join(m["content"] for m in body["messages"]) + "h"
+
+
 def served_alone(engine, body: dict) -> list[int]:
-    ids = engine.tokenizer.encode(body["prompt"], add_special_tokens=False)
+    ids = engine.tokenizer.encode(prompt_text(body), add_special_tokens=False)
     params = SamplingParams(
         temperature=body["temperature"], seed=body.get("seed"), max_tokens=body["max_tokens"], ignore_eos=False
     )
@@ -220,8 +234,11 @@ def stream(url: str, body: dict, texts_at: dict | None = None, key=None) -> dict
     """One streamed completion: its text, whether [DONE] came, an error event if one came, and (in
     texts_at[key]) when its first text arrived."""
     text, done, error = "", False, None
+    chat = "messages" in body
     try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+        with httpx.stream(
+            "POST", url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body, timeout=300
+        ) as r:
             if r.status_code != 200:
                 return {"status": r.status_code, "text": r.read().decode(), "done": False}
             for line in r.iter_lines():
@@ -232,7 +249,8 @@ def stream(url: str, body: dict, texts_at: dict | None = None, key=None) -> dict
                     if "error" in chunk:
                         error = chunk["error"]
                         continue
-                    text += chunk["choices"][0]["text"]
+                    choice = chunk["choices"][0]
+                    text += (choice["delta"].get("content") or "") if chat else choice["text"]
                     if texts_at is not None and text:
                         texts_at.setdefault(key, time.monotonic())
         return {"status": 200, "text": text, "done": done and error is None, "error": error}
@@ -252,7 +270,7 @@ def metric(port: int, name: str, label: str = "") -> float:
 
 
 def test_thirty_concurrent_streams_equal_requests_served_alone(cluster):
-    bodies = requests_(30, seed=0)
+    bodies = [as_chat(b) if i % 3 == 2 else b for i, b in enumerate(requests_(30, seed=0))]
     expected = [served_alone(cluster["engine"], b) for b in bodies]
     before = [metric(cluster["metrics"] + rank, "specgrove_requests_finished_total") for rank in (0, 1)]
     with concurrent.futures.ThreadPoolExecutor(30) as pool:
@@ -278,7 +296,7 @@ def kill_holding_victim(cluster, mode: str, bodies: list[dict]):
     stall, held_file = os.path.join(flags, f"stall-{victim}"), os.path.join(flags, f"held-{victim}")
     with open(stall, "w") as f:
         f.write(mode)
-    prompt_ids = [engine.tokenizer.encode(b["prompt"], add_special_tokens=False) for b in bodies]
+    prompt_ids = [engine.tokenizer.encode(prompt_text(b), add_special_tokens=False) for b in bodies]
     texts_at: dict[int, float] = {}
     try:
         with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
@@ -327,9 +345,10 @@ def test_a_killed_replica_ends_its_begun_streams_with_an_error_event(cluster):
 
 
 def test_a_killed_replica_loses_no_request_it_had_not_begun(cluster):
-    """The victim holds two requests it has sent nothing of (not even headers: the router holds them back):
-    the router sends both again, so every request is served whole, as if no replica had died."""
-    bodies = requests_(16, seed=2)
+    """The victim holds two requests it has sent nothing of (not even headers: the router holds them back, and a
+    chat stream's role chunk waits for its first text): the router sends both again, so every request, chat
+    here, is served whole, as if no replica had died."""
+    bodies = [as_chat(b) for b in requests_(16, seed=2)]  # so the two held are chat streams
     expected = [served_alone(cluster["engine"], b) for b in bodies]
     results, held = kill_holding_victim(cluster, "idle", bodies)
     assert len(held) == 2

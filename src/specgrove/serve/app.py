@@ -1043,17 +1043,15 @@ class ChunkWriter:
 
 async def sse(server: ServerState, request: Request, streams: list[RequestStream], writers: list[ChunkWriter]):
     """Server-sent events: a chunk per step and choice with the new text (`settled_text`), tagged with the
-    choice's index; the request's sequences are aborted if the stream ends before they finished (the client
-    went away)."""
+    choice's index (in chat, each choice's role chunk just before its first text); the request's sequences are
+    aborted if the stream ends before they finished (the client went away)."""
     seqs = [stream.seq for stream in streams]
     index_of = {id(seq): i for i, seq in enumerate(seqs)}
     hold = max((len(s) for s in seqs[0].params.stop), default=1) - 1
     sent = [""] * len(seqs)
     finished: set[int] = set()
+    greeted: set[int] = set()  # chat choices whose first chunk (the role) is out
     try:
-        if writers[0].chat:
-            for writer in writers:
-                yield writer.chunk("", None, first=True)
         while True:
             delta = await next_delta(server.engine, request, streams)
             if delta is None:
@@ -1070,6 +1068,11 @@ async def sse(server: ServerState, request: Request, streams: list[RequestStream
             new, sent[i] = unsent(text, sent[i])
             finish = finish_reason(seq) if delta.finished else None
             if new or finish:
+                if writers[i].chat and i not in greeted:
+                    # the role goes with the choice's first text, not before it: a stream whose replica died
+                    # before it generated anything has sent nothing, so the router can send it elsewhere
+                    greeted.add(i)
+                    yield writers[i].chunk("", None, first=True)
                 yield writers[i].chunk(new, finish, seq=seq)
             if delta.finished:
                 finished.add(i)
