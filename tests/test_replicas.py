@@ -102,7 +102,7 @@ def test_serve_replicas_command(tiny_dirs):
     command = [sys.executable, "-m", "specgrove.cli", "serve", "--replicas", "2", "--replica-cpus", "0.5"]
     command += ["--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--dtype", "float32"]
     command += ["--policy", "fixed:2", "-k", "2", "--max-model-len", "64", "--port", str(port)]
-    command += ["--served-model-name", "tiny", "--api-key", "secret"]
+    command += ["--served-model-name", "tiny", "--api-key", "secret", "--routers", "2"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -120,10 +120,22 @@ def test_serve_replicas_command(tiny_dirs):
         r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer secret"}, timeout=60)
         assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 6
         assert httpx.get(url + "/-/healthz", timeout=30).status_code == 200  # the proxy's own, for liveness probes
+        routers = subprocess.run(["pgrep", "-f", "ServeReplica:specgrove:router"], capture_output=True, text=True)
+        assert len(routers.stdout.split()) == 2, routers  # --routers 2
     finally:
         process.terminate()
         code = process.wait(timeout=120)
     assert code == 0, process.stderr.read()[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"), [("--replicas", "0", "--replicas must be >= 1"), ("--routers", "0", "--routers")]
+)
+def test_scale_out_options_are_checked_before_anything_starts(tiny_dirs, capsys, flag, value, message):
+    from specgrove.cli import main
+
+    code = main(["serve", "--target", str(tiny_dirs["target"]), "--replicas", "2", flag, value])
+    assert code == 2 and message in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -120,10 +120,18 @@ def add_parsers(sub) -> None:
         "unless --num-threads",
     )
     scale.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="router replicas in front of the engine replicas (default 1); a router relays a few hundred tokens/s "
+        "per core (docs/benchmarks.md), so add one per few dozen engine replicas, or a second to keep serving new "
+        "requests while one restarts",
+    )
+    scale.add_argument(
         "--metrics-port",
         type=int,
         default=None,
-        help="replica i also serves its Prometheus metrics on port METRICS_PORT+i of its node (the proxy's /metrics "
+        help="replica i also serves its Prometheus metrics on port METRICS_PORT+i of its node (the router's /metrics "
         "answers from one replica)",
     )
     s.set_defaults(func=cmd_serve)
@@ -276,6 +284,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.routers < 1:
+        raise ValueError(f"--routers must be >= 1, got {args.routers}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(
             f"[specgrove] warning: serving on {args.host} without --api-key: anyone who can reach this port can "

@@ -6,16 +6,17 @@ The application has two deployments:
   continuous batching and speculation policy, and the same FastAPI app (`build_server`) as `specgrove serve`
   without Ray. It serves no HTTP itself: `forward` runs one HTTP request through that app in its process
   (`drive`) and streams back the ASGI messages the app sends.
-- **router** (one replica, no CPU reserved): Ray Serve's HTTP proxy hands it every request. It checks the
-  Host header, the API key and the body size (the same `Guard` as the app's, so a refused request never
-  takes an engine's row), reads the body and sends the request to an engine replica through a
-  `DeploymentHandle`, relaying its messages (`Forwarder`).
+- **router** (`--routers` replicas, default one; no CPU reserved): Ray Serve's HTTP proxy hands it every
+  request. It checks the Host header, the API key and the body size (the same `Guard` as the app's, so a
+  refused request never takes an engine's row), reads the body and sends the request to an engine replica
+  through a `DeploymentHandle`, relaying its messages (`Forwarder`).
 
 Routing. The handle's router (Ray Serve's default) samples two engine replicas at random and picks the one
 with fewer requests in flight ("power of two choices"), never one already holding `max_ongoing_requests`.
 That is `--max-num-seqs`, so a request reaches an engine only when a cache row is free for it; the rest wait
-in the router's handle queue (at most `--max-waiting` per replica; beyond that, 429 with Retry-After, as
-the single-process server's full queue) and go to whichever replica frees a row first.
+in the routers' handle queues (at most `--max-waiting` per engine replica in all, split between the routers;
+beyond that, 429 with Retry-After, as the single-process server's full queue) and go to whichever replica
+frees a row first.
 
 Faults. An engine replica whose process dies is replaced by Ray Serve's controller. The router turns the
 death into an answer:
@@ -345,11 +346,13 @@ def application(
     api_key: str | None = None,
     allowed_hosts: list[str] | None = None,
     max_body_bytes: int | None = None,
+    routers: int = 1,
 ):
-    """The Ray Serve application: the router in front of `replicas` engine replicas, each the server `build()`
-    returns (a picklable callable, run in each replica's process). `serve.run(application(...),
-    route_prefix="/")` deploys it. `api_key`, `allowed_hosts`, `max_body_bytes`: the router's checks, as
-    `build_app`'s."""
+    """The Ray Serve application: `routers` router replicas in front of `replicas` engine replicas, each the
+    server `build()` returns (a picklable callable, run in each replica's process). `serve.run(application(...),
+    route_prefix="/")` deploys it. `api_key`, `allowed_hosts`, `max_body_bytes`: the routers' checks, as
+    `build_app`'s. The `max_waiting` × `replicas` queued requests are split between the routers (each queues
+    in its own handle)."""
     from ray import serve
 
     from specgrove.serve.app import MAX_BODY_BYTES, host_name
@@ -358,12 +361,14 @@ def application(
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     if cpus_per_replica <= 0:
         raise ValueError(f"--replica-cpus must be > 0, got {cpus_per_replica}")
+    if routers < 1:
+        raise ValueError(f"--routers must be >= 1, got {routers}")
     engines = serve.deployment(
         _engine_class(),
         name=ENGINE,
         num_replicas=replicas,
         max_ongoing_requests=max_num_seqs,
-        max_queued_requests=max(1, max_waiting * replicas),
+        max_queued_requests=max(1, -(-max_waiting * replicas // routers)),  # per router: each has its own handle
         ray_actor_options={"num_cpus": cpus_per_replica},
         health_check_period_s=2,
         health_check_timeout_s=30,
@@ -372,8 +377,8 @@ def application(
     router = serve.deployment(
         _router_class(),
         name=ROUTER,
-        num_replicas=1,
-        # every request in flight or queued for an engine waits here, as a coroutine
+        num_replicas=routers,
+        # every request in flight or queued for an engine waits in a router, as a coroutine
         max_ongoing_requests=(max_num_seqs + max_waiting) * replicas + 64,
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=5,
@@ -423,10 +428,12 @@ def run(
             api_key=api_key,
             allowed_hosts=allowed_hosts,
             max_body_bytes=args.max_body_bytes,
+            routers=args.routers,
         )
         serve.run(app, name=DEPLOYMENT, route_prefix="/")
         print(
-            f"[specgrove] serving {args.replicas} replicas ({cpus} CPUs, {threads} threads each) behind a router on "
+            f"[specgrove] serving {args.replicas} replicas ({cpus} CPUs, {threads} threads each) behind "
+            f"{args.routers} router(s) on "
             f"http://{args.host}:{args.port} through Ray Serve; Ctrl-C stops",
             file=sys.stderr,
         )
