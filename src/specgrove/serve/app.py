@@ -528,7 +528,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
-            return await _send_error(
+            return await send_error(
                 send,
                 400,
                 f"the Host header {headers.get('host', '')!r} is not one this server answers to; "
@@ -538,11 +538,11 @@ class Guard:
             sent = headers.get("authorization", "")
             token = sent[7:] if sent[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return await _send_error(send, 401, "a valid API key is needed: send 'Authorization: Bearer <key>'")
+                return await send_error(send, 401, "a valid API key is needed: send 'Authorization: Bearer <key>'")
         too_large = f"the request body is larger than {self.max_body_bytes} bytes (--max-body-bytes)"
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return await _send_error(send, 413, too_large)
+            return await send_error(send, 413, too_large)
         received = 0
         started = refused = False
 
@@ -554,7 +554,7 @@ class Guard:
                 if received > self.max_body_bytes and not started:
                     # answer now and tell the app the client is gone: it stops reading, its reply is dropped
                     refused = True
-                    await _send_error(send, 413, too_large)
+                    await send_error(send, 413, too_large)
                     return {"type": "http.disconnect"}
             return message
 
@@ -568,15 +568,20 @@ class Guard:
         await self.app(scope, counted_receive, tracked_send)
 
 
-async def _send_error(send, status: int, message: str) -> None:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error"}.get(
-        status, "server_error"
-    )
+async def send_error(
+    send, status: int, message: str, kind: str | None = None, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """An error response in OpenAI's shape, straight to an ASGI `send` (for code outside the app's handlers:
+    the Guard, the replicas' router). `kind`: the error's type (by default from the status)."""
+    if kind is None:
+        kind = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error"}.get(
+            status, "server_error"
+        )
     body = json.dumps(error_body(status, message, kind)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        start.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": start + (headers or [])})
     await send({"type": "http.response.body", "body": body})
 
 

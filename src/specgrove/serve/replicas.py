@@ -173,7 +173,7 @@ class Forwarder:
             gone.cancel()
 
     async def forward(self, scope: dict, body: bytes, send, gone: asyncio.Future) -> None:
-        from specgrove.serve.app import DONE, RETRY_AFTER_S, error_body, event
+        from specgrove.serve.app import DONE, RETRY_AFTER_S, error_body, event, send_error
 
         retry_after = [(b"retry-after", str(RETRY_AFTER_S).encode())]
         failure: BaseException | None = None
@@ -226,17 +226,6 @@ class Forwarder:
                     stop(response)
         reason = f"no replica could serve this request ({self.attempts} tried; the last: {type(failure).__name__})"
         await send_error(send, 503, reason, "server_error", retry_after)
-
-
-async def send_error(send, status: int, message: str, kind: str, headers: list | None = None) -> None:
-    import json
-
-    from specgrove.serve.app import error_body
-
-    body = json.dumps(error_body(status, message, kind)).encode()
-    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": start + (headers or [])})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def wait_for_disconnect(receive) -> None:
