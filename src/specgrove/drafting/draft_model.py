@@ -30,7 +30,7 @@ from specgrove.models.kv_cache import CachePool, forward_chunked
 from specgrove.models.loader import LoadedModel
 from specgrove.sampling import SamplingParams, process_logits
 from specgrove.trees.shape import TreeShape
-from specgrove.trees.tree import TokenTree
+from specgrove.trees.tree import TokenTree, path_to
 from specgrove.verify.multidraft import draw_hub_pair, spechub_select
 from specgrove.verify.speculative import rejection_select
 
@@ -312,11 +312,7 @@ class _Draft:
 
     def path_tokens(self, node: int) -> list[int]:
         """The tokens from the root (excluded) to `node` (included; -1: the root, no tokens)."""
-        path = []
-        while node >= 0:
-            path.append(self.tokens[node])
-            node = self.parents[node]
-        return path[::-1]
+        return [self.tokens[n] for n in path_to(node, self.parents.__getitem__)]
 
     def draw_level(self, depth: int, seq: Sequence, sampling: str) -> bool:
         """Draw the children of the nodes of level `depth`; False when the level came out empty."""

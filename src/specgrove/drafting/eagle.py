@@ -34,7 +34,7 @@ from specgrove.models.kv_cache import PREFILL_CHUNK, CachePool
 from specgrove.sampling import SamplingParams
 from specgrove.trees.dynamic import DynamicTree
 from specgrove.trees.shape import TreeShape
-from specgrove.trees.tree import TokenTree
+from specgrove.trees.tree import TokenTree, path_to
 
 
 class EagleProposer(DraftModelProposer):
@@ -233,11 +233,7 @@ class _DynamicDraft:
 
     def path_tokens(self, candidate: int) -> list[int]:
         """The tokens from the root (excluded) to `candidate` (included; -1: the root, no tokens)."""
-        path = []
-        while candidate >= 0:
-            path.append(self.candidates[candidate][0])
-            candidate = self.candidates[candidate][1]
-        return path[::-1]
+        return [self.candidates[c][0] for c in path_to(candidate, lambda c: self.candidates[c][1])]
 
     def draw_level(self, depth: int, seq: Sequence, sampling: str) -> bool:
         """Expand the frontier with each node's top-k children; the next frontier is the top-k of them by

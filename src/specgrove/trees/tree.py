@@ -16,6 +16,16 @@ from dataclasses import dataclass, field
 import torch
 
 
+def path_to(node: int, parent) -> list[int]:
+    """The nodes from the root (excluded) to `node` (included; -1: the root, no nodes), `parent(n)` giving each
+    node's parent (-1 for the root's children): TokenTree's, and a proposer's tree while it is drafted."""
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parent(node)
+    return path[::-1]
+
+
 def depths_of(parents) -> list[int]:
     """Depth of each node of a parents list (parents before children; the root's children: depth 1)."""
     d: list[int] = []
@@ -72,8 +82,4 @@ class TokenTree:
         return [0] + self.depths()
 
     def path_to(self, node: int) -> list[int]:
-        path = []
-        while node >= 0:
-            path.append(node)
-            node = self.parents[node]
-        return path[::-1]
+        return path_to(node, self.parents.__getitem__)
